@@ -1,0 +1,214 @@
+"""The experiment's settings, read from Flower's run config (``[tool.flwr.app.config]``).
+
+Keys are hyphenated; nested TOML tables flatten with dots (``unlearn.method``).
+Method-specific settings (``puf.*``) are read by the method's own config dataclass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from .data import DATASETS, PARTITIONERS
+from .models import MODELS
+from .training import TrainSettings
+
+RECOVERY_MODES = ("fixed", "until-gold")
+
+#: Bumped when the gold federation's procedure changes, so stale caches are not reused.
+GOLD_FORMAT_VERSION = 1
+
+
+def parse_client_ids(value: str | int) -> tuple[int, ...]:
+    """Parse ``"3"``, ``"1,4"`` or ``3`` into sorted unique client ids.
+
+    Raises
+    ------
+    ValueError
+        On anything that is not a comma-separated list of non-negative integers.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"unlearn.departing must be client ids like '3' or '1,4', got {value!r}")
+    if isinstance(value, int):
+        items = [value]
+    else:
+        parts = [p.strip() for p in str(value).split(",") if p.strip()]
+        try:
+            items = [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"unlearn.departing must be client ids like '3' or '1,4', got {value!r}") from None
+    if any(i < 0 for i in items):
+        raise ValueError(f"client ids are >= 0, got {value!r}")
+    return tuple(sorted(set(items)))
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """All non-method settings of a federated-unlearning experiment.
+
+    Attributes
+    ----------
+    seed : int
+        Seeds the model initialisation, the partitioning and every client's minibatches.
+    dataset, data_dir : str
+        Dataset name (see :data:`fed_unlearn.data.DATASETS`) and folder for on-disk ones.
+    model : str
+        ``mlp`` or ``cnn``.
+    partitioner, dirichlet_alpha, holdout_fraction :
+        How data is split across clients and into each client's train / held-out parts.
+    num_server_rounds : int
+        Total rounds ``T`` of the federation, the unlearning round and recovery included:
+        the cap on recovery.
+    train : TrainSettings
+        Local SGD settings, the same for every client and round.
+    method : str
+        Unlearning method name (``unlearn.method``).
+    departing : tuple of int
+        Client (partition) ids that leave (``unlearn.departing``, e.g. ``"3"`` or ``"1,4"``).
+    departure_round : int
+        Round ``d`` in which the unlearning happens: rounds ``1..d-1`` train with every
+        client (the model after round ``d-1`` is the *original* model), round ``d``
+        unlearns, rounds ``d+1..T`` recover over the remaining clients. The gold
+        federation trains the original's ``d-1`` rounds from the same initial model
+        and seeds, without the departing clients.
+    recovery : {"fixed", "until-gold"}
+        ``fixed`` runs every recovery round; ``until-gold`` stops once the retained
+        clients' held-out accuracy is within ``recovery_tolerance`` of the gold's.
+    recovery_tolerance : float
+        Accuracy gap to gold (absolute) counted as recovered.
+    results_dir : str
+        Where ``results.json`` and ``accuracy.png`` go (a sub-folder per experiment).
+    gold_cache_dir : str
+        Where gold federations are cached, keyed by :meth:`gold_key`.
+    client_threads : int
+        torch threads per client process (1 avoids oversubscription under Ray).
+    node_wait_seconds : float
+        How long the server waits for every client to connect.
+    round_timeout : float
+        Seconds to wait for the replies of one round.
+    """
+
+    seed: int = 0
+    dataset: str = "mnist-5k"
+    data_dir: str = ""
+    model: str = "cnn"
+    partitioner: str = "iid"
+    dirichlet_alpha: float = 0.5
+    holdout_fraction: float = 0.2
+    num_server_rounds: int = 15
+    train: TrainSettings = field(default_factory=TrainSettings)
+    method: str = "puf"
+    departing: tuple[int, ...] = (0,)
+    departure_round: int = 6
+    recovery: str = "until-gold"
+    recovery_tolerance: float = 0.01
+    results_dir: str = "results"
+    gold_cache_dir: str = "results/gold-cache"
+    client_threads: int = 1
+    node_wait_seconds: float = 120.0
+    round_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset '{self.dataset}'; valid: {', '.join(sorted(DATASETS))}")
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model '{self.model}'; valid: {', '.join(sorted(MODELS))}")
+        if self.partitioner not in PARTITIONERS:
+            raise ValueError(f"unknown partitioner '{self.partitioner}'; valid: {', '.join(PARTITIONERS)}")
+        if self.num_server_rounds < 1:
+            raise ValueError(f"num-server-rounds must be >= 1, got {self.num_server_rounds}")
+        if self.departing:
+            if not 2 <= self.departure_round <= self.num_server_rounds:
+                raise ValueError(
+                    f"unlearn.round {self.departure_round} is impossible: it must be in "
+                    f"[2, num-server-rounds={self.num_server_rounds}] (round 1 has nothing to unlearn; "
+                    "a departure after the last round never happens)"
+                )
+        if self.recovery not in RECOVERY_MODES:
+            raise ValueError(f"unlearn.recovery must be one of {', '.join(RECOVERY_MODES)}, got '{self.recovery}'")
+        if not 0 <= self.recovery_tolerance < 1:
+            raise ValueError(f"unlearn.recovery-tolerance must be in [0, 1), got {self.recovery_tolerance}")
+        if self.client_threads < 1:
+            raise ValueError(f"client-threads must be >= 1, got {self.client_threads}")
+
+    @classmethod
+    def from_run_config(cls, rc: Mapping[str, Any]) -> "ExperimentConfig":
+        """Read the experiment settings from a Flower run config; missing keys keep defaults.
+
+        Raises
+        ------
+        ValueError
+            On a value of the wrong type or an impossible combination, naming the key.
+        """
+        d = cls()
+        t = TrainSettings()
+
+        def get(key: str, default: Any) -> Any:
+            value = rc.get(key, default)
+            if isinstance(default, bool) or isinstance(value, bool):
+                ok = isinstance(value, bool) and isinstance(default, bool)
+            elif isinstance(default, float):
+                ok = isinstance(value, (int, float))
+                value = float(value) if ok else value
+            else:
+                ok = isinstance(value, type(default))
+            if not ok:
+                raise ValueError(f"run-config '{key}' must be {type(default).__name__}, got {value!r}")
+            return value
+
+        return cls(
+            seed=get("seed", d.seed),
+            dataset=get("dataset", d.dataset),
+            data_dir=get("data-dir", d.data_dir),
+            model=get("model", d.model),
+            partitioner=get("partitioner", d.partitioner),
+            dirichlet_alpha=get("dirichlet-alpha", d.dirichlet_alpha),
+            holdout_fraction=get("holdout-fraction", d.holdout_fraction),
+            num_server_rounds=get("num-server-rounds", d.num_server_rounds),
+            train=TrainSettings(
+                epochs=get("local-epochs", t.epochs),
+                batch_size=get("batch-size", t.batch_size),
+                lr=get("lr", t.lr),
+                momentum=get("momentum", t.momentum),
+                weight_decay=get("weight-decay", t.weight_decay),
+            ),
+            method=get("unlearn.method", d.method),
+            departing=parse_client_ids(rc.get("unlearn.departing", ",".join(map(str, d.departing)))),
+            departure_round=get("unlearn.round", d.departure_round),
+            recovery=get("unlearn.recovery", d.recovery),
+            recovery_tolerance=get("unlearn.recovery-tolerance", d.recovery_tolerance),
+            results_dir=get("results-dir", d.results_dir),
+            gold_cache_dir=get("gold-cache-dir", d.gold_cache_dir),
+            client_threads=get("client-threads", d.client_threads),
+            node_wait_seconds=get("node-wait-seconds", d.node_wait_seconds),
+            round_timeout=get("round-timeout", d.round_timeout),
+        )
+
+    @property
+    def gold_rounds(self) -> int:
+        """Rounds of the gold federation: the original model's ``d - 1``."""
+        return self.departure_round - 1
+
+    def data_key(self) -> dict[str, Any]:
+        """Settings that determine every client's data."""
+        return {
+            "dataset": self.dataset, "data_dir": self.data_dir, "partitioner": self.partitioner,
+            "dirichlet_alpha": self.dirichlet_alpha, "holdout_fraction": self.holdout_fraction, "seed": self.seed,
+        }
+
+    def gold_key(self, num_clients: int) -> str:
+        """Hash of everything the gold federation depends on (cache key)."""
+        payload = {
+            "version": GOLD_FORMAT_VERSION, **self.data_key(), "model": self.model,
+            "rounds": self.gold_rounds, "train": asdict(self.train),
+            "excluded": list(self.departing), "num_clients": num_clients,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view of the settings."""
+        out = asdict(self)
+        out["departing"] = list(self.departing)
+        return out

@@ -1,0 +1,127 @@
+"""Split a dataset across federated clients, and each client's share into train / held-out.
+
+The partitioners themselves are flwr-datasets' ``IidPartitioner`` and
+``DirichletPartitioner`` (the ones Flower baselines use), applied to an in-memory
+``datasets.Dataset`` holding only the labels and the example indices; so the
+partitions here are the ones a Flower user gets for the same seed. Examples are
+shuffled with the seed first: the packaged MNIST subset is sorted by label and
+``IidPartitioner`` takes contiguous shards.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from .datasets import ArrayDataset, load_dataset
+
+PARTITIONERS = ("iid", "dirichlet")
+
+
+def partition_indices(
+    labels: np.ndarray,
+    num_partitions: int,
+    partitioner: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    min_partition_size: int = 10,
+) -> list[np.ndarray]:
+    """Assign example indices to ``num_partitions`` disjoint clients.
+
+    Parameters
+    ----------
+    labels : np.ndarray
+        Integer labels, shape ``(N,)``.
+    num_partitions : int
+        Number of clients, ``>= 1`` and ``<= N``.
+    partitioner : {"iid", "dirichlet"}
+        ``iid``: equal-size random shards. ``dirichlet``: per-class proportions drawn
+        from Dirichlet(``alpha``) (Hsu et al. 2019); smaller ``alpha`` = more label skew.
+    alpha : float
+        Dirichlet concentration, ``> 0``.
+    seed : int
+        Seed of the shuffle and of the Dirichlet draws.
+    min_partition_size : int
+        Dirichlet only: redraw until every client has at least this many examples.
+
+    Returns
+    -------
+    list of np.ndarray
+        Sorted index arrays, pairwise disjoint, covering ``range(N)``.
+    """
+    n = len(labels)
+    if partitioner not in PARTITIONERS:
+        raise ValueError(f"unknown partitioner '{partitioner}'; valid: {', '.join(PARTITIONERS)}")
+    if not 1 <= num_partitions <= n:
+        raise ValueError(f"num_partitions must be in [1, {n}], got {num_partitions}")
+    if partitioner == "dirichlet" and not alpha > 0:
+        raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
+
+    from datasets import Dataset  # heavy import, only where partitions are built
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    perm = np.random.default_rng(seed).permutation(n)
+    table = Dataset.from_dict({"label": np.asarray(labels)[perm].tolist(), "idx": perm.tolist()})
+    if partitioner == "iid":
+        part = IidPartitioner(num_partitions=num_partitions)
+    else:
+        part = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=min_partition_size,
+            self_balancing=False,
+            shuffle=True,
+            seed=seed,
+        )
+    part.dataset = table
+    return [np.sort(np.asarray(part.load_partition(i)["idx"], dtype=np.int64)) for i in range(num_partitions)]
+
+
+def train_holdout_split(
+    indices: np.ndarray, holdout_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split one client's indices into a train part and a held-out part.
+
+    The held-out part is the client's own test data: non-members for the
+    membership-inference audit and the retained-utility query set.
+    """
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"holdout-fraction must be in (0, 1), got {holdout_fraction}")
+    perm = np.random.default_rng(seed).permutation(indices)
+    n_hold = max(1, int(round(holdout_fraction * len(indices))))
+    if n_hold >= len(indices):
+        raise ValueError(f"a client with {len(indices)} examples cannot hold out {n_hold}")
+    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
+
+
+@lru_cache(maxsize=8)
+def _cached_partitions(
+    name: str, data_dir: str, num_partitions: int, partitioner: str, alpha: float, seed: int
+) -> tuple[np.ndarray, ...]:
+    labels = load_dataset(name, data_dir).y
+    return tuple(partition_indices(labels, num_partitions, partitioner, alpha, seed))
+
+
+def client_datasets(
+    name: str,
+    partition_id: int,
+    num_partitions: int,
+    *,
+    data_dir: str = "",
+    partitioner: str = "iid",
+    alpha: float = 0.5,
+    holdout_fraction: float = 0.2,
+    seed: int = 0,
+) -> tuple[ArrayDataset, ArrayDataset]:
+    """Return the (train, held-out) data of one client.
+
+    Deterministic in its arguments; partitions are computed once per process.
+    """
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
+    ds = load_dataset(name, data_dir)
+    idx = _cached_partitions(name, data_dir, num_partitions, partitioner, float(alpha), seed)[partition_id]
+    train_idx, hold_idx = train_holdout_split(idx, holdout_fraction, seed * 1_000_003 + partition_id)
+    return ds.subset(train_idx), ds.subset(hold_idx)

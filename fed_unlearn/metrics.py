@@ -1,0 +1,62 @@
+"""Unlearning metrics on logits: utility, fidelity to the gold model, membership leakage.
+
+All functions are pure numpy (ROC-AUC from scikit-learn, the reference implementation)
+and take logits so that a client computes everything from one forward pass.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import log_softmax
+
+
+def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy; ``nan`` on an empty set."""
+    if len(y) == 0:
+        return float("nan")
+    return float(np.mean(np.argmax(logits, axis=1) == y))
+
+
+def cross_entropy(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-example cross-entropy loss ``-log p(y|x)``."""
+    return -log_softmax(logits, axis=1)[np.arange(len(y)), y]
+
+
+def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> float:
+    """Mean over examples of KL(p_ref || p) in nats.
+
+    ``ref`` is the gold (retrained) model: the divergence measures how much
+    probability mass the evaluated model puts where the gold would not.
+    """
+    if ref_logits.shape != logits.shape:
+        raise ValueError(f"logit shapes differ: {ref_logits.shape} vs {logits.shape}")
+    if len(logits) == 0:
+        return float("nan")
+    log_p_ref, log_p = log_softmax(ref_logits, axis=1), log_softmax(logits, axis=1)
+    return float(np.mean(np.sum(np.exp(log_p_ref) * (log_p_ref - log_p), axis=1)))
+
+
+def disagreement(ref_logits: np.ndarray, logits: np.ndarray) -> float:
+    """Fraction of examples whose top-1 prediction differs between the two models."""
+    if ref_logits.shape != logits.shape:
+        raise ValueError(f"logit shapes differ: {ref_logits.shape} vs {logits.shape}")
+    if len(logits) == 0:
+        return float("nan")
+    return float(np.mean(np.argmax(ref_logits, axis=1) != np.argmax(logits, axis=1)))
+
+
+def loss_mia_auc(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> float:
+    """ROC-AUC of the loss-threshold membership-inference attack (Yeom et al. 2018).
+
+    The attacker scores each example by its negated loss (members are fit better);
+    the AUC is the probability that a random member scores above a random
+    non-member. 0.5 = no leakage; the target after unlearning is the gold model's
+    figure on the same sets, not 0.5.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    if len(member_losses) == 0 or len(nonmember_losses) == 0:
+        return float("nan")
+    scores = -np.concatenate([member_losses, nonmember_losses])
+    labels = np.concatenate([np.ones(len(member_losses)), np.zeros(len(nonmember_losses))])
+    return float(roc_auc_score(labels, scores))

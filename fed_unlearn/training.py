@@ -1,0 +1,109 @@
+"""Local training and batched inference, shared by every client and every method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local SGD settings of a client round.
+
+    Attributes
+    ----------
+    epochs : int
+        Local epochs over the client's train split.
+    batch_size : int
+        Minibatch size.
+    lr : float
+        SGD learning rate.
+    momentum : float
+        SGD momentum (the optimiser is re-created every round, as in FedAvg).
+    weight_decay : float
+        L2 penalty.
+    """
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0:
+            raise ValueError(f"need lr > 0, momentum >= 0, weight_decay >= 0; got {self.lr}, {self.momentum}, {self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """What a local training run cost and reached."""
+
+    steps: int
+    examples_seen: int
+    mean_loss: float
+
+
+def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainSettings, seed: int) -> TrainStats:
+    """Run minibatch SGD on ``(x, y)`` in place; deterministic given ``seed``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Trained in place.
+    x, y : np.ndarray
+        Features and integer labels.
+    settings : TrainSettings
+        Optimiser settings.
+    seed : int
+        Seeds the minibatch order.
+
+    Returns
+    -------
+    TrainStats
+        Number of optimiser steps (the client-compute unit of the reports),
+        examples processed and mean training loss.
+    """
+    if len(x) == 0:
+        raise ValueError("cannot train on an empty dataset")
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    rng = np.random.default_rng(seed)
+    xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+    steps, seen, loss_sum = 0, 0, 0.0
+    for _ in range(settings.epochs):
+        order = torch.from_numpy(rng.permutation(len(x)))
+        for start in range(0, len(x), settings.batch_size):
+            idx = order[start:start + settings.batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(xt[idx]), yt[idx])
+            loss.backward()
+            opt.step()
+            steps += 1
+            seen += len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
+    return TrainStats(steps=steps, examples_seen=seen, mean_loss=loss_sum / seen)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Logits of ``model`` on ``x``, computed in batches, as float64 numpy."""
+    model.eval()
+    xt = torch.from_numpy(np.ascontiguousarray(x))
+    outs = [model(xt[i:i + batch_size]).double() for i in range(0, len(x), batch_size)]
+    return torch.cat(outs).numpy() if outs else np.zeros((0, 0))
+
+
+def client_seed(seed: int, server_round: int, client_id: int) -> int:
+    """Seed of client ``client_id``'s minibatch order in ``server_round``.
+
+    The same in the experiment and its gold federation, so the gold differs from the
+    original only by the clients it leaves out.
+    """
+    return int(np.random.SeedSequence([seed, server_round, client_id]).generate_state(1)[0])

@@ -1,0 +1,35 @@
+"""Unlearning methods, chosen by name (run-config key ``unlearn.method``).
+
+Each method lives in its own module with a config dataclass whose fields are read
+from ``<name>.<field>`` run-config keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from .base import UnlearningMethod, config_from_run_config
+from .puf import PUF, PUFConfig, puf_update
+
+#: name -> (config dataclass, method class); read-only.
+METHODS: Mapping[str, tuple[type, type[UnlearningMethod]]] = {
+    "puf": (PUFConfig, PUF),
+}
+
+
+def make_method(name: str, run_config: Mapping[str, Any] | None = None) -> UnlearningMethod:
+    """Build the method ``name`` with its settings from ``run_config``.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not registered (the message lists the valid names) or a
+        setting is invalid.
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown unlearning method '{name}'; valid: {', '.join(sorted(METHODS))}")
+    cfg_cls, method_cls = METHODS[name]
+    return method_cls(config_from_run_config(cfg_cls, run_config or {}, name))
+
+
+__all__ = ["METHODS", "PUF", "PUFConfig", "UnlearningMethod", "make_method", "puf_update"]
