@@ -93,7 +93,7 @@ class ExperimentConfig:
     seed: int = 0
     dataset: str = "mnist-5k"
     data_dir: str = ""
-    model: str = "cnn"
+    model: str = "mlp"
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
     holdout_fraction: float = 0.2

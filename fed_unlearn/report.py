@@ -87,13 +87,13 @@ def plot_accuracy(
                 ax.axhline(gold_history[g[-1]][key], ls="--", color=color, alpha=0.8, lw=1, label=f"gold: {label}")
     if departure_round is not None:
         ax.axvline(departure_round, color="k", ls=":", lw=1)
-        ax.annotate("departure / unlearning", (departure_round, ax.get_ylim()[0]), xytext=(3, 5),
-                    textcoords="offset points", fontsize=8)
+        ax.annotate("unlearning round", (departure_round, 1.0), xycoords=("data", "axes fraction"),
+                    xytext=(3, -12), textcoords="offset points", fontsize=8)
     ax.set_xlabel("server round")
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

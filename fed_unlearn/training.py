@@ -28,7 +28,7 @@ class TrainSettings:
         L2 penalty.
     """
 
-    epochs: int = 1
+    epochs: int = 5
     batch_size: int = 32
     lr: float = 0.05
     momentum: float = 0.9

@@ -20,8 +20,10 @@ PUF-special (only the departing clients train that round)::
 
 ``eta_u`` is the unlearning scale. The reference code uses ``eta_u = 20`` for regular
 and ``eta_u = 2`` for special with 10 clients; with equal-size clients both give an
-ascent step of ``2 * Delta_u`` per departing client. Recovery afterwards is ordinary
-FedAvg over ``S``. Several departures in one round are the sums over ``U`` above.
+ascent step of ``2 * Delta_u`` per departing client. ``scale = 0`` (the default) keeps
+that effective step for any federation size: ``eta_u = 2 K`` for regular, with ``K`` the
+number of clients in the round (20 for 10 clients), and ``eta_u = 2`` for special.
+Recovery afterwards is ordinary FedAvg over ``S``. Several departures in one round are the sums over ``U`` above.
 Nothing beyond that round's replies is needed: no per-client history.
 """
 
@@ -36,7 +38,8 @@ from ..aggregation import ClientUpdate, Weights, pseudo_gradient, weighted_sum
 from .base import UnlearningMethod
 
 PUF_VARIANTS = ("regular", "special")
-DEFAULT_SCALE = {"regular": 20.0, "special": 2.0}
+#: Ascent step of the reference settings, in units of a departing client's pseudo-gradient.
+REFERENCE_STEP = 2.0
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ class PUFConfig:
         ``special``: only the departing clients train in it.
     scale : float
         The unlearning scale ``eta_u`` (> 0). ``0`` (default) picks the reference
-        value of the variant: 20 for regular, 2 for special.
+        setting for the federation size: ``2 K`` for regular with ``K`` clients in the
+        round (20 with 10 clients, as the reference), 2 for special.
     """
 
     variant: str = "regular"
@@ -62,10 +66,11 @@ class PUFConfig:
         if self.scale < 0 or not np.isfinite(self.scale):
             raise ValueError(f"puf.scale must be a finite number >= 0, got {self.scale}")
 
-    @property
-    def eta(self) -> float:
-        """The scale actually applied."""
-        return self.scale if self.scale > 0 else DEFAULT_SCALE[self.variant]
+    def eta(self, num_clients: int) -> float:
+        """The scale applied in a round with ``num_clients`` participating clients."""
+        if self.scale > 0:
+            return self.scale
+        return REFERENCE_STEP * num_clients if self.variant == "regular" else REFERENCE_STEP
 
 
 def puf_update(
@@ -122,4 +127,5 @@ class PUF(UnlearningMethod):
         return self.config.variant == "regular"
 
     def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]) -> "dict[str, np.ndarray]":  # noqa: D102
-        return puf_update(global_weights, remaining, departing, self.config.eta, self.config.variant)
+        k = len(departing) + (len(remaining) if self.config.variant == "regular" else 0)
+        return puf_update(global_weights, remaining, departing, self.config.eta(k), self.config.variant)

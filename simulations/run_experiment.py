@@ -1,0 +1,191 @@
+"""Run the fed-unlearn Flower app with ``flwr run`` on a private local simulation SuperLink.
+
+What it does, so that one command works on a fresh machine with no network:
+
+1. Sets the environment that keeps Flower and Ray off the network (no telemetry,
+   no update check, no runtime dependency installation, Ray bound to 127.0.0.1 with
+   its temp dir and bootstrap config inside the run folder).
+2. Uses a private ``FLWR_HOME`` and free ports, and starts the simulation SuperLink
+   itself (the command ``flwr run`` would start), so it never reuses or disturbs
+   another SuperLink and can stop it afterwards by PID.
+3. Calls ``flwr run <app> local --stream`` with the run-config overrides and the
+   number of SuperNodes, then checks the run's final status with ``flwr list``
+   (``flwr run --stream`` exits 0 even when the run failed) and exits non-zero if
+   the run did not finish successfully.
+
+Usage::
+
+    python -m simulations.run_experiment                       # the default experiment
+    python -m simulations.run_experiment --num-clients 10 \\
+        --run-config "unlearn.departing='0,3' puf.variant='special'"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def quiet_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower + Ray that contacts nothing but 127.0.0.1."""
+    home = flwr_home / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    # An empty Ray bootstrap config stops Ray probing cloud metadata endpoints.
+    (home / "ray_bootstrap_config.yaml").write_text("{}\n")
+    ray_tmp = flwr_home / "ray"
+    ray_tmp.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_TMPDIR": str(ray_tmp),
+        "MPLBACKEND": "Agg",
+        "PYTHONUNBUFFERED": "1",
+        # The SuperLink spawns flower-superexec, flwr-serverapp, ... by name: use this env's.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    })
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    """An executable of this Python environment (falls back to PATH)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else (shutil.which(name) or name)
+
+
+def start_superlink(env: dict[str, str], flwr_home: Path, timeout: float = 60.0) -> subprocess.Popen:
+    """Start a simulation SuperLink on the ports in ``env`` and wait for its health endpoint."""
+    import urllib.request
+
+    http_port = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
+    control = f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}"
+    log_file = flwr_home / "local-superlink" / "superlink.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+           "--control-api-address", control, "--host", "127.0.0.1", "--port", http_port,
+           "--database", str(flwr_home / "local-superlink" / "state.db"), "--log-file", str(log_file)]
+    proc = subprocess.Popen(cmd, env=env, cwd=str(PROJECT_ROOT), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {proc.returncode}; see {log_file}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=0.5) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        time.sleep(0.3)
+    stop_process(proc)
+    raise RuntimeError(f"flower-superlink not healthy within {timeout:.0f}s; see {log_file}")
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop a process and its session (SuperLink spawns the ServerApp and Ray)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=grace)
+
+
+def run_status(env: dict[str, str], run_id: str) -> str:
+    """The status string ``flwr list`` reports for ``run_id`` (e.g. ``finished:completed``)."""
+    out = subprocess.run([_bin("flwr"), "list", "local", "--run-id", run_id, "--format", "json"],
+                         env=env, cwd=str(PROJECT_ROOT), capture_output=True, text=True, timeout=60)
+    try:
+        runs = json.loads(out.stdout)["runs"]
+    except (ValueError, KeyError):
+        return f"unknown ({out.stdout.strip()[:200]} {out.stderr.strip()[:200]})"
+    return str(runs[0].get("status", "unknown")) if runs else "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--num-clients", type=int, default=5, help="SuperNodes in the simulation (default 5)")
+    ap.add_argument("--cpus-per-client", type=int, default=1, help="Ray CPUs per client (default 1)")
+    ap.add_argument("--run-config", default="", help="run-config overrides, e.g. \"unlearn.departing='0,3'\"")
+    ap.add_argument("--results-dir", default=str(PROJECT_ROOT / "results"), help="where results go (default ./results)")
+    ap.add_argument("--flwr-home", default="", help="FLWR_HOME to use (default: a fresh one under results-dir)")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is abandoned")
+    args = ap.parse_args(argv)
+    if args.num_clients < 2:
+        ap.error("--num-clients must be >= 2 (one departs, at least one remains)")
+
+    results = Path(args.results_dir).resolve()
+    flwr_home = Path(args.flwr_home).resolve() if args.flwr_home else results / ".flwr" / f"run-{os.getpid()}"
+    if flwr_home.exists() and not args.flwr_home:
+        shutil.rmtree(flwr_home)
+    env = quiet_env(flwr_home)
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
+    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
+    (flwr_home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+
+    overrides = f"results-dir='{results}' gold-cache-dir='{results / 'gold-cache'}'"
+    if args.run_config:
+        overrides += " " + args.run_config
+    federation = f"num-supernodes={args.num_clients} client-resources-num-cpus={args.cpus_per_client}"
+
+    superlink = start_superlink(env, flwr_home)
+    try:
+        cmd = [_bin("flwr"), "run", str(PROJECT_ROOT), "local", "--format", "json",
+               "--run-config", overrides, "--federation-config", federation]
+        print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
+        sub = subprocess.run(cmd, env=env, cwd=str(PROJECT_ROOT), capture_output=True, text=True, timeout=120)
+        try:
+            run_id = json.loads(sub.stdout[sub.stdout.index("{"):])["run-id"]
+        except (ValueError, KeyError, TypeError):
+            print(sub.stdout, sub.stderr, file=sys.stderr)
+            return 2
+        print(f"run {run_id} submitted; streaming its log", flush=True)
+        stream = subprocess.Popen([_bin("flwr"), "log", str(run_id), "local", "--stream"], env=env, cwd=str(PROJECT_ROOT))
+        deadline = time.monotonic() + args.timeout
+        status = run_status(env, run_id)
+        while not status.startswith("finished") and time.monotonic() < deadline:
+            time.sleep(2.0)
+            status = run_status(env, run_id)
+        time.sleep(1.0)  # let the log stream print the last lines
+        stop_process(stream, grace=3.0) if stream.poll() is None else None
+        print(f"run {run_id}: {status}", flush=True)
+        if status != "finished:completed":
+            print(f"the run did not complete; SuperLink log: {flwr_home / 'local-superlink' / 'superlink.log'}", file=sys.stderr)
+            return 1
+        print(f"results in {results}")
+        return 0
+    finally:
+        stop_process(superlink)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
