@@ -31,20 +31,22 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def quiet_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower + Ray that contacts nothing but 127.0.0.1."""
+def quiet_env(flwr_home: Path, ray_tmp: Path) -> dict[str, str]:
+    """Environment for Flower + Ray that contacts nothing but 127.0.0.1.
+
+    ``ray_tmp`` must be a short path: Ray puts unix sockets there, limited to 107 bytes.
+    """
     home = flwr_home / "home"
     home.mkdir(parents=True, exist_ok=True)
     # An empty Ray bootstrap config stops Ray probing cloud metadata endpoints.
     (home / "ray_bootstrap_config.yaml").write_text("{}\n")
-    ray_tmp = flwr_home / "ray"
-    ray_tmp.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.update({
         "FLWR_HOME": str(flwr_home),
@@ -147,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     flwr_home = Path(args.flwr_home).resolve() if args.flwr_home else results / ".flwr" / f"run-{os.getpid()}"
     if flwr_home.exists() and not args.flwr_home:
         shutil.rmtree(flwr_home)
-    env = quiet_env(flwr_home)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fu-ray-"))
+    env = quiet_env(flwr_home, ray_tmp)
     env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
     env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
     (flwr_home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
@@ -157,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides += " " + args.run_config
     federation = f"num-supernodes={args.num_clients} client-resources-num-cpus={args.cpus_per_client}"
 
-    superlink = start_superlink(env, flwr_home)
+    superlink = None
     try:
+        superlink = start_superlink(env, flwr_home)
         cmd = [_bin("flwr"), "run", str(PROJECT_ROOT), "local", "--format", "json",
                "--run-config", overrides, "--federation-config", federation]
         print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
@@ -184,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"results in {results}")
         return 0
     finally:
-        stop_process(superlink)
+        if superlink is not None:
+            stop_process(superlink)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,42 @@
+"""FedAvg, pseudo-gradients and update validation (pure math)."""
+
+import numpy as np
+import pytest
+
+from fed_unlearn.aggregation import ClientUpdate, InvalidUpdateError, fedavg, pseudo_gradient, validate_update, validate_updates
+
+REF = {"a": np.zeros((2, 2), np.float32), "b": np.zeros(3, np.float32)}
+
+
+def test_fedavg_weights_by_examples():
+    u1 = ClientUpdate(0, {"a": np.ones((2, 2), np.float32), "b": np.zeros(3, np.float32)}, 1)
+    u2 = ClientUpdate(1, {"a": np.full((2, 2), 5.0, np.float32), "b": np.full(3, 4.0, np.float32)}, 3)
+    out = fedavg([u2, u1])
+    np.testing.assert_allclose(out["a"], np.full((2, 2), 4.0))  # (1*1 + 3*5) / 4
+    np.testing.assert_allclose(out["b"], np.full(3, 3.0))
+    assert out["a"].dtype == np.float32
+
+
+def test_pseudo_gradient_is_local_minus_global():
+    d = pseudo_gradient({"a": np.full((2, 2), 3.0), "b": np.arange(3.0)}, {"a": np.ones((2, 2)), "b": np.ones(3)})
+    np.testing.assert_array_equal(d["a"], np.full((2, 2), 2.0))
+    np.testing.assert_array_equal(d["b"], [-1.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ({"a": np.full((2, 2), np.nan, np.float32), "b": np.zeros(3, np.float32)}, "4 NaN/inf"),
+    ({"a": np.zeros((2, 2), np.float32), "b": np.array([0, np.inf, 0], np.float32)}, "'b' contains 1 NaN/inf"),
+    ({"a": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}, r"'a' has shape \(2, 3\)"),
+    ({"a": np.zeros((2, 2), np.float32)}, r"missing \['b'\]"),
+    ({"a": np.zeros((2, 2)), "b": np.zeros(3), "c": np.zeros(1)}, r"unexpected \['c'\]"),
+])
+def test_invalid_updates_are_named(bad, msg):
+    with pytest.raises(InvalidUpdateError, match=msg):
+        validate_update(bad, REF, "client 7")
+    with pytest.raises(InvalidUpdateError, match="client 7"):
+        validate_update(bad, REF, "client 7")
+
+
+def test_non_positive_example_count_is_rejected():
+    with pytest.raises(InvalidUpdateError, match="num-examples"):
+        validate_updates([ClientUpdate(2, dict(REF), 0)], REF)

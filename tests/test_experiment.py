@@ -1,0 +1,82 @@
+"""The whole experiment (ServerApp main + real ClientApp) on an in-process Grid: no Ray, seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from flwr.app import Context, RecordDict
+
+from clients.client_app import app as client_app
+from server.server_app import main as server_main
+from simulations.inprocess import InProcessGrid
+
+
+def run(rc: dict, num_nodes: int, tmp_path: Path) -> tuple[dict, InProcessGrid]:
+    rc = {**rc, "results-dir": str(tmp_path / "results"), "gold-cache-dir": str(tmp_path / "gold")}
+    grid = InProcessGrid(client_app, num_nodes, rc)
+    server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
+    (res,) = list((tmp_path / "results").glob("*/results.json"))
+    return json.loads(res.read_text()), grid
+
+
+def test_default_experiment_moves_toward_gold(default_run_config, tmp_path):
+    """Behaviour on the embedded MNIST: PUF + recovery brings the forget set toward gold."""
+    res, _ = run(default_run_config, 5, tmp_path)
+    orig, unl, gold = (res["report"][k] for k in ("original", "unlearned", "gold"))
+    # every metric of the report is there, for every model
+    for m in (orig, unl, gold):
+        for key in ("test-acc", "retain-acc", "forget-acc", "forget-heldout-acc", "mia-auc", "kl-forget",
+                    "disagree-forget", "kl-test", "disagree-test"):
+            assert key in m and m[key] is not None
+    assert gold["kl-forget"] == 0.0 and gold["disagree-forget"] == 0.0
+    # the original model memorised the departing client; unlearning moves it toward the gold
+    assert orig["forget-acc"] - gold["forget-acc"] > 0.02
+    assert abs(unl["forget-acc"] - gold["forget-acc"]) < abs(orig["forget-acc"] - gold["forget-acc"])
+    assert abs(unl["mia-auc"] - gold["mia-auc"]) < abs(orig["mia-auc"] - gold["mia-auc"])
+    assert unl["kl-forget"] < orig["kl-forget"]
+    # recovery reached the gold's accuracy within tolerance and cost less than retraining
+    assert res["recovery"]["rounds-to-gold"] is not None
+    assert unl["test-acc"] >= gold["test-acc"] - res["recovery"]["tolerance"]
+    assert 0 < res["client-compute"]["fraction-of-gold-steps"] < 1
+    out = Path(tmp_path / "results").glob("*/accuracy.png")
+    assert next(out).stat().st_size > 10_000
+
+
+def test_same_seed_same_numbers_and_gold_cache_reused(default_run_config, tmp_path):
+    rc = {**default_run_config, "dataset": "digits", "unlearn.round": 3, "num-server-rounds": 5}
+    first, grid1 = run(rc, 3, tmp_path)
+    for f in (tmp_path / "results").glob("*/results.json"):
+        f.unlink()
+    second, grid2 = run(rc, 3, tmp_path)
+    assert first["timings"]["gold-cached"] is False and second["timings"]["gold-cached"] is True
+    assert first["report"] == second["report"]
+    # the cached gold was not retrained: the second run sent fewer training messages
+    assert grid2.sent.count("train") < grid1.sent.count("train")
+
+
+def test_two_clients_leave_in_the_same_round(default_run_config, tmp_path):
+    rc = {**default_run_config, "dataset": "digits", "unlearn.departing": "0,2", "unlearn.round": 3,
+          "num-server-rounds": 4, "unlearn.recovery": "fixed"}
+    res, grid = run(rc, 4, tmp_path)
+    assert res["config"]["departing"] == [0, 2]
+    assert res["recovery"]["rounds-run"] == 1
+    # after the unlearning round only clients 1 and 3 train: 2 messages in round 4
+    assert res["train-history"]["4"]["clients"] == 2 and res["train-history"]["3"]["clients"] == 4
+
+
+@pytest.mark.parametrize("override, msg", [
+    ({"unlearn.departing": "7"}, r"unknown departing client id\(s\) \[7\]"),
+    ({"unlearn.round": 20}, "after the last round"),
+    ({"unlearn.method": "nope"}, "unknown unlearning method"),
+])
+def test_bad_requests_fail_before_any_training(default_run_config, tmp_path, override, msg):
+    rc = {**default_run_config, "dataset": "digits", **override}
+    grid = None
+    with pytest.raises(ValueError, match=msg):
+        rc2 = {**rc, "results-dir": str(tmp_path / "r"), "gold-cache-dir": str(tmp_path / "g")}
+        grid = InProcessGrid(client_app, 3, rc2)
+        server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc2))
+    assert grid is not None and "train" not in grid.sent
+    assert not (tmp_path / "r").exists() and not (tmp_path / "g").exists()

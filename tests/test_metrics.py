@@ -1,0 +1,58 @@
+"""Metrics on known inputs, checked against references (scipy, scikit-learn)."""
+
+import numpy as np
+import pytest
+from scipy.stats import entropy
+
+from fed_unlearn.evaluation import summarise
+from fed_unlearn.metrics import accuracy, cross_entropy, disagreement, kl_divergence, loss_mia_auc
+
+
+def test_kl_of_identical_distributions_is_zero():
+    logits = np.random.default_rng(0).normal(size=(20, 5))
+    assert kl_divergence(logits, logits) == pytest.approx(0.0, abs=1e-12)
+    assert kl_divergence(logits, logits + 3.0) == pytest.approx(0.0, abs=1e-12)  # softmax shift-invariant
+
+
+def test_kl_matches_scipy_entropy():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(8, 4)), rng.normal(size=(8, 4))
+    pa = np.exp(a) / np.exp(a).sum(1, keepdims=True)
+    pb = np.exp(b) / np.exp(b).sum(1, keepdims=True)
+    ref = np.mean([entropy(pa[i], pb[i]) for i in range(8)])
+    assert kl_divergence(a, b) == pytest.approx(ref, rel=1e-10)
+    assert kl_divergence(a, b) != pytest.approx(kl_divergence(b, a))  # direction matters
+
+
+def test_disagreement_and_accuracy():
+    ref = np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 1.0]])
+    other = np.array([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [0.0, 1.0]])
+    assert disagreement(ref, ref) == 0.0
+    assert disagreement(ref, other) == 0.5
+    assert accuracy(ref, np.array([0, 1, 1, 1])) == 0.75
+
+
+def test_cross_entropy_known_value():
+    logits = np.log(np.array([[0.25, 0.75]]))
+    assert cross_entropy(logits, np.array([1]))[0] == pytest.approx(-np.log(0.75))
+
+
+def test_mia_auc_known_answers():
+    assert loss_mia_auc(np.array([0.1, 0.2]), np.array([1.0, 2.0, 3.0])) == 1.0  # perfectly separated
+    assert loss_mia_auc(np.array([5.0, 6.0]), np.array([1.0, 2.0])) == 0.0
+    assert loss_mia_auc(np.array([1.0, 1.0]), np.array([1.0, 1.0])) == 0.5  # indistinguishable
+    # one of four member/non-member pairs ordered the wrong way -> 3/4
+    assert loss_mia_auc(np.array([0.1, 0.5]), np.array([0.4, 0.9])) == 0.75
+
+
+def test_summarise_splits_by_role():
+    def ev(n_tr, c_tr, n_ho, c_ho, auc):
+        return {"train-n": n_tr, "train-correct": c_tr, "train-loss-sum": n_tr * 0.1, "heldout-n": n_ho,
+                "heldout-correct": c_ho, "heldout-loss-sum": n_ho * 0.2, "mia-auc": auc}
+    evals = {0: ev(10, 10, 5, 4, 0.7), 1: ev(20, 15, 10, 6, 0.5), 2: ev(30, 15, 10, 9, 0.5)}
+    s = summarise(evals, departing=[0])
+    assert s["forget-acc"] == 1.0 and s["forget-heldout-acc"] == 0.8
+    assert s["retain-acc"] == pytest.approx(30 / 50) and s["test-acc"] == pytest.approx(15 / 20)
+    assert s["mia-auc"] == 0.7 and "kl-forget" not in s
+    two = summarise(evals, departing=[0, 1])
+    assert two["mia-auc"] == pytest.approx((10 * 0.7 + 20 * 0.5) / 30)  # weighted by forget-set size
