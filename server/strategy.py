@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fed_unlearn.aggregation import ClientUpdate, InvalidUpdateError, fedavg, validate_updates
+from fed_unlearn.spectral import analyze, motion_share
 from fed_unlearn.unlearning import UnlearningMethod
 
 from .records import to_record, to_weights
@@ -71,6 +72,8 @@ class UnlearningFedAvg(FedAvg):
         self.departed: set[int] = set(excluded)
         self.current_round = 0
         self._global: dict[str, np.ndarray] | None = None
+        #: Diagnostics of the last unlearning round (per-layer spectra, motion shares, client metrics).
+        self.unlearning_report: dict | None = None
 
     # -- who is where ---------------------------------------------------------------
     @property
@@ -163,6 +166,7 @@ class UnlearningFedAvg(FedAvg):
             dep = [u for u in updates if u.client_id in self.pending]
             new = self.method.aggregate(self._global, rem, dep)
             validate_updates([ClientUpdate(-1, new, 1)], self._global)  # the method itself must not emit NaN
+            self.unlearning_report = self._diagnose(server_round, new, replies)
             self.departed |= set(self.pending)
             log(INFO, "aggregate_train: %s unlearned clients %s", self.method.name, list(self.pending))
             self.pending = ()
@@ -173,6 +177,25 @@ class UnlearningFedAvg(FedAvg):
                 return None, train_metrics
             new = fedavg(rem)
         return to_record(new), train_metrics
+
+    def _diagnose(self, server_round: int, new: dict[str, np.ndarray], replies: Sequence[Message]) -> dict:
+        """Per-layer exponent, stability weight and share of the unlearning motion ``||dw_l|| / ||dw||``."""
+        assert self._global is not None and self.method is not None
+        spectra = {s.layer: s for s in analyze(self._global, getattr(self.method, "gate", None))}
+        share = motion_share({k: np.asarray(new[k], np.float64) - np.asarray(g, np.float64) for k, g in self._global.items()})
+        layers = []
+        for layer, frac in share.items():
+            s = spectra.get(layer)
+            layers.append({"layer": layer, "motion-share": frac, **({
+                "shape": list(s.shape), "alpha": s.alpha, "xmin": s.xmin, "ks-distance": s.ks_distance, "nu": s.nu,
+            } if s else {})})
+        clients = {}
+        for m in replies:
+            cid = self.client_of.get(m.metadata.src_node_id)
+            if cid in self.pending and not m.has_error():
+                clients[str(cid)] = {k: v for k, v in next(iter(m.content.metric_records.values())).items() if not isinstance(v, list)}
+        return {"round": server_round, "method": self.method.name, "departing": list(self.pending), "layers": layers,
+                "departing-clients": clients}
 
     @staticmethod
     def _train_metrics(replies: Sequence[Message]) -> MetricRecord:

@@ -10,10 +10,13 @@ from typing import Any, Mapping
 
 from .base import UnlearningMethod, config_from_run_config
 from .puf import PUF, PUFConfig, puf_update
+from .sragu import SRAGU, SRAGUConfig, SpectralPUF, SpectralPUFConfig, sragu_unlearn
 
 #: name -> (config dataclass, method class); read-only.
 METHODS: Mapping[str, tuple[type, type[UnlearningMethod]]] = {
     "puf": (PUFConfig, PUF),
+    "sragu": (SRAGUConfig, SRAGU),
+    "spectral-puf": (SpectralPUFConfig, SpectralPUF),
 }
 
 
@@ -32,4 +35,7 @@ def make_method(name: str, run_config: Mapping[str, Any] | None = None) -> Unlea
     return method_cls(config_from_run_config(cfg_cls, run_config or {}, name))
 
 
-__all__ = ["METHODS", "PUF", "PUFConfig", "UnlearningMethod", "make_method", "puf_update"]
+__all__ = [
+    "METHODS", "PUF", "PUFConfig", "SRAGU", "SRAGUConfig", "SpectralPUF", "SpectralPUFConfig",
+    "UnlearningMethod", "make_method", "puf_update", "sragu_unlearn",
+]

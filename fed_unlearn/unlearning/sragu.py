@@ -1,0 +1,333 @@
+"""SRAGU: spectral-roughness reweighted Adaptive Gradient Unlearning, and its data-free variant.
+
+References
+----------
+* M. Partohaghighi, R. Marcia, B. J. West, Y. Chen, "Statistical Roughness-Informed Machine
+  Unlearning" (2026, arXiv:2602.09304): SRAGU.
+* AGU: Ghannam & Mahareek, "Adaptive Gradient Unlearning", Intelligent Systems with
+  Applications (2025), DOI 10.1016/j.iswa.2025.200592: parameter-level gradient
+  sensitivity on the forget set, normalised, scaling the updates; stops on parameter
+  change and prediction divergence.
+
+The update implemented here (run on the departing client, on its own data)
+--------------------------------------------------------------------------
+Given the global model ``theta_0``, the forget set ``D_f`` (the client's training data),
+the per-layer stability weights ``nu_l`` computed by the server from ``theta_0``
+(:mod:`fed_unlearn.spectral`), and for ``t = 0, 1, ...``:
+
+1. minibatch ``B_t`` of ``D_f`` (seeded shuffles, batch size ``b``);
+   ``g_t = grad_theta  mean_{(x,y) in B_t} CE(f_theta_t(x), y)``;
+2. AGU sensitivity, normalised over the whole model: ``s_t = |g_t| / (max |g_t| + eps)``,
+   in ``[0, 1]`` per parameter;
+3. spectral reweighting of the sensitivity-scaled step direction:
+   ``u_{t,i} = nu_{l(i)} * s_{t,i} * sign(g_{t,i}) = nu_{l(i)} * g_{t,i} / max |g_t|``
+   (``l(i)`` = layer of parameter ``i``; biases share their layer's ``nu``), so the most
+   sensitive parameter of a fully stable layer moves by exactly ``eta_t`` whatever the
+   scale of the forget loss's gradient;
+4. ascent step with a decaying rate: ``theta_{t+1} = theta_t + eta_t u_t``,
+   ``eta_t = eta / (1 + gamma t)``;
+5. stop when
+   * the drift per step ``||theta_{t+1} - theta_t|| / ||theta_t||`` falls below ``delta``
+     (the motion has died down: ``"drift"``), or
+   * the prediction-divergence target is reached: the forget minibatch loss
+     ``CE(theta_t; B_t)`` reaches ``rho * L_ref``, with ``L_ref`` the mean loss of ``theta_0``
+     on the client's own held-out data, i.e. the loss of points the model never saw
+     (``"divergence"``; off when ``rho = 0`` or without held-out data), or
+   * ``t + 1 = T_max`` (``"cap"``).
+
+Readings where the papers leave details open: the sensitivity is normalised by its
+maximum over the whole model (so ``nu`` alone decides how motion is shared between
+layers) and multiplies the gradient's sign, not the gradient itself (``s * g`` would be
+quadratic in the gradient and vanish on a well-fit forget set, where unlearning is
+needed most); the unlearning objective is plain gradient ascent on the forget loss with AGU's
+scaling; the divergence stop uses the client's held-out loss as the gold-like target
+(the departing client has no other clients' data); the step decay makes the drift
+criterion reachable.
+
+Federation (``unlearn.method = "sragu"``): the server computes ``nu_l`` from the global
+model (no data) and sends them with a ``train.unlearn`` instruction to the departing
+clients; each returns ``theta_u``. The new global model is
+``w_{t+1} = w_t + sum_{u in U} (theta_u - w_t)`` (each departure's unlearning motion
+applied in full; concurrent departures add up), plus ``sum_{k in S} (n_k/N_S) Delta_k`` if
+``sragu.remaining-train`` lets the remaining clients train in that round too. Recovery
+follows as for PUF.
+
+Spectral PUF (``unlearn.method = "spectral-puf"``) is the data-free server-side variant:
+the PUF rule with each departing pseudo-gradient reweighted layer by layer,
+``- eta_u sum_{u in U} (n_u/N) nu_l Delta_{u,l}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..aggregation import ClientUpdate, Weights, pseudo_gradient, weighted_sum
+from ..spectral import StabilityGate, analyze, layer_of, layer_weights
+from .base import UnlearningMethod
+from .puf import PUF_VARIANTS, PUFConfig, puf_update
+
+STOP_REASONS = ("drift", "divergence", "cap")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Stability-gate settings shared by SRAGU and spectral PUF (see :class:`StabilityGate`)."""
+
+    alpha_low: float = 2.0
+    alpha_high: float = 6.0
+    tau: float = 0.5
+    nu_min: float = 0.1
+    nu_unfit: float = 1.0
+
+    def gate(self) -> StabilityGate:
+        """The gate these settings describe."""
+        return StabilityGate(self.alpha_low, self.alpha_high, self.tau, self.nu_min, self.nu_unfit)
+
+
+@dataclass(frozen=True)
+class SRAGUConfig(GateConfig):
+    """Settings of SRAGU (run-config keys ``sragu.*``).
+
+    Attributes
+    ----------
+    lr : float
+        ``eta``, initial ascent step size.
+    lr_decay : float
+        ``gamma`` of ``eta_t = eta / (1 + gamma t)``.
+    batch_size : int
+        Forget-set minibatch size ``b``.
+    max_steps : int
+        ``T_max``, the step cap.
+    drift_tol : float
+        ``delta``, relative drift per step below which unlearning stops.
+    target_ratio : float
+        ``rho`` of the divergence stop (0 disables it).
+    remaining_train : bool
+        Whether the remaining clients also train in the unlearning round.
+    """
+
+    lr: float = 0.01
+    lr_decay: float = 0.05
+    batch_size: int = 32
+    max_steps: int = 200
+    drift_tol: float = 1e-5
+    target_ratio: float = 1.0
+    remaining_train: bool = False
+
+    def __post_init__(self) -> None:
+        self.gate()  # validates the gate settings
+        if not self.lr > 0 or self.lr_decay < 0:
+            raise ValueError(f"sragu.lr must be > 0 and sragu.lr-decay >= 0, got {self.lr}, {self.lr_decay}")
+        if self.batch_size < 1 or self.max_steps < 1:
+            raise ValueError(f"sragu.batch-size and sragu.max-steps must be >= 1, got {self.batch_size}, {self.max_steps}")
+        if self.drift_tol < 0 or self.target_ratio < 0:
+            raise ValueError(f"sragu.drift-tol and sragu.target-ratio must be >= 0, got {self.drift_tol}, {self.target_ratio}")
+
+
+@dataclass(frozen=True)
+class SRAGUResult:
+    """What a local SRAGU run did."""
+
+    steps: int
+    stop_reason: str
+    forget_loss_start: float
+    forget_loss_end: float
+    reference_loss: float
+    last_drift: float
+
+
+def parameter_weights(model: nn.Module, nu: Mapping[str, float], default: float = 1.0) -> dict[str, float]:
+    """``nu`` of every parameter's layer (parameters of layers without a weight get ``default``)."""
+    return {name: float(nu.get(layer_of(name), default)) for name, _ in model.named_parameters()}
+
+
+def agu_sensitivity(grads: Sequence[torch.Tensor], eps: float = 1e-12) -> list[torch.Tensor]:
+    """AGU's normalised sensitivity ``|g| / (max |g| + eps)``, the max taken over the whole model."""
+    gmax = max(float(g.abs().max()) for g in grads)
+    return [g.abs() / (gmax + eps) for g in grads]
+
+
+@torch.no_grad()
+def _mean_loss(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 1024) -> float:
+    model.eval()
+    xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+    total = sum(float(F.cross_entropy(model(xt[i:i + batch]), yt[i:i + batch], reduction="sum")) for i in range(0, len(x), batch))
+    return total / len(x)
+
+
+def sragu_unlearn(
+    model: nn.Module,
+    forget_x: np.ndarray,
+    forget_y: np.ndarray,
+    nu: Mapping[str, float],
+    cfg: SRAGUConfig,
+    seed: int,
+    heldout: tuple[np.ndarray, np.ndarray] | None = None,
+) -> SRAGUResult:
+    """Run SRAGU (module docstring) on ``model`` in place.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The global model; modified in place.
+    forget_x, forget_y : np.ndarray
+        The forget set.
+    nu : Mapping[str, float]
+        Stability weight per layer name (``nu_l``); must lie in ``[0, 1]``.
+    cfg : SRAGUConfig
+    seed : int
+        Seeds the minibatch order.
+    heldout : (x, y), optional
+        The client's own held-out data, for the divergence target ``L_ref``.
+
+    Raises
+    ------
+    ValueError
+        On an empty forget set or stability weights outside ``[0, 1]`` or non-finite.
+    """
+    if len(forget_x) == 0:
+        raise ValueError("SRAGU needs a non-empty forget set")
+    bad = {k: v for k, v in nu.items() if not (np.isfinite(v) and 0.0 <= v <= 1.0)}
+    if bad:
+        raise ValueError(f"stability weights must be finite and in [0, 1]: {bad}")
+    params = [p for _, p in model.named_parameters()]
+    scale = parameter_weights(model, nu, default=cfg.nu_unfit)
+    weights = [scale[name] for name, _ in model.named_parameters()]
+    ref = _mean_loss(model, *heldout) if heldout is not None and len(heldout[0]) else float("nan")
+    target = cfg.target_ratio * ref if cfg.target_ratio > 0 and np.isfinite(ref) else float("inf")
+    start_loss = _mean_loss(model, forget_x, forget_y)
+    xt, yt = torch.from_numpy(np.ascontiguousarray(forget_x)), torch.from_numpy(np.ascontiguousarray(forget_y))
+    rng = np.random.default_rng(seed)
+    order, pos = rng.permutation(len(xt)), 0
+    drift, reason, step = float("nan"), "cap", 0
+    model.train()
+    for step in range(1, cfg.max_steps + 1):
+        if pos >= len(order):
+            order, pos = rng.permutation(len(xt)), 0
+        idx = torch.from_numpy(order[pos:pos + cfg.batch_size])
+        pos += cfg.batch_size
+        loss = F.cross_entropy(model(xt[idx]), yt[idx])
+        grads = torch.autograd.grad(loss, params)
+        sens = agu_sensitivity(grads)
+        lr = cfg.lr / (1.0 + cfg.lr_decay * (step - 1))
+        with torch.no_grad():
+            before = torch.sqrt(sum((p.double() ** 2).sum() for p in params))
+            moved = 0.0
+            for p, g, s, w in zip(params, grads, sens, weights):
+                delta = lr * w * s * torch.sign(g)  # ascent on the forget loss
+                p.add_(delta)
+                moved += float((delta.double() ** 2).sum())
+        drift = float(np.sqrt(moved) / (float(before) + 1e-12))
+        if float(loss.detach()) >= target:
+            reason = "divergence"
+            break
+        if drift < cfg.drift_tol:
+            reason = "drift"
+            break
+    return SRAGUResult(step, reason, start_loss, _mean_loss(model, forget_x, forget_y), ref, drift)
+
+
+def _gate_fields(cfg: Any) -> dict[str, float]:
+    return {f.name: getattr(cfg, f.name) for f in fields(GateConfig)}
+
+
+class SRAGU(UnlearningMethod):
+    """SRAGU in the federation: server sends ``nu_l``, departing clients run :func:`sragu_unlearn`."""
+
+    name = "sragu"
+
+    def __init__(self, config: SRAGUConfig) -> None:
+        self.config = config
+        self.gate = config.gate()
+
+    @property
+    def remaining_clients_train(self) -> bool:  # noqa: D102
+        return self.config.remaining_train
+
+    @property
+    def departing_task(self) -> str:  # noqa: D102
+        return "unlearn"
+
+    def departing_config(self, global_weights: Weights) -> dict[str, Any]:
+        """The per-layer stability weights, computed from the global model alone."""
+        nu = layer_weights(analyze(global_weights, self.gate))
+        return {"sragu.layers": list(nu), "sragu.nu": [float(v) for v in nu.values()]}
+
+    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]) -> "dict[str, np.ndarray]":
+        """``w + sum_U (theta_u - w)`` (+ FedAvg step of the remaining clients if they trained)."""
+        if not departing:
+            raise ValueError("SRAGU needs at least one departing client's update")
+        deltas = [pseudo_gradient(u.weights, global_weights) for u in sorted(departing, key=lambda u: u.client_id)]
+        coefs = [1.0] * len(deltas)
+        rem = sorted(remaining, key=lambda u: u.client_id) if self.config.remaining_train else []
+        if rem:
+            n_s = float(sum(u.num_examples for u in rem))
+            deltas += [pseudo_gradient(u.weights, global_weights) for u in rem]
+            coefs += [u.num_examples / n_s for u in rem]
+        step = weighted_sum(deltas, coefs, {k: np.zeros(np.shape(v)) for k, v in global_weights.items()})
+        return {k: (np.asarray(g, np.float64) + step[k]).astype(np.asarray(g).dtype) for k, g in global_weights.items()}
+
+
+@dataclass(frozen=True)
+class SpectralPUFConfig(GateConfig):
+    """Settings of spectral PUF (run-config keys ``spectral-puf.*``): PUF's plus the gate's."""
+
+    variant: str = "regular"
+    scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.gate()
+        PUFConfig(self.variant, self.scale)  # validates variant and scale
+
+
+def spectral_puf_update(
+    global_weights: Weights,
+    remaining: Sequence[ClientUpdate],
+    departing: Sequence[ClientUpdate],
+    eta: float,
+    nu: Mapping[str, float],
+    variant: str = "regular",
+    default_nu: float = 1.0,
+) -> "dict[str, np.ndarray]":
+    """PUF with each departing pseudo-gradient scaled by its layer's ``nu_l``.
+
+    Implemented as PUF on reweighted departing models ``w + nu_l Delta_{u,l}``, which
+    gives exactly ``-eta (n_u/N) nu_l Delta_{u,l}`` for the departing term.
+    """
+    if variant not in PUF_VARIANTS:
+        raise ValueError(f"unknown PUF variant '{variant}'")
+    reweighted = []
+    for u in departing:
+        delta = pseudo_gradient(u.weights, global_weights)
+        w = {k: (np.asarray(g, np.float64) + nu.get(layer_of(k), default_nu) * delta[k]).astype(np.asarray(g).dtype)
+             for k, g in global_weights.items()}
+        reweighted.append(ClientUpdate(u.client_id, w, u.num_examples))
+    return puf_update(global_weights, remaining, reweighted, eta, variant)
+
+
+class SpectralPUF(UnlearningMethod):
+    """Data-free spectral PUF: server-side, any plain training client."""
+
+    name = "spectral-puf"
+
+    def __init__(self, config: SpectralPUFConfig) -> None:
+        self.config = config
+        self.gate = config.gate()
+
+    @property
+    def remaining_clients_train(self) -> bool:  # noqa: D102
+        return self.config.variant == "regular"
+
+    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]) -> "dict[str, np.ndarray]":  # noqa: D102
+        if not departing:
+            raise ValueError("spectral PUF needs at least one departing client's update")
+        nu = layer_weights(analyze(global_weights, self.gate))
+        k = len(departing) + (len(remaining) if self.config.variant == "regular" else 0)
+        eta = PUFConfig(self.config.variant, self.config.scale).eta(k)
+        return spectral_puf_update(global_weights, remaining, departing, eta, nu, self.config.variant, self.config.nu_unfit)
