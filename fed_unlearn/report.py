@@ -100,3 +100,73 @@ def plot_accuracy(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """One Markdown table for several methods' ``results.json`` of the same experiment.
+
+    Columns: the original model (from the first method; identical for all, same seeds),
+    each method's unlearned model, the gold model. Extra rows: recovery rounds and the
+    client-compute of unlearning + recovery as a fraction of the gold's.
+    """
+    names = list(results)
+    first = results[names[0]]["report"]
+    models = {"original": first["original"], **{m: results[m]["report"]["unlearned"] for m in names}, "gold": first["gold"]}
+    table = markdown_table(models, columns=["original", *names, "gold"])
+    extra = [
+        "| recovery rounds to gold accuracy | – | " + " | ".join(_fmt(results[m]["recovery"]["rounds-to-gold"]) for m in names) + " | – |",
+        "| client-compute, fraction of gold retraining | – | " + " | ".join(
+            _fmt(results[m]["client-compute"]["fraction-of-gold-steps"]) for m in names) + " | 1.0000 |",
+    ]
+    return table + "\n" + "\n".join(extra)
+
+
+def layer_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """Per layer: exponent alpha, stability weight nu and each method's share of the unlearning motion."""
+    names = [m for m in results if results[m].get("unlearning")]
+    if not names:
+        return ""
+    base = {l["layer"]: l for l in results[names[0]]["unlearning"]["layers"]}
+    lines = ["| layer | shape | alpha | nu | " + " | ".join(f"motion share ({m})" for m in names) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(names)]
+    for layer, info in base.items():
+        shares = []
+        for m in names:
+            row = next((l for l in results[m]["unlearning"]["layers"] if l["layer"] == layer), {})
+            shares.append(_fmt(row.get("motion-share")))
+        lines.append(f"| {layer} | {tuple(info.get('shape', ()))} | {_fmt(info.get('alpha'))} | {_fmt(info.get('nu'))} | " + " | ".join(shares) + " |")
+    return "\n".join(lines)
+
+
+def plot_comparison(path: str | Path, results: Mapping[str, Mapping[str, Any]], title: str = "") -> Path:
+    """Per-round retained-test and forget accuracy of every method, gold as dashed levels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    first = next(iter(results.values()))
+    gold_hist = {int(r): h for r, h in first["gold-history"].items()}
+    d = first["config"]["departure_round"]
+    for ax, key, label in ((axes[0], "test-acc", "retained clients' held-out accuracy"),
+                           (axes[1], "forget-acc", "forget-set accuracy (departing client)")):
+        for i, (name, res) in enumerate(results.items()):
+            hist = {int(r): h for r, h in res["history"].items()}
+            rounds = sorted(r for r in hist if key in hist[r])
+            ax.plot(rounds, [hist[r][key] for r in rounds], marker="o", ms=3, color=f"C{i}", label=name)
+        if gold_hist:
+            ax.axhline(gold_hist[max(gold_hist)][key], color="k", ls="--", lw=1, label="gold (final)")
+        ax.axvline(d, color="k", ls=":", lw=1)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("server round")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[1].legend(fontsize=8, loc="best")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -80,3 +80,29 @@ def test_bad_requests_fail_before_any_training(default_run_config, tmp_path, ove
         server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc2))
     assert grid is not None and "train" not in grid.sent
     assert not (tmp_path / "r").exists() and not (tmp_path / "g").exists()
+
+
+def test_sragu_experiment_moves_toward_gold_and_reports_layers(default_run_config, tmp_path):
+    res, grid = run({**default_run_config, "unlearn.method": "sragu"}, 5, tmp_path)
+    orig, unl, gold = (res["report"][k] for k in ("original", "unlearned", "gold"))
+    assert "train.unlearn" in grid.sent  # the departing client ran SRAGU locally
+    assert abs(unl["mia-auc"] - gold["mia-auc"]) < abs(orig["mia-auc"] - gold["mia-auc"])
+    assert abs(unl["forget-acc"] - gold["forget-acc"]) < abs(orig["forget-acc"] - gold["forget-acc"])
+    rep = res["unlearning"]
+    assert rep["method"] == "sragu" and rep["departing"] == [0]
+    layers = {l["layer"]: l for l in rep["layers"]}
+    assert set(layers) == {"net.1", "net.3", "net.5"}
+    assert all(0.1 <= l["nu"] <= 1.0 and l["motion-share"] > 0 for l in layers.values())
+    client = rep["departing-clients"]["0"]
+    assert 0 < client["train-steps"] <= 200 and client["forget-loss-end"] > client["forget-loss-start"]
+
+
+def test_spectral_puf_and_sragu_serve_concurrent_departures(default_run_config, tmp_path):
+    for method in ("spectral-puf", "sragu"):
+        rc = {**default_run_config, "dataset": "digits", "unlearn.method": method, "unlearn.departing": "0,2",
+              "unlearn.round": 3, "num-server-rounds": 4, "unlearn.recovery": "fixed"}
+        res, _ = run(rc, 4, tmp_path / method)
+        assert res["unlearning"]["departing"] == [0, 2]
+        assert res["train-history"]["4"]["clients"] == 2
+        if method == "sragu":
+            assert set(res["unlearning"]["departing-clients"]) == {"0", "2"}

@@ -47,3 +47,16 @@ def test_failed_run_is_reported_as_failed(tmp_path):
     assert proc.returncode == 1
     assert "finished:failed" in proc.stdout
     assert not list(tmp_path.glob("*/results.json"))
+
+
+@pytest.mark.slow
+def test_sragu_through_flwr_run_on_the_embedded_dataset(tmp_path):
+    proc = launch(tmp_path, "unlearn.method='sragu'", clients=5)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (res_file,) = tmp_path.glob("*/results.json")
+    res = json.loads(res_file.read_text())
+    orig, unl, gold = (res["report"][k] for k in ("original", "unlearned", "gold"))
+    for key in ("test-acc", "forget-acc", "mia-auc", "kl-forget", "disagree-forget", "kl-test", "disagree-test"):
+        assert all(key in m for m in (orig, unl, gold))
+    assert abs(unl["mia-auc"] - gold["mia-auc"]) < abs(orig["mia-auc"] - gold["mia-auc"])
+    assert {l["layer"] for l in res["unlearning"]["layers"]} == {"net.1", "net.3", "net.5"}

@@ -1,0 +1,138 @@
+"""SRAGU's update, stopping rules and spectral PUF on hand-checkable cases (pure math)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fed_unlearn.aggregation import ClientUpdate
+from fed_unlearn.unlearning import SRAGUConfig, make_method, puf_update, sragu_unlearn
+from fed_unlearn.unlearning.sragu import agu_sensitivity, spectral_puf_update
+
+
+def twin_model(seed=0):
+    """Two identical linear layers in parallel (same init, same input), averaged."""
+    torch.manual_seed(seed)
+
+    class Twin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 3)
+            self.b = nn.Linear(6, 3)
+            with torch.no_grad():
+                self.b.weight.copy_(self.a.weight)
+                self.b.bias.copy_(self.a.bias)
+
+        def forward(self, x):
+            return 0.5 * (self.a(x) + self.b(x))
+
+    return Twin()
+
+
+def data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)).astype(np.float32)
+    return x, (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0)
+
+
+def moved(model, before):
+    return {n: float((p.detach() - before[n]).norm()) for n, p in model.named_parameters()}
+
+
+def test_damped_layer_moves_less_than_identical_stable_layer():
+    model, (x, y) = twin_model(), data()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = SRAGUConfig(max_steps=20, drift_tol=0.0, target_ratio=0.0, lr=0.01)
+    res = sragu_unlearn(model, x, y, {"a": 1.0, "b": 0.1}, cfg, seed=0)
+    d = moved(model, before)
+    assert res.stop_reason == "cap" and res.steps == 20
+    # identical layers, identical gradients: motion scales with nu exactly
+    assert d["b.weight"] == pytest.approx(0.1 * d["a.weight"], rel=1e-4)
+    assert d["a.weight"] > 0
+
+
+def test_first_step_is_the_formula():
+    model, (x, y) = twin_model(), data(32)
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    gmax = max(float(g.abs().max()) for g in grads)
+    cfg = SRAGUConfig(max_steps=1, batch_size=32, lr=0.2, drift_tol=0.0, target_ratio=0.0)
+    sragu_unlearn(model, x, y, {"a": 0.5, "b": 1.0}, cfg, seed=0)
+    for (name, p), g in zip(model.named_parameters(), grads):
+        nu = 0.5 if name.startswith("a.") else 1.0
+        np.testing.assert_allclose((p.detach() - w0[name]).numpy(), (0.2 * nu * g / gmax).numpy(), atol=1e-6)
+
+
+def test_forget_loss_rises():
+    model, (x, y) = twin_model(), data()
+    res = sragu_unlearn(model, x, y, {}, SRAGUConfig(max_steps=30, drift_tol=0.0, target_ratio=0.0, lr=0.05), seed=1)
+    assert res.forget_loss_end > res.forget_loss_start + 0.1
+
+
+def test_drift_stop_triggers():
+    model, (x, y) = twin_model(), data()
+    # decaying rate: eta_t = 0.01 / (1 + 10 t) -> drift falls below the tolerance quickly
+    cfg = SRAGUConfig(max_steps=500, lr=0.01, lr_decay=10.0, drift_tol=2e-4, target_ratio=0.0)
+    res = sragu_unlearn(model, x, y, {}, cfg, seed=0)
+    assert res.stop_reason == "drift" and res.steps < 500 and res.last_drift < 2e-4
+
+
+def test_divergence_stop_uses_heldout_loss():
+    model, (x, y) = twin_model(), data()
+    hx, hy = data(32, seed=9)
+    res = sragu_unlearn(model, x, y, {}, SRAGUConfig(max_steps=500, lr=0.05, drift_tol=0.0, target_ratio=1.5), seed=0, heldout=(hx, hy))
+    assert res.stop_reason == "divergence" and res.steps < 500
+    assert np.isfinite(res.reference_loss)
+
+
+@pytest.mark.parametrize("nu", [{"a": 1.5}, {"a": float("nan")}, {"b": -0.1}])
+def test_bad_stability_weights_are_refused_and_model_unchanged(nu):
+    model, (x, y) = twin_model(), data()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="stability weights"):
+        sragu_unlearn(model, x, y, nu, SRAGUConfig(), seed=0)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_agu_sensitivity_normalised_over_model():
+    s = agu_sensitivity([torch.tensor([1.0, -4.0]), torch.tensor([2.0])])
+    np.testing.assert_allclose(torch.cat(s).numpy(), [0.25, 1.0, 0.5])
+
+
+G = {"l1.weight": np.zeros((2, 2)), "l1.bias": np.zeros(2), "l2.weight": np.zeros((1, 2))}
+
+
+def up(cid, val, n):
+    return ClientUpdate(cid, {k: np.full(v.shape, val) for k, v in G.items()}, n)
+
+
+def test_sragu_aggregate_adds_departing_motion():
+    m = make_method("sragu")
+    out = m.aggregate(G, [up(1, 5.0, 10)], [up(2, 1.0, 1), up(3, -0.25, 1)])
+    assert all(np.allclose(v, 0.75) for v in out.values())  # remaining did not train: ignored
+    m2 = make_method("sragu", {"sragu.remaining-train": True})
+    out2 = m2.aggregate(G, [up(1, 2.0, 1), up(4, 4.0, 3)], [up(2, 1.0, 1)])
+    assert all(np.allclose(v, 1.0 + 3.5) for v in out2.values())  # 1 + (2*1 + 4*3)/4
+
+
+def test_spectral_puf_with_unit_nu_is_puf_and_scales_per_layer():
+    rem, dep = [up(1, 1.0, 1)], [up(2, 2.0, 1)]
+    plain = puf_update(G, rem, dep, eta=2.0)
+    same = spectral_puf_update(G, rem, dep, 2.0, nu={"l1": 1.0, "l2": 1.0})
+    for k in G:
+        np.testing.assert_allclose(same[k], plain[k])
+    damped = spectral_puf_update(G, rem, dep, 2.0, nu={"l1": 1.0, "l2": 0.25})
+    # l1: 0 + 1/2*1 - 2*1/2*2 = -1.5 ; l2: 1/2*1 - 2*1/2*(0.25*2) = 0
+    np.testing.assert_allclose(damped["l1.weight"], -1.5)
+    np.testing.assert_allclose(damped["l1.bias"], -1.5)
+    np.testing.assert_allclose(damped["l2.weight"], 0.0)
+
+
+def test_sragu_sends_stability_weights_computed_from_the_global_model():
+    rng = np.random.default_rng(0)
+    g = {"h.weight": rng.standard_t(df=2.5, size=(600, 300)), "h.bias": np.zeros(600), "o.weight": rng.normal(size=(600, 300))}
+    cfg = make_method("sragu").departing_config(g)
+    nu = dict(zip(cfg["sragu.layers"], cfg["sragu.nu"]))
+    assert set(nu) == {"h", "o"} and all(0.1 <= v <= 1.0 for v in nu.values())
+    assert nu["o"] < nu["h"]  # the random-like (Gaussian) layer is damped more
