@@ -155,9 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
     (flwr_home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
 
-    overrides = f"results-dir='{results}' gold-cache-dir='{results / 'gold-cache'}'"
-    if args.run_config:
-        overrides += " " + args.run_config
+    overrides = f"results-dir='{results}'"
+    if "gold-cache-dir" not in args.run_config:  # the caller may share a cache between runs
+        overrides += f" gold-cache-dir='{results / 'gold-cache'}'"
+    if args.run_config.strip():
+        overrides += " " + args.run_config.strip()
     federation = f"num-supernodes={args.num_clients} client-resources-num-cpus={args.cpus_per_client}"
 
     superlink = None
