@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
+import torch
 
 EIGEN_FLOOR = 1e-5
 MIN_EIGENVALUES = 10
@@ -131,8 +132,6 @@ def fit_power_law(values: np.ndarray, block: int = 512) -> PowerLawFit:
 
 def eigenvalues(weight: np.ndarray) -> np.ndarray:
     """Pooled eigenvalues ``sigma^2`` of a layer's matrices, those ``<= 1e-5`` dropped, sorted."""
-    import torch
-
     w = torch.as_tensor(np.asarray(weight), dtype=torch.float64)
     if w.ndim == 4:  # (out, in, kh, kw) -> kh*kw matrices (out, in)
         w = w.permute(2, 3, 0, 1).reshape(-1, w.shape[0], w.shape[1])
@@ -274,8 +273,6 @@ def _load_state_dict(path: Path) -> dict[str, np.ndarray]:
                 names = json.loads(meta.read_text())["array_names"]
                 return {n: npz[f"a{i}"] for i, n in enumerate(names)}
             return {k: npz[k] for k in npz.files}
-    import torch
-
     obj = torch.load(path, map_location="cpu", weights_only=True)
     state = obj.state_dict() if hasattr(obj, "state_dict") else obj
     return {k: v.numpy() for k, v in state.items() if hasattr(v, "numpy")}
@@ -297,7 +294,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint:
         weights = _load_state_dict(Path(args.checkpoint))
     elif args.model == "resnet18":
-        import torch
         import torchvision
 
         torch.manual_seed(args.seed)

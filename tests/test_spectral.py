@@ -99,3 +99,18 @@ def test_motion_share_by_layer():
     share = motion_share({"a.weight": np.array([3.0]), "a.bias": np.array([4.0]), "b.weight": np.array([0.0, 0.0])})
     assert share == {"a": 1.0, "b": 0.0}
     assert layer_of("features.0.weight") == "features.0" and layer_of("w") == "w"
+
+
+def test_cli_prints_the_layer_table(tmp_path, capsys):
+    import torch
+
+    from fed_unlearn.models import build_model
+    from fed_unlearn.spectral import main
+
+    assert main(["--model", "mlp"]) == 0
+    out = capsys.readouterr().out
+    assert "net.1" in out and "(200, 784)" in out and "alpha" in out and "3 layers analysed" in out
+    path = tmp_path / "model.pt"
+    torch.save(build_model("cnn", (1, 28, 28), 10, seed=1).state_dict(), path)
+    assert main([str(path)]) == 0
+    assert "classifier.1" in capsys.readouterr().out
