@@ -117,7 +117,8 @@ def fit_power_law(values: np.ndarray, block: int = 512) -> PowerLawFit:
         j0 = int(i[0, 0])  # only points at or after the smallest x_min of the block matter
         j = np.arange(j0, n)[None, :]
         mi = (n - i).astype(np.float64)
-        fit_cdf = 1.0 - np.exp((1.0 - a) * (logx[None, j0:] - logx[i]))
+        # points before a candidate's x_min are masked below; clip them to 0 so exp cannot overflow
+        fit_cdf = 1.0 - np.exp((1.0 - a) * np.maximum(logx[None, j0:] - logx[i], 0.0))
         # empirical CDF as the powerlaw package (used by WeightWatcher) takes it: arange(m)/m
         d = np.abs(fit_cdf - (j - i) / mi)
         d[j < i] = 0.0
