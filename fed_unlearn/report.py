@@ -54,6 +54,18 @@ def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
     return path
 
 
+def _save(fig: Any, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG (creating the folder) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_accuracy(
     path: str | Path,
     history: Mapping[int, Mapping[str, float]],
@@ -94,12 +106,7 @@ def plot_accuracy(
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> str:
@@ -164,9 +171,4 @@ def plot_comparison(path: str | Path, results: Mapping[str, Mapping[str, Any]], 
     axes[0].set_ylabel("accuracy")
     axes[1].legend(fontsize=8, loc="best")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -68,7 +68,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..aggregation import ClientUpdate, Weights, pseudo_gradient, weighted_sum
+from ..metrics import cross_entropy
 from ..spectral import StabilityGate, analyze, layer_of, layer_weights
+from ..training import predict_logits
 from .base import UnlearningMethod
 from .puf import PUF_VARIANTS, PUFConfig, puf_update
 
@@ -153,12 +155,8 @@ def agu_sensitivity(grads: Sequence[torch.Tensor], eps: float = 1e-12) -> list[t
     return [g.abs() / (gmax + eps) for g in grads]
 
 
-@torch.no_grad()
-def _mean_loss(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 1024) -> float:
-    model.eval()
-    xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
-    total = sum(float(F.cross_entropy(model(xt[i:i + batch]), yt[i:i + batch], reduction="sum")) for i in range(0, len(x), batch))
-    return total / len(x)
+def _mean_loss(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(cross_entropy(predict_logits(model, x), y)))
 
 
 def sragu_unlearn(
