@@ -6,6 +6,8 @@ and take logits so that a client computes everything from one forward pass.
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 from scipy.special import log_softmax
 
@@ -60,3 +62,22 @@ def loss_mia_auc(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> flo
     scores = -np.concatenate([member_losses, nonmember_losses])
     labels = np.concatenate([np.ones(len(member_losses)), np.zeros(len(nonmember_losses))])
     return float(roc_auc_score(labels, scores))
+
+
+def weight_distance(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
+    """L2 distance between two models in weight space (all arrays of the state dict, flattened)."""
+    if set(a) != set(b):
+        raise ValueError(f"models have different arrays: {sorted(set(a) ^ set(b))}")
+    return float(np.sqrt(sum(np.sum((np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)) ** 2) for k in a)))
+
+
+#: Metrics averaged by the Average Gap (retain, forget and test accuracy, MIA).
+AVERAGE_GAP_KEYS = ("retain-acc", "forget-acc", "test-acc", "mia-auc")
+
+
+def average_gap(model: Mapping[str, float], gold: Mapping[str, float], keys: tuple[str, ...] = AVERAGE_GAP_KEYS) -> float:
+    """Average Gap: mean absolute difference to the gold over ``keys`` (0 = indistinguishable on them)."""
+    missing = [k for k in keys if k not in model or k not in gold]
+    if missing:
+        raise ValueError(f"average gap needs {missing}")
+    return float(np.mean([abs(model[k] - gold[k]) for k in keys]))

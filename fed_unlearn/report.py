@@ -18,6 +18,9 @@ TABLE_ROWS: tuple[tuple[str, str], ...] = (
     ("disagree-forget", "prediction disagreement with gold, forget set"),
     ("kl-test", "KL(gold ‖ model) on retained held-out data"),
     ("disagree-test", "prediction disagreement with gold, retained held-out"),
+    ("average-gap", "Average Gap to gold (retain, forget, test acc, MIA)"),
+    ("l2-to-gold", "L2 distance to gold in weight space"),
+    ("l2-to-original", "L2 distance to the original in weight space"),
 )
 
 

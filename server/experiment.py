@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from fed_unlearn.config import ExperimentConfig
 from fed_unlearn.evaluation import summarise
 from fed_unlearn.gold_cache import load_gold, save_gold
+from fed_unlearn.metrics import average_gap, weight_distance
 from fed_unlearn.models import build_model, get_weights
 from fed_unlearn.report import markdown_table, plot_accuracy, write_json
 from fed_unlearn.unlearning import UnlearningMethod
@@ -214,6 +215,11 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
     models = {"original": run.original, "unlearned": run.arrays, "gold": gold_arrays}
     report = {name: summarise(measure(grid, node_of, arrays, gold_arrays, cfg.round_timeout), cfg.departing)
               for name, arrays in models.items()}
+    weights = {name: to_weights(arrays) for name, arrays in models.items()}
+    for name, metrics in report.items():
+        metrics["average-gap"] = average_gap(metrics, report["gold"])
+        metrics["l2-to-gold"] = weight_distance(weights[name], weights["gold"])
+        metrics["l2-to-original"] = weight_distance(weights[name], weights["original"])
     table = markdown_table(report)
     log(INFO, "\n%s", table)
 

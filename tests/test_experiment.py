@@ -31,6 +31,9 @@ def test_default_experiment_moves_toward_gold(default_run_config, tmp_path):
                     "disagree-forget", "kl-test", "disagree-test"):
             assert key in m and m[key] is not None
     assert gold["kl-forget"] == 0.0 and gold["disagree-forget"] == 0.0
+    assert gold["average-gap"] == 0.0 and gold["l2-to-gold"] == 0.0 and orig["l2-to-original"] == 0.0
+    assert unl["average-gap"] < orig["average-gap"]
+    assert unl["l2-to-original"] > 0 and orig["l2-to-gold"] > 0
     # the original model memorised the departing client; unlearning moves it toward the gold
     assert orig["forget-acc"] - gold["forget-acc"] > 0.02
     assert abs(unl["forget-acc"] - gold["forget-acc"]) < abs(orig["forget-acc"] - gold["forget-acc"])

@@ -56,3 +56,18 @@ def test_summarise_splits_by_role():
     assert s["mia-auc"] == 0.7 and "kl-forget" not in s
     two = summarise(evals, departing=[0, 1])
     assert two["mia-auc"] == pytest.approx((10 * 0.7 + 20 * 0.5) / 30)  # weighted by forget-set size
+
+
+def test_weight_distance_and_average_gap():
+    from fed_unlearn.metrics import average_gap, weight_distance
+
+    a = {"w": np.zeros((2, 2)), "b": np.zeros(1)}
+    b = {"w": np.full((2, 2), 1.5), "b": np.array([4.0])}
+    assert weight_distance(a, a) == 0.0
+    assert weight_distance(a, b) == pytest.approx(np.sqrt(4 * 1.5**2 + 16))
+    with pytest.raises(ValueError):
+        weight_distance(a, {"w": np.zeros((2, 2))})
+    gold = {"retain-acc": 0.9, "forget-acc": 0.8, "test-acc": 0.85, "mia-auc": 0.5}
+    assert average_gap(gold, gold) == 0.0
+    model = {"retain-acc": 1.0, "forget-acc": 1.0, "test-acc": 0.85, "mia-auc": 0.6}
+    assert average_gap(model, gold) == pytest.approx((0.1 + 0.2 + 0.0 + 0.1) / 4)
