@@ -7,9 +7,10 @@ round is an ordinary ``train`` message. It answers
   model's input shape and class count (so the server builds the model without data);
 * ``train``: local SGD from the received global model; replies the model and
   ``num-examples`` / ``train-loss`` / ``train-steps`` / ``train-seconds``;
-* ``train.unlearn``: SRAGU on the node's own data (its forget set) with the per-layer
-  stability weights the server sent (``sragu.layers`` / ``sragu.nu``); the data never
-  leaves the node, only the unlearned model does;
+* ``train.unlearn``: the local unlearning routine of the method named in the instruction
+  (``unlearn-method``: SRAGU with the server's per-layer stability weights, or gradient
+  ascent) on the node's own data (its forget set); the data never leaves the node, only
+  the unlearned model does;
 * ``evaluate``: measurements of ``arrays`` on its train and held-out splits, fidelity
   to an optional ``reference`` (gold) model and, if asked, the membership-inference AUC.
 
@@ -31,9 +32,7 @@ from fed_unlearn.data import ArrayDataset, client_datasets
 from fed_unlearn.evaluation import measure_client
 from fed_unlearn.models import build_model
 from fed_unlearn.training import client_seed, train_local
-from fed_unlearn.unlearning import SRAGUConfig, sragu_unlearn
-from fed_unlearn.unlearning.base import config_from_run_config
-from fed_unlearn.unlearning.sragu import STOP_REASONS
+from fed_unlearn.unlearning import CLIENT_ROUTINES
 
 app = ClientApp()
 
@@ -91,23 +90,18 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.train("unlearn")
 def unlearn(msg: Message, context: Context) -> Message:
-    """Run SRAGU on this node's data with the server's stability weights; return the model."""
+    """Run the named method's local unlearning routine on this node's data; return the model."""
     cfg, pid, _, data, heldout = _setup(context)
     model = _model(cfg, data, msg.content["arrays"])
     config = msg.content["config"]
-    layers, nu = list(config.get("sragu.layers", [])), list(config.get("sragu.nu", []))
-    if len(layers) != len(nu):
-        raise ValueError(f"sragu.layers has {len(layers)} names but sragu.nu {len(nu)} weights")
-    settings = config_from_run_config(SRAGUConfig, context.run_config, "sragu")
+    name = str(config.get("unlearn-method", ""))
+    if name not in CLIENT_ROUTINES:
+        raise ValueError(f"no client-side unlearning routine '{name}'; valid: {', '.join(sorted(CLIENT_ROUTINES))}")
     t0 = time.perf_counter()
-    res = sragu_unlearn(model, data.x, data.y, dict(zip(layers, nu)), settings,
-                        seed=client_seed(cfg.seed, int(config["server-round"]), pid), heldout=(heldout.x, heldout.y))
-    metrics = MetricRecord({
-        "num-examples": len(data), "train-loss": res.forget_loss_end, "train-steps": res.steps,
-        "train-seconds": time.perf_counter() - t0, "partition-id": pid,
-        "unlearn-stop": STOP_REASONS.index(res.stop_reason), "forget-loss-start": res.forget_loss_start,
-        "forget-loss-end": res.forget_loss_end, "reference-loss": res.reference_loss, "last-drift": res.last_drift,
-    })
+    values = CLIENT_ROUTINES[name](model, (data.x, data.y), (heldout.x, heldout.y), context.run_config, config,
+                                   client_seed(cfg.seed, int(config["server-round"]), pid))
+    metrics = MetricRecord({**values, "num-examples": len(data), "train-loss": values["forget-loss-end"],
+                            "train-seconds": time.perf_counter() - t0, "partition-id": pid})
     return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
 
 

@@ -72,6 +72,7 @@ class UnlearningFedAvg(FedAvg):
         self.departed: set[int] = set(excluded)
         self.current_round = 0
         self._global: dict[str, np.ndarray] | None = None
+        self._round_start: dict[str, np.ndarray] | None = None
         #: Diagnostics of the last unlearning round (per-layer spectra, motion shares, client metrics).
         self.unlearning_report: dict | None = None
 
@@ -99,22 +100,32 @@ class UnlearningFedAvg(FedAvg):
     # -- training ---------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Send the global model to the remaining clients (and the departing ones in the unlearning round)."""
-        self._global = to_weights(arrays)
+        self._global = self._round_start = to_weights(arrays)
         self.current_round = server_round
         cfg = ConfigRecord(dict(config))
         cfg["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
         messages = []
         if self.is_unlearning_round(server_round):
             assert self.method is not None
+            # a method may transform the model it sends out (NoT negates layers); replies are
+            # pseudo-gradients against what the clients received
+            prepared = self.method.prepare_global(self._global)
+            if prepared is not self._global:
+                validate_updates([ClientUpdate(-1, prepared, 1)], self._global)
+                self._global = {k: np.asarray(v) for k, v in prepared.items()}
+                arrays = to_record(self._global)
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
             if self.method.remaining_clients_train:
                 messages += [Message(record, self.node_of[c], MessageType.TRAIN) for c in self.remaining]
-            dep_cfg = ConfigRecord({**dict(cfg), **self.method.departing_config(self._global)})
-            dep_record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: dep_cfg})
-            mtype = MessageType.TRAIN if self.method.departing_task == "train" else f"{MessageType.TRAIN}.{self.method.departing_task}"
-            messages += [Message(dep_record, self.node_of[c], mtype) for c in self.pending]
-            log(INFO, "configure_train: unlearning round, %s remaining + %s departing clients", len(messages) - len(self.pending), len(self.pending))
+            n_rem = len(messages)
+            if self.method.departing_clients_train:
+                dep_cfg = ConfigRecord({**dict(cfg), **self.method.departing_config(self._global)})
+                dep_record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: dep_cfg})
+                mtype = MessageType.TRAIN if self.method.departing_task == "train" else f"{MessageType.TRAIN}.{self.method.departing_task}"
+                messages += [Message(dep_record, self.node_of[c], mtype) for c in self.pending]
+            log(INFO, "configure_train: unlearning round, %s remaining + %s departing clients", n_rem, len(messages) - n_rem)
         else:
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
             messages = [Message(record, self.node_of[c], MessageType.TRAIN) for c in self.active]
             log(INFO, "configure_train: %s clients", len(messages))
         return messages
@@ -159,7 +170,7 @@ class UnlearningFedAvg(FedAvg):
         if self.is_unlearning_round(server_round):
             assert self.method is not None
             got = {u.client_id for u in updates}
-            missing = sorted(set(self.pending) - got)
+            missing = sorted(set(self.pending) - got) if self.method.departing_clients_train else []
             if missing:
                 raise RuntimeError(f"departing client(s) {missing} did not reply in unlearning round {server_round}; nothing was unlearned")
             rem = [u for u in updates if u.client_id not in self.pending]
@@ -180,9 +191,10 @@ class UnlearningFedAvg(FedAvg):
 
     def _diagnose(self, server_round: int, new: dict[str, np.ndarray], replies: Sequence[Message]) -> dict:
         """Per-layer exponent, stability weight and share of the unlearning motion ``||dw_l|| / ||dw||``."""
-        assert self._global is not None and self.method is not None
-        spectra = {s.layer: s for s in analyze(self._global, getattr(self.method, "gate", None))}
-        share = motion_share({k: np.asarray(new[k], np.float64) - np.asarray(g, np.float64) for k, g in self._global.items()})
+        start = self._round_start
+        assert start is not None and self.method is not None
+        spectra = {s.layer: s for s in analyze(start, getattr(self.method, "gate", None))}
+        share = motion_share({k: np.asarray(new[k], np.float64) - np.asarray(g, np.float64) for k, g in start.items()})
         layers = []
         for layer, frac in share.items():
             s = spectra.get(layer)

@@ -109,3 +109,16 @@ def test_spectral_puf_and_sragu_serve_concurrent_departures(default_run_config, 
         assert res["train-history"]["4"]["clients"] == 2
         if method == "sragu":
             assert set(res["unlearning"]["departing-clients"]) == {"0", "2"}
+
+
+@pytest.mark.parametrize("method, trained_in_unlearning_round", [("fine-tune", 3), ("not", 3), ("gradient-ascent", 1)])
+def test_baselines_run_in_the_same_harness(default_run_config, tmp_path, method, trained_in_unlearning_round):
+    rc = {**default_run_config, "dataset": "digits", "unlearn.method": method, "unlearn.round": 3,
+          "num-server-rounds": 4, "unlearn.recovery": "fixed"}
+    res, grid = run(rc, 4, tmp_path)
+    assert res["method"]["name"] == method
+    assert res["train-history"]["3"]["clients"] == trained_in_unlearning_round
+    assert res["train-history"]["4"]["clients"] == 3  # client 0 is gone
+    assert ("train.unlearn" in grid.sent) == (method == "gradient-ascent")
+    assert set(res["report"]) == {"original", "unlearned", "gold"}
+    assert res["report"]["unlearned"]["l2-to-original"] > 0

@@ -82,5 +82,5 @@ def test_bad_settings_name_the_key(rc, msg):
 
 
 def test_unknown_method_lists_valid_names():
-    with pytest.raises(ValueError, match="valid: puf"):
+    with pytest.raises(ValueError, match="valid: fine-tune, gradient-ascent, not, puf, spectral-puf, sragu"):
         make_method("eraser")

@@ -107,3 +107,27 @@ def test_missing_departing_reply_leaves_the_request_pending():
 def test_impossible_strategies_are_refused(kw, msg):
     with pytest.raises(ValueError, match=msg):
         strategy(**kw)
+
+
+def test_fine_tune_round_does_not_contact_departing_clients():
+    s = strategy(method=make_method("fine-tune"), departing=[2], departure_round=1)
+    msgs = start_round(s, 1)
+    assert sorted(m.metadata.dst_node_id for m in msgs) == [NODES[0], NODES[1]]
+    out, _ = s.aggregate_train(1, [reply(0, weights([3, 2], 0.5), 1), reply(1, weights([1, 2], 0.5), 1)])
+    np.testing.assert_allclose(to_weights(out)["w"], [2.0, 2.0])
+    assert s.departed == {2}
+
+
+def test_not_sends_the_negated_model_and_reports_motion_from_the_round_start():
+    g = {"net.1.weight": np.ones((2, 2), np.float32), "net.1.bias": np.ones(2, np.float32),
+         "net.3.weight": np.ones((1, 2), np.float32)}
+    s = strategy(method=make_method("not"), departing=[2], departure_round=1)
+    msgs = list(s.configure_train(1, to_record(g), ConfigRecord(), grid=None))
+    assert len(msgs) == 2
+    sent = to_weights(msgs[0].content["arrays"])
+    np.testing.assert_array_equal(sent["net.1.weight"], -np.ones((2, 2)))
+    np.testing.assert_array_equal(sent["net.3.weight"], np.ones((1, 2)))
+    out, _ = s.aggregate_train(1, [reply(0, sent, 1), reply(1, sent, 1)])  # clients did not move
+    np.testing.assert_array_equal(to_weights(out)["net.1.weight"], -np.ones((2, 2)))
+    share = {l["layer"]: l["motion-share"] for l in s.unlearning_report["layers"]}
+    assert share["net.1"] == pytest.approx(1.0) and share["net.3"] == 0.0

@@ -10,6 +10,11 @@ from typing import Any, Mapping
 
 from .base import UnlearningMethod, config_from_run_config
 from .puf import PUF, PUFConfig, puf_update
+from . import gradient_ascent as _gradient_ascent
+from . import sragu as _sragu
+from .fine_tune import FineTune, FineTuneConfig
+from .gradient_ascent import GradientAscent, GradientAscentConfig
+from .negation import Negation, NegationConfig
 from .sragu import SRAGU, SRAGUConfig, SpectralPUF, SpectralPUFConfig, sragu_unlearn
 
 #: name -> (config dataclass, method class); read-only.
@@ -17,6 +22,16 @@ METHODS: Mapping[str, tuple[type, type[UnlearningMethod]]] = {
     "puf": (PUFConfig, PUF),
     "sragu": (SRAGUConfig, SRAGU),
     "spectral-puf": (SpectralPUFConfig, SpectralPUF),
+    "fine-tune": (FineTuneConfig, FineTune),
+    "gradient-ascent": (GradientAscentConfig, GradientAscent),
+    "not": (NegationConfig, Negation),
+}
+
+#: Client-side routines of the methods whose departing clients run ``train.unlearn``:
+#: name -> fn(model, forget, heldout, run_config, instruction, seed) -> metrics; read-only.
+CLIENT_ROUTINES: Mapping[str, Any] = {
+    "sragu": _sragu.client_unlearn,
+    "gradient-ascent": _gradient_ascent.client_unlearn,
 }
 
 
@@ -36,6 +51,7 @@ def make_method(name: str, run_config: Mapping[str, Any] | None = None) -> Unlea
 
 
 __all__ = [
+    "CLIENT_ROUTINES", "FineTune", "GradientAscent", "Negation",
     "METHODS", "PUF", "PUFConfig", "SRAGU", "SRAGUConfig", "SpectralPUF", "SpectralPUFConfig",
     "UnlearningMethod", "make_method", "puf_update", "sragu_unlearn",
 ]

@@ -30,13 +30,26 @@ class UnlearningMethod(ABC):
         """Whether the remaining clients also train in the unlearning round."""
 
     @property
+    def departing_clients_train(self) -> bool:
+        """Whether the departing clients are sent an instruction in the unlearning round."""
+        return True
+
+    def prepare_global(self, global_weights: Weights) -> Weights:
+        """The model sent out in the unlearning round (default: the global model unchanged)."""
+        return global_weights
+
+    @property
     def departing_task(self) -> str:
         """Message action for departing clients: ``"train"`` = an ordinary training round."""
         return "train"
 
     def departing_config(self, global_weights: Weights) -> dict[str, Any]:
-        """Extra settings sent to the departing clients with their instruction."""
-        return {}
+        """Extra settings sent to the departing clients with their instruction.
+
+        For ``departing_task == "unlearn"`` the client runs the routine registered under
+        ``unlearn-method`` (:data:`fed_unlearn.unlearning.CLIENT_ROUTINES`).
+        """
+        return {"unlearn-method": self.name}
 
     @abstractmethod
     def aggregate(
@@ -72,3 +85,27 @@ def config_from_run_config(cls: type, run_config: Mapping[str, Any], prefix: str
             raise ValueError(f"run-config '{key}' must be {getattr(want, '__name__', want)}, got {value!r}")
         kwargs[f.name] = value
     return cls(**kwargs)
+
+
+def apply_departing_motion(
+    global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]
+) -> "dict[str, np.ndarray]":
+    """``w + sum_{u in U} (theta_u - w) + sum_{k in S} (n_k / N_S) (w_k - w)``.
+
+    The combination for methods whose departing clients run a local unlearning routine:
+    each departure's unlearning motion is applied in full (concurrent departures add up),
+    plus a FedAvg step of the remaining clients if any trained in that round.
+    """
+    from ..aggregation import pseudo_gradient, weighted_sum
+
+    if not departing:
+        raise ValueError("needs at least one departing client's update")
+    deltas = [pseudo_gradient(u.weights, global_weights) for u in sorted(departing, key=lambda u: u.client_id)]
+    coefs = [1.0] * len(deltas)
+    rem = sorted(remaining, key=lambda u: u.client_id)
+    if rem:
+        n_s = float(sum(u.num_examples for u in rem))
+        deltas += [pseudo_gradient(u.weights, global_weights) for u in rem]
+        coefs += [u.num_examples / n_s for u in rem]
+    step = weighted_sum(deltas, coefs, {k: np.zeros(np.shape(v)) for k, v in global_weights.items()})
+    return {k: (np.asarray(g, np.float64) + step[k]).astype(np.asarray(g).dtype) for k, g in global_weights.items()}

@@ -59,7 +59,7 @@ the PUF rule with each departing pseudo-gradient reweighted layer by layer,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -67,11 +67,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..aggregation import ClientUpdate, Weights, pseudo_gradient, weighted_sum
+from ..aggregation import ClientUpdate, Weights, pseudo_gradient
 from ..metrics import cross_entropy
 from ..spectral import StabilityGate, analyze, layer_of, layer_weights
 from ..training import predict_logits
-from .base import UnlearningMethod
+from .base import UnlearningMethod, apply_departing_motion
 from .puf import PUF_VARIANTS, PUFConfig, puf_update
 
 STOP_REASONS = ("drift", "divergence", "cap")
@@ -231,10 +231,6 @@ def sragu_unlearn(
     return SRAGUResult(step, reason, start_loss, _mean_loss(model, forget_x, forget_y), ref, drift)
 
 
-def _gate_fields(cfg: Any) -> dict[str, float]:
-    return {f.name: getattr(cfg, f.name) for f in fields(GateConfig)}
-
-
 class SRAGU(UnlearningMethod):
     """SRAGU in the federation: server sends ``nu_l``, departing clients run :func:`sragu_unlearn`."""
 
@@ -255,21 +251,27 @@ class SRAGU(UnlearningMethod):
     def departing_config(self, global_weights: Weights) -> dict[str, Any]:
         """The per-layer stability weights, computed from the global model alone."""
         nu = layer_weights(analyze(global_weights, self.gate))
-        return {"sragu.layers": list(nu), "sragu.nu": [float(v) for v in nu.values()]}
+        return {**super().departing_config(global_weights),
+                "sragu.layers": list(nu), "sragu.nu": [float(v) for v in nu.values()]}
 
     def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]) -> "dict[str, np.ndarray]":
         """``w + sum_U (theta_u - w)`` (+ FedAvg step of the remaining clients if they trained)."""
-        if not departing:
-            raise ValueError("SRAGU needs at least one departing client's update")
-        deltas = [pseudo_gradient(u.weights, global_weights) for u in sorted(departing, key=lambda u: u.client_id)]
-        coefs = [1.0] * len(deltas)
-        rem = sorted(remaining, key=lambda u: u.client_id) if self.config.remaining_train else []
-        if rem:
-            n_s = float(sum(u.num_examples for u in rem))
-            deltas += [pseudo_gradient(u.weights, global_weights) for u in rem]
-            coefs += [u.num_examples / n_s for u in rem]
-        step = weighted_sum(deltas, coefs, {k: np.zeros(np.shape(v)) for k, v in global_weights.items()})
-        return {k: (np.asarray(g, np.float64) + step[k]).astype(np.asarray(g).dtype) for k, g in global_weights.items()}
+        return apply_departing_motion(global_weights, remaining if self.config.remaining_train else [], departing)
+
+
+def client_unlearn(model: nn.Module, forget: tuple[np.ndarray, np.ndarray], heldout: tuple[np.ndarray, np.ndarray],
+                   run_config: Mapping[str, Any], instruction: Mapping[str, Any], seed: int) -> dict[str, float]:
+    """The departing client's side of SRAGU: the server's ``nu`` + local settings -> :func:`sragu_unlearn`."""
+    from .base import config_from_run_config
+
+    layers, nu = list(instruction.get("sragu.layers", [])), list(instruction.get("sragu.nu", []))
+    if len(layers) != len(nu):
+        raise ValueError(f"sragu.layers has {len(layers)} names but sragu.nu {len(nu)} weights")
+    settings = config_from_run_config(SRAGUConfig, run_config, "sragu")
+    res = sragu_unlearn(model, *forget, dict(zip(layers, nu)), settings, seed=seed, heldout=heldout)
+    return {"train-steps": res.steps, "unlearn-stop": STOP_REASONS.index(res.stop_reason),
+            "forget-loss-start": res.forget_loss_start, "forget-loss-end": res.forget_loss_end,
+            "reference-loss": res.reference_loss, "last-drift": res.last_drift}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,113 @@
+"""Gradient-ascent baseline: the departing client maximises its own training loss.
+
+The classic approximate-unlearning baseline (e.g. Halimi et al., "Federated Unlearning:
+How to Efficiently Erase a Client in FL?", 2022, before their projection step): on the
+departing client, for ``E`` epochs of minibatches ``B`` of its data,
+
+    theta <- theta + eta * grad_theta CE(theta; B)
+
+(optionally stopping once a minibatch loss reaches ``rho *`` the model's loss on the
+client's held-out data); the server applies ``w + sum_{u in U} (theta_u - w)`` and the
+remaining clients recover. Unbounded ascent is known to overshoot (the model can end
+further from the gold than the original): that is what this baseline shows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..aggregation import ClientUpdate, Weights
+from ..metrics import cross_entropy
+from ..training import predict_logits
+from .base import UnlearningMethod, apply_departing_motion
+
+
+@dataclass(frozen=True)
+class GradientAscentConfig:
+    """Settings of gradient ascent (run-config keys ``gradient-ascent.*``).
+
+    Attributes
+    ----------
+    lr : float
+        Ascent step size ``eta``.
+    epochs : int
+        Passes over the forget set ``E``.
+    batch_size : int
+        Minibatch size.
+    target_ratio : float
+        ``rho`` of the early stop (0, the default, disables it: plain ascent).
+    """
+
+    lr: float = 0.01
+    epochs: int = 1
+    batch_size: int = 32
+    target_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0 or self.epochs < 1 or self.batch_size < 1 or self.target_ratio < 0:
+            raise ValueError(f"gradient-ascent needs lr > 0, epochs >= 1, batch-size >= 1, target-ratio >= 0; got {self}")
+
+
+def gradient_ascent(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: GradientAscentConfig, seed: int,
+                    reference_loss: float = float("nan")) -> int:
+    """Minibatch gradient ascent on ``(x, y)`` in place; returns the number of steps taken."""
+    if len(x) == 0:
+        raise ValueError("gradient ascent needs a non-empty forget set")
+    target = cfg.target_ratio * reference_loss if cfg.target_ratio > 0 and np.isfinite(reference_loss) else float("inf")
+    xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+    rng = np.random.default_rng(seed)
+    params = list(model.parameters())
+    steps = 0
+    model.train()
+    for _ in range(cfg.epochs):
+        order = torch.from_numpy(rng.permutation(len(x)))
+        for start in range(0, len(x), cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            loss = F.cross_entropy(model(xt[idx]), yt[idx])
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p.add_(cfg.lr * g)
+            steps += 1
+            if float(loss.detach()) >= target:
+                return steps
+    return steps
+
+
+def client_unlearn(model: nn.Module, forget: tuple[np.ndarray, np.ndarray], heldout: tuple[np.ndarray, np.ndarray],
+                   run_config: Mapping[str, Any], instruction: Mapping[str, Any], seed: int) -> dict[str, float]:
+    """The departing client's side: local gradient ascent with the run config's settings."""
+    from .base import config_from_run_config
+
+    cfg = config_from_run_config(GradientAscentConfig, run_config, "gradient-ascent")
+    ref = float(np.mean(cross_entropy(predict_logits(model, heldout[0]), heldout[1]))) if len(heldout[0]) else float("nan")
+    start = float(np.mean(cross_entropy(predict_logits(model, forget[0]), forget[1])))
+    steps = gradient_ascent(model, *forget, cfg, seed=seed, reference_loss=ref)
+    end = float(np.mean(cross_entropy(predict_logits(model, forget[0]), forget[1])))
+    return {"train-steps": steps, "forget-loss-start": start, "forget-loss-end": end, "reference-loss": ref}
+
+
+class GradientAscent(UnlearningMethod):
+    """Departing clients run gradient ascent locally; their motion is applied in full."""
+
+    name = "gradient-ascent"
+
+    def __init__(self, config: GradientAscentConfig) -> None:
+        self.config = config
+
+    @property
+    def remaining_clients_train(self) -> bool:  # noqa: D102
+        return False
+
+    @property
+    def departing_task(self) -> str:  # noqa: D102
+        return "unlearn"
+
+    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]) -> "dict[str, np.ndarray]":  # noqa: D102
+        return apply_departing_motion(global_weights, [], departing)
