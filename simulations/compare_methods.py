@@ -5,7 +5,7 @@ departure; the gold federation is trained once and shared through the cache), th
 one table, one plot and the per-layer table (exponent, stability weight, share of
 the unlearning motion per method) are written:
 
-    python -m simulations.compare_methods                       # puf, sragu, spectral-puf
+    python -m simulations.compare_methods     # every registered method (~3 min here)
     python -m simulations.compare_methods --methods puf sragu --run-config "seed=1"
 
 Outputs in ``<results-dir>/comparison/``: ``comparison.md``, ``comparison.png``,
@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from fed_unlearn.unlearning import METHODS
 from fed_unlearn.report import comparison_table, layer_table, plot_comparison, write_json
 
 from .run_experiment import PROJECT_ROOT
@@ -28,7 +29,7 @@ from .run_experiment import main as run_one
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--methods", nargs="+", default=["puf", "sragu", "spectral-puf"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), help="registry names (default: all)")
     ap.add_argument("--num-clients", type=int, default=5)
     ap.add_argument("--run-config", default="", help="overrides shared by every method")
     ap.add_argument("--results-dir", default=str(PROJECT_ROOT / "results"))
