@@ -7,7 +7,8 @@ examples, no per-example losses); the server adds them up per role:
   fidelity to gold on their held-out data;
 * *departing* clients: the forget set (their train data), their held-out data, fidelity
   to gold on the forget set, and the loss-threshold membership-inference AUC
-  (members = forget set, non-members = their held-out data).
+  (members = forget set, non-members = their held-out data): loss threshold and
+  modified-entropy attacks.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from torch import nn
 
 from .data import ArrayDataset
-from .metrics import cross_entropy, disagreement, kl_divergence, loss_mia_auc
+from .metrics import cross_entropy, disagreement, entropy_mia_auc, kl_divergence, loss_mia_auc
 from .training import predict_logits
 
 SPLITS = ("train", "heldout")
@@ -43,7 +44,8 @@ def measure_client(
         The gold model; adds ``<split>-kl-sum`` (sum over examples of KL(gold || model))
         and ``<split>-disagree-sum``.
     mia : bool
-        Add ``mia-auc``: loss-threshold attack, train (members) vs held-out (non-members).
+        Add ``mia-auc`` (loss-threshold attack) and ``mia-entropy-auc`` (modified-entropy
+        attack), train (members) vs held-out (non-members).
 
     Returns
     -------
@@ -51,11 +53,11 @@ def measure_client(
         ``<split>-n``, ``<split>-correct``, ``<split>-loss-sum`` and the optional keys.
     """
     out: dict[str, float] = {}
-    losses = {}
+    losses, all_logits = {}, {}
     for split, ds in zip(SPLITS, (train, heldout)):
         logits = predict_logits(model, ds.x)
         loss = cross_entropy(logits, ds.y)
-        losses[split] = loss
+        losses[split], all_logits[split] = loss, logits
         out[f"{split}-n"] = float(len(ds))
         out[f"{split}-correct"] = float(np.sum(np.argmax(logits, axis=1) == ds.y))
         out[f"{split}-loss-sum"] = float(np.sum(loss))
@@ -65,6 +67,7 @@ def measure_client(
             out[f"{split}-disagree-sum"] = disagreement(ref_logits, logits) * len(ds)
     if mia:
         out["mia-auc"] = loss_mia_auc(losses["train"], losses["heldout"])
+        out["mia-entropy-auc"] = entropy_mia_auc(all_logits["train"], train.y, all_logits["heldout"], heldout.y)
     return out
 
 
@@ -90,7 +93,8 @@ def summarise(evals: Mapping[int, Mapping[str, float]], departing: Sequence[int]
         ``test-acc`` / ``test-loss`` / ``retain-acc`` (remaining clients' held-out and train),
         ``forget-acc`` / ``forget-loss`` / ``forget-heldout-acc`` (departing clients),
         and when measured: ``kl-forget``, ``disagree-forget``, ``kl-test``,
-        ``disagree-test``, ``mia-auc`` (mean over departing clients, weighted by forget-set size).
+        ``disagree-test``, ``mia-auc`` and ``mia-entropy-auc`` (means over departing clients,
+        weighted by forget-set size).
     """
     dep = [evals[c] for c in sorted(evals) if c in set(departing)]
     rem = [evals[c] for c in sorted(evals) if c not in set(departing)]
@@ -107,7 +111,8 @@ def summarise(evals: Mapping[int, Mapping[str, float]], departing: Sequence[int]
         out["disagree-forget"] = _ratio(dep, "train-disagree-sum", "train-n")
         out["kl-test"] = _ratio(rem, "heldout-kl-sum", "heldout-n")
         out["disagree-test"] = _ratio(rem, "heldout-disagree-sum", "heldout-n")
-    if dep and all("mia-auc" in e for e in dep):
-        w = np.array([e["train-n"] for e in dep])
-        out["mia-auc"] = float(np.sum(w * np.array([e["mia-auc"] for e in dep])) / np.sum(w))
+    for key in ("mia-auc", "mia-entropy-auc"):
+        if dep and all(key in e for e in dep):
+            w = np.array([e["train-n"] for e in dep])
+            out[key] = float(np.sum(w * np.array([e[key] for e in dep])) / np.sum(w))
     return out

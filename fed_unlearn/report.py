@@ -14,6 +14,7 @@ TABLE_ROWS: tuple[tuple[str, str], ...] = (
     ("forget-acc", "forget accuracy (departing client's train data)"),
     ("forget-heldout-acc", "departing client's held-out accuracy"),
     ("mia-auc", "loss-threshold MIA AUC on the departing client"),
+    ("mia-entropy-auc", "modified-entropy MIA AUC on the departing client"),
     ("kl-forget", "KL(gold ‖ model) on the forget set"),
     ("disagree-forget", "prediction disagreement with gold, forget set"),
     ("kl-test", "KL(gold ‖ model) on retained held-out data"),

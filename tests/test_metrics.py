@@ -71,3 +71,18 @@ def test_weight_distance_and_average_gap():
     assert average_gap(gold, gold) == 0.0
     model = {"retain-acc": 1.0, "forget-acc": 1.0, "test-acc": 0.85, "mia-auc": 0.6}
     assert average_gap(model, gold) == pytest.approx((0.1 + 0.2 + 0.0 + 0.1) / 4)
+
+
+def test_modified_entropy_known_values_and_attack():
+    from fed_unlearn.metrics import entropy_mia_auc, modified_entropy
+
+    # p = (0.5, 0.5), y = 0: -(0.5) log 0.5 - 0.5 log 0.5 = log 2
+    two = np.log(np.array([[0.5, 0.5]]))
+    assert modified_entropy(two, np.array([0]))[0] == pytest.approx(np.log(2))
+    # confidently right -> ~0; confidently wrong -> large (plain entropy would call both ~0)
+    sure = np.log(np.array([[0.999, 0.001]]))
+    assert modified_entropy(sure, np.array([0]))[0] < 0.01 < 5 < modified_entropy(sure, np.array([1]))[0]
+    right = np.tile([[5.0, 0.0, 0.0]], (4, 1))
+    members_y, nonmembers_y = np.zeros(4, int), np.array([1, 2, 1, 2])
+    assert entropy_mia_auc(right, members_y, right, nonmembers_y) == 1.0  # members fit, non-members wrong
+    assert entropy_mia_auc(right, members_y, right, members_y) == 0.5
