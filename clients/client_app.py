@@ -11,6 +11,8 @@ round is an ordinary ``train`` message. It answers
   (``unlearn-method``: SRAGU with the server's per-layer stability weights, or gradient
   ascent) on the node's own data (its forget set); the data never leaves the node, only
   the unlearned model does;
+* ``query.relearn``: fine-tune the received model on the node's train data until its
+  accuracy there reaches ``target-accuracy``; replies the number of steps (relearn time);
 * ``evaluate``: measurements of ``arrays`` on its train and held-out splits, fidelity
   to an optional ``reference`` (gold) model and, if asked, the membership-inference AUC.
 
@@ -31,7 +33,7 @@ from fed_unlearn.config import ExperimentConfig
 from fed_unlearn.data import ArrayDataset, client_datasets
 from fed_unlearn.evaluation import measure_client
 from fed_unlearn.models import build_model
-from fed_unlearn.training import client_seed, train_local
+from fed_unlearn.training import client_seed, relearn_steps, train_local
 from fed_unlearn.unlearning import CLIENT_ROUTINES
 
 app = ClientApp()
@@ -103,6 +105,19 @@ def unlearn(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({**values, "num-examples": len(data), "train-loss": values["forget-loss-end"],
                             "train-seconds": time.perf_counter() - t0, "partition-id": pid})
     return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
+
+
+@app.query("relearn")
+def relearn(msg: Message, context: Context) -> Message:
+    """Relearn-time probe: SGD steps on local train data until ``target-accuracy`` is reached."""
+    cfg, pid, _, data, _ = _setup(context)
+    model = _model(cfg, data, msg.content["arrays"])
+    config = msg.content["config"]
+    res = relearn_steps(model, data.x, data.y, float(config["target-accuracy"]), cfg.train,
+                        max_steps=int(config["max-steps"]), seed=client_seed(cfg.seed, 1_000_000, pid))  # a stream no training round uses
+    metrics = MetricRecord({"relearn-steps": res.steps, "relearn-reached": int(res.reached),
+                            "start-accuracy": res.start_accuracy, "final-accuracy": res.final_accuracy, "partition-id": pid})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()

@@ -82,6 +82,8 @@ class ExperimentConfig:
         Where ``results.json`` and ``accuracy.png`` go (a sub-folder per experiment).
     gold_cache_dir : str
         Where gold federations are cached, keyed by :meth:`gold_key`.
+    relearn_max_steps : int
+        Cap of the relearn-time probe on the departing clients (0 disables it).
     client_threads : int
         torch threads per client process (1 avoids oversubscription under Ray).
     node_wait_seconds : float
@@ -106,6 +108,7 @@ class ExperimentConfig:
     recovery_tolerance: float = 0.01
     results_dir: str = "results"
     gold_cache_dir: str = "results/gold-cache"
+    relearn_max_steps: int = 500
     client_threads: int = 1
     node_wait_seconds: float = 120.0
     round_timeout: float = 600.0
@@ -130,6 +133,8 @@ class ExperimentConfig:
             raise ValueError(f"unlearn.recovery must be one of {', '.join(RECOVERY_MODES)}, got '{self.recovery}'")
         if not 0 <= self.recovery_tolerance < 1:
             raise ValueError(f"unlearn.recovery-tolerance must be in [0, 1), got {self.recovery_tolerance}")
+        if self.relearn_max_steps < 0:
+            raise ValueError(f"relearn-max-steps must be >= 0, got {self.relearn_max_steps}")
         if self.client_threads < 1:
             raise ValueError(f"client-threads must be >= 1, got {self.client_threads}")
 
@@ -181,6 +186,7 @@ class ExperimentConfig:
             recovery_tolerance=get("unlearn.recovery-tolerance", d.recovery_tolerance),
             results_dir=get("results-dir", d.results_dir),
             gold_cache_dir=get("gold-cache-dir", d.gold_cache_dir),
+            relearn_max_steps=get("relearn-max-steps", d.relearn_max_steps),
             client_threads=get("client-threads", d.client_threads),
             node_wait_seconds=get("node-wait-seconds", d.node_wait_seconds),
             round_timeout=get("round-timeout", d.round_timeout),

@@ -19,6 +19,8 @@ TABLE_ROWS: tuple[tuple[str, str], ...] = (
     ("disagree-forget", "prediction disagreement with gold, forget set"),
     ("kl-test", "KL(gold ‖ model) on retained held-out data"),
     ("disagree-test", "prediction disagreement with gold, retained held-out"),
+    ("relearn-steps", "relearn time: SGD steps to regain the original's forget accuracy"),
+    ("relearn-vs-gold", "relearn time relative to the gold's"),
     ("average-gap", "Average Gap to gold (retain, forget, test acc, MIA)"),
     ("l2-to-gold", "L2 distance to gold in weight space"),
     ("l2-to-original", "L2 distance to the original in weight space"),
@@ -28,6 +30,8 @@ TABLE_ROWS: tuple[tuple[str, str], ...] = (
 def _fmt(v: Any) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
+    if isinstance(v, float) and v.is_integer() and abs(v) >= 1:
+        return str(int(v))  # counts (steps, rounds)
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 

@@ -107,3 +107,54 @@ def client_seed(seed: int, server_round: int, client_id: int) -> int:
     original only by the clients it leaves out.
     """
     return int(np.random.SeedSequence([seed, server_round, client_id]).generate_state(1)[0])
+
+
+@dataclass(frozen=True)
+class RelearnResult:
+    """Outcome of a relearning run (relearn time / RCD)."""
+
+    steps: int
+    reached: bool
+    start_accuracy: float
+    final_accuracy: float
+
+
+def relearn_steps(model: nn.Module, x: np.ndarray, y: np.ndarray, target_accuracy: float, settings: TrainSettings,
+                  max_steps: int, seed: int) -> RelearnResult:
+    """Fine-tune ``model`` on ``(x, y)`` until its accuracy there reaches ``target_accuracy``.
+
+    The relearning-convergence-delay probe: a model that still holds the forgotten data
+    relearns it in few steps, one that never saw it needs about as many as the gold. The
+    accuracy on the whole of ``(x, y)`` is checked before the first step and after each
+    SGD step (same optimiser settings as local training, seeded minibatches).
+
+    Returns
+    -------
+    RelearnResult
+        ``steps`` taken (0 if already at target); ``reached = False`` if ``max_steps`` ran out.
+    """
+    if len(x) == 0:
+        raise ValueError("cannot relearn an empty set")
+    if max_steps < 0:
+        raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+
+    def acc() -> float:
+        return float(np.mean(np.argmax(predict_logits(model, x), axis=1) == y))
+
+    start = current = acc()
+    opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+    rng = np.random.default_rng(seed)
+    order, pos, steps = rng.permutation(len(x)), 0, 0
+    while current < target_accuracy and steps < max_steps:
+        if pos >= len(order):
+            order, pos = rng.permutation(len(x)), 0
+        idx = torch.from_numpy(order[pos:pos + settings.batch_size])
+        pos += settings.batch_size
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xt[idx]), yt[idx]).backward()
+        opt.step()
+        steps += 1
+        current = acc()
+    return RelearnResult(steps, current >= target_accuracy, start, current)

@@ -164,6 +164,21 @@ def measure(grid: Grid, node_of: dict[int, int], arrays: ArrayRecord, reference:
     return out
 
 
+def relearn_time(grid: Grid, node_of: dict[int, int], arrays: ArrayRecord, targets: dict[int, float],
+                 max_steps: int, timeout: float) -> dict[str, float]:
+    """Relearn time of ``arrays``: mean SGD steps the departing clients need to reach their targets."""
+    msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"target-accuracy": float(t), "max-steps": max_steps})}),
+                    node_of[c], f"{MessageType.QUERY}.relearn") for c, t in sorted(targets.items())]
+    steps, reached = [], []
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        if reply.has_error():
+            raise RuntimeError(f"relearn probe failed on node {reply.metadata.src_node_id}: {reply.error.reason}")
+        m = reply.content["metrics"]
+        steps.append(float(m["relearn-steps"]))
+        reached.append(int(m["relearn-reached"]))
+    return {"relearn-steps": float(np.mean(steps)), "relearn-all-reached": float(min(reached))}
+
+
 def gold_federation(grid: Grid, cfg: ExperimentConfig, clients: dict[int, ClientInfo], initial: ArrayRecord) -> tuple[ArrayRecord, dict[str, Any]]:
     """The gold federation: load it from the cache or train it and cache it."""
     key = cfg.gold_key(len(clients))
@@ -213,8 +228,16 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
     reached = [r for r in sorted(run.history) if r > cfg.departure_round and run.history[r].get("test-acc", -1.0) >= target]
 
     models = {"original": run.original, "unlearned": run.arrays, "gold": gold_arrays}
-    report = {name: summarise(measure(grid, node_of, arrays, gold_arrays, cfg.round_timeout), cfg.departing)
-              for name, arrays in models.items()}
+    per_client = {name: measure(grid, node_of, arrays, gold_arrays, cfg.round_timeout) for name, arrays in models.items()}
+    report = {name: summarise(evals, cfg.departing) for name, evals in per_client.items()}
+    if cfg.relearn_max_steps > 0:
+        # target of each departing client: the original model's accuracy on its forget set
+        targets = {c: per_client["original"][c]["train-correct"] / per_client["original"][c]["train-n"] for c in cfg.departing}
+        for name, arrays in models.items():
+            report[name].update(relearn_time(grid, node_of, arrays, targets, cfg.relearn_max_steps, cfg.round_timeout))
+        gold_steps = report["gold"]["relearn-steps"]
+        for name in models:
+            report[name]["relearn-vs-gold"] = report[name]["relearn-steps"] / gold_steps if gold_steps else float("nan")
     weights = {name: to_weights(arrays) for name, arrays in models.items()}
     for name, metrics in report.items():
         metrics["average-gap"] = average_gap(metrics, report["gold"])

@@ -33,6 +33,9 @@ def test_default_experiment_moves_toward_gold(default_run_config, tmp_path):
     assert gold["kl-forget"] == 0.0 and gold["disagree-forget"] == 0.0
     assert gold["average-gap"] == 0.0 and gold["l2-to-gold"] == 0.0 and orig["l2-to-original"] == 0.0
     assert unl["average-gap"] < orig["average-gap"]
+    # relearn time: the original is already there; the unlearned model needs steps, like the gold
+    assert orig["relearn-steps"] == 0 and gold["relearn-vs-gold"] == 1.0
+    assert unl["relearn-steps"] > 0 and gold["relearn-steps"] > 0
     assert unl["l2-to-original"] > 0 and orig["l2-to-gold"] > 0
     # the original model memorised the departing client; unlearning moves it toward the gold
     assert orig["forget-acc"] - gold["forget-acc"] > 0.02

@@ -86,3 +86,24 @@ def test_modified_entropy_known_values_and_attack():
     members_y, nonmembers_y = np.zeros(4, int), np.array([1, 2, 1, 2])
     assert entropy_mia_auc(right, members_y, right, nonmembers_y) == 1.0  # members fit, non-members wrong
     assert entropy_mia_auc(right, members_y, right, members_y) == 0.5
+
+
+def test_relearn_steps_known_answers():
+    import torch
+    from torch import nn
+
+    from fed_unlearn.training import TrainSettings, relearn_steps
+
+    x = np.ones((8, 1), np.float32)
+    y = np.ones(8, np.int64)
+    model = nn.Linear(1, 2)
+    with torch.no_grad():  # predicts class 0 everywhere: logits (1, -1)
+        model.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        model.bias.zero_()
+    # one SGD step with lr 10 on CE: the gradient on (w0, w1) is (+0.88, -0.88) -> logits flip to class 1
+    res = relearn_steps(model, x, y, 1.0, TrainSettings(lr=10.0, momentum=0.0, batch_size=8), max_steps=5, seed=0)
+    assert (res.steps, res.reached, res.start_accuracy, res.final_accuracy) == (1, True, 0.0, 1.0)
+    again = relearn_steps(model, x, y, 1.0, TrainSettings(), max_steps=5, seed=0)
+    assert again.steps == 0 and again.reached  # already there
+    never = relearn_steps(model, x, y, 1.01, TrainSettings(), max_steps=3, seed=0)
+    assert never.steps == 3 and not never.reached
