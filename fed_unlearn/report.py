@@ -180,3 +180,100 @@ def plot_comparison(path: str | Path, results: Mapping[str, Mapping[str, Any]], 
     axes[1].legend(fontsize=8, loc="best")
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+#: Metrics summarised over seeds by the harness (report keys of :func:`fed_unlearn.evaluation.summarise` & co.).
+HARNESS_METRICS = tuple(k for k, _ in TABLE_ROWS)
+
+
+def seed_statistics(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """Mean, sample standard deviation and count over seeds, per model column and metric.
+
+    Parameters
+    ----------
+    runs : mapping method -> list of ``results.json`` dicts (one per seed)
+
+    Returns
+    -------
+    dict
+        ``{column: {metric: (mean, std, n)}}`` with columns ``original``, each method, ``gold``
+        (original and gold taken from the first method's runs: they do not depend on the method).
+        Extra metrics per method: ``recovery-rounds`` and ``compute-fraction``.
+    """
+    import numpy as np
+
+    def stats(values: Sequence[float]) -> tuple[float, float, int]:
+        v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+        if len(v) == 0:
+            return (float("nan"), float("nan"), 0)
+        return (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, int(len(v)))
+
+    out: dict[str, dict[str, tuple[float, float, int]]] = {}
+    first = next(iter(runs.values()))
+    for column, source in (("original", first), *((m, r) for m, r in runs.items()), ("gold", first)):
+        model = "unlearned" if column not in ("original", "gold") else column
+        out[column] = {k: stats([r["report"][model].get(k) for r in source]) for k in HARNESS_METRICS}
+        if model == "unlearned":
+            out[column]["recovery-rounds"] = stats([r["recovery"]["rounds-to-gold"] for r in source])
+            out[column]["compute-fraction"] = stats([r["client-compute"]["fraction-of-gold-steps"] for r in source])
+    return out
+
+
+def statistics_table(stats: Mapping[str, Mapping[str, tuple[float, float, int]]]) -> str:
+    """Markdown table of ``mean ± std`` per metric (rows) and column (models)."""
+    cols = list(stats)
+    labels = dict(TABLE_ROWS) | {"recovery-rounds": "recovery rounds to gold accuracy",
+                                 "compute-fraction": "client-compute, fraction of gold retraining"}
+    lines = ["| metric | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for key, label in labels.items():
+        if not any(key in stats[c] for c in cols):
+            continue
+        cells = []
+        for c in cols:
+            mean, std, n = stats[c].get(key, (float("nan"), float("nan"), 0))
+            cells.append("–" if n == 0 else f"{mean:.4f} ± {std:.4f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_statistics_csv(path: str | Path, stats: Mapping[str, Mapping[str, tuple[float, float, int]]]) -> Path:
+    """``column,metric,mean,std,n`` rows."""
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["model", "metric", "mean", "std", "n"])
+        for column, metrics in stats.items():
+            for key, (mean, std, n) in metrics.items():
+                w.writerow([column, key, mean, std, n])
+    return path
+
+
+def plot_harness(path: str | Path, stats: Mapping[str, Mapping[str, tuple[float, float, int]]], title: str = "") -> Path:
+    """Bar charts over seeds: Average Gap per method, and MIA AUC per method against the gold's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [c for c in stats if c not in ("original", "gold")]
+    cols = ["original", *methods]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "average-gap", "Average Gap to gold (lower is better)"),
+                           (axes[1], "mia-auc", "loss-threshold MIA AUC (target: gold)")):
+        means = [stats[c][key][0] for c in cols]
+        stds = [stats[c][key][1] for c in cols]
+        ax.bar(range(len(cols)), means, yerr=stds, capsize=3, color=["0.6", *[f"C{i}" for i in range(len(methods))]])
+        ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+        if key == "mia-auc":
+            g = stats["gold"][key][0]
+            ax.axhline(g, color="k", ls="--", lw=1, label=f"gold {g:.3f}")
+            lo = min(m - s for m, s in zip(means, stds))
+            ax.set_ylim(min(lo, g) - 0.01, max(m + s for m, s in zip(means, stds)) + 0.01)
+            ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

@@ -107,3 +107,21 @@ def test_relearn_steps_known_answers():
     assert again.steps == 0 and again.reached  # already there
     never = relearn_steps(model, x, y, 1.01, TrainSettings(), max_steps=3, seed=0)
     assert never.steps == 3 and not never.reached
+
+
+def test_seed_statistics_and_table():
+    from fed_unlearn.report import seed_statistics, statistics_table
+
+    def res(seed_val, unl):
+        rep = {"test-acc": seed_val, "mia-auc": 0.5, "average-gap": unl}
+        return {"report": {"original": {**rep, "average-gap": 0.02}, "unlearned": rep, "gold": {**rep, "average-gap": 0.0}},
+                "recovery": {"rounds-to-gold": 1 if seed_val > 0.8 else None},
+                "client-compute": {"fraction-of-gold-steps": 0.5}}
+    stats = seed_statistics({"puf": [res(0.9, 0.01), res(0.7, 0.03)], "sragu": [res(0.9, 0.02), res(0.7, 0.02)]})
+    assert list(stats) == ["original", "puf", "sragu", "gold"]
+    mean, std, n = stats["puf"]["average-gap"]
+    assert (mean, n) == (pytest.approx(0.02), 2) and std == pytest.approx(np.std([0.01, 0.03], ddof=1))
+    assert stats["gold"]["average-gap"] == (0.0, 0.0, 2)
+    assert stats["puf"]["recovery-rounds"] == (1.0, 0.0, 1)  # a run that never recovered is not averaged in
+    table = statistics_table(stats)
+    assert "| Average Gap to gold (retain, forget, test acc, MIA) | 0.0200 ± 0.0000 | 0.0200 ± 0.0141 |" in table

@@ -60,3 +60,18 @@ def test_sragu_through_flwr_run_on_the_embedded_dataset(tmp_path):
         assert all(key in m for m in (orig, unl, gold))
     assert abs(unl["mia-auc"] - gold["mia-auc"]) < abs(orig["mia-auc"] - gold["mia-auc"])
     assert {l["layer"] for l in res["unlearning"]["layers"]} == {"net.1", "net.3", "net.5"}
+
+
+@pytest.mark.slow
+def test_harness_grid_is_summarised_and_resumable(tmp_path):
+    cmd = [sys.executable, "-m", "simulations.harness", "--methods", "puf", "fine-tune", "--seeds", "0", "1",
+           "--num-clients", "3", "--results-dir", str(tmp_path), "--run-config", SMALL]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    stats = json.loads((tmp_path / "harness" / "harness.json").read_text())["statistics"]
+    assert set(stats) == {"original", "puf", "fine-tune", "gold"}
+    assert stats["puf"]["average-gap"]["n"] == 2 and stats["gold"]["average-gap"]["mean"] == 0.0
+    assert (tmp_path / "harness" / "harness.png").is_file() and (tmp_path / "harness" / "harness.csv").is_file()
+    assert len(list((tmp_path / "gold-cache").iterdir())) == 2  # one gold federation per seed, shared by both methods
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("already done, skipped") == 4
