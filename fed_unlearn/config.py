@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from .data import DATASETS, PARTITIONERS
+from .deletion import DeletionRequest, request_from_run_config
 from .models import MODELS
 from .training import TrainSettings
 
@@ -66,7 +67,12 @@ class ExperimentConfig:
     method : str
         Unlearning method name (``unlearn.method``).
     departing : tuple of int
-        Client (partition) ids that leave (``unlearn.departing``, e.g. ``"3"`` or ``"1,4"``).
+        Client (partition) ids that leave (``unlearn.departing``, e.g. ``"3"`` or ``"1,4"``);
+        in the ``samples`` scenario the clients that delete part of their data; empty in the
+        ``class`` scenario (every client deletes the class, nobody leaves).
+    deletion : DeletionRequest
+        What is forgotten: whole clients, samples inside clients, or a class
+        (``unlearn.scenario``, ``unlearn.selection``, ``unlearn.fraction``, ``unlearn.class``).
     departure_round : int
         Round ``d`` in which the unlearning happens: rounds ``1..d-1`` train with every
         client (the model after round ``d-1`` is the *original* model), round ``d``
@@ -104,6 +110,7 @@ class ExperimentConfig:
     method: str = "puf"
     departing: tuple[int, ...] = (0,)
     departure_round: int = 6
+    deletion: DeletionRequest = field(default_factory=DeletionRequest)
     recovery: str = "until-gold"
     recovery_tolerance: float = 0.01
     results_dir: str = "results"
@@ -122,7 +129,12 @@ class ExperimentConfig:
             raise ValueError(f"unknown partitioner '{self.partitioner}'; valid: {', '.join(PARTITIONERS)}")
         if self.num_server_rounds < 1:
             raise ValueError(f"num-server-rounds must be >= 1, got {self.num_server_rounds}")
-        if self.departing:
+        if self.deletion.scenario == "class" and self.departing:
+            raise ValueError("the class scenario removes a class from every client: unlearn.departing must be empty "
+                             f"(got {list(self.departing)})")
+        if self.deletion.scenario == "samples" and not self.departing:
+            raise ValueError("sample deletion needs the requesting client ids in unlearn.departing")
+        if self.departing or self.deletion.scenario == "class":
             if not 2 <= self.departure_round <= self.num_server_rounds:
                 raise ValueError(
                     f"unlearn.round {self.departure_round} is impossible: it must be in "
@@ -163,6 +175,10 @@ class ExperimentConfig:
                 raise ValueError(f"run-config '{key}' must be {type(default).__name__}, got {value!r}")
             return value
 
+        deletion = request_from_run_config(rc)
+        departing = parse_client_ids(rc.get("unlearn.departing", ",".join(map(str, d.departing))))
+        if deletion.scenario == "class":  # every client deletes the class; nobody leaves
+            departing = ()
         return cls(
             seed=get("seed", d.seed),
             dataset=get("dataset", d.dataset),
@@ -180,8 +196,9 @@ class ExperimentConfig:
                 weight_decay=get("weight-decay", t.weight_decay),
             ),
             method=get("unlearn.method", d.method),
-            departing=parse_client_ids(rc.get("unlearn.departing", ",".join(map(str, d.departing)))),
+            departing=departing,
             departure_round=get("unlearn.round", d.departure_round),
+            deletion=deletion,
             recovery=get("unlearn.recovery", d.recovery),
             recovery_tolerance=get("unlearn.recovery-tolerance", d.recovery_tolerance),
             results_dir=get("results-dir", d.results_dir),
@@ -197,6 +214,15 @@ class ExperimentConfig:
         """Rounds of the gold federation: the original model's ``d - 1``."""
         return self.departure_round - 1
 
+    def involved(self, clients: "Iterable[int]") -> tuple[int, ...]:
+        """The clients that hold data to forget: the departing/requesting ones, or all (class scenario)."""
+        return tuple(sorted(clients)) if self.deletion.scenario == "class" else tuple(self.departing)
+
+    @property
+    def leaving(self) -> tuple[int, ...]:
+        """The clients that leave the federation (whole-client deletion only)."""
+        return tuple(self.departing) if self.deletion.clients_leave else ()
+
     def data_key(self) -> dict[str, Any]:
         """Settings that determine every client's data."""
         return {
@@ -204,17 +230,25 @@ class ExperimentConfig:
             "dirichlet_alpha": self.dirichlet_alpha, "holdout_fraction": self.holdout_fraction, "seed": self.seed,
         }
 
-    def gold_key(self, num_clients: int) -> str:
-        """Hash of everything the gold federation depends on (cache key)."""
-        payload = {
+    def gold_key(self, num_clients: int, forget_digests: Mapping[int, str] | None = None) -> str:
+        """Hash of everything the gold federation depends on (cache key).
+
+        ``forget_digests`` (client id -> :func:`~fed_unlearn.deletion.mask_digest`) pin the
+        exact deleted samples when they were chosen with the model (sample deletion).
+        """
+        payload: dict[str, Any] = {
             "version": GOLD_FORMAT_VERSION, **self.data_key(), "model": self.model,
             "rounds": self.gold_rounds, "train": asdict(self.train),
-            "excluded": list(self.departing), "num_clients": num_clients,
+            "excluded": list(self.leaving), "num_clients": num_clients,
         }
+        if self.deletion.scenario != "client":  # keeps the keys of client-level golds unchanged
+            payload["deletion"] = self.deletion.to_dict()
+            payload["forget"] = {str(c): d for c, d in sorted((forget_digests or {}).items())}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view of the settings."""
         out = asdict(self)
         out["departing"] = list(self.departing)
+        out["deletion"] = self.deletion.to_dict()
         return out

@@ -1,14 +1,16 @@
-"""Client-side measurements and their server-side roll-up by role.
+"""Client-side measurements and their server-side roll-up.
 
 A client measures a model on its own data and reports sums and counts only (no
-examples, no per-example losses); the server adds them up per role:
+examples, no per-example losses); the server adds them up. The client splits its
+data by its deletion mask (see :mod:`fed_unlearn.deletion`):
 
-* *remaining* clients: retained utility (train = retain set, held-out = test set) and
-  fidelity to gold on their held-out data;
-* *departing* clients: the forget set (their train data), their held-out data, fidelity
-  to gold on the forget set, and the loss-threshold membership-inference AUC
-  (members = forget set, non-members = their held-out data): loss threshold and
-  modified-entropy attacks.
+* ``forget``: its train samples to be forgotten (the whole split of a departing client,
+  some samples, or the removed class);
+* ``retain``: its other train samples (retained utility);
+* ``test``: its held-out data, if it stays in the federation, without the removed classes;
+* ``fheld``: its held-out samples of the classes in its forget set (the non-members of
+  the membership-inference attacks, and "forget-heldout" accuracy: for a removed class,
+  the accuracy on unseen samples of it).
 """
 
 from __future__ import annotations
@@ -19,20 +21,35 @@ import numpy as np
 from torch import nn
 
 from .data import ArrayDataset
-from .metrics import cross_entropy, disagreement, entropy_mia_auc, kl_divergence, loss_mia_auc
+from .metrics import cross_entropy, disagreement, entropy_mia_auc, kl_divergence, loss_mia_auc, mia_nn_auc, tv_distance
 from .training import predict_logits
 
-SPLITS = ("train", "heldout")
+PARTS = ("forget", "retain", "test", "fheld")
+
+
+def split_parts(train: ArrayDataset, heldout: ArrayDataset, forget: np.ndarray | None,
+                removed_classes: Sequence[int] = ()) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Index sets of the four parts: ``part -> (source "train"|"heldout", indices)``."""
+    mask = np.zeros(len(train), bool) if forget is None else np.asarray(forget, bool)
+    if mask.shape != (len(train),):
+        raise ValueError(f"forget mask has shape {mask.shape}, the train split has {len(train)} samples")
+    forget_idx, retain_idx = np.flatnonzero(mask), np.flatnonzero(~mask)
+    h = np.arange(len(heldout))
+    test_idx = h[~np.isin(heldout.y, list(removed_classes))] if len(retain_idx) else h[:0]
+    fheld_idx = h[np.isin(heldout.y, np.unique(train.y[forget_idx]))] if len(forget_idx) else h[:0]
+    return {"forget": ("train", forget_idx), "retain": ("train", retain_idx), "test": ("heldout", test_idx), "fheld": ("heldout", fheld_idx)}
 
 
 def measure_client(
     model: nn.Module,
     train: ArrayDataset,
     heldout: ArrayDataset,
+    forget: np.ndarray | None = None,
+    removed_classes: Sequence[int] = (),
     reference: nn.Module | None = None,
     mia: bool = False,
 ) -> dict[str, float]:
-    """Measure ``model`` on one client's two splits.
+    """Measure ``model`` on one client's parts.
 
     Parameters
     ----------
@@ -40,79 +57,88 @@ def measure_client(
         Model under evaluation.
     train, heldout : ArrayDataset
         The client's splits.
+    forget : np.ndarray of bool, optional
+        The client's deletion mask over ``train`` (``None`` = nothing to forget).
+    removed_classes : sequence of int
+        Classes removed from the task (class unlearning): left out of ``test``.
     reference : nn.Module, optional
-        The gold model; adds ``<split>-kl-sum`` (sum over examples of KL(gold || model))
-        and ``<split>-disagree-sum``.
+        The gold model; adds ``<part>-kl-sum`` (sum over examples of KL(gold || model)),
+        ``<part>-tv-sum`` (total variation) and ``<part>-disagree-sum``.
     mia : bool
-        Add ``mia-auc`` (loss-threshold attack) and ``mia-entropy-auc`` (modified-entropy
-        attack), train (members) vs held-out (non-members).
+        Add ``mia-auc`` (loss threshold), ``mia-entropy-auc`` (modified entropy) and, with
+        removed classes, ``mia-nn-auc``: members = forget part, non-members = fheld part.
 
     Returns
     -------
     dict
-        ``<split>-n``, ``<split>-correct``, ``<split>-loss-sum`` and the optional keys.
+        ``<part>-n``, ``<part>-correct``, ``<part>-loss-sum`` for the four parts, and the optional keys.
     """
+    logits = {"train": predict_logits(model, train.x), "heldout": predict_logits(model, heldout.x)}
+    labels = {"train": train.y, "heldout": heldout.y}
+    ref = {k: predict_logits(reference, d.x) for k, d in (("train", train), ("heldout", heldout))} if reference is not None else None
     out: dict[str, float] = {}
-    losses, all_logits = {}, {}
-    for split, ds in zip(SPLITS, (train, heldout)):
-        logits = predict_logits(model, ds.x)
-        loss = cross_entropy(logits, ds.y)
-        losses[split], all_logits[split] = loss, logits
-        out[f"{split}-n"] = float(len(ds))
-        out[f"{split}-correct"] = float(np.sum(np.argmax(logits, axis=1) == ds.y))
-        out[f"{split}-loss-sum"] = float(np.sum(loss))
-        if reference is not None:
-            ref_logits = predict_logits(reference, ds.x)
-            out[f"{split}-kl-sum"] = kl_divergence(ref_logits, logits) * len(ds)
-            out[f"{split}-disagree-sum"] = disagreement(ref_logits, logits) * len(ds)
-    if mia:
-        out["mia-auc"] = loss_mia_auc(losses["train"], losses["heldout"])
-        out["mia-entropy-auc"] = entropy_mia_auc(all_logits["train"], train.y, all_logits["heldout"], heldout.y)
+    parts = split_parts(train, heldout, forget, removed_classes)
+    for part, (src, idx) in parts.items():
+        lg, y = logits[src][idx], labels[src][idx]
+        out[f"{part}-n"] = float(len(idx))
+        out[f"{part}-correct"] = float(np.sum(np.argmax(lg, axis=1) == y)) if len(idx) else 0.0
+        out[f"{part}-loss-sum"] = float(np.sum(cross_entropy(lg, y))) if len(idx) else 0.0
+        if ref is not None:
+            r = ref[src][idx]
+            out[f"{part}-kl-sum"] = kl_divergence(r, lg) * len(idx) if len(idx) else 0.0
+            out[f"{part}-tv-sum"] = tv_distance(r, lg) * len(idx) if len(idx) else 0.0
+            out[f"{part}-disagree-sum"] = disagreement(r, lg) * len(idx) if len(idx) else 0.0
+    f_idx, h_idx = parts["forget"][1], parts["fheld"][1]
+    if mia and len(f_idx) and len(h_idx):
+        fl, hl = logits["train"][f_idx], logits["heldout"][h_idx]
+        fy, hy = train.y[f_idx], heldout.y[h_idx]
+        out["mia-auc"] = loss_mia_auc(cross_entropy(fl, fy), cross_entropy(hl, hy))
+        out["mia-entropy-auc"] = entropy_mia_auc(fl, fy, hl, hy)
+        if removed_classes:
+            out["mia-nn-auc"] = mia_nn_auc(fl, hl, list(removed_classes))
     return out
 
 
 def _ratio(evals: Sequence[Mapping[str, float]], num: str, den: str) -> float:
-    n = sum(e.get(den, 0.0) for e in evals)
-    if n == 0 or any(num not in e for e in evals):
+    rows = [e for e in evals if e.get(den, 0.0) > 0]
+    n = sum(e[den] for e in rows)
+    if n == 0 or any(num not in e for e in rows):
         return float("nan")
-    return float(sum(e[num] for e in evals) / n)
+    return float(sum(e[num] for e in rows) / n)
 
 
-def summarise(evals: Mapping[int, Mapping[str, float]], departing: Sequence[int]) -> dict[str, float]:
-    """Roll per-client measurements up by role.
+#: Report key -> (part, measurement).
+SUMMARY_KEYS = {
+    "test-acc": ("test", "correct"), "test-loss": ("test", "loss-sum"), "retain-acc": ("retain", "correct"),
+    "forget-acc": ("forget", "correct"), "forget-loss": ("forget", "loss-sum"), "forget-heldout-acc": ("fheld", "correct"),
+}
+FIDELITY_KEYS = {
+    "kl-forget": ("forget", "kl-sum"), "disagree-forget": ("forget", "disagree-sum"), "tv-forget": ("forget", "tv-sum"),
+    "kl-test": ("test", "kl-sum"), "disagree-test": ("test", "disagree-sum"), "tv-test": ("test", "tv-sum"),
+}
+MIA_KEYS = ("mia-auc", "mia-entropy-auc", "mia-nn-auc")
 
-    Parameters
-    ----------
-    evals : mapping client id -> measurements of :func:`measure_client`
-    departing : sequence of int
-        Departing client ids; every other client in ``evals`` is a remaining one.
+
+def summarise(evals: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    """Roll per-client measurements of :func:`measure_client` up over the federation.
 
     Returns
     -------
     dict
-        ``test-acc`` / ``test-loss`` / ``retain-acc`` (remaining clients' held-out and train),
-        ``forget-acc`` / ``forget-loss`` / ``forget-heldout-acc`` (departing clients),
-        and when measured: ``kl-forget``, ``disagree-forget``, ``kl-test``,
-        ``disagree-test``, ``mia-auc`` and ``mia-entropy-auc`` (means over departing clients,
-        weighted by forget-set size).
+        ``test-acc`` / ``test-loss`` (held-out data of the clients that stay, removed
+        classes excluded), ``retain-acc``, ``forget-acc`` / ``forget-loss``,
+        ``forget-heldout-acc``; when measured against a reference, ``kl-*``, ``tv-*``,
+        ``disagree-*`` on the forget and test parts; and the MIA AUCs (means over the
+        clients that measured them, weighted by forget-set size). Sums are over
+        examples, so every ratio is example-weighted.
     """
-    dep = [evals[c] for c in sorted(evals) if c in set(departing)]
-    rem = [evals[c] for c in sorted(evals) if c not in set(departing)]
-    out = {
-        "test-acc": _ratio(rem, "heldout-correct", "heldout-n"),
-        "test-loss": _ratio(rem, "heldout-loss-sum", "heldout-n"),
-        "retain-acc": _ratio(rem, "train-correct", "train-n"),
-        "forget-acc": _ratio(dep, "train-correct", "train-n"),
-        "forget-loss": _ratio(dep, "train-loss-sum", "train-n"),
-        "forget-heldout-acc": _ratio(dep, "heldout-correct", "heldout-n"),
-    }
-    if all("train-kl-sum" in e for e in evals.values()) and evals:
-        out["kl-forget"] = _ratio(dep, "train-kl-sum", "train-n")
-        out["disagree-forget"] = _ratio(dep, "train-disagree-sum", "train-n")
-        out["kl-test"] = _ratio(rem, "heldout-kl-sum", "heldout-n")
-        out["disagree-test"] = _ratio(rem, "heldout-disagree-sum", "heldout-n")
-    for key in ("mia-auc", "mia-entropy-auc"):
-        if dep and all(key in e for e in dep):
-            w = np.array([e["train-n"] for e in dep])
-            out[key] = float(np.sum(w * np.array([e[key] for e in dep])) / np.sum(w))
+    rows = [evals[c] for c in sorted(evals)]
+    out = {k: _ratio(rows, f"{p}-{m}", f"{p}-n") for k, (p, m) in SUMMARY_KEYS.items()}
+    if rows and all("forget-kl-sum" in e for e in rows):
+        out.update({k: _ratio(rows, f"{p}-{m}", f"{p}-n") for k, (p, m) in FIDELITY_KEYS.items()})
+    for key in MIA_KEYS:
+        got = [e for e in rows if key in e and np.isfinite(e[key])]
+        if got:
+            w = np.array([e["forget-n"] for e in got])
+            out[key] = float(np.sum(w * np.array([e[key] for e in got])) / np.sum(w))
     return out

@@ -95,6 +95,52 @@ def entropy_mia_auc(member_logits: np.ndarray, member_y: np.ndarray, nonmember_l
     return mia_auc(-modified_entropy(member_logits, member_y), -modified_entropy(nonmember_logits, nonmember_y))
 
 
+def tv_distance(ref_logits: np.ndarray, logits: np.ndarray) -> float:
+    """Mean over examples of the total-variation distance ``0.5 * sum_k |p_ref(k) - p(k)|``."""
+    if ref_logits.shape != logits.shape:
+        raise ValueError(f"logit shapes differ: {ref_logits.shape} vs {logits.shape}")
+    if len(logits) == 0:
+        return float("nan")
+    return float(np.mean(0.5 * np.abs(np.exp(log_softmax(ref_logits, axis=1)) - np.exp(log_softmax(logits, axis=1))).sum(axis=1)))
+
+
+def remaining_class_probs(logits: np.ndarray, removed: tuple[int, ...] | list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The predictive distribution renormalised over the classes not removed: ``(q, kept_classes)``."""
+    p = np.exp(log_softmax(logits, axis=1))
+    kept = np.array([k for k in range(p.shape[1]) if k not in set(removed)])
+    if len(kept) == 0:
+        raise ValueError("every class is removed")
+    q = p[:, kept]
+    return q / np.clip(q.sum(axis=1, keepdims=True), 1e-300, None), kept
+
+
+def mia_nn_auc(member_logits: np.ndarray, nonmember_logits: np.ndarray, removed: tuple[int, ...] | list[int]) -> float:
+    """Nearest-neighbour-class membership inference for class unlearning (MIA-NN).
+
+    After Ebrahimpour-Boroojeny, Wang & Sundaram, "On the Necessity of Output
+    Distribution Reweighting for Effective Class Unlearning" (2025): a model that
+    merely suppresses the removed class still treats the samples it was trained on
+    differently from unseen samples of that class *in how it spreads their mass over
+    the remaining classes*; a retrained model never saw either. Our instantiation
+    (the paper trains an attack model; this is its threshold form, no shadow models):
+
+    * ``q(k|x)``: the model's distribution renormalised over the remaining classes;
+    * the neighbouring class ``k* = argmax_k mean_{x in non-members} q(k|x)`` (the
+      remaining class most like the removed one, estimated from unseen samples of it);
+    * score ``q(k*|x)``; AUC of members (the forgotten training samples) against
+      non-members (held-out samples of the removed class).
+
+    0.5 = indistinguishable; the target is the gold model's figure on the same sets
+    (either direction away from it is leakage).
+    """
+    if len(member_logits) == 0 or len(nonmember_logits) == 0:
+        return float("nan")
+    q_mem, _ = remaining_class_probs(member_logits, removed)
+    q_non, _ = remaining_class_probs(nonmember_logits, removed)
+    k = int(np.argmax(q_non.mean(axis=0)))
+    return mia_auc(q_mem[:, k], q_non[:, k])
+
+
 def weight_distance(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
     """L2 distance between two models in weight space (all arrays of the state dict, flattened)."""
     if set(a) != set(b):

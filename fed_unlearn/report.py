@@ -9,16 +9,18 @@ from typing import Any, Mapping, Sequence
 
 #: Rows of the comparison table: (metric key, label). Order = the README table's order.
 TABLE_ROWS: tuple[tuple[str, str], ...] = (
-    ("test-acc", "test accuracy (retained clients' held-out data)"),
-    ("retain-acc", "retain accuracy (retained clients' train data)"),
-    ("forget-acc", "forget accuracy (departing client's train data)"),
-    ("forget-heldout-acc", "departing client's held-out accuracy"),
-    ("mia-auc", "loss-threshold MIA AUC on the departing client"),
-    ("mia-entropy-auc", "modified-entropy MIA AUC on the departing client"),
+    ("test-acc", "test accuracy (held-out data of the clients that stay)"),
+    ("retain-acc", "retain accuracy (retained training data)"),
+    ("forget-acc", "forget accuracy (the deleted training data)"),
+    ("forget-heldout-acc", "held-out accuracy of the forgetting clients, forgotten classes"),
+    ("mia-auc", "loss-threshold MIA AUC (forget set vs held-out)"),
+    ("mia-entropy-auc", "modified-entropy MIA AUC (forget set vs held-out)"),
+    ("mia-nn-auc", "MIA-NN AUC, neighbouring-class probabilities (class deletion)"),
     ("kl-forget", "KL(gold ‖ model) on the forget set"),
+    ("tv-forget", "total-variation distance to gold on the forget set"),
     ("disagree-forget", "prediction disagreement with gold, forget set"),
-    ("kl-test", "KL(gold ‖ model) on retained held-out data"),
-    ("disagree-test", "prediction disagreement with gold, retained held-out"),
+    ("kl-test", "KL(gold ‖ model) on held-out test data"),
+    ("disagree-test", "prediction disagreement with gold, held-out test data"),
     ("relearn-steps", "relearn time: SGD steps to regain the original's forget accuracy"),
     ("relearn-vs-gold", "relearn time relative to the gold's"),
     ("average-gap", "Average Gap to gold (retain, forget, test acc, MIA)"),
@@ -96,7 +98,7 @@ def plot_accuracy(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    series = (("test-acc", "retained clients (held-out)", "tab:blue"), ("forget-acc", "forget set (departing client)", "tab:red"))
+    series = (("test-acc", "retained clients (held-out)", "tab:blue"), ("forget-acc", "forget set (deleted data)", "tab:red"))
     for key, label, color in series:
         rounds = sorted(r for r in history if key in history[r])
         ax.plot(rounds, [history[r][key] for r in rounds], marker="o", ms=3, color=color, label=label)
@@ -164,8 +166,8 @@ def plot_comparison(path: str | Path, results: Mapping[str, Mapping[str, Any]], 
     first = next(iter(results.values()))
     gold_hist = {int(r): h for r, h in first["gold-history"].items()}
     d = first["config"]["departure_round"]
-    for ax, key, label in ((axes[0], "test-acc", "retained clients' held-out accuracy"),
-                           (axes[1], "forget-acc", "forget-set accuracy (departing client)")):
+    for ax, key, label in ((axes[0], "test-acc", "held-out test accuracy"),
+                           (axes[1], "forget-acc", "forget-set accuracy (deleted data)")):
         for i, (name, res) in enumerate(results.items()):
             hist = {int(r): h for r, h in res["history"].items()}
             rounds = sorted(r for r in hist if key in hist[r])

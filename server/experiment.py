@@ -1,13 +1,17 @@
-"""The experiment a ServerApp runs: gold federation, federation with a departure, report.
+"""The experiment a ServerApp runs: original rounds, deletion request, gold, unlearning, report.
 
 1. Discover the clients (``query.info``): their ids, sizes, the model's input shape.
-2. Gold: the original's ``d-1`` FedAvg rounds from the same initial model and seeds,
-   without the departing clients (cached on disk by configuration).
-3. The federation: rounds ``1..d-1`` with everyone (-> *original* model), round ``d``
-   unlearns with the configured method, rounds ``d+1..T`` recover (or stop early in
-   ``until-gold`` mode once the retained accuracy is within tolerance of the gold's).
-4. Report: every client measures original, unlearned and gold models against gold;
-   ``results.json`` and ``accuracy.png`` are written.
+2. Rounds ``1..d-1`` with everyone on all its data: the *original* model.
+3. The deletion request (``query.forget``) with the original model: each client named in
+   it selects its samples to forget (all of them for a departing client, a fraction chosen
+   by a selection rule, or one class) and keeps the mask; the server gets counts and digests.
+4. Gold: the original's ``d-1`` FedAvg rounds from the same initial model and seeds,
+   without exactly the deleted data (cached on disk, keyed by configuration and digests).
+5. Round ``d`` (several for the multi-round baselines) unlearns with the configured
+   method; recovery rounds follow up to ``T`` (or stop early in ``until-gold`` mode once
+   the retained accuracy is within tolerance of the gold's).
+6. Report: every client measures original, unlearned and gold models against gold;
+   ``results.json``, ``accuracy.png`` and ``table.md`` are written.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from logging import INFO
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
@@ -89,7 +93,6 @@ class FederationRun:
     history: dict[int, dict[str, float]] = field(default_factory=dict)
     train: dict[int, dict[str, float]] = field(default_factory=dict)
     arrays: ArrayRecord | None = None
-    original: ArrayRecord | None = None
     rounds_run: int = 0
     wall_seconds: float = 0.0
 
@@ -101,31 +104,26 @@ class FederationRun:
                 "rounds": float(len(rows))}
 
 
-def run_federation(
+def run_rounds(
     grid: Grid,
     strategy: UnlearningFedAvg,
-    initial: ArrayRecord,
-    num_rounds: int,
+    run: FederationRun,
+    rounds: range,
     timeout: float,
     label: str,
-    snapshot_round: int | None = None,
     stop: Callable[[int, dict[str, float]], bool] | None = None,
 ) -> FederationRun:
-    """Run ``num_rounds`` rounds of ``strategy`` (train, then evaluate every client).
+    """Run ``rounds`` of ``strategy`` (train, then evaluate every client), continuing ``run``.
 
-    Parameters
-    ----------
-    snapshot_round : int, optional
-        Keep the global model after this round in ``FederationRun.original``.
-    stop : callable, optional
-        ``stop(round, summary) -> bool`` after each round's evaluation ends the run early.
+    ``run.arrays`` is the model the first round starts from and, on return, the model
+    after the last round run. ``stop(round, summary) -> bool`` after each round's
+    evaluation ends the run early.
     """
-    run = FederationRun(arrays=initial)
     t0 = time.perf_counter()
-    arrays = initial
-    if snapshot_round == 0:
-        run.original = initial
-    for rnd in range(1, num_rounds + 1):
+    assert run.arrays is not None
+    arrays = run.arrays
+    for rnd in rounds:
+        unlearning = strategy.is_unlearning_round(rnd)
         replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid), timeout=timeout)
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_arrays is not None:
@@ -136,16 +134,13 @@ def run_federation(
         summary = strategy.aggregate_evaluate(rnd, evals)
         run.history[rnd] = metric_dict(summary) if summary is not None else {}
         run.rounds_run = rnd
-        tag = " (unlearning)" if strategy.departure_round == rnd and label != "gold" else ""
-        log(INFO, "[%s] round %d/%d%s: test-acc %.4f  forget-acc %.4f  steps %d", label, rnd, num_rounds, tag,
+        log(INFO, "[%s] round %d%s: test-acc %.4f  forget-acc %.4f  steps %d", label, rnd, " (unlearning)" if unlearning else "",
             run.history[rnd].get("test-acc", float("nan")), run.history[rnd].get("forget-acc", float("nan")),
             int(run.train.get(rnd, {}).get("train-steps", 0)))
-        if snapshot_round == rnd:
-            run.original = arrays
         if stop is not None and stop(rnd, run.history[rnd]):
             break
     run.arrays = arrays
-    run.wall_seconds = time.perf_counter() - t0
+    run.wall_seconds += time.perf_counter() - t0
     return run
 
 
@@ -166,7 +161,7 @@ def measure(grid: Grid, node_of: dict[int, int], arrays: ArrayRecord, reference:
 
 def relearn_time(grid: Grid, node_of: dict[int, int], arrays: ArrayRecord, targets: dict[int, float],
                  max_steps: int, timeout: float) -> dict[str, float]:
-    """Relearn time of ``arrays``: mean SGD steps the departing clients need to reach their targets."""
+    """Relearn time of ``arrays``: mean SGD steps the forgetting clients need to reach their targets."""
     msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"target-accuracy": float(t), "max-steps": max_steps})}),
                     node_of[c], f"{MessageType.QUERY}.relearn") for c, t in sorted(targets.items())]
     steps, reached = [], []
@@ -179,17 +174,55 @@ def relearn_time(grid: Grid, node_of: dict[int, int], arrays: ArrayRecord, targe
     return {"relearn-steps": float(np.mean(steps)), "relearn-all-reached": float(min(reached))}
 
 
-def gold_federation(grid: Grid, cfg: ExperimentConfig, clients: dict[int, ClientInfo], initial: ArrayRecord) -> tuple[ArrayRecord, dict[str, Any]]:
-    """The gold federation: load it from the cache or train it and cache it."""
-    key = cfg.gold_key(len(clients))
+def request_deletion(grid: Grid, node_of: dict[int, int], involved: Sequence[int], arrays: ArrayRecord,
+                     timeout: float) -> dict[int, dict[str, Any]]:
+    """Send the deletion request (``query.forget``) with the current model to the clients it names.
+
+    Each selects its samples on its own data and keeps the mask; the server learns only
+    counts and a digest per client.
+
+    Raises
+    ------
+    RuntimeError
+        If a client fails, or the request selects no sample anywhere.
+    """
+    msgs = [Message(RecordDict({"arrays": arrays}), node_of[c], f"{MessageType.QUERY}.forget") for c in sorted(involved)]
+    client_of = {nid: cid for cid, nid in node_of.items()}
+    out: dict[int, dict[str, Any]] = {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        cid = client_of.get(reply.metadata.src_node_id)
+        if reply.has_error():
+            raise RuntimeError(f"client {cid} failed to process the deletion request: {reply.error.reason}")
+        m = reply.content["metrics"]
+        out[cid] = {"forget-n": int(m["forget-n"]), "retain-n": int(m["retain-n"]), "digest": str(reply.content["receipt"]["digest"])}
+    missing = sorted(set(involved) - set(out))
+    if missing:
+        raise RuntimeError(f"client(s) {missing} did not answer the deletion request")
+    if not any(r["forget-n"] for r in out.values()):
+        raise RuntimeError("the deletion request selects no sample on any client")
+    return out
+
+
+def gold_federation(grid: Grid, cfg: ExperimentConfig, clients: dict[int, ClientInfo], initial: ArrayRecord,
+                    request: Mapping[int, Mapping[str, Any]]) -> tuple[ArrayRecord, dict[str, Any]]:
+    """The gold federation (load it from the cache or train it and cache it).
+
+    The original's ``d-1`` rounds from the same initial model and seeds, without exactly
+    the deleted data: the departing clients left out, or the requesting clients
+    training on their retained samples only.
+    """
+    digests = {c: str(r["digest"]) for c, r in request.items()} if cfg.deletion.scenario != "client" else None
+    key = cfg.gold_key(len(clients), digests)
     cached = load_gold(cfg.gold_cache_dir, key)
     if cached is not None:
         weights, meta = cached
         log(INFO, "gold federation loaded from cache %s", Path(cfg.gold_cache_dir) / key)
         return to_record(weights), {**meta, "cached": True}
-    log(INFO, "gold federation: %d rounds without clients %s", cfg.gold_rounds, list(cfg.departing))
-    strategy = UnlearningFedAvg({c: i.node_id for c, i in clients.items()}, excluded=cfg.departing)
-    run = run_federation(grid, strategy, initial, cfg.gold_rounds, cfg.round_timeout, "gold")
+    retain_only = [] if cfg.deletion.clients_leave else sorted(request)
+    log(INFO, "gold federation: %d rounds without clients %s, clients %s on their retained data", cfg.gold_rounds,
+        list(cfg.leaving), retain_only)
+    strategy = UnlearningFedAvg({c: i.node_id for c, i in clients.items()}, excluded=cfg.leaving, retain_only=retain_only)
+    run = run_rounds(grid, strategy, FederationRun(arrays=initial), range(1, cfg.gold_rounds + 1), cfg.round_timeout, "gold")
     meta = {
         "key": key, "config": cfg.to_dict(), "history": {str(r): h for r, h in run.history.items()},
         "compute": run.compute(), "wall-seconds": run.wall_seconds,
@@ -200,39 +233,61 @@ def gold_federation(grid: Grid, cfg: ExperimentConfig, clients: dict[int, Client
 
 
 def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, run_config: dict[str, Any]) -> dict[str, Any]:
-    """Run gold, federation with departure, and the report; write results; return them."""
+    """Run the original rounds, the deletion request, gold, unlearning + recovery and the report."""
     t_start = time.perf_counter()
     clients = discover_clients(grid, cfg.node_wait_seconds, cfg.round_timeout)
     unknown = sorted(set(cfg.departing) - set(clients))
     if unknown:
         raise ValueError(f"unknown departing client id(s) {unknown}; the federation has clients {sorted(clients)}")
     first = clients[min(clients)]
+    if cfg.deletion.scenario == "class" or cfg.deletion.selection == "class" and cfg.deletion.scenario == "samples":
+        if cfg.deletion.forget_class >= first.num_classes:
+            raise ValueError(f"unlearn.class {cfg.deletion.forget_class} does not exist: the task has {first.num_classes} classes")
+    needed = method.rounds_needed(cfg.gold_rounds)
+    if cfg.departure_round + needed - 1 > cfg.num_server_rounds:
+        raise ValueError(f"{method.name} needs {needed} unlearning round(s) from round {cfg.departure_round}: "
+                         f"num-server-rounds must be at least {cfg.departure_round + needed - 1}, got {cfg.num_server_rounds}")
     model = build_model(cfg.model, first.input_shape, first.num_classes, seed=cfg.seed)
     initial = to_record(get_weights(model))
     node_of = {c: i.node_id for c, i in clients.items()}
-    log(INFO, "clients %s, departing %s in round %d of %d, method %s", sorted(clients), list(cfg.departing),
-        cfg.departure_round, cfg.num_server_rounds, method.name)
+    involved = cfg.involved(clients)
+    log(INFO, "clients %s; deletion %s of clients %s in round %d of %d; method %s", sorted(clients), cfg.deletion.to_dict(),
+        list(involved), cfg.departure_round, cfg.num_server_rounds, method.name)
 
-    gold_arrays, gold_meta = gold_federation(grid, cfg, clients, initial)
+    strategy = UnlearningFedAvg(node_of, method=method, departing=involved, departure_round=cfg.departure_round,
+                                leave=cfg.deletion.clients_leave, joint_request=cfg.deletion.scenario == "class")
+    # rounds 1..d-1 with everyone on all its data: the original model
+    run = run_rounds(grid, strategy, FederationRun(arrays=initial), range(1, cfg.departure_round), cfg.round_timeout, method.name)
+    original = run.arrays
+    assert original is not None
+    # the deletion request, made with the original model; then the gold without exactly those samples
+    request = request_deletion(grid, node_of, involved, original, cfg.round_timeout)
+    strategy.pending = tuple(c for c in strategy.pending if request[c]["forget-n"] > 0)
+    gold_arrays, gold_meta = gold_federation(grid, cfg, clients, initial, request)
     gold_history = {int(r): h for r, h in gold_meta["history"].items()}
     gold_final = gold_history[max(gold_history)]
     target = gold_final.get("test-acc", float("nan")) - cfg.recovery_tolerance
+    finished: list[int] = []
 
     def stop(rnd: int, summary: dict[str, float]) -> bool:
-        return cfg.recovery == "until-gold" and rnd > cfg.departure_round and summary.get("test-acc", -1.0) >= target
+        if strategy.unlearning_done and not finished:
+            finished.append(rnd)
+        return cfg.recovery == "until-gold" and bool(finished) and summary.get("test-acc", -1.0) >= target
 
-    strategy = UnlearningFedAvg(node_of, method=method, departing=cfg.departing, departure_round=cfg.departure_round)
-    run = run_federation(grid, strategy, initial, cfg.num_server_rounds, cfg.round_timeout, method.name,
-                         snapshot_round=cfg.departure_round - 1, stop=stop)
-    assert run.arrays is not None and run.original is not None
-    reached = [r for r in sorted(run.history) if r > cfg.departure_round and run.history[r].get("test-acc", -1.0) >= target]
+    run = run_rounds(grid, strategy, run, range(cfg.departure_round, cfg.num_server_rounds + 1), cfg.round_timeout, method.name, stop=stop)
+    if not strategy.unlearning_done:
+        raise RuntimeError(f"{method.name} did not finish unlearning by round {cfg.num_server_rounds}")
+    assert run.arrays is not None
+    end_unlearning = finished[0]
+    reached = [r for r in sorted(run.history) if r >= end_unlearning and run.history[r].get("test-acc", -1.0) >= target]
 
-    models = {"original": run.original, "unlearned": run.arrays, "gold": gold_arrays}
+    models = {"original": original, "unlearned": run.arrays, "gold": gold_arrays}
     per_client = {name: measure(grid, node_of, arrays, gold_arrays, cfg.round_timeout) for name, arrays in models.items()}
-    report = {name: summarise(evals, cfg.departing) for name, evals in per_client.items()}
+    report = {name: summarise(evals) for name, evals in per_client.items()}
+    forgetting = sorted(c for c in involved if request[c]["forget-n"] > 0)
     if cfg.relearn_max_steps > 0:
-        # target of each departing client: the original model's accuracy on its forget set
-        targets = {c: per_client["original"][c]["train-correct"] / per_client["original"][c]["train-n"] for c in cfg.departing}
+        # target of each client: the original model's accuracy on its forget set
+        targets = {c: per_client["original"][c]["forget-correct"] / per_client["original"][c]["forget-n"] for c in forgetting}
         for name, arrays in models.items():
             report[name].update(relearn_time(grid, node_of, arrays, targets, cfg.relearn_max_steps, cfg.round_timeout))
         gold_steps = report["gold"]["relearn-steps"]
@@ -253,10 +308,12 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
         "run-config": dict(run_config),
         "method": {"name": method.name, "settings": asdict(method.config) if is_dataclass(getattr(method, "config", None)) else {}},
         "clients": {str(c): {"train-n": i.train_n, "heldout-n": i.heldout_n} for c, i in sorted(clients.items())},
+        "deletion": {**cfg.deletion.to_dict(), "clients": {str(c): r for c, r in sorted(request.items())}},
         "report": report,
         "recovery": {
-            "mode": cfg.recovery, "rounds-run": run.rounds_run - cfg.departure_round,
-            "rounds-to-gold": (reached[0] - cfg.departure_round) if reached else None,
+            "mode": cfg.recovery, "unlearning-rounds": strategy.unlearning_rounds_run,
+            "rounds-run": run.rounds_run - end_unlearning,
+            "rounds-to-gold": (reached[0] - end_unlearning) if reached else None,
             "gold-test-acc": gold_final.get("test-acc"), "tolerance": cfg.recovery_tolerance,
         },
         "unlearning": strategy.unlearning_report,
@@ -268,21 +325,40 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
             "gold": gold_cost,
             "fraction-of-gold-steps": unlearn_cost["train-steps"] / gold_cost["train-steps"] if gold_cost["train-steps"] else None,
         },
+        "server-history-bytes": method.history_bytes(),
         "timings": {"federation-wall-seconds": run.wall_seconds, "gold-wall-seconds": gold_meta.get("wall-seconds"),
                     "gold-cached": gold_meta["cached"], "total-seconds": time.perf_counter() - t_start},
-        "gold-key": gold_meta.get("key", cfg.gold_key(len(clients))),
+        "gold-key": gold_meta.get("key"),
         "table-markdown": table,
     }
     out_dir = Path(cfg.results_dir) / experiment_name(cfg, method)
     write_json(out_dir / "results.json", results)
     plot_accuracy(out_dir / "accuracy.png", run.history, gold_history, cfg.departure_round,
-                  title=f"{method.name} on {cfg.dataset}: client(s) {list(cfg.departing)} leave in round {cfg.departure_round}")
+                  title=f"{method.name} on {cfg.dataset}: {describe_request(cfg)} in round {cfg.departure_round}")
     (out_dir / "table.md").write_text(table + "\n")
     log(INFO, "results written to %s", out_dir.resolve())
     return results
 
 
+def describe_request(cfg: ExperimentConfig) -> str:
+    """One line naming what is forgotten."""
+    d = cfg.deletion
+    if d.scenario == "client":
+        return f"client(s) {list(cfg.departing)} leave"
+    if d.scenario == "class":
+        return f"class {d.forget_class} removed"
+    what = f"class-{d.forget_class} samples" if d.selection == "class" else f"{d.selection} samples"
+    return f"client(s) {list(cfg.departing)} delete {d.fraction:.0%} ({what})"
+
+
 def experiment_name(cfg: ExperimentConfig, method: UnlearningMethod) -> str:
     """Folder name of an experiment's results."""
-    dep = "-".join(map(str, cfg.departing))
-    return f"{cfg.dataset}_{cfg.model}_{method.name}_dep{dep}_r{cfg.departure_round}of{cfg.num_server_rounds}_seed{cfg.seed}"
+    d = cfg.deletion
+    if d.scenario == "class":
+        what = f"class{d.forget_class}"
+    else:
+        what = "dep" + "-".join(map(str, cfg.departing))
+        if d.scenario == "samples":
+            sel = f"class{d.forget_class}" if d.selection == "class" else d.selection
+            what += f"-{sel}{d.fraction:g}"
+    return f"{cfg.dataset}_{cfg.model}_{method.name}_{what}_r{cfg.departure_round}of{cfg.num_server_rounds}_seed{cfg.seed}"

@@ -114,14 +114,87 @@ def test_spectral_puf_and_sragu_serve_concurrent_departures(default_run_config, 
             assert set(res["unlearning"]["departing-clients"]) == {"0", "2"}
 
 
-@pytest.mark.parametrize("method, trained_in_unlearning_round", [("fine-tune", 3), ("not", 3), ("gradient-ascent", 1)])
+@pytest.mark.parametrize("method, trained_in_unlearning_round", [
+    ("fine-tune", 3), ("not", 3), ("gradient-ascent", 1), ("retrain", 3), ("federaser", 3), ("pga", 1), ("ieu", 1)])
 def test_baselines_run_in_the_same_harness(default_run_config, tmp_path, method, trained_in_unlearning_round):
     rc = {**default_run_config, "dataset": "digits", "unlearn.method": method, "unlearn.round": 3,
-          "num-server-rounds": 4, "unlearn.recovery": "fixed"}
+          "num-server-rounds": 5, "unlearn.recovery": "fixed"}
     res, grid = run(rc, 4, tmp_path)
     assert res["method"]["name"] == method
     assert res["train-history"]["3"]["clients"] == trained_in_unlearning_round
-    assert res["train-history"]["4"]["clients"] == 3  # client 0 is gone
-    assert ("train.unlearn" in grid.sent) == (method == "gradient-ascent")
+    assert res["train-history"]["5"]["clients"] == 3  # client 0 is gone
+    assert ("train.unlearn" in grid.sent) == (method in ("gradient-ascent", "pga", "ieu"))
     assert set(res["report"]) == {"original", "unlearned", "gold"}
     assert res["report"]["unlearned"]["l2-to-original"] > 0
+    if method == "pga":  # the departing client built the other clients' average from its own last model
+        assert res["unlearning"]["departing-clients"]["0"]["pga-reference"] == 1
+
+
+@pytest.mark.parametrize("scenario", [{}, {"unlearn.scenario": "samples", "unlearn.selection": "high-loss", "unlearn.fraction": 0.2}])
+def test_retrain_reproduces_the_gold_exactly(default_run_config, tmp_path, scenario):
+    """The harness check: retraining with the gold's seeds lands on the gold's weights."""
+    rc = {**default_run_config, "dataset": "digits", "unlearn.method": "retrain", "unlearn.round": 3, "num-server-rounds": 5,
+          **scenario}
+    res, _ = run(rc, 3, tmp_path)
+    unl = res["report"]["unlearned"]
+    assert unl["l2-to-gold"] == 0.0 and unl["average-gap"] == 0.0 and unl["kl-forget"] == 0.0
+    assert res["recovery"]["unlearning-rounds"] == 2 and res["recovery"]["rounds-to-gold"] == 0
+    assert res["client-compute"]["fraction-of-gold-steps"] == pytest.approx(1.0)
+
+
+def test_sample_deletion_selects_with_the_original_model_and_golds_without_those_samples(default_run_config, tmp_path):
+    rc = {**default_run_config, "dataset": "digits", "unlearn.scenario": "samples", "unlearn.selection": "high-loss",
+          "unlearn.fraction": 0.1, "unlearn.departing": "1", "unlearn.round": 3, "num-server-rounds": 6}
+    res, grid = run(rc, 3, tmp_path)
+    assert grid.sent.count("query.forget") == 1
+    req = res["deletion"]
+    assert req["scenario"] == "samples" and list(req["clients"]) == ["1"]
+    n1 = res["clients"]["1"]["train-n"]
+    assert req["clients"]["1"]["forget-n"] == round(0.1 * n1) and len(req["clients"]["1"]["digest"]) == 16
+    orig, unl, gold = (res["report"][k] for k in ("original", "unlearned", "gold"))
+    # the highest-loss samples: the original fits them worst; the gold (never saw them) even worse
+    assert orig["forget-acc"] < orig["retain-acc"] and gold["forget-acc"] < orig["forget-acc"]
+    assert abs(unl["forget-acc"] - gold["forget-acc"]) < abs(orig["forget-acc"] - gold["forget-acc"])
+    # the client stays and plays both roles in the unlearning round (PUF-regular): 3 replies, 4 updates
+    assert res["train-history"]["3"]["clients"] == 3
+    assert res["train-history"]["3"]["num-examples"] == sum(c["train-n"] for c in res["clients"].values())
+    client_gold = run({**rc, "unlearn.scenario": "client"}, 3, tmp_path / "client")[0]
+    assert client_gold["gold-key"] != res["gold-key"]
+
+
+def test_class_deletion_reports_mia_nn_and_the_gold_never_predicts_the_class(default_run_config, tmp_path):
+    rc = {**default_run_config, "dataset": "digits", "unlearn.scenario": "class", "unlearn.class": 3,
+          "unlearn.round": 3, "num-server-rounds": 6}
+    res, grid = run(rc, 3, tmp_path)
+    assert res["config"]["departing"] == [] and grid.sent.count("query.forget") == 3
+    assert set(res["deletion"]["clients"]) == {"0", "1", "2"}
+    orig, unl, gold = (res["report"][k] for k in ("original", "unlearned", "gold"))
+    assert gold["forget-acc"] < 0.05 and orig["forget-acc"] > 0.8
+    for m in (orig, unl, gold):
+        assert 0.0 <= m["mia-nn-auc"] <= 1.0
+    assert unl["forget-acc"] < 0.5  # PUF's ascent on every client's class-3 samples removed it
+    assert res["train-history"]["3"]["clients"] == 3  # every client stays, with both roles
+
+
+def test_federaser_reports_its_history_cost(default_run_config, tmp_path):
+    rc = {**default_run_config, "dataset": "digits", "unlearn.method": "federaser", "unlearn.round": 4,
+          "num-server-rounds": 6, "unlearn.recovery": "fixed"}
+    res, _ = run(rc, 3, tmp_path)
+    model_bytes = 4 * ((64 * 200 + 200) + (200 * 100 + 100) + (100 * 10 + 10))  # MLP on 8x8 digits, float32
+    # 3 checkpoints (rounds 1-3) x (start model + 3 client updates)
+    assert res["server-history-bytes"] == 3 * 4 * model_bytes
+    assert res["recovery"]["unlearning-rounds"] == 2  # J - 1 calibration rounds
+    assert res["unlearning"]["history-bytes"] == res["server-history-bytes"]
+
+
+@pytest.mark.parametrize("override, msg", [
+    ({"unlearn.scenario": "class", "unlearn.class": 99}, "does not exist"),
+    ({"unlearn.scenario": "samples", "unlearn.departing": ""}, "needs the requesting client"),
+    ({"unlearn.method": "retrain", "unlearn.round": 8, "num-server-rounds": 10}, "num-server-rounds must be at least 14"),
+])
+def test_impossible_deletions_fail_before_any_training(default_run_config, tmp_path, override, msg):
+    rc = {**default_run_config, "dataset": "digits", **override, "results-dir": str(tmp_path / "r"), "gold-cache-dir": str(tmp_path / "g")}
+    grid = InProcessGrid(client_app, 3, rc)
+    with pytest.raises(ValueError, match=msg):
+        server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
+    assert "train" not in grid.sent

@@ -45,17 +45,100 @@ def test_mia_auc_known_answers():
     assert loss_mia_auc(np.array([0.1, 0.5]), np.array([0.4, 0.9])) == 0.75
 
 
-def test_summarise_splits_by_role():
-    def ev(n_tr, c_tr, n_ho, c_ho, auc):
-        return {"train-n": n_tr, "train-correct": c_tr, "train-loss-sum": n_tr * 0.1, "heldout-n": n_ho,
-                "heldout-correct": c_ho, "heldout-loss-sum": n_ho * 0.2, "mia-auc": auc}
-    evals = {0: ev(10, 10, 5, 4, 0.7), 1: ev(20, 15, 10, 6, 0.5), 2: ev(30, 15, 10, 9, 0.5)}
-    s = summarise(evals, departing=[0])
-    assert s["forget-acc"] == 1.0 and s["forget-heldout-acc"] == 0.8
+def test_summarise_adds_parts_over_clients():
+    def ev(parts, auc=None):
+        out = {}
+        for part, (n, c) in parts.items():
+            out.update({f"{part}-n": n, f"{part}-correct": c, f"{part}-loss-sum": n * 0.1})
+        if auc is not None:
+            out["mia-auc"] = auc
+        return out
+    # client 0 left (everything is forget), clients 1, 2 stay (retain + test); client 1 also deletes samples
+    evals = {0: ev({"forget": (10, 10), "retain": (0, 0), "test": (0, 0), "fheld": (5, 4)}, 0.7),
+             1: ev({"forget": (20, 15), "retain": (20, 15), "test": (10, 6), "fheld": (10, 6)}, 0.5),
+             2: ev({"forget": (0, 0), "retain": (30, 15), "test": (10, 9), "fheld": (0, 0)})}
+    s = summarise(evals)
+    assert s["forget-acc"] == pytest.approx(25 / 30) and s["forget-heldout-acc"] == pytest.approx(10 / 15)
     assert s["retain-acc"] == pytest.approx(30 / 50) and s["test-acc"] == pytest.approx(15 / 20)
-    assert s["mia-auc"] == 0.7 and "kl-forget" not in s
-    two = summarise(evals, departing=[0, 1])
-    assert two["mia-auc"] == pytest.approx((10 * 0.7 + 20 * 0.5) / 30)  # weighted by forget-set size
+    assert s["mia-auc"] == pytest.approx((10 * 0.7 + 20 * 0.5) / 30)  # weighted by forget-set size
+    assert "kl-forget" not in s and "mia-nn-auc" not in s
+
+
+def test_split_parts_and_measure_client_known_answers():
+    import torch
+
+    from fed_unlearn.data import ArrayDataset
+    from fed_unlearn.evaluation import measure_client, split_parts
+
+    class Fixed(torch.nn.Module):  # predicts class = round(x[0]) with confidence
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x[:, 0].round().long(), 3).double() * 5.0
+
+    xs = np.array([[0.0], [1.0], [2.0], [1.0]], np.float32)
+    train = ArrayDataset(xs, np.array([0, 1, 2, 2]), 3, "t")  # the last sample is misclassified
+    heldout = ArrayDataset(xs[:3], np.array([0, 1, 1]), 3, "h")  # the last held-out one too
+    mask = np.array([False, True, True, False])
+    parts = split_parts(train, heldout, mask, removed_classes=(0,))
+    assert list(parts["forget"][1]) == [1, 2] and list(parts["retain"][1]) == [0, 3]
+    assert list(parts["test"][1]) == [1, 2]                  # held-out minus removed class 0
+    assert list(parts["fheld"][1]) == [1, 2]                 # held-out samples of classes {1, 2} in the forget set
+    m = measure_client(Fixed(), train, heldout, forget=mask, reference=Fixed(), mia=True)
+    assert (m["forget-n"], m["forget-correct"], m["retain-n"], m["retain-correct"]) == (2, 2, 2, 1)
+    assert m["forget-kl-sum"] == 0.0 and m["forget-disagree-sum"] == 0.0 and m["forget-tv-sum"] == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        split_parts(train, heldout, np.array([True]))
+
+
+def test_tv_distance_known_answers():
+    from fed_unlearn.metrics import tv_distance
+
+    a = np.log(np.array([[0.5, 0.5], [1.0, 1e-300]]))
+    b = np.log(np.array([[0.5, 0.5], [1e-300, 1.0]]))
+    assert tv_distance(a, a) == 0.0
+    assert tv_distance(a, b) == pytest.approx(0.5)  # (0 + 1) / 2
+    assert tv_distance(a, b) == pytest.approx(tv_distance(b, a))
+
+
+def test_mia_nn_separates_a_model_that_only_suppresses_the_class():
+    from fed_unlearn.metrics import mia_nn_auc, remaining_class_probs
+
+    # removed class 0; the neighbouring class is 1. Members (trained on) still put their
+    # mass on class 1 much more than unseen class-0 samples do -> perfectly separated.
+    members = np.log(np.array([[1e-9, 0.9, 0.1]] * 4))
+    nonmembers = np.log(np.array([[1e-9, 0.6, 0.4]] * 4))
+    assert mia_nn_auc(members, nonmembers, (0,)) == 1.0
+    assert mia_nn_auc(nonmembers, nonmembers, (0,)) == 0.5
+    q, kept = remaining_class_probs(np.log(np.array([[0.5, 0.25, 0.25]])), (0,))
+    np.testing.assert_allclose(q, [[0.5, 0.5]]) and list(kept) == [1, 2]
+    with pytest.raises(ValueError, match="every class"):
+        remaining_class_probs(members, (0, 1, 2))
+
+
+def test_relearn_count_on_a_constructed_case():
+    """A model that already predicts the target needs 0 steps; one that must learn needs > 0, capped."""
+    import torch
+
+    from fed_unlearn.training import TrainSettings, relearn_steps
+
+    x = np.eye(4, dtype=np.float32)
+    y = np.arange(4)
+    lin = torch.nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(4) * 5)
+    s = TrainSettings(epochs=1, batch_size=4, lr=0.5, momentum=0.0)
+    assert relearn_steps(lin, x, y, 1.0, s, max_steps=10, seed=0).steps == 0
+    with torch.no_grad():
+        lin.weight.copy_(torch.roll(torch.eye(4), 1, dims=0) * 5)  # every prediction wrong
+    res = relearn_steps(lin, x, y, 1.0, s, max_steps=200, seed=0)
+    assert res.reached and res.start_accuracy == 0.0 and res.steps > 0
+    # full-batch SGD on this linear model: learned after the same number of steps every time
+    with torch.no_grad():
+        lin.weight.copy_(torch.roll(torch.eye(4), 1, dims=0) * 5)
+    assert relearn_steps(lin, x, y, 1.0, s, max_steps=200, seed=1).steps == res.steps
+    with torch.no_grad():
+        lin.weight.copy_(torch.roll(torch.eye(4), 1, dims=0) * 5)
+    capped = relearn_steps(lin, x, y, 1.0, s, max_steps=1, seed=0)
+    assert not capped.reached and capped.steps == 1
 
 
 def test_weight_distance_and_average_gap():

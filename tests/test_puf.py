@@ -82,5 +82,5 @@ def test_bad_settings_name_the_key(rc, msg):
 
 
 def test_unknown_method_lists_valid_names():
-    with pytest.raises(ValueError, match="valid: fine-tune, gradient-ascent, not, puf, spectral-puf, sragu"):
+    with pytest.raises(ValueError, match="valid: federaser, fine-tune, gradient-ascent, ieu, not, pga, puf, retrain, spectral-puf, sragu"):
         make_method("eraser")

@@ -131,3 +131,53 @@ def test_not_sends_the_negated_model_and_reports_motion_from_the_round_start():
     np.testing.assert_array_equal(to_weights(out)["net.1.weight"], -np.ones((2, 2)))
     share = {l["layer"]: l["motion-share"] for l in s.unlearning_report["layers"]}
     assert share["net.1"] == pytest.approx(1.0) and share["net.3"] == 0.0
+
+
+def test_sample_deletion_round_asks_both_roles_and_the_client_stays_on_retained_data():
+    s = strategy(method=make_method("puf", {"puf.scale": 2.0}), departing=[2], departure_round=2, leave=False)
+    start_round(s, 1)
+    s.aggregate_train(1, [reply(c, GLOBAL, 1) for c in NODES])
+    msgs = {m.metadata.dst_node_id: m for m in start_round(s, 2)}
+    assert len(msgs) == 3  # one message per node, even with two roles
+    cfg2 = msgs[NODES[2]].content["config"]
+    assert cfg2["roles"] == "retain,forget" and cfg2["data-part"] == "retain"
+    assert "roles" not in msgs[NODES[0]].content["config"] and msgs[NODES[0]].content["config"]["data-part"] == "all"
+    both = RecordDict({"arrays": to_record(weights([1, 2], 0.5)), "metrics": MetricRecord({"num-examples": 1}),
+                       "forget-arrays": to_record(weights([1, 4], 1.5)), "forget-metrics": MetricRecord({"num-examples": 2})})
+    rep = [reply(0, weights([2, 2], 0.5), 1), reply(1, weights([1, 2], 0.5), 1),
+           Message(both, reply_to=Message(RecordDict(), NODES[2], MessageType.TRAIN))]
+    out, metrics = s.aggregate_train(2, rep)
+    expected = puf_update(GLOBAL, [ClientUpdate(0, weights([2, 2], 0.5), 1), ClientUpdate(1, weights([1, 2], 0.5), 1),
+                                   ClientUpdate(2, weights([1, 2], 0.5), 1)],
+                          [ClientUpdate(2, weights([1, 4], 1.5), 2)], eta=2.0)
+    for k in GLOBAL:
+        np.testing.assert_allclose(to_weights(out)[k], expected[k])
+    assert metrics["num-examples"] == 5  # both roles' examples count
+    assert s.departed == set() and s.retain_only == {2} and s.pending == ()
+    later = {m.metadata.dst_node_id: m for m in start_round(s, 3)}
+    assert len(later) == 3 and later[NODES[2]].content["config"]["data-part"] == "retain"
+
+
+def test_replies_with_records_that_were_not_asked_for_are_refused():
+    s = strategy(method=make_method("puf"), departing=[2], departure_round=3)
+    start_round(s, 1)
+    sneaky = RecordDict({"arrays": to_record(GLOBAL), "metrics": MetricRecord({"num-examples": 1}),
+                         "forget-arrays": to_record(GLOBAL), "forget-metrics": MetricRecord({"num-examples": 1})})
+    with pytest.raises(InvalidUpdateError, match="exactly the records"):
+        s.aggregate_train(1, [reply(0, GLOBAL, 1), reply(1, GLOBAL, 1),
+                              Message(sneaky, reply_to=Message(RecordDict(), NODES[2], MessageType.TRAIN))])
+    assert s.pending == (2,) and s.departed == set()
+
+
+def test_multi_round_method_keeps_the_request_pending_until_done():
+    s = strategy(method=make_method("retrain"), departing=[2], departure_round=3)
+    for rnd in (1, 2):
+        start_round(s, rnd)
+        s.aggregate_train(rnd, [reply(c, GLOBAL, 1) for c in NODES])
+    for rnd, seed_round in ((3, 1), (4, 2)):
+        msgs = start_round(s, rnd)
+        assert sorted(m.metadata.dst_node_id for m in msgs) == [NODES[0], NODES[1]]
+        assert msgs[0].content["config"]["seed-round"] == seed_round
+        assert s.is_unlearning_round(rnd) and not s.unlearning_done
+        s.aggregate_train(rnd, [reply(0, GLOBAL, 1), reply(1, GLOBAL, 1)])
+    assert s.unlearning_done and s.departed == {2} and s.unlearning_rounds_run == 2

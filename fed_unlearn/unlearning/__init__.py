@@ -8,13 +8,19 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .base import UnlearningMethod, config_from_run_config
-from .puf import PUF, PUFConfig, puf_update
 from . import gradient_ascent as _gradient_ascent
+from . import ieu as _ieu
+from . import projected_ga as _projected_ga
 from . import sragu as _sragu
+from .base import UnlearningMethod, config_from_run_config
+from .federaser import FedEraser, FedEraserConfig
 from .fine_tune import FineTune, FineTuneConfig
 from .gradient_ascent import GradientAscent, GradientAscentConfig
+from .ieu import IEU, IEUConfig
 from .negation import Negation, NegationConfig
+from .projected_ga import PGAConfig, ProjectedGradientAscent
+from .puf import PUF, PUFConfig, puf_update
+from .retrain import Retrain, RetrainConfig
 from .sragu import SRAGU, SRAGUConfig, SpectralPUF, SpectralPUFConfig, sragu_unlearn
 
 #: name -> (config dataclass, method class); read-only.
@@ -22,17 +28,26 @@ METHODS: Mapping[str, tuple[type, type[UnlearningMethod]]] = {
     "puf": (PUFConfig, PUF),
     "sragu": (SRAGUConfig, SRAGU),
     "spectral-puf": (SpectralPUFConfig, SpectralPUF),
+    "retrain": (RetrainConfig, Retrain),
     "fine-tune": (FineTuneConfig, FineTune),
     "gradient-ascent": (GradientAscentConfig, GradientAscent),
     "not": (NegationConfig, Negation),
+    "federaser": (FedEraserConfig, FedEraser),
+    "pga": (PGAConfig, ProjectedGradientAscent),
+    "ieu": (IEUConfig, IEU),
 }
 
-#: Client-side routines of the methods whose departing clients run ``train.unlearn``:
-#: name -> fn(model, forget, heldout, run_config, instruction, seed) -> metrics; read-only.
+#: Client-side routines of the methods whose forgetting clients run ``train.unlearn``:
+#: name -> fn(model, forget, heldout, run_config, instruction, seed, state) -> metrics; read-only.
 CLIENT_ROUTINES: Mapping[str, Any] = {
     "sragu": _sragu.client_unlearn,
     "gradient-ascent": _gradient_ascent.client_unlearn,
+    "pga": _projected_ga.client_unlearn,
+    "ieu": _ieu.client_unlearn,
 }
+
+#: Methods whose clients keep their own last local model (in their Flower Context state).
+KEEPS_LAST_LOCAL_MODEL: frozenset[str] = frozenset({"pga"})
 
 
 def make_method(name: str, run_config: Mapping[str, Any] | None = None) -> UnlearningMethod:
@@ -51,7 +66,7 @@ def make_method(name: str, run_config: Mapping[str, Any] | None = None) -> Unlea
 
 
 __all__ = [
-    "CLIENT_ROUTINES", "FineTune", "GradientAscent", "Negation",
-    "METHODS", "PUF", "PUFConfig", "SRAGU", "SRAGUConfig", "SpectralPUF", "SpectralPUFConfig",
-    "UnlearningMethod", "make_method", "puf_update", "sragu_unlearn",
+    "CLIENT_ROUTINES", "FedEraser", "FineTune", "GradientAscent", "IEU", "KEEPS_LAST_LOCAL_MODEL", "Negation",
+    "METHODS", "PUF", "PUFConfig", "ProjectedGradientAscent", "Retrain", "SRAGU", "SRAGUConfig", "SpectralPUF",
+    "SpectralPUFConfig", "UnlearningMethod", "make_method", "puf_update", "sragu_unlearn",
 ]

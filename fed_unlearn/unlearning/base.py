@@ -1,10 +1,21 @@
 """What every unlearning method tells the strategy, independent of Flower.
 
 A method decides three things about the *unlearning round* (the first round after
-a departure request): who trains, what the departing clients are asked to do, and
-how the replies are combined into the next global model. Every other round is
-plain FedAvg over the clients still in the federation, and the strategy keeps no
-per-client history, so a method must work from that round's replies alone.
+a deletion request): who trains, what the clients holding the data to forget are
+asked to do, and how the replies are combined into the next global model. Every
+other round is plain FedAvg over the clients still in the federation, and the
+strategy keeps no per-client history, so a method must work from that round's
+replies alone. Two baselines bend these rules and say so: ``retrain`` and
+``federaser`` take several server rounds (:attr:`UnlearningMethod.num_rounds`), and
+FedEraser keeps per-client history through :meth:`UnlearningMethod.observe`, inside
+its own object (its memory is reported by :meth:`UnlearningMethod.history_bytes`).
+
+Roles. In the unlearning round a client may play two roles: the *retain* role
+(ordinary local training on the data it keeps: all of it for a client not named in
+the request, its retained part for a client deleting samples or a class) and the
+*forget* role (training or the method's local routine on its forget set). The
+departing clients of a whole-client deletion have only the forget role. Methods see
+the retain-role replies as ``remaining`` and the forget-role replies as ``departing``.
 """
 
 from __future__ import annotations
@@ -23,6 +34,40 @@ class UnlearningMethod(ABC):
 
     #: Registry name, also the run-config prefix of the method's settings.
     name: ClassVar[str]
+    #: Set by the strategy: the forget-role clients serve ONE request spread over them
+    #: (a class removed from every client) rather than one request each (whole clients,
+    #: or samples of several clients); methods that add local motions average them then.
+    joint_request: bool = False
+
+    @property
+    def num_rounds(self) -> int:
+        """Server rounds the unlearning takes (1 for every method but the multi-round baselines)."""
+        return 1
+
+    def rounds_needed(self, rounds_before: int) -> int:
+        """Unlearning rounds the method will take when the request comes after ``rounds_before`` rounds."""
+        return self.num_rounds
+
+    def begin(self, requests: Sequence[int], leave: bool) -> None:
+        """Called once, before the first unlearning round, with the clients being served.
+
+        ``leave``: whether they leave the federation (whole-client deletion).
+        """
+
+    def observe(self, server_round: int, global_weights: Weights, updates: Sequence[ClientUpdate]) -> None:
+        """Ordinary-round hook: the round's starting model and its validated replies.
+
+        The strategy calls it after every ordinary (non-unlearning) round. The default
+        keeps nothing: methods must work without history. FedEraser overrides it.
+        """
+
+    def history_bytes(self) -> int:
+        """Bytes of per-client history the method keeps (0 for history-free methods)."""
+        return 0
+
+    def remaining_config(self) -> dict[str, Any]:
+        """Extra settings sent with the retain role's training in an unlearning round."""
+        return {}
 
     @property
     @abstractmethod
@@ -61,6 +106,45 @@ class UnlearningMethod(ABC):
         """Combine the unlearning round's replies into the next global model."""
 
 
+class RemainingOnlyMethod(UnlearningMethod):
+    """A method whose unlearning round(s) only the remaining clients train in (fine-tune, NoT, retrain, FedEraser)."""
+
+    @property
+    def remaining_clients_train(self) -> bool:  # noqa: D102
+        return True
+
+    @property
+    def departing_clients_train(self) -> bool:  # noqa: D102
+        return False
+
+
+class LocalRoutineMethod(UnlearningMethod):
+    """A method whose forgetting clients run a local routine (``train.unlearn``) and whose motion the server applies.
+
+    The remaining clients do not train in the unlearning round; the new global model is
+    :func:`apply_departing_motion` of the forget-role replies.
+    """
+
+    @property
+    def remaining_clients_train(self) -> bool:  # noqa: D102
+        return False
+
+    @property
+    def departing_task(self) -> str:  # noqa: D102
+        return "unlearn"
+
+    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]) -> "dict[str, np.ndarray]":  # noqa: D102
+        return apply_departing_motion(global_weights, [], departing, self.joint_request)
+
+
+def forget_loss(model: Any, forget: tuple[np.ndarray, np.ndarray]) -> float:
+    """Mean cross-entropy of ``model`` on the forget set (the routines report it before and after)."""
+    from ..metrics import cross_entropy
+    from ..training import predict_logits
+
+    return float(np.mean(cross_entropy(predict_logits(model, forget[0]), forget[1])))
+
+
 def config_from_run_config(cls: type, run_config: Mapping[str, Any], prefix: str) -> Any:
     """Build the config dataclass ``cls`` from ``<prefix>.<field-name>`` run-config keys.
 
@@ -88,20 +172,26 @@ def config_from_run_config(cls: type, run_config: Mapping[str, Any], prefix: str
 
 
 def apply_departing_motion(
-    global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]
+    global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate], joint: bool = False
 ) -> "dict[str, np.ndarray]":
-    """``w + sum_{u in U} (theta_u - w) + sum_{k in S} (n_k / N_S) (w_k - w)``.
+    """``w + sum_{u in U} c_u (theta_u - w) + sum_{k in S} (n_k / N_S) (w_k - w)``.
 
-    The combination for methods whose departing clients run a local unlearning routine:
-    each departure's unlearning motion is applied in full (concurrent departures add up),
-    plus a FedAvg step of the remaining clients if any trained in that round.
+    The combination for methods whose forget-role clients run a local unlearning routine.
+    Separate requests (``joint = False``: whole clients, or samples of several clients):
+    ``c_u = 1``, each request's unlearning motion is applied in full and concurrent ones
+    add up. One request spread over clients (``joint = True``: a class removed from every
+    client): ``c_u = m_u / M``, the forget-set-weighted mean of the local motions, i.e.
+    federated averaging of one unlearning step. Plus a FedAvg step of the remaining
+    clients if any trained in that round.
     """
     from ..aggregation import pseudo_gradient, weighted_sum
 
     if not departing:
         raise ValueError("needs at least one departing client's update")
-    deltas = [pseudo_gradient(u.weights, global_weights) for u in sorted(departing, key=lambda u: u.client_id)]
-    coefs = [1.0] * len(deltas)
+    dep = sorted(departing, key=lambda u: u.client_id)
+    deltas = [pseudo_gradient(u.weights, global_weights) for u in dep]
+    m = float(sum(u.num_examples for u in dep))
+    coefs = [u.num_examples / m for u in dep] if joint else [1.0] * len(deltas)
     rem = sorted(remaining, key=lambda u: u.client_id)
     if rem:
         n_s = float(sum(u.num_examples for u in rem))

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from ..aggregation import ClientUpdate, Weights, fedavg
-from .base import UnlearningMethod
+from .base import RemainingOnlyMethod
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class FineTuneConfig:
     """Fine-tuning has no settings (run-config prefix ``fine-tune.``)."""
 
 
-class FineTune(UnlearningMethod):
+class FineTune(RemainingOnlyMethod):
     """Continue FedAvg with the remaining clients only."""
 
     name = "fine-tune"
@@ -33,13 +33,6 @@ class FineTune(UnlearningMethod):
     def __init__(self, config: FineTuneConfig) -> None:
         self.config = config
 
-    @property
-    def remaining_clients_train(self) -> bool:  # noqa: D102
-        return True
-
-    @property
-    def departing_clients_train(self) -> bool:  # noqa: D102
-        return False
 
     def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]) -> "dict[str, np.ndarray]":  # noqa: D102
         if not remaining:

@@ -15,17 +15,16 @@ further from the gold than the original): that is what this baseline shows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..aggregation import ClientUpdate, Weights
 from ..metrics import cross_entropy
 from ..training import predict_logits
-from .base import UnlearningMethod, apply_departing_motion
+from .base import LocalRoutineMethod, forget_loss
 
 
 @dataclass(frozen=True)
@@ -55,8 +54,12 @@ class GradientAscentConfig:
 
 
 def gradient_ascent(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: GradientAscentConfig, seed: int,
-                    reference_loss: float = float("nan")) -> int:
-    """Minibatch gradient ascent on ``(x, y)`` in place; returns the number of steps taken."""
+                    reference_loss: float = float("nan"), weight_decay: float = 0.0) -> int:
+    """Minibatch gradient ascent on ``(x, y)`` in place; returns the number of steps taken.
+
+    ``theta <- (1 - eta * lambda) theta + eta * grad CE(theta; B)`` with ``lambda = weight_decay``
+    (decoupled decay; 0 for the plain baseline, used by IEU).
+    """
     if len(x) == 0:
         raise ValueError("gradient ascent needs a non-empty forget set")
     target = cfg.target_ratio * reference_loss if cfg.target_ratio > 0 and np.isfinite(reference_loss) else float("inf")
@@ -73,6 +76,8 @@ def gradient_ascent(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: Gradien
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
                 for p, g in zip(params, grads):
+                    if weight_decay:
+                        p.mul_(1.0 - cfg.lr * weight_decay)
                     p.add_(cfg.lr * g)
             steps += 1
             if float(loss.detach()) >= target:
@@ -81,19 +86,20 @@ def gradient_ascent(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: Gradien
 
 
 def client_unlearn(model: nn.Module, forget: tuple[np.ndarray, np.ndarray], heldout: tuple[np.ndarray, np.ndarray],
-                   run_config: Mapping[str, Any], instruction: Mapping[str, Any], seed: int) -> dict[str, float]:
+                   run_config: Mapping[str, Any], instruction: Mapping[str, Any], seed: int,
+                   state: Mapping[str, Any] | None = None) -> dict[str, float]:
     """The departing client's side: local gradient ascent with the run config's settings."""
     from .base import config_from_run_config
 
     cfg = config_from_run_config(GradientAscentConfig, run_config, "gradient-ascent")
     ref = float(np.mean(cross_entropy(predict_logits(model, heldout[0]), heldout[1]))) if len(heldout[0]) else float("nan")
-    start = float(np.mean(cross_entropy(predict_logits(model, forget[0]), forget[1])))
+    start = forget_loss(model, forget)
     steps = gradient_ascent(model, *forget, cfg, seed=seed, reference_loss=ref)
-    end = float(np.mean(cross_entropy(predict_logits(model, forget[0]), forget[1])))
+    end = forget_loss(model, forget)
     return {"train-steps": steps, "forget-loss-start": start, "forget-loss-end": end, "reference-loss": ref}
 
 
-class GradientAscent(UnlearningMethod):
+class GradientAscent(LocalRoutineMethod):
     """Departing clients run gradient ascent locally; their motion is applied in full."""
 
     name = "gradient-ascent"
@@ -101,13 +107,3 @@ class GradientAscent(UnlearningMethod):
     def __init__(self, config: GradientAscentConfig) -> None:
         self.config = config
 
-    @property
-    def remaining_clients_train(self) -> bool:  # noqa: D102
-        return False
-
-    @property
-    def departing_task(self) -> str:  # noqa: D102
-        return "unlearn"
-
-    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]) -> "dict[str, np.ndarray]":  # noqa: D102
-        return apply_departing_motion(global_weights, [], departing)

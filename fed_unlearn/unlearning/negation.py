@@ -23,7 +23,7 @@ import numpy as np
 
 from ..aggregation import ClientUpdate, Weights, fedavg
 from ..spectral import layer_of
-from .base import UnlearningMethod
+from .base import RemainingOnlyMethod
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def negate(global_weights: Weights, layers: Sequence[str]) -> "dict[str, np.ndar
     return {k: (-np.asarray(v) if layer_of(k) in set(layers) else np.array(v, copy=True)) for k, v in global_weights.items()}
 
 
-class Negation(UnlearningMethod):
+class Negation(RemainingOnlyMethod):
     """NoT: negate selected layers of the global model, then FedAvg over the remaining clients."""
 
     name = "not"
@@ -65,13 +65,6 @@ class Negation(UnlearningMethod):
     def __init__(self, config: NegationConfig) -> None:
         self.config = config
 
-    @property
-    def remaining_clients_train(self) -> bool:  # noqa: D102
-        return True
-
-    @property
-    def departing_clients_train(self) -> bool:  # noqa: D102
-        return False
 
     def prepare_global(self, global_weights: Weights) -> "dict[str, np.ndarray]":  # noqa: D102
         return negate(global_weights, negated_layers(global_weights, self.config.layers))

@@ -256,11 +256,12 @@ class SRAGU(UnlearningMethod):
 
     def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]) -> "dict[str, np.ndarray]":
         """``w + sum_U (theta_u - w)`` (+ FedAvg step of the remaining clients if they trained)."""
-        return apply_departing_motion(global_weights, remaining if self.config.remaining_train else [], departing)
+        return apply_departing_motion(global_weights, remaining if self.config.remaining_train else [], departing, self.joint_request)
 
 
 def client_unlearn(model: nn.Module, forget: tuple[np.ndarray, np.ndarray], heldout: tuple[np.ndarray, np.ndarray],
-                   run_config: Mapping[str, Any], instruction: Mapping[str, Any], seed: int) -> dict[str, float]:
+                   run_config: Mapping[str, Any], instruction: Mapping[str, Any], seed: int,
+                   state: Mapping[str, Any] | None = None) -> dict[str, float]:
     """The departing client's side of SRAGU: the server's ``nu`` + local settings -> :func:`sragu_unlearn`."""
     from .base import config_from_run_config
 
