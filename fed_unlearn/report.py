@@ -188,6 +188,17 @@ def plot_comparison(path: str | Path, results: Mapping[str, Mapping[str, Any]], 
 HARNESS_METRICS = tuple(k for k, _ in TABLE_ROWS)
 
 
+#: Extra per-method rows of the harness: (key, label, getter on one results.json).
+EXTRA_ROWS: tuple[tuple[str, str, Any], ...] = (
+    ("unlearning-rounds", "unlearning rounds", lambda r: r["recovery"].get("unlearning-rounds")),
+    ("recovery-rounds", "recovery rounds to gold accuracy", lambda r: r["recovery"]["rounds-to-gold"]),
+    ("compute-fraction", "client-compute, fraction of gold retraining", lambda r: r["client-compute"]["fraction-of-gold-steps"]),
+    ("history-mb", "server-side per-client history, MB", lambda r: r.get("server-history-bytes", 0) / 1e6),
+)
+
+Stats = Mapping[str, Mapping[str, "tuple[float, float, int]"]]
+
+
 def seed_statistics(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, tuple[float, float, int]]]:
     """Mean, sample standard deviation and count over seeds, per model column and metric.
 
@@ -200,7 +211,7 @@ def seed_statistics(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str
     dict
         ``{column: {metric: (mean, std, n)}}`` with columns ``original``, each method, ``gold``
         (original and gold taken from the first method's runs: they do not depend on the method).
-        Extra metrics per method: ``recovery-rounds`` and ``compute-fraction``.
+        Extra metrics per method: :data:`EXTRA_ROWS`.
     """
     import numpy as np
 
@@ -216,66 +227,130 @@ def seed_statistics(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str
         model = "unlearned" if column not in ("original", "gold") else column
         out[column] = {k: stats([r["report"][model].get(k) for r in source]) for k in HARNESS_METRICS}
         if model == "unlearned":
-            out[column]["recovery-rounds"] = stats([r["recovery"]["rounds-to-gold"] for r in source])
-            out[column]["compute-fraction"] = stats([r["client-compute"]["fraction-of-gold-steps"] for r in source])
+            for key, _, get in EXTRA_ROWS:
+                out[column][key] = stats([get(r) for r in source])
     return out
 
 
-def statistics_table(stats: Mapping[str, Mapping[str, tuple[float, float, int]]]) -> str:
+def _cell(stat: "tuple[float, float, int]") -> str:
+    mean, std, n = stat
+    return "–" if n == 0 else f"{mean:.4f} ± {std:.4f}"
+
+
+def statistics_table(stats: Stats) -> str:
     """Markdown table of ``mean ± std`` per metric (rows) and column (models)."""
     cols = list(stats)
-    labels = dict(TABLE_ROWS) | {"recovery-rounds": "recovery rounds to gold accuracy",
-                                 "compute-fraction": "client-compute, fraction of gold retraining"}
+    labels = dict(TABLE_ROWS) | {k: label for k, label, _ in EXTRA_ROWS}
     lines = ["| metric | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for key, label in labels.items():
-        if not any(key in stats[c] for c in cols):
+        if not any(stats[c].get(key, (0, 0, 0))[2] for c in cols):
             continue
-        cells = []
-        for c in cols:
-            mean, std, n = stats[c].get(key, (float("nan"), float("nan"), 0))
-            cells.append("–" if n == 0 else f"{mean:.4f} ± {std:.4f}")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(_cell(stats[c].get(key, (float("nan"), float("nan"), 0))) for c in cols) + " |")
     return "\n".join(lines)
 
 
-def write_statistics_csv(path: str | Path, stats: Mapping[str, Mapping[str, tuple[float, float, int]]]) -> Path:
-    """``column,metric,mean,std,n`` rows."""
+def overview_table(stats: Mapping[str, Stats], key: str = "average-gap") -> str:
+    """Markdown table: one row per model column, one column per scenario, cells ``mean ± std`` of ``key``."""
+    scenarios = list(stats)
+    cols: list[str] = []
+    for st in stats.values():
+        cols += [c for c in st if c not in cols]
+    lines = ["| model | " + " | ".join(scenarios) + " |", "|---|" + "---:|" * len(scenarios)]
+    for c in cols:
+        lines.append(f"| {c} | " + " | ".join(_cell(stats[sc][c][key]) if c in stats[sc] else "–" for sc in scenarios) + " |")
+    return "\n".join(lines)
+
+
+def write_statistics_csv(path: str | Path, stats: Mapping[str, Stats]) -> Path:
+    """``scenario,model,metric,mean,std,n`` rows."""
     import csv
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["model", "metric", "mean", "std", "n"])
-        for column, metrics in stats.items():
-            for key, (mean, std, n) in metrics.items():
-                w.writerow([column, key, mean, std, n])
+        w.writerow(["scenario", "model", "metric", "mean", "std", "n"])
+        for scenario, st in stats.items():
+            for column, metrics in st.items():
+                for key, (mean, std, n) in metrics.items():
+                    w.writerow([scenario, column, key, mean, std, n])
     return path
 
 
-def plot_harness(path: str | Path, stats: Mapping[str, Mapping[str, tuple[float, float, int]]], title: str = "") -> Path:
-    """Bar charts over seeds: Average Gap per method, and MIA AUC per method against the gold's."""
+def _bars(ax: Any, stats: Stats, cols: Sequence[str], key: str, label: str, gold_line: bool) -> None:
+    means = [stats[c][key][0] for c in cols]
+    stds = [stats[c][key][1] for c in cols]
+    ax.bar(range(len(cols)), means, yerr=stds, capsize=3, color=["0.6" if c == "original" else f"C{i}" for i, c in enumerate(cols)])
+    ax.set_xticks(range(len(cols)), cols, rotation=35, ha="right", fontsize=8)
+    ax.set_title(label, fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    if gold_line:
+        import math
+
+        g = stats["gold"][key][0]
+        ax.axhline(g, color="k", ls="--", lw=1, label=f"gold {g:.3f}")
+        vals = [m for m in means if not math.isnan(m)] + [g]
+        lo = min(m - s for m, s in zip(means, stds) if not math.isnan(m)) if means else g
+        ax.set_ylim(min(lo, g) - 0.02, max(vals) + max(stds + [0]) + 0.02)
+        ax.legend(fontsize=8)
+
+
+def plot_harness_scenario(path: str | Path, stats: Stats, seed0: Mapping[str, Mapping[str, Any]], title: str = "") -> Path:
+    """One scenario: per-round test and forget accuracy (seed 0), Average Gap bars, MIA AUC bars vs gold."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    methods = [c for c in stats if c not in ("original", "gold")]
-    cols = ["original", *methods]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "average-gap", "Average Gap to gold (lower is better)"),
-                           (axes[1], "mia-auc", "loss-threshold MIA AUC (target: gold)")):
-        means = [stats[c][key][0] for c in cols]
-        stds = [stats[c][key][1] for c in cols]
-        ax.bar(range(len(cols)), means, yerr=stds, capsize=3, color=["0.6", *[f"C{i}" for i in range(len(methods))]])
-        ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    first = next(iter(seed0.values()))
+    gold_hist = {int(r): h for r, h in first["gold-history"].items()}
+    d = first["config"]["departure_round"]
+    for ax, key, label in ((axes[0, 0], "test-acc", "held-out test accuracy (seed 0)"),
+                           (axes[0, 1], "forget-acc", "forget-set accuracy (seed 0)")):
+        for i, (name, res) in enumerate(seed0.items()):
+            hist = {int(r): h for r, h in res["history"].items()}
+            rounds = sorted(r for r in hist if key in hist[r])
+            ax.plot(rounds, [hist[r][key] for r in rounds], marker="o", ms=2, color=f"C{i + 1}", label=name)
+        if gold_hist and key in gold_hist[max(gold_hist)]:
+            ax.axhline(gold_hist[max(gold_hist)][key], color="k", ls="--", lw=1, label="gold (final)")
+        ax.axvline(d, color="k", ls=":", lw=1)
+        ax.annotate("request / unlearning", (d, 0.02), xycoords=("data", "axes fraction"), xytext=(3, 0),
+                    textcoords="offset points", fontsize=7)
         ax.set_title(label, fontsize=10)
-        ax.grid(alpha=0.3, axis="y")
-        if key == "mia-auc":
-            g = stats["gold"][key][0]
-            ax.axhline(g, color="k", ls="--", lw=1, label=f"gold {g:.3f}")
-            lo = min(m - s for m, s in zip(means, stds))
-            ax.set_ylim(min(lo, g) - 0.01, max(m + s for m, s in zip(means, stds)) + 0.01)
-            ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+        ax.set_xlabel("server round")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0, 1].legend(fontsize=7, loc="best", ncol=2)
+    methods = [c for c in stats if c not in ("original", "gold")]
+    _bars(axes[1, 0], stats, ["original", *methods], "average-gap", "Average Gap to gold (lower is better)", False)
+    mia = "mia-nn-auc" if stats["gold"].get("mia-nn-auc", (0, 0, 0))[2] else "mia-auc"
+    _bars(axes[1, 1], stats, ["original", *methods], mia, f"{mia} (target: the gold's)", True)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_harness_overview(path: str | Path, stats: Mapping[str, Stats], title: str = "") -> Path:
+    """Average Gap per method, one group of bars per scenario."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    scenarios = list(stats)
+    cols = [c for c in next(iter(stats.values())) if c != "gold"]
+    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(cols) * len(scenarios) / 3), 4.5))
+    width = 0.8 / len(scenarios)
+    x = np.arange(len(cols))
+    for j, sc in enumerate(scenarios):
+        means = [stats[sc][c]["average-gap"][0] if c in stats[sc] else np.nan for c in cols]
+        stds = [stats[sc][c]["average-gap"][1] if c in stats[sc] else 0.0 for c in cols]
+        ax.bar(x + (j - (len(scenarios) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=sc)
+    ax.set_xticks(x, cols, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("Average Gap to gold")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
     return _save(fig, path)

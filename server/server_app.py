@@ -6,6 +6,8 @@ of :mod:`server.experiment` (gold federation, federation with departure, report)
 
 from __future__ import annotations
 
+from typing import Any
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -18,9 +20,9 @@ app = ServerApp()
 
 
 @app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Run one federated-unlearning experiment as configured in ``context.run_config``."""
+def main(grid: Grid, context: Context) -> dict[str, Any]:
+    """Run one federated-unlearning experiment as configured in ``context.run_config``; return its results."""
     run_config = dict(context.run_config)
     cfg = ExperimentConfig.from_run_config(run_config)  # bad settings fail here, before any round
     method = make_method(cfg.method, run_config)
-    run_experiment(grid, cfg, method, run_config)
+    return run_experiment(grid, cfg, method, run_config)

@@ -1,18 +1,24 @@
-"""The comparison harness: methods x seeds, each cell a `flwr run` simulation, summarised.
+"""The comparison harness: methods x deletion scenarios x seeds, summarised against the gold.
 
-    python -m simulations.harness                                   # every method, seeds 0 1 2
-    python -m simulations.harness --methods puf sragu --seeds 0 1 --run-config "partitioner='dirichlet'"
+    python -m simulations.harness                       # every method x 4 scenarios x seeds 0 1 2 (flwr run, Ray)
+    python -m simulations.harness --engine inprocess    # the same grid without SuperLink/Ray (same numbers, faster)
+    python -m simulations.harness --methods puf sragu --scenarios client class --seeds 0 1
 
-Each cell (method, seed) writes its ``results.json`` under
-``<results-dir>/harness/<method>/seed<k>/``; a rerun skips cells whose results exist
-(resumable), and the gold federation of each seed is trained once and shared by every
-method through the cache. Outputs in ``<results-dir>/harness/``:
+Each cell (scenario, method, seed) is one experiment: by default a ``flwr run``
+simulation on Flower's Ray engine through :mod:`simulations.run_experiment`; with
+``--engine inprocess`` the same ServerApp and ClientApp code on an in-process Grid.
+Cells write ``<results-dir>/harness/<scenario>/<method>/seed<k>/*/results.json``; a
+rerun skips cells whose results exist (resumable). The gold federation of each
+(scenario, seed) is trained once and shared by every method through the cache.
 
-* ``harness.md``: mean ± std over seeds per metric and model (original, each method, gold);
+Outputs in ``<results-dir>/harness/``:
+
+* ``harness.md``: the overview (Average Gap to gold per method and scenario) and, per
+  scenario, mean ± std over seeds of every metric for the original, each method and the gold;
 * ``harness.csv`` / ``harness.json``: the same numbers, machine-readable;
-* ``harness.png``: Average Gap per method and MIA AUC per method against the gold's.
-
-Deletion scenarios beyond whole clients (sample- and class-level) are not in the grid yet.
+* ``harness.png``: Average Gap per method, grouped by scenario;
+* ``harness_<scenario>.png``: per-round forget and test accuracy (seed 0, unlearning round
+  marked), Average Gap per method, and the scenario's membership-inference AUC against the gold's.
 """
 
 from __future__ import annotations
@@ -22,68 +28,118 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from fed_unlearn.report import plot_harness, seed_statistics, statistics_table, write_json, write_statistics_csv
+from fed_unlearn.report import (overview_table, plot_harness_overview, plot_harness_scenario, seed_statistics,
+                                statistics_table, write_json, write_statistics_csv)
 from fed_unlearn.unlearning import METHODS
 
 from .run_experiment import PROJECT_ROOT
 from .run_experiment import main as run_one
 
+#: Named deletion scenarios: run-config overrides (``unlearn.departing`` is ignored for ``class``).
+SCENARIOS: dict[str, str] = {
+    "client": "unlearn.scenario='client' unlearn.departing='0'",
+    "samples-random": "unlearn.scenario='samples' unlearn.selection='random' unlearn.departing='0'",
+    "samples-high-loss": "unlearn.scenario='samples' unlearn.selection='high-loss' unlearn.departing='0'",
+    "samples-low-margin": "unlearn.scenario='samples' unlearn.selection='low-margin' unlearn.departing='0'",
+    "samples-high-grad-norm": "unlearn.scenario='samples' unlearn.selection='high-grad-norm' unlearn.departing='0'",
+    "samples-influence": "unlearn.scenario='samples' unlearn.selection='influence' unlearn.departing='0'",
+    "samples-class": "unlearn.scenario='samples' unlearn.selection='class' unlearn.departing='0'",
+    "class": "unlearn.scenario='class'",
+}
+DEFAULT_SCENARIOS = ("client", "samples-random", "samples-high-loss", "class")
+#: Keys the harness sets itself per cell.
+OWNED_KEYS = ("seed=", "unlearn.method=", "unlearn.scenario=")
+
 
 def progress(done: int, total: int, label: str, started: float) -> None:
-    """One-line progress bar over the grid, with elapsed time."""
+    """One-line progress bar over the grid, with elapsed time and an estimate of what is left."""
     width = 30
     filled = int(width * done / total)
-    print(f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label} ({time.monotonic() - started:.0f} s)", flush=True)
+    elapsed = time.monotonic() - started
+    eta = f", ~{elapsed / done * (total - done):.0f} s left" if 0 < done < total else ""
+    print(f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label} ({elapsed:.0f} s{eta})", flush=True)
+
+
+def run_cell(engine: str, out: Path, num_clients: int, overrides: str) -> int:
+    """Run one experiment into ``out``; returns 0 on success."""
+    if engine == "ray":
+        return run_one(["--num-clients", str(num_clients), "--results-dir", str(out), "--run-config", overrides])
+    from .inprocess import run_inprocess
+
+    try:
+        run_inprocess(str(PROJECT_ROOT), num_clients, f"{overrides} results-dir='{out}'")
+    except Exception as exc:  # noqa: BLE001  (report and stop the grid; finished cells stay)
+        print(f"cell failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), help="registry names (default: all)")
+    ap.add_argument("--scenarios", nargs="+", default=list(DEFAULT_SCENARIOS), help=f"of {', '.join(SCENARIOS)}")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--num-clients", type=int, default=5)
+    ap.add_argument("--engine", choices=("ray", "inprocess"), default="ray",
+                    help="ray: flwr run on the Ray simulation engine; inprocess: same apps, no SuperLink/Ray")
     ap.add_argument("--run-config", default="", help="overrides shared by every cell")
     ap.add_argument("--results-dir", default=str(PROJECT_ROOT / "results"))
     args = ap.parse_args(argv)
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         ap.error(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
-    if "seed=" in args.run_config or "unlearn.method=" in args.run_config:
-        ap.error("seed and unlearn.method are set by the harness; use --seeds and --methods")
+    bad = sorted(set(args.scenarios) - set(SCENARIOS))
+    if bad:
+        ap.error(f"unknown scenario(s) {bad}; valid: {', '.join(SCENARIOS)}")
+    if any(k in args.run_config for k in OWNED_KEYS):
+        ap.error("seed, unlearn.method and unlearn.scenario are set by the harness; use --seeds, --methods, --scenarios")
     root = Path(args.results_dir).resolve()
     dest = root / "harness"
-    cells = [(m, s) for s in args.seeds for m in args.methods]  # seed-major: one gold per seed, then reused
-    runs: dict[str, list[dict]] = {m: [] for m in args.methods}
+    # scenario- and seed-major: the first method of each (scenario, seed) trains the gold, the others reuse it
+    cells = [(sc, m, s) for sc in args.scenarios for s in args.seeds for m in args.methods]
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {sc: {m: [] for m in args.methods} for sc in args.scenarios}
     started = time.monotonic()
-    for i, (method, seed) in enumerate(cells):
-        out = dest / method / f"seed{seed}"
+    for i, (scenario, method, seed) in enumerate(cells):
+        out = dest / scenario / method / f"seed{seed}"
         found = sorted(out.glob("*/results.json"))
         if not found:
-            progress(i, len(cells), f"running {method} seed {seed}", started)
-            rc = f"seed={seed} unlearn.method='{method}' gold-cache-dir='{root / 'gold-cache'}' {args.run_config}".strip()
-            code = run_one(["--num-clients", str(args.num_clients), "--results-dir", str(out), "--run-config", rc])
+            progress(i, len(cells), f"running {scenario} / {method} / seed {seed}", started)
+            rc = (f"seed={seed} unlearn.method='{method}' gold-cache-dir='{root / 'gold-cache'}' "
+                  f"{SCENARIOS[scenario]} {args.run_config}").strip()
+            code = run_cell(args.engine, out, args.num_clients, rc)
             if code != 0:
-                print(f"{method} seed {seed}: run failed (exit {code}); finished cells are kept, rerun to resume", file=sys.stderr)
+                print(f"{scenario} / {method} / seed {seed}: run failed (exit {code}); finished cells are kept, "
+                      "rerun to resume", file=sys.stderr)
                 return code
             found = sorted(out.glob("*/results.json"))
         else:
-            progress(i, len(cells), f"{method} seed {seed} already done, skipped", started)
-        runs[method].append(json.loads(found[0].read_text()))
+            progress(i, len(cells), f"{scenario} / {method} / seed {seed} already done, skipped", started)
+        runs[scenario][method].append(json.loads(found[0].read_text()))
     progress(len(cells), len(cells), "done", started)
 
-    stats = seed_statistics(runs)
-    cfg = runs[args.methods[0]][0]["config"]
-    title = (f"{cfg['dataset']}, {args.num_clients} clients, client(s) {cfg['departing']} leave in round "
-             f"{cfg['departure_round']}; mean ± std over seeds {args.seeds}")
-    table = statistics_table(stats)
-    (dest / "harness.md").write_text(f"# {title}\n\n{table}\n")
+    stats = {sc: seed_statistics(r) for sc, r in runs.items()}
+    first = runs[args.scenarios[0]][args.methods[0]][0]
+    cfg = first["config"]
+    setup = (f"{cfg['dataset']}, {cfg['model']}, {args.num_clients} clients ({cfg['partitioner']}), request in round "
+             f"{cfg['departure_round']} of {cfg['num_server_rounds']}; mean ± std over seeds {args.seeds}; engine {args.engine}")
+    sections = [f"# fed-unlearn harness\n\n{setup}\n\n## Average Gap to gold (lower is better)\n\n{overview_table(stats)}"]
+    for sc in args.scenarios:
+        desc = runs[sc][args.methods[0]][0]["deletion"]
+        sections.append(f"## {sc}: {json.dumps({k: v for k, v in desc.items() if k != 'clients'})}\n\n{statistics_table(stats[sc])}")
+        plot_harness_scenario(dest / f"harness_{sc}.png", stats[sc], {m: r[0] for m, r in runs[sc].items()}, title=f"{sc}: {setup}")
+    (dest / "harness.md").write_text("\n\n".join(sections) + "\n")
     write_statistics_csv(dest / "harness.csv", stats)
-    write_json(dest / "harness.json", {"seeds": args.seeds, "methods": args.methods, "run-config": args.run_config,
-                                       "statistics": {c: {k: {"mean": v[0], "std": v[1], "n": v[2]} for k, v in m.items()}
-                                                      for c, m in stats.items()}})
-    plot_harness(dest / "harness.png", stats, title=title)
-    print(f"\n{table}\n\nwritten to {dest}")
+    write_json(dest / "harness.json", {
+        "seeds": args.seeds, "methods": args.methods, "scenarios": args.scenarios, "engine": args.engine,
+        "run-config": args.run_config,
+        "statistics": {sc: {c: {k: {"mean": v[0], "std": v[1], "n": v[2]} for k, v in m.items()} for c, m in st.items()}
+                       for sc, st in stats.items()},
+    })
+    plot_harness_overview(dest / "harness.png", stats, title=setup)
+    print(f"\n{overview_table(stats)}\n\nwritten to {dest}")
     return 0
 
 

@@ -62,3 +62,36 @@ def test_gold_key_depends_on_what_gold_depends_on():
     assert base.gold_key(5) != ExperimentConfig(seed=1).gold_key(5)
     # recovery settings and the method do not change the gold federation
     assert base.gold_key(5) == ExperimentConfig(recovery="fixed", method="puf", num_server_rounds=30).gold_key(5)
+
+
+def test_every_method_setting_is_a_run_config_key_with_the_same_default():
+    """`flwr run --run-config` refuses keys missing from pyproject: every method knob must be there."""
+    from dataclasses import MISSING, fields
+
+    from fed_unlearn.unlearning import METHODS
+
+    rc = flat(tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"])
+    for name, (cfg_cls, _) in METHODS.items():
+        for f in fields(cfg_cls):
+            key = f"{name}.{f.name.replace('_', '-')}"
+            assert key in rc, f"{key} missing from [tool.flwr.app.config]"
+            default = f.default if f.default is not MISSING else f.default_factory()
+            assert rc[key] == pytest.approx(default), key
+    for key in ("unlearn.scenario", "unlearn.selection", "unlearn.fraction", "unlearn.class"):
+        assert key in rc
+
+
+def test_scenarios_from_the_run_config():
+    cls = ExperimentConfig.from_run_config({"unlearn.scenario": "class", "unlearn.class": 4})
+    assert cls.departing == () and cls.deletion.removed_classes == (4,) and cls.involved([0, 1, 2]) == (0, 1, 2)
+    assert cls.leaving == ()
+    smp = ExperimentConfig.from_run_config({"unlearn.scenario": "samples", "unlearn.departing": "2"})
+    assert smp.involved([0, 1, 2]) == (2,) and smp.leaving == ()
+    assert ExperimentConfig().leaving == (0,)
+    with pytest.raises(ValueError, match="needs the requesting client"):
+        ExperimentConfig.from_run_config({"unlearn.scenario": "samples", "unlearn.departing": ""})
+    with pytest.raises(ValueError, match="unlearn.fraction"):
+        ExperimentConfig.from_run_config({"unlearn.scenario": "samples", "unlearn.fraction": 1.5})
+    # the gold depends on what is deleted, and on exactly which samples when the model chose them
+    base = ExperimentConfig.from_run_config({"unlearn.scenario": "samples", "unlearn.selection": "high-loss"})
+    assert base.gold_key(5, {0: "aa"}) != base.gold_key(5, {0: "bb"}) != ExperimentConfig().gold_key(5)

@@ -63,15 +63,29 @@ def test_sragu_through_flwr_run_on_the_embedded_dataset(tmp_path):
 
 
 @pytest.mark.slow
-def test_harness_grid_is_summarised_and_resumable(tmp_path):
-    cmd = [sys.executable, "-m", "simulations.harness", "--methods", "puf", "fine-tune", "--seeds", "0", "1",
-           "--num-clients", "3", "--results-dir", str(tmp_path), "--run-config", SMALL]
+def test_harness_grid_is_summarised_resumable_and_engine_independent(tmp_path):
+    """2 methods x 1 scenario (sample deletion) x 2 seeds through flwr run on Ray; in-process gives the same numbers."""
+    grid = ["--methods", "puf", "retrain", "--scenarios", "samples-random", "--seeds", "0", "1", "--num-clients", "3",
+            "--run-config", "dataset='digits' num-server-rounds=5 unlearn.round=3 unlearn.recovery='until-gold'"]
+    cmd = [sys.executable, "-m", "simulations.harness", *grid, "--results-dir", str(tmp_path / "ray")]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    stats = json.loads((tmp_path / "harness" / "harness.json").read_text())["statistics"]
-    assert set(stats) == {"original", "puf", "fine-tune", "gold"}
+    out = tmp_path / "ray" / "harness"
+    data = json.loads((out / "harness.json").read_text())
+    stats = data["statistics"]["samples-random"]
+    assert set(stats) == {"original", "puf", "retrain", "gold"} and data["engine"] == "ray"
     assert stats["puf"]["average-gap"]["n"] == 2 and stats["gold"]["average-gap"]["mean"] == 0.0
-    assert (tmp_path / "harness" / "harness.png").is_file() and (tmp_path / "harness" / "harness.csv").is_file()
-    assert len(list((tmp_path / "gold-cache").iterdir())) == 2  # one gold federation per seed, shared by both methods
+    # retraining with the gold's seeds is the gold (until-gold recovery: no extra round after it)
+    assert stats["retrain"]["l2-to-gold"]["mean"] == 0.0 and stats["retrain"]["recovery-rounds"]["mean"] == 0.0
+    for f in ("harness.png", "harness_samples-random.png", "harness.csv", "harness.md"):
+        assert (out / f).is_file()
+    assert len(list((tmp_path / "ray" / "gold-cache").iterdir())) == 2  # one gold per seed, shared by both methods
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("already done, skipped") == 4
+    local = subprocess.run([sys.executable, "-m", "simulations.harness", *grid, "--engine", "inprocess",
+                            "--results-dir", str(tmp_path / "local")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert local.returncode == 0, local.stderr[-3000:]
+    same = json.loads((tmp_path / "local" / "harness" / "harness.json").read_text())["statistics"]["samples-random"]
+    for col in stats:
+        for key in ("test-acc", "forget-acc", "mia-auc", "kl-forget", "l2-to-gold", "relearn-steps"):
+            assert same[col][key]["mean"] == pytest.approx(stats[col][key]["mean"], abs=1e-9), (col, key)
