@@ -60,7 +60,6 @@ def test_heavy_tailed_matrix_gets_smaller_exponent_than_gaussian():
 def test_matches_weightwatcher_on_a_conv_net():
     import logging
 
-    import torch
     import weightwatcher as ww
 
     from fed_unlearn.models import build_model
