@@ -5,6 +5,9 @@ round is an ordinary ``train`` message. It answers
 
 * ``query.info``: its id (``partition-id`` from the node config), split sizes, and the
   model's input shape and class count (so the server builds the model without data);
+* ``query.erasure``: the server's poll of a deployed site's erasure inbox (node-config
+  ``erasure-inbox``; see :mod:`fed_unlearn.erasure`): files the requests the server has
+  journaled (``acks``) and replies the pending ones;
 * ``query.forget``: the deletion request. With the model of that moment, a client named
   in the request selects the train samples it must forget
   (:func:`fed_unlearn.deletion.forget_mask`), keeps the mask in its ``Context`` state and
@@ -32,7 +35,9 @@ round is an ordinary ``train`` message. It answers
 
 The node config gives ``partition-id`` and ``num-partitions`` (set by the simulation
 engine, or by ``--node-config`` on a deployed SuperNode); data settings come from the
-run config, so every client slices the same dataset the same way. A node is sent at
+run config, so every client slices the same dataset the same way, unless the node
+config names the site's own data (``data-file``, an ``.npz``). A deployed node also
+names its ``site`` and its ``erasure-inbox``. A node is sent at
 most one message per round: Flower may run two messages of one node concurrently,
 each on its own copy of the node's ``Context``, and the last one to finish would
 overwrite the other's state.
@@ -49,8 +54,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fed_unlearn.config import ExperimentConfig
-from fed_unlearn.data import ArrayDataset, client_datasets
+from fed_unlearn.data import ArrayDataset, client_datasets, load_site_file, train_holdout_split
 from fed_unlearn.deletion import forget_mask, mask_digest
+from fed_unlearn.erasure import acknowledge_in_inbox, pending_in_inbox
 from fed_unlearn.evaluation import measure_client
 from fed_unlearn.models import build_model
 from fed_unlearn.protocol import DATA_PARTS, ROLE_KEYS, ROLES
@@ -73,10 +79,19 @@ def _node_identity(context: Context) -> tuple[int, int]:
     return pid, num
 
 
+def _site(context: Context, pid: int) -> str:
+    """The site name this node speaks for (node-config ``site``; default ``site-<partition-id>``)."""
+    return str(context.node_config.get("site", f"site-{pid}"))
+
+
 def _setup(context: Context) -> tuple[ExperimentConfig, int, int, ArrayDataset, ArrayDataset]:
     cfg = ExperimentConfig.from_run_config(context.run_config)
     torch.set_num_threads(cfg.client_threads)
     pid, num = _node_identity(context)
+    if "data-file" in context.node_config:  # a deployed site with its own data
+        ds = load_site_file(str(context.node_config["data-file"]))
+        train_idx, hold_idx = train_holdout_split(np.arange(len(ds)), cfg.holdout_fraction, cfg.seed * 1_000_003 + pid)
+        return cfg, pid, num, ds.subset(train_idx), ds.subset(hold_idx)
     train, heldout = client_datasets(
         cfg.dataset, pid, num, data_dir=cfg.data_dir, partitioner=cfg.partitioner,
         alpha=cfg.dirichlet_alpha, holdout_fraction=cfg.holdout_fraction, seed=cfg.seed,
@@ -91,15 +106,20 @@ def _model(cfg: ExperimentConfig, data: ArrayDataset, record: ArrayRecord) -> to
 
 
 def _involved(cfg: ExperimentConfig, pid: int) -> bool:
+    # (a service's requests arrive at run time: it names the site to forget with ``forget-all``)
     return cfg.deletion.scenario == "class" or pid in cfg.departing
 
 
-def _mask(cfg: ExperimentConfig, pid: int, context: Context, data: ArrayDataset) -> np.ndarray | None:
+def _mask(cfg: ExperimentConfig, pid: int, context: Context, data: ArrayDataset, config: Any = None) -> np.ndarray | None:
     """This node's deletion mask: recorded by ``query.forget``, or derived when no model is needed.
 
-    All ``False`` for a client not named in the request; ``None`` = the request that picks
-    the samples with the model has not arrived yet.
+    All ``True`` when the instruction says ``forget-all`` (a deployed site being erased:
+    stateless, so it survives SuperNode and run restarts); all ``False`` for a client not
+    named in the request; ``None`` = the request that picks the samples with the model
+    has not arrived yet.
     """
+    if config is not None and bool(config.get("forget-all", False)):
+        return np.ones(len(data), bool)
     if not _involved(cfg, pid):
         return np.zeros(len(data), bool)
     if MASK_KEY in context.state.array_records:
@@ -109,13 +129,13 @@ def _mask(cfg: ExperimentConfig, pid: int, context: Context, data: ArrayDataset)
     return forget_mask(cfg.deletion, pid, data.x, data.y, cfg.seed)
 
 
-def _part(cfg: ExperimentConfig, pid: int, context: Context, data: ArrayDataset, part: str) -> ArrayDataset:
+def _part(cfg: ExperimentConfig, pid: int, context: Context, data: ArrayDataset, part: str, config: Any = None) -> ArrayDataset:
     """The train samples of ``part``: all of them, the retained ones, or the ones to forget."""
     if part not in DATA_PARTS:
         raise ValueError(f"unknown data-part '{part}'; valid: {', '.join(DATA_PARTS)}")
     if part == "all":
         return data
-    mask = _mask(cfg, pid, context, data)
+    mask = _mask(cfg, pid, context, data, config)
     if mask is None:
         raise RuntimeError(f"client {pid}: data-part '{part}' asked before the deletion request (query.forget) reached this node")
     idx = np.flatnonzero(mask if part == "forget" else ~mask)
@@ -183,11 +203,11 @@ def _train_reply(msg: Message, context: Context, forget_routine: bool) -> Messag
     out: dict[str, Any] = {}
     for role in roles:
         if role == "retain":
-            arrays, metrics = _train_role(cfg, pid, _part(cfg, pid, context, full, str(config.get("data-part", "all"))), record, config)
+            arrays, metrics = _train_role(cfg, pid, _part(cfg, pid, context, full, str(config.get("data-part", "all")), config), record, config)
         elif forget_routine:
-            arrays, metrics = _unlearn_role(cfg, pid, context, _part(cfg, pid, context, full, "forget"), heldout, record, config)
+            arrays, metrics = _unlearn_role(cfg, pid, context, _part(cfg, pid, context, full, "forget", config), heldout, record, config)
         else:
-            arrays, metrics = _train_role(cfg, pid, _part(cfg, pid, context, full, "forget"), record, config)
+            arrays, metrics = _train_role(cfg, pid, _part(cfg, pid, context, full, "forget", config), record, config)
         akey, mkey = ROLE_KEYS[role]
         out[akey], out[mkey] = arrays, metrics
     if roles == ["retain"] and cfg.method in KEEPS_LAST_LOCAL_MODEL:
@@ -205,7 +225,29 @@ def info(msg: Message, context: Context) -> Message:
         "partition-id": pid, "num-partitions": num, "train-n": len(train), "heldout-n": len(heldout),
         "input-shape": [int(s) for s in train.input_shape], "num-classes": train.num_classes,
     })
-    return Message(RecordDict({"info": metrics}), reply_to=msg)
+    return Message(RecordDict({"info": metrics, "identity": ConfigRecord({"site": _site(context, pid)})}), reply_to=msg)
+
+
+@app.query("erasure")
+def erasure(msg: Message, context: Context) -> Message:
+    """The server's poll: file the acknowledged requests, then hand over the pending ones.
+
+    Reads the site's inbox (node-config ``erasure-inbox``); a node without one never
+    has requests. The server validates what it receives; this only moves files.
+    """
+    pid, _ = _node_identity(context)
+    inbox = context.node_config.get("erasure-inbox")
+    config = msg.content["config"] if "config" in msg.content.config_records else {}
+    acks = [str(a) for a in config.get("acks", [])] if "acks" in config else []
+    refused = [str(a) for a in config.get("refused", [])] if "refused" in config else []
+    moved = acknowledge_in_inbox(str(inbox), acks) if inbox and acks else []
+    moved_refused = acknowledge_in_inbox(str(inbox), refused, "refused") if inbox and refused else []
+    pending = pending_in_inbox(str(inbox)) if inbox else []
+    out = {"site": _site(context, pid), "count": len(pending), "acknowledged": len(moved), "refused": len(moved_refused)}
+    if pending:
+        out["requests"] = [text for _, text in pending]
+        out["files"] = [stem for stem, _ in pending]
+    return Message(RecordDict({"erasure": ConfigRecord(out)}), reply_to=msg)
 
 
 @app.query("forget")
@@ -237,9 +279,9 @@ def unlearn(msg: Message, context: Context) -> Message:
 def relearn(msg: Message, context: Context) -> Message:
     """Relearn-time probe: SGD steps on the node's forget set until ``target-accuracy`` is reached."""
     cfg, pid, _, full, _ = _setup(context)
-    data = _part(cfg, pid, context, full, "forget")
-    model = _model(cfg, data, msg.content["arrays"])
     config = msg.content["config"]
+    data = _part(cfg, pid, context, full, "forget", config)
+    model = _model(cfg, data, msg.content["arrays"])
     res = relearn_steps(model, data.x, data.y, float(config["target-accuracy"]), cfg.train,
                         max_steps=int(config["max-steps"]), seed=client_seed(cfg.seed, 10_000, pid))
     return Message(RecordDict({"metrics": MetricRecord({
@@ -255,7 +297,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = _model(cfg, data, msg.content["arrays"])
     reference = _model(cfg, data, msg.content["reference"]) if "reference" in msg.content.array_records else None
     config = msg.content["config"] if "config" in msg.content.config_records else {}
-    values = measure_client(model, data, heldout, forget=_mask(cfg, pid, context, data),
+    values = measure_client(model, data, heldout, forget=_mask(cfg, pid, context, data, config),
                             removed_classes=cfg.deletion.removed_classes, reference=reference, mia=bool(config.get("mia", False)))
     metrics = MetricRecord({**values, "num-examples": len(heldout), "partition-id": pid})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

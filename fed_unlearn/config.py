@@ -177,7 +177,8 @@ class ExperimentConfig:
 
         deletion = request_from_run_config(rc)
         departing = parse_client_ids(rc.get("unlearn.departing", ",".join(map(str, d.departing))))
-        if deletion.scenario == "class":  # every client deletes the class; nobody leaves
+        if deletion.scenario == "class" or rc.get("mode") == "service":
+            # class: every client deletes the class, nobody leaves; service: requests arrive at run time
             departing = ()
         return cls(
             seed=get("seed", d.seed),
@@ -252,3 +253,67 @@ class ExperimentConfig:
         out["departing"] = list(self.departing)
         out["deletion"] = self.deletion.to_dict()
         return out
+
+
+MODES = ("experiment", "service")
+FALLBACKS = ("wait", "fine-tune", "not")
+#: Methods a long-running service can serve requests with: one round, no stored history.
+SERVICE_METHODS = ("puf", "sragu", "spectral-puf", "fine-tune", "gradient-ascent", "not", "pga", "ieu")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Settings of a deployed federation serving erasure requests (``mode = "service"``, keys ``service.*``).
+
+    Attributes
+    ----------
+    state_dir : str
+        Where the journal (requests + checkpoint, one SQLite file), the audit reports
+        and ``service.json`` live. A restarted server resumes from it.
+    sites_file : str
+        The site registry (site name -> authenticated node id, partition id); empty =
+        trust the site each node names (simulation, trusted loopback tests).
+    erase_sites : str
+        Operator requests made through the run config: comma-separated site names.
+    recovery_rounds : int
+        Ordinary rounds after the unlearning round before a request counts as recovered.
+    fallback : {"wait", "fine-tune", "not"}
+        What to do when the site to forget does not take part in its unlearning round
+        ``fallback_after`` times: keep the request open and report it (``wait``), or
+        serve it without the site, data-free (``fine-tune``: the others continue without
+        it; ``not``: weight negation, then the others train).
+    fallback_after : int
+        Failed attempts before the fallback applies.
+    audit_gold : bool
+        Train a gold federation (retrain without the site from the initial model) for
+        the audit report; otherwise the audit is the leakage audit alone.
+    """
+
+    state_dir: str = "results/service"
+    sites_file: str = ""
+    erase_sites: str = ""
+    recovery_rounds: int = 2
+    fallback: str = "wait"
+    fallback_after: int = 2
+    audit_gold: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"service.fallback must be one of {', '.join(FALLBACKS)}, got '{self.fallback}'")
+        if self.recovery_rounds < 0 or self.fallback_after < 1:
+            raise ValueError(f"service needs recovery-rounds >= 0 and fallback-after >= 1; got {self}")
+        if not self.state_dir:
+            raise ValueError("service.state-dir must name a folder")
+
+    @property
+    def erase_list(self) -> tuple[str, ...]:
+        """The sites named in ``erase_sites``."""
+        return tuple(s.strip() for s in self.erase_sites.split(",") if s.strip())
+
+
+def mode_of(rc: Mapping[str, Any]) -> str:
+    """The run's mode (``mode`` key), validated."""
+    mode = rc.get("mode", "experiment")
+    if mode not in MODES:
+        raise ValueError(f"run-config 'mode' must be one of {', '.join(MODES)}, got {mode!r}")
+    return str(mode)

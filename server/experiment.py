@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from logging import INFO
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -50,10 +50,14 @@ class ClientInfo:
     heldout_n: int
     input_shape: tuple[int, ...]
     num_classes: int
+    site: str = ""
 
 
-def discover_clients(grid: Grid, wait_seconds: float, timeout: float) -> dict[int, ClientInfo]:
+def discover_clients(grid: Grid, wait_seconds: float, timeout: float, required: Collection[int] | None = None) -> dict[int, ClientInfo]:
     """Ask every connected node who it is; wait until all ``num-partitions`` clients answered.
+
+    ``required``: wait only for these client ids (a restarted service: sites that already
+    left may be gone for good); the others that have answered by then are returned too.
 
     Raises
     ------
@@ -74,12 +78,15 @@ def discover_clients(grid: Grid, wait_seconds: float, timeout: float) -> dict[in
                     client_id=int(m["partition-id"]), node_id=reply.metadata.src_node_id,
                     num_partitions=int(m["num-partitions"]), train_n=int(m["train-n"]), heldout_n=int(m["heldout-n"]),
                     input_shape=tuple(int(s) for s in m["input-shape"]), num_classes=int(m["num-classes"]),
+                    site=str(reply.content["identity"]["site"]) if "identity" in reply.content.config_records else "",
                 )
                 if info.client_id in infos:
                     raise RuntimeError(f"nodes {infos[info.client_id].node_id} and {info.node_id} both claim client id {info.client_id}")
                 infos[info.client_id] = info
         expected = max((i.num_partitions for i in infos.values()), default=None)
         if expected is not None and len(infos) >= expected:
+            return infos
+        if required is not None and infos and set(required) <= set(infos):
             return infos
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {len(infos)} of {expected or '?'} clients connected within {wait_seconds:.0f}s")
@@ -144,16 +151,27 @@ def run_rounds(
     return run
 
 
-def measure(grid: Grid, node_of: dict[int, int], arrays: ArrayRecord, reference: ArrayRecord | None, timeout: float) -> dict[int, dict[str, float]]:
-    """Have every client measure ``arrays`` (vs ``reference``, with the MIA) on its own data."""
-    content = {"arrays": arrays, "config": ConfigRecord({"mia": True})}
-    if reference is not None:
-        content["reference"] = reference
-    msgs = [Message(RecordDict(content), nid, MessageType.EVALUATE) for _, nid in sorted(node_of.items())]
+def measure(grid: Grid, node_of: dict[int, int], arrays: ArrayRecord, reference: ArrayRecord | None, timeout: float,
+            forget_all: Sequence[int] = (), allow_missing: bool = False) -> dict[int, dict[str, float]]:
+    """Have every client in ``node_of`` measure ``arrays`` (vs ``reference``, with the MIA) on its own data.
+
+    ``forget_all``: clients whose whole train split is the forget set (a site being
+    erased). ``allow_missing``: a client that fails or does not answer is left out
+    instead of raising (a deployed site may be gone).
+    """
+    def content(cid: int) -> RecordDict:
+        c: dict[str, Any] = {"arrays": arrays, "config": ConfigRecord({"mia": True, "forget-all": cid in set(forget_all)})}
+        if reference is not None:
+            c["reference"] = reference
+        return RecordDict(c)
+
+    msgs = [Message(content(cid), nid, MessageType.EVALUATE) for cid, nid in sorted(node_of.items())]
     out: dict[int, dict[str, float]] = {}
     client_of = {nid: cid for cid, nid in node_of.items()}
     for reply in grid.send_and_receive(msgs, timeout=timeout):
         if reply.has_error():
+            if allow_missing:
+                continue
             raise RuntimeError(f"client {client_of.get(reply.metadata.src_node_id)} failed to evaluate: {reply.error.reason}")
         out[client_of[reply.metadata.src_node_id]] = metric_dict(reply.content["metrics"])
     return out

@@ -1,7 +1,10 @@
 """fed-unlearn ServerApp: ``flwr run .`` entry point.
 
-Reads the run config, builds the unlearning method by name, and runs the experiment
-of :mod:`server.experiment` (gold federation, federation with departure, report).
+Reads the run config, builds the unlearning method by name, and runs either the
+experiment of :mod:`server.experiment` (``mode = "experiment"``: original rounds, deletion
+request, gold federation, unlearning, report) or the long-running erasure service of
+:mod:`server.service` (``mode = "service"``: a deployed federation whose sites ask to be
+forgotten at run time).
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fed_unlearn.config import ExperimentConfig
+from fed_unlearn.config import ExperimentConfig, ServiceConfig, mode_of
 from fed_unlearn.unlearning import make_method
+from fed_unlearn.unlearning.base import config_from_run_config
 
 from .experiment import run_experiment
+from .service import run_service
 
 app = ServerApp()
 
@@ -25,4 +30,7 @@ def main(grid: Grid, context: Context) -> dict[str, Any]:
     run_config = dict(context.run_config)
     cfg = ExperimentConfig.from_run_config(run_config)  # bad settings fail here, before any round
     method = make_method(cfg.method, run_config)
+    if mode_of(run_config) == "service":
+        svc = config_from_run_config(ServiceConfig, run_config, "service")
+        return run_service(grid, cfg, svc, run_config)
     return run_experiment(grid, cfg, method, run_config)

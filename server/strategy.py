@@ -60,6 +60,14 @@ class UnlearningFedAvg(FedAvg):
     joint_request : bool
         The ``departing`` clients serve one request spread over them (a class removed from
         every client); passed on to the method.
+    evaluate_departed : bool
+        Whether per-round evaluation also asks the clients that left (experiments measure
+        forgetting on their data; a deployed service only evaluates the sites that stay).
+    on_missing : {"raise", "skip"}
+        When a client asked for the forget role does not reply: ``raise`` (nothing is
+        aggregated, the request stays pending) or ``skip`` (a deployed service: the
+        request is dropped from this round, left in :attr:`failed`, and the round is
+        ordinary FedAvg over the remaining clients' retain-role replies).
     """
 
     def __init__(
@@ -72,6 +80,8 @@ class UnlearningFedAvg(FedAvg):
         leave: bool = True,
         retain_only: Sequence[int] = (),
         joint_request: bool = False,
+        evaluate_departed: bool = True,
+        on_missing: str = "raise",
     ) -> None:
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
         self.node_of = dict(clients)
@@ -88,6 +98,12 @@ class UnlearningFedAvg(FedAvg):
         self.method = method
         if method is not None:
             method.joint_request = joint_request
+        self.evaluate_departed = evaluate_departed
+        if on_missing not in ("raise", "skip"):
+            raise ValueError(f"on_missing must be 'raise' or 'skip', got {on_missing!r}")
+        self.on_missing = on_missing
+        #: Requests whose last unlearning attempt failed because a client did not reply.
+        self.failed: tuple[int, ...] = ()
         self.pending = tuple(sorted(departing))
         self.departure_round = departure_round
         self.leave = leave
@@ -100,6 +116,7 @@ class UnlearningFedAvg(FedAvg):
         self._unlearn_start: dict[str, np.ndarray] | None = None
         #: node id -> {reply record key: role} of the current round's instructions
         self._asked: dict[int, dict[str, str]] = {}
+        self._extra: dict[str, object] = {}
         #: Diagnostics of the last unlearning round (per-layer spectra, motion shares, client metrics).
         self.unlearning_report: dict | None = None
 
@@ -129,6 +146,40 @@ class UnlearningFedAvg(FedAvg):
                                                      and self.is_unlearning_round(self.current_round))
         return "retain" if deleting else "all"
 
+    def submit(self, clients: Sequence[int], server_round: int, method: UnlearningMethod, leave: bool = True,
+               extra_config: Mapping[str, object] | None = None) -> None:
+        """Serve new requests of ``clients`` from ``server_round`` with ``method`` (a deployed service).
+
+        ``extra_config`` goes with every instruction of the unlearning round(s).
+
+        Raises
+        ------
+        ValueError
+            If a request is already being served, or a client is unknown or has left.
+        """
+        if self.pending:
+            raise ValueError(f"the requests of {list(self.pending)} are still being served")
+        bad = sorted(set(clients) - set(self.active))
+        if bad or not clients:
+            raise ValueError(f"cannot serve requests of client(s) {bad or list(clients)}: unknown or already gone")
+        if leave and not set(self.active) - set(clients):
+            raise ValueError("no client would remain in the federation")
+        self.method, self.leave, self.departure_round = method, leave, server_round
+        self.pending = tuple(sorted(clients))
+        self.unlearning_rounds_run = 0
+        self.unlearning_report = None
+        self._extra = dict(extra_config or {})
+
+    def cancel(self) -> tuple[int, ...]:
+        """Drop the requests being served (their attempt failed); returns them. Membership is unchanged."""
+        dropped, self.pending = self.pending, ()
+        self.unlearning_rounds_run = 0
+        return dropped
+
+    def membership(self) -> dict[str, list[int]]:
+        """Who has left and who trains on retained data only (checkpointed with the model)."""
+        return {"departed": sorted(self.departed), "retain-only": sorted(self.retain_only)}
+
     def summary(self) -> None:
         """Log the strategy's configuration."""
         log(INFO, "\t├──> Clients: %s (departed: %s)", sorted(self.node_of), sorted(self.departed))
@@ -145,6 +196,7 @@ class UnlearningFedAvg(FedAvg):
         self._global = self._round_start = to_weights(arrays)
         self.current_round = server_round
         self._asked = {}
+        self.failed = ()
         base = {**dict(config), "server-round": server_round}
         retain_keys = {ROLE_KEYS["retain"][0]: "retain"}
         if not self.is_unlearning_round(server_round):
@@ -165,7 +217,7 @@ class UnlearningFedAvg(FedAvg):
             self._global = {k: np.asarray(v) for k, v in prepared.items()}
             arrays = to_record(self._global)
         retain_cfg = {**base, **method.remaining_config()}
-        forget_cfg = {**base, **(method.departing_config(self._global) if method.departing_clients_train else {})}
+        forget_cfg = {**base, **self._extra, **(method.departing_config(self._global) if method.departing_clients_train else {})}
         task = method.departing_task
         mtype = MessageType.TRAIN if task == "train" else f"{MessageType.TRAIN}.{task}"
         messages = []
@@ -248,6 +300,11 @@ class UnlearningFedAvg(FedAvg):
         assert method is not None
         asked_forget = {self.client_of[n] for n, k in self._asked.items() if "forget" in k.values()}
         missing = sorted(asked_forget - {u.client_id for u in dep})
+        if missing and self.on_missing == "skip":
+            self.failed = self.cancel()
+            log(WARNING, "client(s) %s did not reply in unlearning round %s; their requests stay pending", missing, server_round)
+            rem = [u for u in rem if u.client_id not in self.departed]
+            return (to_record(fedavg(rem)) if rem else None), train_metrics
         if missing:
             raise RuntimeError(f"departing client(s) {missing} did not reply in unlearning round {server_round}; nothing was unlearned")
         new = method.aggregate(self._global, rem, dep)
@@ -310,7 +367,8 @@ class UnlearningFedAvg(FedAvg):
         cfg = ConfigRecord(dict(config))
         cfg["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
-        return [Message(record, nid, MessageType.EVALUATE) for _, nid in sorted(self.node_of.items())]
+        asked = sorted(self.node_of) if self.evaluate_departed else self.active
+        return [Message(record, self.node_of[c], MessageType.EVALUATE) for c in asked]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Roll client measurements up over the federation (see :func:`fed_unlearn.evaluation.summarise`)."""

@@ -14,7 +14,7 @@ import itertools
 import traceback
 from pathlib import Path
 from collections.abc import Iterable
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -39,18 +39,28 @@ class InProcessGrid(Grid):
     node_ids : iterable of int, optional
         Flower node ids to use (default: distinct large integers, not equal to the partition ids,
         so code that confuses the two fails).
+    node_configs : sequence of mappings, optional
+        Extra node config per node (a deployed site's ``site``, ``erasure-inbox``, ``data-file``).
+
+    A node id in :attr:`offline` is not listed by :meth:`get_node_ids` and messages to it
+    get no reply, as for a SuperNode that is down.
     """
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: Mapping[str, Any], node_ids: Iterable[int] | None = None) -> None:
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: Mapping[str, Any], node_ids: Iterable[int] | None = None,
+                 node_configs: Sequence[Mapping[str, Any]] | None = None) -> None:
         self.client_app = client_app
         ids = list(node_ids) if node_ids is not None else [7_000_001 + 37 * i for i in range(num_nodes)]
         if len(ids) != num_nodes or len(set(ids)) != num_nodes:
             raise ValueError("need one distinct node id per node")
+        extra = list(node_configs) if node_configs is not None else [{}] * num_nodes
+        if len(extra) != num_nodes:
+            raise ValueError("need one node config per node")
         self.contexts = {
-            nid: Context(run_id=1, node_id=nid, node_config={"partition-id": i, "num-partitions": num_nodes},
+            nid: Context(run_id=1, node_id=nid, node_config={"partition-id": i, "num-partitions": num_nodes, **extra[i]},
                          state=RecordDict(), run_config=dict(run_config))
             for i, nid in enumerate(ids)
         }
+        self.offline: set[int] = set()
         self._counter = itertools.count(1)
         self._replies: dict[str, Message] = {}
         self._run = Run.create_empty(run_id=1)
@@ -70,7 +80,7 @@ class InProcessGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return list(self.contexts)
+        return [n for n in self.contexts if n not in self.offline]
 
     def _deliver(self, msg: Message) -> Message:
         msg.metadata.__dict__["_message_id"] = f"m{next(self._counter)}"  # what a SuperLink assigns
@@ -90,6 +100,10 @@ class InProcessGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
         ids = []
         for msg in messages:
+            if msg.metadata.dst_node_id in self.offline:
+                msg.metadata.__dict__["_message_id"] = f"m{next(self._counter)}"
+                ids.append(msg.metadata.message_id)  # never answered
+                continue
             reply = self._deliver(msg)
             self._replies[msg.metadata.message_id] = reply
             ids.append(msg.metadata.message_id)

@@ -273,3 +273,26 @@ def load_dataset(name: str, data_dir: str = "") -> ArrayDataset:
     ds.x.setflags(write=False)
     ds.y.setflags(write=False)
     return ds
+
+
+def load_site_file(path: str | Path) -> ArrayDataset:
+    """A site's own data: an ``.npz`` with ``x`` (N, ...) float features, ``y`` (N,) int labels, ``num_classes``.
+
+    For deployed SuperNodes that bring their own data (node-config ``data-file``)
+    instead of a partition of a shared dataset.
+
+    Raises
+    ------
+    ValueError
+        On missing arrays, mismatched lengths or labels outside ``[0, num_classes)``.
+    """
+    with np.load(Path(path)) as z:
+        missing = sorted({"x", "y", "num_classes"} - set(z.files))
+        if missing:
+            raise ValueError(f"site data {path}: missing array(s) {missing} (need x, y, num_classes)")
+        x, y, k = z["x"].astype(np.float32), z["y"].astype(np.int64), int(z["num_classes"])
+    if len(x) != len(y) or y.ndim != 1:
+        raise ValueError(f"site data {path}: x has {len(x)} rows, y has shape {y.shape}")
+    if len(y) and (y.min() < 0 or y.max() >= k):
+        raise ValueError(f"site data {path}: labels must be in [0, {k})")
+    return ArrayDataset(x, y, k, f"site-file:{Path(path).name}")

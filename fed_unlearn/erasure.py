@@ -1,0 +1,216 @@
+"""Erasure requests of a deployed federation: their format, a site's inbox, the site registry.
+
+A site asks to be forgotten by writing a request into its own *inbox*, a folder its
+SuperNode's ClientApp reads (node-config ``erasure-inbox``): ``python -m
+clients.request_erasure --inbox DIR --site NAME``. Each round the server polls the sites
+(``query.erasure``); a site replies with the requests in ``<inbox>/pending/``. The server
+checks them, journals the valid ones (:mod:`fed_unlearn.journal`) and only then
+acknowledges them in its next poll; the site then moves the file to
+``<inbox>/acknowledged/``. A resent request (the server stopped before acknowledging) is
+recognised by its id. An operator can also journal a request on a site's behalf
+(``python -m server.erasure_admin request``).
+
+Who may ask: the **site registry** (a JSON file the operator writes when registering the
+SuperNodes' public keys with ``flwr supernode register``, which returns each node id) binds
+each site name to the node id the SuperLink authenticates. A request arriving from node
+``n`` may only name the site bound to ``n``; anything else is refused and journaled as a
+refusal. Without a registry (simulation, or a trusted loopback test) the site a node
+names in ``query.info`` is taken as its identity, and the README says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+SITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ID_RE = re.compile(r"^[0-9a-f]{32}$")
+#: Names of request files the server may tell a site to file away (no path separators).
+FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+SCOPES = ("site",)
+MAX_REASON = 500
+
+
+class RequestError(ValueError):
+    """A malformed erasure request."""
+
+
+@dataclass(frozen=True)
+class ErasureRequest:
+    """A site's request to be forgotten.
+
+    Attributes
+    ----------
+    id : str
+        32 lowercase hex characters (a UUID4), chosen by the requester; the journal key.
+    site : str
+        The site to forget (letters, digits, ``.``, ``_``, ``-``; at most 64 characters).
+    scope : str
+        ``site``: all of the site's data (the site leaves the federation).
+    reason : str
+        Free text for the audit trail (at most 500 characters).
+    created : float
+        Unix time the request was written.
+    """
+
+    id: str
+    site: str
+    scope: str = "site"
+    reason: str = ""
+    created: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"id": self.id, "site": self.site, "scope": self.scope, "reason": self.reason, "created": self.created}
+
+
+def new_request(site: str, reason: str = "") -> ErasureRequest:
+    """A fresh, valid request for ``site`` (validated like any incoming one)."""
+    return parse_request({"id": uuid.uuid4().hex, "site": site, "scope": "site", "reason": reason, "created": time.time()})
+
+
+def parse_request(payload: Any) -> ErasureRequest:
+    """Validate an incoming request (a dict or a JSON string).
+
+    Raises
+    ------
+    RequestError
+        Naming the first problem: not an object, unknown or missing fields, bad id, site,
+        scope or reason.
+    """
+    if isinstance(payload, (str, bytes)):
+        try:
+            payload = json.loads(payload)
+        except json.JSONDecodeError as exc:
+            raise RequestError(f"request is not valid JSON: {exc.msg}") from None
+    if not isinstance(payload, Mapping):
+        raise RequestError(f"request must be a JSON object, got {type(payload).__name__}")
+    unknown = sorted(set(payload) - {"id", "site", "scope", "reason", "created"})
+    if unknown:
+        raise RequestError(f"request has unknown field(s) {unknown}")
+    rid, site = payload.get("id"), payload.get("site")
+    if not isinstance(rid, str) or not ID_RE.match(rid):
+        raise RequestError(f"request id must be 32 lowercase hex characters, got {rid!r}")
+    if not isinstance(site, str) or not SITE_RE.match(site):
+        raise RequestError(f"request site must match {SITE_RE.pattern}, got {site!r}")
+    scope = payload.get("scope", "site")
+    if scope not in SCOPES:
+        raise RequestError(f"request scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    reason = payload.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > MAX_REASON:
+        raise RequestError(f"request reason must be text of at most {MAX_REASON} characters")
+    created = payload.get("created", 0.0)
+    if isinstance(created, bool) or not isinstance(created, (int, float)):
+        raise RequestError(f"request 'created' must be a number, got {created!r}")
+    return ErasureRequest(rid, site, scope, reason, float(created))
+
+
+# -- the site's inbox ----------------------------------------------------------------------
+def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the whole new one (fsynced)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def submit_to_inbox(inbox: str | Path, request: ErasureRequest) -> Path:
+    """Write a request into ``<inbox>/pending/<id>.json``; returns the file."""
+    path = Path(inbox) / "pending" / f"{request.id}.json"
+    _atomic_write(path, json.dumps(request.to_dict(), sort_keys=True))
+    return path
+
+
+def pending_in_inbox(inbox: str | Path) -> list[tuple[str, str]]:
+    """``(file stem, raw text)`` of every pending request file, oldest first (validated by the server)."""
+    folder = Path(inbox) / "pending"
+    if not folder.is_dir():
+        return []
+    files = sorted(folder.glob("*.json"), key=lambda p: (p.stat().st_mtime, p.name))
+    return [(p.stem, p.read_text()) for p in files]
+
+
+def acknowledge_in_inbox(inbox: str | Path, request_ids: list[str], folder: str = "acknowledged") -> list[str]:
+    """Move answered request files (by id, or file name for a malformed one) to ``<inbox>/<folder>/``.
+
+    ``folder`` is ``acknowledged`` or ``refused``; names that could leave the inbox are ignored.
+    Returns the names moved.
+    """
+    if folder not in ("acknowledged", "refused"):
+        raise ValueError(f"folder must be 'acknowledged' or 'refused', got {folder!r}")
+    moved = []
+    done = Path(inbox) / folder
+    done.mkdir(parents=True, exist_ok=True)
+    for rid in request_ids:
+        if not FILE_RE.match(str(rid)):
+            continue
+        src = Path(inbox) / "pending" / f"{rid}.json"
+        if src.exists():
+            os.replace(src, done / src.name)
+            moved.append(rid)
+    return moved
+
+
+# -- who is who --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SiteRegistry:
+    """Site name -> authenticated Flower node id (and the partition the site's data is).
+
+    ``sites``: ``{name: {"node-id": int, "partition-id": int}}``.
+    """
+
+    sites: Mapping[str, Mapping[str, int]]
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "SiteRegistry":
+        """Read and validate ``{"sites": {name: {"node-id": ..., "partition-id": ...}}}``.
+
+        Raises
+        ------
+        ValueError
+            On a malformed file, a bad site name, or a node id bound to two sites.
+        """
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"site registry {path}: {exc}") from None
+        sites = data.get("sites") if isinstance(data, Mapping) else None
+        if not isinstance(sites, Mapping) or not sites:
+            raise ValueError(f"site registry {path}: needs a non-empty 'sites' object")
+        seen: dict[int, str] = {}
+        for name, entry in sites.items():
+            if not SITE_RE.match(name):
+                raise ValueError(f"site registry {path}: bad site name {name!r}")
+            if not isinstance(entry, Mapping) or not all(isinstance(entry.get(k), int) for k in ("node-id", "partition-id")):
+                raise ValueError(f"site registry {path}: site {name!r} needs integer 'node-id' and 'partition-id'")
+            if entry["node-id"] in seen:
+                raise ValueError(f"site registry {path}: node {entry['node-id']} is bound to {seen[entry['node-id']]!r} and {name!r}")
+            seen[entry["node-id"]] = name
+        return cls({n: dict(e) for n, e in sites.items()})
+
+    def site_of_node(self, node_id: int) -> str | None:
+        """The site bound to ``node_id`` (``None``: not a registered node)."""
+        return next((n for n, e in self.sites.items() if e["node-id"] == node_id), None)
+
+    def write(self, path: str | Path) -> Path:
+        """Write the registry as JSON (atomically)."""
+        _atomic_write(Path(path), json.dumps({"sites": {n: dict(e) for n, e in self.sites.items()}}, indent=2, sort_keys=True))
+        return Path(path)

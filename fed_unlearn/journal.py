@@ -1,0 +1,323 @@
+"""The durable erasure-request journal and the server's checkpoint, in one SQLite file.
+
+Every erasure request is written here (and the write is on disk: ``synchronous=FULL``,
+one transaction per change) *before* the site is told it was received. A request
+moves through
+
+    pending -> unlearning -> recovered -> verified
+
+* ``pending``: acknowledged, not yet served (also after a failed attempt: the site
+  did not reply, or the server stopped before the unlearning round was committed);
+* ``unlearning``: the unlearning round has started (``unlearning_round``); once that
+  round's model is committed with the checkpoint, ``served_round`` is set and the
+  recovery rounds run;
+* ``recovered``: the recovery rounds are done;
+* ``verified``: the audit report is written (``report``).
+
+The global model, the round and the strategy's membership state (who left) are
+checkpointed in the **same transaction** as the request transitions of that round,
+so after a crash (even ``kill -9``) the journal and the model never disagree: a
+request whose unlearning round was not committed goes back to ``pending`` and is
+served again from a model that never saw its unlearning, i.e. exactly once in the
+model that carries on. Refused requests (unknown site, a site naming another site,
+malformed) are kept in their own table with the reason. Pure Python + numpy.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+STATES = ("pending", "unlearning", "recovered", "verified")
+#: Allowed transitions (``unlearning -> pending``: the attempt failed or was never committed).
+TRANSITIONS = {("pending", "unlearning"), ("unlearning", "pending"), ("unlearning", "recovered"), ("recovered", "verified")}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY,
+    site TEXT NOT NULL,
+    requested_by TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    received_round INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    unlearning_round INTEGER,
+    served_round INTEGER,
+    recovered_round INTEGER,
+    method TEXT,
+    details TEXT NOT NULL DEFAULT '{}',
+    report TEXT
+);
+CREATE TABLE IF NOT EXISTS transitions (
+    request_id TEXT NOT NULL, at REAL NOT NULL, server_round INTEGER, old TEXT, new TEXT NOT NULL, note TEXT
+);
+CREATE TABLE IF NOT EXISTS refusals (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, server_round INTEGER, source TEXT NOT NULL,
+    named_site TEXT, reason TEXT NOT NULL, payload TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoint (
+    id INTEGER PRIMARY KEY CHECK (id = 1), server_round INTEGER NOT NULL, weights BLOB NOT NULL,
+    state TEXT NOT NULL, digest TEXT NOT NULL, saved_at REAL NOT NULL
+);
+"""
+
+
+class JournalError(ValueError):
+    """A request or transition the journal refuses; nothing was written."""
+
+
+@dataclass
+class Request:
+    """One erasure request as journaled."""
+
+    id: str
+    site: str
+    requested_by: str
+    state: str
+    received_round: int
+    reason: str = ""
+    attempts: int = 0
+    unlearning_round: int | None = None
+    served_round: int | None = None
+    recovered_round: int | None = None
+    method: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    report: str | None = None
+
+
+@dataclass
+class Checkpoint:
+    """The server's state after a committed round."""
+
+    server_round: int
+    weights: dict[str, np.ndarray]
+    state: dict[str, Any]
+    digest: str
+
+
+def weights_digest(weights: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over the arrays' names, dtypes, shapes and bytes (sorted by name): a model's fingerprint."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(weights):
+        a = np.ascontiguousarray(weights[k])
+        h.update(k.encode())
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _to_blob(weights: Mapping[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in weights.items()})
+    return buf.getvalue()
+
+
+def _from_blob(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob)) as z:
+        return {k: z[k] for k in z.files}
+
+
+class Journal:
+    """The journal of one federation (one SQLite file; safe to open from several processes).
+
+    Parameters
+    ----------
+    path : str or Path
+        The SQLite file (created with its folder if missing).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
+        self._db.execute("PRAGMA synchronous=FULL")  # a committed transaction is on disk
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._db.close()
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- transactions -----------------------------------------------------------------
+    def _begin(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def _transaction(self, fn: Any) -> Any:
+        self._begin()
+        try:
+            out = fn()
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return out
+
+    # -- requests ---------------------------------------------------------------------
+    def add(self, request_id: str, site: str, requested_by: str, server_round: int, reason: str = "") -> bool:
+        """Journal a new request as ``pending``; ``False`` if this id is already journaled (a resend).
+
+        Raises
+        ------
+        JournalError
+            If the id or site is empty.
+        """
+        if not request_id or not site or not requested_by:
+            raise JournalError("a request needs an id, a site and who requested it")
+
+        def write() -> bool:
+            if self._db.execute("SELECT 1 FROM requests WHERE id = ?", (request_id,)).fetchone():
+                return False
+            now = time.time()
+            self._db.execute("INSERT INTO requests (id, site, requested_by, reason, state, received_at, received_round) "
+                             "VALUES (?, ?, ?, ?, 'pending', ?, ?)", (request_id, site, requested_by, reason, now, server_round))
+            self._db.execute("INSERT INTO transitions VALUES (?, ?, ?, NULL, 'pending', ?)", (request_id, now, server_round, requested_by))
+            return True
+
+        return bool(self._transaction(write))
+
+    def refuse(self, source: str, named_site: str | None, reason: str, payload: Mapping[str, Any] | str, server_round: int | None) -> None:
+        """Record a refused request (who sent it, what it named, why)."""
+        body = payload if isinstance(payload, str) else json.dumps(payload, sort_keys=True, default=str)
+        self._transaction(lambda: self._db.execute(
+            "INSERT INTO refusals (at, server_round, source, named_site, reason, payload) VALUES (?, ?, ?, ?, ?, ?)",
+            (time.time(), server_round, source, named_site, reason, body)))
+
+    def refusals(self) -> list[dict[str, Any]]:
+        """Every refused request, oldest first."""
+        cur = self._db.execute("SELECT seq, at, server_round, source, named_site, reason, payload FROM refusals ORDER BY seq")
+        return [dict(zip(("seq", "at", "server-round", "source", "named-site", "reason", "payload"), row)) for row in cur]
+
+    def get(self, request_id: str) -> Request:
+        """One request.
+
+        Raises
+        ------
+        JournalError
+            If the id is not journaled.
+        """
+        rows = self._select("WHERE id = ?", (request_id,))
+        if not rows:
+            raise JournalError(f"no request '{request_id}' in the journal")
+        return rows[0]
+
+    def requests(self, state: str | None = None) -> list[Request]:
+        """Requests (optionally in one state), in the order they were received."""
+        if state is not None and state not in STATES:
+            raise JournalError(f"unknown state '{state}'; valid: {', '.join(STATES)}")
+        return self._select("WHERE state = ?", (state,)) if state else self._select("", ())
+
+    def _select(self, where: str, args: tuple) -> list[Request]:
+        cols = ("id", "site", "requested_by", "state", "received_round", "reason", "attempts", "unlearning_round",
+                "served_round", "recovered_round", "method", "details", "report")
+        cur = self._db.execute(f"SELECT {', '.join(cols)} FROM requests {where} ORDER BY received_at, id", args)
+        out = []
+        for row in cur:
+            d = dict(zip(cols, row))
+            d["details"] = json.loads(d["details"])
+            out.append(Request(**d))
+        return out
+
+    def history(self, request_id: str) -> list[dict[str, Any]]:
+        """The transitions of one request, oldest first."""
+        cur = self._db.execute("SELECT at, server_round, old, new, note FROM transitions WHERE request_id = ? ORDER BY rowid",
+                               (request_id,))
+        return [dict(zip(("at", "server-round", "old", "new", "note"), r)) for r in cur]
+
+    def _move(self, request_id: str, new: str, server_round: int | None, note: str = "", **columns: Any) -> None:
+        row = self._db.execute("SELECT state, details FROM requests WHERE id = ?", (request_id,)).fetchone()
+        if row is None:
+            raise JournalError(f"no request '{request_id}' in the journal")
+        old = row[0]
+        if old != new and (old, new) not in TRANSITIONS:
+            raise JournalError(f"request '{request_id}': {old} -> {new} is not a valid transition")
+        if "details" in columns:
+            merged = {**json.loads(row[1]), **columns["details"]}
+            columns["details"] = json.dumps(merged, sort_keys=True, default=str)
+        sets = ", ".join(["state = ?", *(f"{k} = ?" for k in columns)])
+        self._db.execute(f"UPDATE requests SET {sets} WHERE id = ?", (new, *columns.values(), request_id))
+        self._db.execute("INSERT INTO transitions VALUES (?, ?, ?, ?, ?, ?)", (request_id, time.time(), server_round, old, new, note))
+
+    def start_unlearning(self, ids: Iterable[str], server_round: int, method: str, details: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """``pending -> unlearning`` for ``ids`` in ``server_round`` (one transaction; counts the attempt)."""
+        def write() -> None:
+            for rid in ids:
+                attempts = self._db.execute("SELECT attempts FROM requests WHERE id = ?", (rid,)).fetchone()
+                self._move(rid, "unlearning", server_round, method, unlearning_round=server_round, method=method,
+                           attempts=(attempts[0] if attempts else 0) + 1, details=dict((details or {}).get(rid, {})))
+        self._transaction(write)
+
+    def back_to_pending(self, ids: Iterable[str], server_round: int | None, note: str, count_attempt: bool = True) -> None:
+        """``unlearning -> pending`` (the attempt failed, or was never committed).
+
+        ``count_attempt = False``: the attempt was not the site's fault (the server stopped)
+        and does not count towards the fallback.
+        """
+        def write() -> None:
+            for rid in ids:
+                extra = {} if count_attempt else {"attempts": max(0, self.get(rid).attempts - 1)}
+                self._move(rid, "pending", server_round, note, unlearning_round=None, **extra)
+        self._transaction(write)
+
+    def set_verified(self, request_id: str, report: str, server_round: int | None = None) -> None:
+        """``recovered -> verified`` with the path of the audit report."""
+        self._transaction(lambda: self._move(request_id, "verified", server_round, "audit written", report=report))
+
+    # -- checkpoint -------------------------------------------------------------------
+    def commit_round(self, server_round: int, weights: Mapping[str, np.ndarray], state: Mapping[str, Any],
+                     served: Iterable[str] = (), recovered: Iterable[str] = (),
+                     details: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+        """Checkpoint the round's model and state together with its request transitions (one transaction).
+
+        ``served``: requests whose unlearning round this is (``served_round`` set);
+        ``recovered``: requests whose recovery is done (``unlearning -> recovered``).
+        Returns the model digest.
+        """
+        digest = weights_digest(weights)
+        blob = _to_blob(weights)
+        extra = details or {}
+
+        def write() -> None:
+            for rid in served:
+                self._move(rid, "unlearning", server_round, "unlearning round committed", served_round=server_round,
+                           details=dict(extra.get(rid, {})))
+            for rid in recovered:
+                self._move(rid, "recovered", server_round, "recovery done", recovered_round=server_round,
+                           details=dict(extra.get(rid, {})))
+            self._db.execute("INSERT OR REPLACE INTO checkpoint VALUES (1, ?, ?, ?, ?, ?)",
+                             (server_round, blob, json.dumps(dict(state), sort_keys=True), digest, time.time()))
+
+        self._transaction(write)
+        return digest
+
+    def checkpoint(self) -> Checkpoint | None:
+        """The last committed checkpoint, or ``None``."""
+        row = self._db.execute("SELECT server_round, weights, state, digest FROM checkpoint WHERE id = 1").fetchone()
+        if row is None:
+            return None
+        return Checkpoint(int(row[0]), _from_blob(row[1]), json.loads(row[2]), row[3])
+
+    def reconcile(self) -> list[str]:
+        """After a restart: requests whose unlearning round was not committed go back to ``pending``.
+
+        Returns their ids.
+        """
+        stale = [r.id for r in self.requests("unlearning") if r.served_round is None]
+        if stale:
+            self.back_to_pending(stale, None, "restart: unlearning round was not committed", count_attempt=False)
+        return stale

@@ -1,0 +1,353 @@
+"""A deployed federation serving erasure requests: durable, resumable, audited (``mode = "service"``).
+
+Round ``r`` of the service:
+
+1. **Poll** every site still in the federation (``query.erasure``), handing back the
+   verdicts on what it sent last time (``acks`` / ``refused``). Each request it sends is
+   validated (:func:`fed_unlearn.erasure.parse_request`) and checked against the sender's
+   identity: a node may only ask for the erasure of the site it is (the site registry
+   binds site names to authenticated node ids). Valid requests are written to the
+   journal (on disk) before they are acknowledged; the others are journaled as refusals.
+   Operators add requests directly to the journal (``server.erasure_admin``) or through
+   the run config (``service.erase-sites``).
+2. **Serve** the pending requests: the journal marks them ``unlearning`` (committed before
+   any message is sent), the site's data is measured with the current model (the
+   "before" of the audit), and the strategy runs the configured method in this round's
+   training. A site that is not connected or does not answer leaves its request pending
+   (one attempt counted); after ``service.fallback-after`` attempts the data-free fallback
+   applies (or, with ``wait``, the request stays open and is reported).
+3. **Train** (FedAvg, or the unlearning round) and **evaluate** the sites that stay.
+4. **Commit** the model, the round and who left, together with the round's request
+   transitions, in one journal transaction (the checkpoint a restart resumes from).
+5. **Audit** requests whose recovery rounds are done: the leakage audit on the erased
+   site's data (if it still answers), utility of the others, the gold's figures if
+   ``service.audit-gold``, and the model hashes; the JSON report is written and the
+   request becomes ``verified``.
+
+After a crash (even ``kill -9``), the next run with the same ``service.state-dir``
+resumes after the last committed round; requests whose unlearning round was not
+committed are served again (exactly once in the model that carries on).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import replace
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from fed_unlearn.config import SERVICE_METHODS, ExperimentConfig, ServiceConfig
+from fed_unlearn.erasure import RequestError, SiteRegistry, parse_request
+from fed_unlearn.evaluation import summarise
+from fed_unlearn.journal import Journal, weights_digest
+from fed_unlearn.metrics import average_gap
+from fed_unlearn.models import build_model, get_weights
+from fed_unlearn.report import write_json
+from fed_unlearn.unlearning import make_method
+
+from .experiment import ClientInfo, discover_clients, gold_federation, measure
+from .records import metric_dict, to_record, to_weights
+from .strategy import UnlearningFedAvg
+
+#: What the leakage audit keeps of a site's measurements.
+AUDIT_KEYS = ("forget-acc", "forget-heldout-acc", "forget-loss", "mia-auc", "mia-entropy-auc")
+
+
+def resolve_sites(clients: dict[int, ClientInfo], registry: SiteRegistry | None, journal: Journal) -> dict[str, int]:
+    """Site name -> client id, from the registry (authenticated node ids) or from what the nodes say.
+
+    Raises
+    ------
+    RuntimeError
+        A connected node missing from the registry, a registered partition that does not
+        match the node's data, or two nodes naming the same site.
+    """
+    sites: dict[str, int] = {}
+    for cid, info in sorted(clients.items()):
+        if registry is not None:
+            name = registry.site_of_node(info.node_id)
+            if name is None:
+                raise RuntimeError(f"node {info.node_id} (says it is {info.site!r}) is not in the site registry")
+            if registry.sites[name]["partition-id"] != cid:
+                raise RuntimeError(f"site {name!r} is registered with partition {registry.sites[name]['partition-id']}, "
+                                   f"but its node serves partition {cid}")
+            if info.site and info.site != name:
+                journal.refuse(f"node {info.node_id}", info.site, f"node registered as {name!r} claims to be {info.site!r}",
+                               {"node-id": info.node_id}, None)
+                log(WARNING, "node %s is registered as %r but claims %r; the registry wins", info.node_id, name, info.site)
+        else:
+            name = info.site or f"site-{cid}"
+        if name in sites:
+            raise RuntimeError(f"two nodes are site {name!r}")
+        sites[name] = cid
+    return sites
+
+
+def operator_request_id(site: str) -> str:
+    """Stable id of the run-config request for ``site`` (a rerun does not serve it twice)."""
+    return hashlib.sha256(f"run-config:{site}".encode()).hexdigest()[:32]
+
+
+class ErasureService:
+    """The state of one service run (see the module docstring)."""
+
+    def __init__(self, grid: Grid, cfg: ExperimentConfig, svc: ServiceConfig, run_config: dict[str, Any]) -> None:
+        if cfg.method not in SERVICE_METHODS:
+            raise ValueError(f"unlearn.method '{cfg.method}' cannot serve requests in a long-running federation "
+                             f"(it stores history or retrains); use one of {', '.join(SERVICE_METHODS)}")
+        self.grid, self.cfg, self.svc, self.run_config = grid, cfg, svc, run_config
+        self.state_dir = Path(svc.state_dir)
+        registry = SiteRegistry.from_file(svc.sites_file) if svc.sites_file else None
+        unknown = sorted(set(svc.erase_list) - set(registry.sites)) if registry else []
+        if unknown:
+            raise ValueError(f"service.erase-sites names unknown site(s) {unknown}; registered: {sorted(registry.sites)}")
+        self.journal = Journal(self.state_dir / "journal.sqlite")
+        ck = self.journal.checkpoint()
+        known: dict[str, int] = dict(ck.state.get("sites", {})) if ck else {}
+        self.gone_sites = set(ck.state.get("departed-sites", [])) if ck else set()
+        # after a restart only the sites still in the federation must connect; erased ones may be gone for good
+        required = {c for s, c in known.items() if s not in self.gone_sites} if ck else None
+        self.clients = discover_clients(grid, cfg.node_wait_seconds, cfg.round_timeout, required=required)
+        self.sites = resolve_sites(self.clients, registry, self.journal)
+        if ck is not None and any(known.get(s, c) != c for s, c in self.sites.items()) or \
+                ck is not None and set(known) - set(self.sites) - self.gone_sites:
+            raise RuntimeError(f"the checkpoint in {self.state_dir} belongs to another federation "
+                               f"(sites {known}, now {self.sites})")
+        self.sites = {**known, **self.sites}
+        self.site_of = {cid: s for s, cid in self.sites.items()}
+        bad = sorted(set(svc.erase_list) - set(self.sites))
+        if bad:
+            raise ValueError(f"service.erase-sites names unknown site(s) {bad}; the federation has {sorted(self.sites)}")
+        self.node_of = {c: i.node_id for c, i in self.clients.items()}
+        first = self.clients[min(self.clients)]
+        self.initial = get_weights(build_model(cfg.model, first.input_shape, first.num_classes, seed=cfg.seed))
+        self.resumed_from = ck.server_round if ck else 0
+        self.weights = ck.weights if ck else dict(self.initial)
+        departed = [self.sites[s] for s in self.gone_sites if self.sites[s] in self.node_of]
+        self.stale = self.journal.reconcile()
+        self.strategy = UnlearningFedAvg(self.node_of, excluded=departed, evaluate_departed=False, on_missing="skip")
+        self.in_flight: list[str] = []
+        self.verdicts: dict[int, dict[str, list[str]]] = {}  # node -> {"acks": [...], "refused": [...]}
+        self.history: dict[int, dict[str, float]] = {}
+        for site in svc.erase_list:
+            if self.journal.add(operator_request_id(site), site, "operator:run-config", self.resumed_from):
+                log(INFO, "operator request (run config): erase site %r", site)
+
+    # -- 1. intake ----------------------------------------------------------------------
+    def poll(self, rnd: int) -> None:
+        """Ask every site in the federation (and any gone site still owed a verdict) for its requests."""
+        client_of = {n: c for c, n in self.node_of.items()}
+        asked = sorted(set(self.strategy.active) | {client_of[n] for n in self.verdicts})
+        msgs = []
+        for cid in asked:
+            v = self.verdicts.pop(self.node_of[cid], {})
+            cfg = ConfigRecord({"server-round": rnd, **({"acks": v["acks"]} if v.get("acks") else {}),
+                                **({"refused": v["refused"]} if v.get("refused") else {})})
+            msgs.append(Message(RecordDict({"config": cfg}), self.node_of[cid], f"{MessageType.QUERY}.erasure"))
+        for reply in self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
+            nid = reply.metadata.src_node_id
+            if reply.has_error() or "erasure" not in reply.content.config_records:
+                continue
+            record = reply.content["erasure"]
+            texts = record.get("requests", [])
+            files = record.get("files", [])
+            texts = texts if isinstance(texts, list) else []
+            files = files if isinstance(files, list) and len(files) == len(texts) else [""] * len(texts)
+            sender = self.site_of[client_of[nid]]
+            verdict = self.verdicts.setdefault(nid, {"acks": [], "refused": []})
+            for text, name in zip(texts, files):
+                self._intake(str(text), str(name), sender, nid, rnd, verdict)
+
+    def _intake(self, text: str, name: str, sender: str, nid: int, rnd: int, verdict: dict[str, list[str]]) -> None:
+        try:
+            req = parse_request(text)
+        except RequestError as exc:
+            self.journal.refuse(f"node {nid} ({sender})", None, f"malformed: {exc}", text[:2000], rnd)
+            if name:
+                verdict["refused"].append(name)  # filed away by name: it would be resent forever
+            log(WARNING, "refused a malformed request from %s: %s", sender, exc)
+            return
+        reason = None
+        if req.site not in self.sites:
+            reason = f"unknown site {req.site!r}"
+        elif req.site != sender:
+            reason = f"site {sender!r} may not request the erasure of site {req.site!r}"
+        if reason is not None:
+            self.journal.refuse(f"node {nid} ({sender})", req.site, reason, req.to_dict(), rnd)
+            verdict["refused"].append(req.id)
+            log(WARNING, "refused request %s: %s", req.id, reason)
+            return
+        if self.journal.add(req.id, req.site, f"site:{sender}", rnd, req.reason):
+            log(INFO, "journaled erasure request %s of site %r", req.id, req.site)
+        verdict["acks"].append(req.id)  # journaled (now or before): the site may stop resending
+
+    # -- 2. serving ------------------------------------------------------------------------
+    def maybe_serve(self, rnd: int, arrays: ArrayRecord) -> None:
+        """Start serving the pending requests of sites still in the federation."""
+        if self.strategy.pending:
+            return
+        gone = self.gone_sites | {self.site_of[c] for c in self.strategy.departed}
+        pending = [r for r in self.journal.requests("pending") if r.site not in gone]
+        if not pending:
+            return
+        late = [r for r in pending if r.attempts >= self.svc.fallback_after and self.svc.fallback != "wait"]
+        batch = late or pending
+        name = self.svc.fallback if late else self.cfg.method
+        method = make_method(name, self.run_config)
+        connected = set(self.grid.get_node_ids())
+        absent = [r for r in batch if self.node_of[self.sites[r.site]] not in connected] if method.departing_clients_train else []
+        if absent:
+            ids = [r.id for r in absent]
+            self.journal.start_unlearning(ids, rnd, name)
+            self.journal.back_to_pending(ids, rnd, "site not connected")
+            log(WARNING, "sites %s are not connected: their requests stay pending", [r.site for r in absent])
+        batch = [r for r in batch if r not in absent]
+        # one request per site (a site that asked twice is served once)
+        by_site: dict[str, list[str]] = {}
+        for r in batch:
+            by_site.setdefault(r.site, []).append(r.id)
+        if not by_site:
+            return
+        cids = [self.sites[s] for s in by_site]
+        before = measure(self.grid, {c: self.node_of[c] for c in cids}, arrays, None, self.cfg.round_timeout,
+                         forget_all=cids, allow_missing=True)
+        last = self.history.get(max(self.history)) if self.history else {}
+        digest = weights_digest(to_weights(arrays))
+        details = {}
+        for site, ids in by_site.items():
+            b = before.get(self.sites[site])
+            for rid in ids:
+                details[rid] = {"model-before": digest, "fallback": bool(late), "test-acc-before": last.get("test-acc"),
+                                "before": {k: v for k, v in summarise({0: b}).items() if k in AUDIT_KEYS} if b else None}
+        self.in_flight = [rid for ids in by_site.values() for rid in ids]
+        self.journal.start_unlearning(self.in_flight, rnd, name, details)
+        self.strategy.submit(cids, rnd, method, leave=True, extra_config={"forget-all": True})
+        log(INFO, "round %d: serving the erasure of %s with %s", rnd, sorted(by_site), name)
+
+    # -- 5. audit ------------------------------------------------------------------------
+    def audit(self, rnd: int, arrays: ArrayRecord, request_ids: list[str]) -> None:
+        """Write the audit report of every recovered request and mark it verified."""
+        for rid in request_ids:
+            req = self.journal.get(rid)
+            cid = self.sites[req.site]
+            reach = {cid: self.node_of[cid]} if cid in self.node_of else {}
+            after_m = measure(self.grid, reach, arrays, None, self.cfg.round_timeout, forget_all=[cid],
+                              allow_missing=True).get(cid) if reach else None
+            after = {k: v for k, v in summarise({0: after_m}).items() if k in AUDIT_KEYS} if after_m else None
+            report: dict[str, Any] = {
+                "request": {"id": req.id, "site": req.site, "requested-by": req.requested_by, "reason": req.reason,
+                            "attempts": req.attempts},
+                "client-id": cid, "method": req.method, "fallback-used": bool(req.details.get("fallback")),
+                "rounds": {"received": req.received_round, "unlearning": req.unlearning_round, "served": req.served_round,
+                           "recovered": req.recovered_round, "recovery-rounds": self.svc.recovery_rounds},
+                "model-sha256": {"before": req.details.get("model-before"), "after-unlearning": req.details.get("model-after-unlearning"),
+                                 "after-recovery": weights_digest(to_weights(arrays))},
+                "leakage-audit": {
+                    "site-reachable": after is not None, "before": req.details.get("before"), "after": after,
+                    "reading": ("after unlearning the site's training data should look like data the model never saw: "
+                                "forget-acc close to forget-heldout-acc, MIA AUCs close to 0.5 (or to the gold's)"),
+                },
+                "utility": {"test-acc-before": req.details.get("test-acc-before"),
+                            "test-acc-after": self.history.get(rnd, {}).get("test-acc")},
+                "gold": self._gold_audit(req, cid, arrays) if self.svc.audit_gold else None,
+                "journal": self.journal.history(rid),
+                "written-at": time.time(),
+            }
+            path = write_json(self.state_dir / "audit" / f"{rid}.json", report)
+            self.journal.set_verified(rid, str(path), rnd)
+            log(INFO, "audit of request %s (site %r) written to %s", rid, req.site, path)
+
+    def _gold_audit(self, req: Any, cid: int, arrays: ArrayRecord) -> dict[str, Any]:
+        """Retrain without every site erased so far up to the request's round; compare."""
+        gone = tuple(sorted(self.strategy.departed | {cid}))
+        gcfg = replace(self.cfg, departing=gone, departure_round=int(req.unlearning_round),
+                       gold_cache_dir=str(self.state_dir / "gold-cache"))
+        info = {c: {"digest": "site"} for c in gone}
+        gold, _ = gold_federation(self.grid, gcfg, self.clients, to_record(self.initial), info)
+        everyone = dict(self.node_of)
+        models = {"unlearned": arrays, "gold": gold}
+        rep = {k: summarise(measure(self.grid, everyone, a, gold, self.cfg.round_timeout, forget_all=[cid], allow_missing=True))
+               for k, a in models.items()}
+        rep["unlearned"]["average-gap"] = average_gap(rep["unlearned"], rep["gold"])
+        return rep
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Rounds ``resumed_from + 1 .. num-server-rounds``; returns the service summary."""
+        arrays = to_record(self.weights)
+        start = self.resumed_from + 1
+        if self.stale:
+            log(WARNING, "restart: requests %s were being unlearned in an uncommitted round; serving them again", self.stale)
+        log(INFO, "service: sites %s, rounds %d..%d, method %s", self.sites, start, self.cfg.num_server_rounds, self.cfg.method)
+        for rnd in range(start, self.cfg.num_server_rounds + 1):
+            self.poll(rnd)
+            self.maybe_serve(rnd, arrays)
+            serving = list(self.in_flight)
+            replies = self.grid.send_and_receive(self.strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid),
+                                                 timeout=self.cfg.round_timeout)
+            new, _ = self.strategy.aggregate_train(rnd, replies)
+            if new is not None:
+                arrays = new
+            served: list[str] = []
+            if serving and self.strategy.failed:
+                self.journal.back_to_pending(serving, rnd, "a site to forget did not reply")
+                self.in_flight = []
+            elif serving and not self.strategy.pending:
+                served, self.in_flight = serving, []
+            evals = self.grid.send_and_receive(self.strategy.configure_evaluate(rnd, arrays, ConfigRecord(), self.grid),
+                                               timeout=self.cfg.round_timeout)
+            summary = self.strategy.aggregate_evaluate(rnd, evals)
+            self.history[rnd] = metric_dict(summary) if summary is not None else {}
+            weights = to_weights(arrays)
+            digest = weights_digest(weights)
+            recovering = [r for r in self.journal.requests("unlearning") if r.served_round is not None]
+            recovered = [r.id for r in recovering if rnd - r.served_round >= self.svc.recovery_rounds]
+            if self.svc.recovery_rounds == 0:
+                recovered += served
+            self.gone_sites |= {self.site_of[c] for c in self.strategy.departed}
+            state = {"sites": self.sites, "departed-sites": sorted(self.gone_sites), **self.strategy.membership()}
+            self.journal.commit_round(rnd, weights, state, served=served, recovered=recovered,
+                                      details={rid: {"model-after-unlearning": digest} for rid in served})
+            log(INFO, "[service] round %d committed: test-acc %.4f, %d sites, served %s, recovered %s", rnd,
+                self.history[rnd].get("test-acc", float("nan")), len(self.strategy.active), served, recovered)
+            if recovered:
+                self.audit(rnd, arrays, recovered)
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        """``service.json``: rounds of this run, every request and refusal."""
+        out = {
+            "sites": self.sites, "resumed-from-round": self.resumed_from, "re-served-after-restart": self.stale,
+            "history": {str(r): h for r, h in self.history.items()},
+            "requests": [{**r.__dict__} for r in self.journal.requests()],
+            "refusals": self.journal.refusals(),
+            "open-requests": [r.id for r in self.journal.requests() if r.state in ("pending", "unlearning")],
+        }
+        write_json(self.state_dir / "service.json", out)
+        return out
+
+
+def run_service(grid: Grid, cfg: ExperimentConfig, svc: ServiceConfig, run_config: dict[str, Any]) -> dict[str, Any]:
+    """Build the service (bad settings fail before any round) and run it."""
+    service = ErasureService(grid, cfg, svc, run_config)
+    try:
+        return service.run()
+    finally:
+        service.journal.close()
+
+
+def describe(state_dir: str | Path) -> str:
+    """A short text status of a service's journal (for operators and logs)."""
+    with Journal(Path(state_dir) / "journal.sqlite") as j:
+        ck = j.checkpoint()
+        lines = [f"checkpoint: round {ck.server_round} ({ck.digest[:12]})" if ck else "checkpoint: none"]
+        lines += [f"{r.id} {r.site} {r.state} attempts={r.attempts} by={r.requested_by}" for r in j.requests()]
+        lines += [f"refused: {x['named-site']} from {x['source']}: {x['reason']}" for x in j.refusals()]
+        return "\n".join(lines) + "\n" + json.dumps({"open": [r.id for r in j.requests() if r.state != "verified"]})

@@ -1,0 +1,189 @@
+"""The erasure service (mode = "service") on an in-process Grid: intake, serving, restart, audit, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from flwr.app import Context, RecordDict
+
+from clients.client_app import app as client_app
+from fed_unlearn.erasure import SiteRegistry, new_request, submit_to_inbox
+from fed_unlearn.journal import Journal
+from server.server_app import main as server_main
+from simulations.inprocess import InProcessGrid, fused_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SITES = ("h0", "h1", "h2")
+
+
+class Crash(BaseException):
+    """Stands for the server process dying (not an Exception: nothing may catch it)."""
+
+
+class CrashingGrid(InProcessGrid):
+    """Dies when it is asked to send the training messages of ``crash_round``; ``drop`` nodes go offline after discovery."""
+
+    crash_round = -1
+    drop: set = set()
+
+    def send_and_receive(self, messages, *, timeout=None):
+        msgs = list(messages)
+        if msgs and not msgs[0].metadata.message_type.endswith("info"):
+            self.offline |= self.drop
+        if msgs and msgs[0].metadata.message_type.startswith("train") and msgs[0].content["config"]["server-round"] == self.crash_round:
+            raise Crash()
+        return super().send_and_receive(msgs, timeout=timeout)
+
+
+def start(tmp: Path, rounds: int, extra: str = "", grid_cls=None, crash_round: int = -1, offline=()):
+    rc = fused_run_config(str(ROOT), f"mode='service' dataset='digits' num-server-rounds={rounds} "
+                                     f"service.state-dir='{tmp / 'state'}' service.recovery-rounds=1 {extra}")
+    grid = (grid_cls or CrashingGrid)(client_app, 3, rc, node_configs=[{"site": s, "erasure-inbox": str(tmp / s)} for s in SITES])
+    grid.crash_round = crash_round
+    grid.drop = {list(grid.contexts)[i] for i in offline}  # connected at discovery, then gone
+    return server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc)), grid
+
+
+def journal(tmp: Path) -> Journal:
+    return Journal(tmp / "state" / "journal.sqlite")
+
+
+def test_a_site_asks_to_be_forgotten_is_served_once_left_out_and_audited(tmp_path):
+    start(tmp_path, 3)  # three ordinary rounds
+    req = new_request("h1", "withdrawal")
+    submit_to_inbox(tmp_path / "h1", req)
+    out, grid = start(tmp_path, 6)  # resumes at round 4, serves it there, recovers in 5
+    assert out["resumed-from-round"] == 3 and set(out["history"]) == {"4", "5", "6"}
+    with journal(tmp_path) as j:
+        r = j.get(req.id)
+        assert (r.state, r.requested_by, r.attempts, r.served_round, r.recovered_round) == ("verified", "site:h1", 1, 4, 5)
+        assert j.checkpoint().server_round == 6 and j.checkpoint().state["departed-sites"] == ["h1"]
+    report = json.loads(Path(r.report).read_text())
+    assert report["request"]["site"] == "h1" and report["method"] == "puf" and not report["fallback-used"]
+    hashes = report["model-sha256"]
+    assert len({hashes["before"], hashes["after-unlearning"], hashes["after-recovery"]}) == 3
+    audit = report["leakage-audit"]
+    assert audit["site-reachable"] and audit["before"]["forget-acc"] > audit["after"]["forget-acc"]
+    assert report["utility"]["test-acc-after"] > 0.5
+    # h1's node got no training message after its unlearning round, and its file is filed
+    assert (tmp_path / "h1" / "acknowledged" / f"{req.id}.json").exists() and not list((tmp_path / "h1" / "pending").glob("*"))
+
+
+def test_a_crash_in_the_unlearning_round_is_resumed_and_the_request_served_exactly_once(tmp_path):
+    def scenario(tmp: Path, crash: bool) -> str:
+        start(tmp, 2)
+        submit_to_inbox(tmp / "h2", new_request("h2"))
+        if crash:
+            with pytest.raises(Crash):
+                start(tmp, 5, crash_round=3)  # journaled + unlearning started, not committed
+            with journal(tmp) as j:
+                (r,) = j.requests()
+                assert r.state == "unlearning" and r.served_round is None and j.checkpoint().server_round == 2
+        out, _ = start(tmp, 5)
+        if crash:
+            assert out["resumed-from-round"] == 2 and out["re-served-after-restart"] == [r.id]
+        with journal(tmp) as j:
+            (r,) = j.requests()
+            assert r.state == "verified" and r.served_round == 3 and r.attempts == 1
+            return j.checkpoint().digest
+
+    # the final model is exactly the one of a run that never crashed: served once, no round lost
+    assert scenario(tmp_path / "crash", True) == scenario(tmp_path / "clean", False)
+
+
+def test_bad_requests_are_refused_and_change_nothing(tmp_path):
+    submit_to_inbox(tmp_path / "h0", new_request("h2", "not mine"))      # a site asking for another
+    submit_to_inbox(tmp_path / "h0", new_request("h9"))                  # an unknown site
+    (tmp_path / "h1" / "pending").mkdir(parents=True)
+    (tmp_path / "h1" / "pending" / "garbage.json").write_text('{"site": "h1"}')  # malformed
+    start(tmp_path / "clean", 2)
+    start(tmp_path, 2)
+    with journal(tmp_path) as j, journal(tmp_path / "clean") as clean:
+        assert j.requests() == []
+        reasons = sorted(r["reason"] for r in j.refusals())
+        assert len(reasons) == 3 and any("may not request" in x for x in reasons)
+        assert any("unknown site 'h9'" in x for x in reasons) and any(x.startswith("malformed") for x in reasons)
+        assert j.checkpoint().digest == clean.checkpoint().digest  # the model never moved because of them
+    assert len(list((tmp_path / "h0" / "refused").glob("*.json"))) == 2
+    assert (tmp_path / "h1" / "refused" / "garbage.json").exists()  # filed by name: not resent forever
+
+
+@pytest.mark.parametrize("fallback", ["wait", "fine-tune"])
+def test_an_absent_site_leaves_its_request_pending_until_the_fallback(tmp_path, fallback):
+    start(tmp_path, 1)
+    r = new_request("h2")
+    with journal(tmp_path) as j:  # journaled while h2 was up; then h2 drops out
+        j.add(r.id, "h2", "site:h2", 1)
+    out, _ = start(tmp_path, 5, extra=f"service.fallback='{fallback}' service.fallback-after=2", offline=[2])
+    with journal(tmp_path) as j:
+        got = j.get(r.id)
+        if fallback == "wait":  # tried every round (2..5), still open and reported
+            assert got.state == "pending" and got.attempts == 4 and out["open-requests"] == [r.id]
+            assert j.checkpoint().state["departed-sites"] == []
+        else:  # two failed attempts, then served without the site (data-free), recovered, audited
+            assert got.state == "verified" and got.method == "fine-tune" and got.attempts == 3
+            report = json.loads(Path(got.report).read_text())
+            assert report["fallback-used"] and report["leakage-audit"]["site-reachable"] is False
+            assert j.checkpoint().state["departed-sites"] == ["h2"]
+
+
+def test_operator_requests(tmp_path, capsys):
+    from server.erasure_admin import main as admin
+
+    assert admin(["request", "--state-dir", str(tmp_path / "state"), "--site", "h1"]) == 2  # no federation known yet
+    start(tmp_path, 1)
+    assert admin(["request", "--state-dir", str(tmp_path / "state"), "--site", "h7"]) == 2
+    assert "unknown site 'h7'" in capsys.readouterr().err
+    with journal(tmp_path) as j:
+        assert j.requests() == []
+    assert admin(["request", "--state-dir", str(tmp_path / "state"), "--site", "h0", "--reason", "court order"]) == 0
+    start(tmp_path, 3)
+    with journal(tmp_path) as j:
+        (r,) = j.requests()
+        assert (r.site, r.requested_by, r.state) == ("h0", "operator", "verified")
+    assert admin(["status", "--state-dir", str(tmp_path / "state")]) == 0
+    assert "verified" in capsys.readouterr().out
+    # the run-config path, and its refusal of unknown sites before any round
+    out, _ = start(tmp_path / "rc", 2, extra="service.erase-sites='h2'")
+    assert out["requests"][0]["requested_by"] == "operator:run-config"
+    with pytest.raises(ValueError, match=r"unknown site\(s\) \['h8'\]"):
+        start(tmp_path / "rc2", 2, extra="service.erase-sites='h8'")
+    assert not (tmp_path / "rc2" / "state" / "journal.sqlite").exists() or Journal(tmp_path / "rc2" / "state" / "journal.sqlite").checkpoint() is None
+
+
+def test_the_site_registry_binds_sites_to_node_ids(tmp_path):
+    rc = fused_run_config(str(ROOT), "mode='service' dataset='digits'")
+    ids = list(InProcessGrid(client_app, 3, rc).contexts)
+    # h0's node is registered as "h1-alias"... i.e. it claims a name it is not registered under
+    reg = SiteRegistry({"alpha": {"node-id": ids[0], "partition-id": 0}, "h1": {"node-id": ids[1], "partition-id": 1},
+                        "h2": {"node-id": ids[2], "partition-id": 2}}).write(tmp_path / "sites.json")
+    req = new_request("alpha")
+    submit_to_inbox(tmp_path / "h0", req)  # node 0 speaks for site "alpha" in the registry
+    out, _ = start(tmp_path, 3, extra=f"service.sites-file='{reg}'")
+    assert out["sites"] == {"alpha": 0, "h1": 1, "h2": 2}
+    with journal(tmp_path) as j:
+        assert j.get(req.id).state == "verified"
+        assert any("claims to be 'h0'" in r["reason"] for r in j.refusals())
+    bad = SiteRegistry({"h0": {"node-id": 1, "partition-id": 0}}).write(tmp_path / "bad.json")
+    with pytest.raises(RuntimeError, match="not in the site registry"):
+        start(tmp_path / "b", 2, extra=f"service.sites-file='{bad}'")
+
+
+def test_methods_that_store_history_cannot_serve(tmp_path):
+    with pytest.raises(ValueError, match="cannot serve requests"):
+        start(tmp_path, 2, extra="unlearn.method='federaser'")
+
+
+def test_a_restart_does_not_wait_for_sites_that_were_erased(tmp_path):
+    submit_to_inbox(tmp_path / "h1", new_request("h1"))
+    start(tmp_path, 3)  # h1 served in round 1, recovered in 2, audited
+    rc = fused_run_config(str(ROOT), f"mode='service' dataset='digits' num-server-rounds=5 node-wait-seconds=5.0 "
+                                     f"service.state-dir='{tmp_path / 'state'}' service.recovery-rounds=1")
+    grid = InProcessGrid(client_app, 3, rc, node_configs=[{"site": s, "erasure-inbox": str(tmp_path / s)} for s in SITES])
+    grid.offline = {list(grid.contexts)[1]}  # h1 has shut its node down for good
+    out = server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
+    assert out["resumed-from-round"] == 3 and set(out["history"]) == {"4", "5"} and out["sites"]["h1"] == 1
+    with journal(tmp_path) as j:
+        assert j.checkpoint().state["departed-sites"] == ["h1"]
