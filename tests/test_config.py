@@ -95,3 +95,23 @@ def test_scenarios_from_the_run_config():
     # the gold depends on what is deleted, and on exactly which samples when the model chose them
     base = ExperimentConfig.from_run_config({"unlearn.scenario": "samples", "unlearn.selection": "high-loss"})
     assert base.gold_key(5, {0: "aa"}) != base.gold_key(5, {0: "bb"}) != ExperimentConfig().gold_key(5)
+
+
+def test_service_settings_are_run_config_keys_and_validated():
+    from dataclasses import fields
+
+    from fed_unlearn.config import ServiceConfig, mode_of
+    from fed_unlearn.unlearning.base import config_from_run_config
+
+    rc = flat(tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"])
+    for f in fields(ServiceConfig):
+        key = f"service.{f.name.replace('_', '-')}"
+        assert key in rc and rc[key] == getattr(ServiceConfig(), f.name), key
+    assert mode_of(rc) == "experiment" and mode_of({"mode": "service"}) == "service"
+    with pytest.raises(ValueError, match="'mode'"):
+        mode_of({"mode": "batch"})
+    with pytest.raises(ValueError, match="service.fallback"):
+        config_from_run_config(ServiceConfig, {"service.fallback": "retrain"}, "service")
+    assert ServiceConfig(erase_sites=" a, b,").erase_list == ("a", "b")
+    # in a service, requests arrive at run time: unlearn.departing does not apply
+    assert ExperimentConfig.from_run_config({"mode": "service", "num-server-rounds": 2}).departing == ()

@@ -1,0 +1,396 @@
+"""A real deployment on loopback: one SuperLink and N SuperNodes as separate processes.
+
+    python -m simulations.deploy demo                       # the whole runbook, TLS + node authentication
+    python -m simulations.deploy up --dir DEPLOY --sites 3  # start (and register) everything, then leave it running
+    python -m simulations.deploy run --dir DEPLOY --rounds 6
+    python -m simulations.deploy request --dir DEPLOY --site site-1
+    python -m simulations.deploy status --dir DEPLOY
+    python -m simulations.deploy down --dir DEPLOY
+
+What ``up`` does, step by step (each step is also what an operator does by hand; the
+README's runbook shows the commands):
+
+1. TLS (default on): a private CA, and a SuperLink certificate for ``127.0.0.1`` and
+   ``localhost`` signed by it (``DIR/certs``); SuperLink ``--ssl-*``, SuperNodes and the
+   ``flwr`` CLI ``root-certificates``. ``--insecure`` turns it off.
+2. Node authentication (default on): an EC (P-384) key pair per site (``DIR/keys``), the
+   SuperLink started with ``--enable-supernode-auth``, each public key registered with
+   ``flwr supernode register`` (which returns the node id), and the **site registry**
+   ``DIR/sites.json`` (site -> node id, partition) the ServerApp checks requests against.
+3. The SuperLink (``--database DIR/superlink.db``: registrations survive a restart) and
+   one SuperNode per site with its own ``--node-config`` (``partition-id``,
+   ``num-partitions``, ``site``, ``erasure-inbox``, optionally ``data-file``), each with
+   its own ClientAppIo port.
+4. ``DIR/flwr/config.toml``: the ``deploy`` federation for ``flwr run . deploy``.
+
+``run`` submits the same app as the simulation (``mode = "service"``), waits for the run
+to finish and checks its status with ``flwr list``. PIDs are kept in ``DIR/deployment.json``;
+``down`` stops everything by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import ipaddress
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import ssl
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .run_experiment import PROJECT_ROOT, _bin, free_port, quiet_env, stop_process
+
+FEDERATION = "deploy"
+
+
+# -- credentials ------------------------------------------------------------------------------
+def make_tls(folder: Path) -> dict[str, Path]:
+    """A self-signed CA and a server certificate for 127.0.0.1 / localhost signed by it (PEM files)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def key() -> Any:
+        return ec.generate_private_key(ec.SECP384R1())
+
+    def write_key(k: Any, path: Path) -> None:
+        path.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                         serialization.NoEncryption()))
+        path.chmod(0o600)
+
+    ca_key = key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fed-unlearn deployment CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+          .not_valid_after(now + dt.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA384()))
+    srv_key = key()
+    srv = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+           .issuer_name(ca_name).public_key(srv_key.public_key()).serial_number(x509.random_serial_number())
+           .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=30))
+           .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                       x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+           .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+           .sign(ca_key, hashes.SHA384()))
+    paths = {"ca": folder / "ca.crt", "cert": folder / "server.crt", "key": folder / "server.key"}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(srv.public_bytes(serialization.Encoding.PEM))
+    write_key(srv_key, paths["key"])
+    return paths
+
+
+def make_node_keys(folder: Path, site: str) -> tuple[Path, Path]:
+    """An EC P-384 key pair for a SuperNode in OpenSSH format: (private key, public key)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    k = ec.generate_private_key(ec.SECP384R1())
+    priv, pub = folder / f"{site}", folder / f"{site}.pub"
+    priv.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    priv.chmod(0o600)
+    pub.write_bytes(k.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return priv, pub
+
+
+# -- the deployment ---------------------------------------------------------------------------
+@dataclass
+class Deployment:
+    """One loopback deployment, its processes and files (persisted in ``DIR/deployment.json``)."""
+
+    dir: str
+    sites: list[str]
+    tls: bool = True
+    auth: bool = True
+    port: int = 0
+    node_ids: dict[str, int] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
+    data_files: dict[str, str] = field(default_factory=dict)
+
+    # paths
+    @property
+    def root(self) -> Path:  # noqa: D102
+        return Path(self.dir)
+
+    @property
+    def flwr_home(self) -> Path:  # noqa: D102
+        return self.root / "flwr"
+
+    def inbox(self, site: str) -> Path:
+        """The site's erasure inbox (its SuperNode's node-config ``erasure-inbox``)."""
+        return self.root / "sites" / site / "erasure-inbox"
+
+    @property
+    def registry(self) -> Path:  # noqa: D102
+        return self.root / "sites.json"
+
+    @property
+    def state_dir(self) -> Path:
+        """The service's journal, checkpoint and audit reports."""
+        return self.root / "service"
+
+    def save(self) -> None:
+        """Write ``deployment.json``."""
+        (self.root / "deployment.json").write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Deployment":
+        """Read ``deployment.json``."""
+        return cls(**json.loads((Path(folder) / "deployment.json").read_text()))
+
+    def env(self) -> dict[str, str]:
+        """The offline environment for every process (shared FLWR_HOME for the CLI)."""
+        ray_tmp = self.root / "tmp"
+        ray_tmp.mkdir(parents=True, exist_ok=True)
+        return quiet_env(self.flwr_home, ray_tmp)
+
+    def _log(self, name: str) -> Any:
+        logs = self.root / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        return open(logs / f"{name}.log", "ab")
+
+    # processes
+    def superlink_cmd(self) -> list[str]:
+        """The SuperLink command line."""
+        cmd = [_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port), "--isolation", "subprocess",
+               "--database", str(self.root / "superlink.db"), "--disable-runtime-dependency-installation"]
+        if self.tls:
+            certs = self.root / "certs"
+            cmd += ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.crt"),
+                    "--ssl-keyfile", str(certs / "server.key")]
+        else:
+            cmd += ["--insecure"]
+        if self.auth:
+            cmd += ["--enable-supernode-auth"]
+        return cmd
+
+    def start_superlink(self, timeout: float = 90.0) -> int:
+        """Start the SuperLink and wait until its API answers; returns its PID."""
+        proc = subprocess.Popen(self.superlink_cmd(), env=self.env(), cwd=str(PROJECT_ROOT), stdout=self._log("superlink"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.pids["superlink"] = proc.pid
+        self.save()
+        deadline = time.monotonic() + timeout
+        ctx = ssl.create_default_context(cafile=str(self.root / "certs" / "ca.crt")) if self.tls else None
+        scheme = "https" if self.tls else "http"
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with code {proc.returncode}; see {self.root / 'logs'}")
+            try:
+                with urllib.request.urlopen(f"{scheme}://127.0.0.1:{self.port}/health", timeout=1.0, context=ctx) as r:
+                    if r.status == 200:
+                        return proc.pid
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"SuperLink not healthy within {timeout:.0f}s; see {self.root / 'logs'}")
+
+    def node_config(self, site: str) -> str:
+        """The ``--node-config`` of a site's SuperNode."""
+        i = self.sites.index(site)
+        parts = [f"partition-id={i}", f"num-partitions={len(self.sites)}", f"site='{site}'", f"erasure-inbox='{self.inbox(site)}'"]
+        if site in self.data_files:
+            parts.append(f"data-file='{self.data_files[site]}'")
+        return " ".join(parts)
+
+    def supernode_cmd(self, site: str, clientappio_port: int) -> list[str]:
+        """A site's SuperNode command line."""
+        cmd = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--node-config", self.node_config(site),
+               "--port", str(clientappio_port), "--isolation", "subprocess"]
+        cmd += ["--root-certificates", str(self.root / "certs" / "ca.crt")] if self.tls else ["--insecure"]
+        if self.auth:
+            cmd += ["--auth-supernode-private-key", str(self.root / "keys" / site)]
+        return cmd
+
+    def start_supernode(self, site: str) -> int:
+        """Start one site's SuperNode; returns its PID."""
+        self.inbox(site).mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(self.supernode_cmd(site, free_port()), env=self.env(), cwd=str(PROJECT_ROOT),
+                                stdout=self._log(f"supernode-{site}"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.pids[f"supernode-{site}"] = proc.pid
+        self.save()
+        return proc.pid
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        """Run the ``flwr`` CLI against this deployment."""
+        return subprocess.run([_bin("flwr"), *args], env=self.env(), cwd=str(PROJECT_ROOT), capture_output=True,
+                              text=True, timeout=timeout)
+
+    def write_cli_config(self) -> None:
+        """``FLWR_HOME/config.toml`` with the ``deploy`` federation."""
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        lines = ["[superlink]", f'default = "{FEDERATION}"', "", f"[superlink.{FEDERATION}]", f'address = "127.0.0.1:{self.port}"']
+        lines += [f'root-certificates = "{self.root / "certs" / "ca.crt"}"'] if self.tls else ["insecure = true"]
+        (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+    def register(self, site: str) -> int:
+        """``flwr supernode register`` a site's public key; returns the node id the SuperLink assigned."""
+        out = self.flwr("supernode", "register", str(self.root / "keys" / f"{site}.pub"), FEDERATION, "--name", site,
+                        "--format", "json")
+        try:
+            return int(json.loads(out.stdout[out.stdout.index("{"):])["node-id"])
+        except (ValueError, KeyError):
+            raise RuntimeError(f"registering {site} failed: {out.stdout[-800:]} {out.stderr[-800:]}") from None
+
+    def up(self) -> None:
+        """Credentials, SuperLink, registrations and registry, SuperNodes, CLI config."""
+        from fed_unlearn.erasure import SiteRegistry
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        if self.tls:
+            make_tls(self.root / "certs")
+        self.write_cli_config()
+        self.start_superlink()
+        if self.auth:
+            for site in self.sites:
+                make_node_keys(self.root / "keys", site)
+                self.node_ids[site] = self.register(site)
+            SiteRegistry({s: {"node-id": self.node_ids[s], "partition-id": i} for i, s in enumerate(self.sites)}).write(self.registry)
+        for site in self.sites:
+            self.start_supernode(site)
+        self.save()
+
+    def submit(self, run_config: str) -> int:
+        """``flwr run . deploy --run-config ...``; returns the run id."""
+        cmd = ["run", str(PROJECT_ROOT), FEDERATION, "--format", "json", "--run-config", run_config]
+        print("$ flwr", " ".join(shlex.quote(c) for c in cmd), flush=True)
+        out = self.flwr(*cmd)
+        try:
+            return int(json.loads(out.stdout[out.stdout.index("{"):])["run-id"])
+        except (ValueError, KeyError):
+            raise RuntimeError(f"flwr run failed: {out.stdout[-1500:]} {out.stderr[-1500:]}") from None
+
+    def status(self, run_id: int) -> str:
+        """The run's status as ``flwr list`` reports it (``finished:completed`` ...)."""
+        out = self.flwr("list", FEDERATION, "--run-id", str(run_id), "--format", "json", timeout=60)
+        try:
+            runs = json.loads(out.stdout[out.stdout.index("{"):])["runs"]
+        except (ValueError, KeyError):
+            return "unknown"
+        return str(runs[0].get("status", "unknown")) if runs else "unknown"
+
+    def wait(self, run_id: int, timeout: float = 1800.0) -> str:
+        """Wait for the run to finish; returns its final status."""
+        deadline = time.monotonic() + timeout
+        status = self.status(run_id)
+        while not status.startswith("finished") and time.monotonic() < deadline:
+            time.sleep(2.0)
+            status = self.status(run_id)
+        return status
+
+    def service_config(self, rounds: int, extra: str = "") -> str:
+        """The run config of the erasure service on this deployment."""
+        rc = f"mode='service' num-server-rounds={rounds} service.state-dir='{self.state_dir}' node-wait-seconds=300.0"
+        if self.auth:
+            rc += f" service.sites-file='{self.registry}'"
+        return f"{rc} {extra}".strip()
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to a process (and its session) by its name in ``pids``."""
+        pid = self.pids.get(name)
+        if pid:
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def down(self) -> None:
+        """Stop every process by PID (SIGTERM, then SIGKILL)."""
+        for name, pid in list(self.pids.items()):
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(pid, sig)
+                except ProcessLookupError:
+                    break
+                for _ in range(20):
+                    try:
+                        os.kill(pid, 0)
+                    except ProcessLookupError:
+                        break
+                    time.sleep(0.25)
+                else:
+                    continue
+                break
+            self.pids.pop(name)
+        self.save()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("up", "run", "request", "status", "down", "demo"):
+        p = sub.add_parser(name)
+        p.add_argument("--dir", default=str(PROJECT_ROOT / "results" / "deploy"))
+        if name in ("up", "demo"):
+            p.add_argument("--sites", type=int, default=3)
+            p.add_argument("--insecure", action="store_true", help="no TLS")
+            p.add_argument("--no-auth", action="store_true", help="no SuperNode authentication (no site registry)")
+        if name in ("run", "demo"):
+            p.add_argument("--rounds", type=int, default=6)
+            p.add_argument("--run-config", default="dataset='digits'")
+        if name == "request":
+            p.add_argument("--site", required=True)
+            p.add_argument("--reason", default="")
+    args = ap.parse_args(argv)
+    if args.cmd in ("up", "demo"):
+        dep = Deployment(args.dir, [f"site-{i}" for i in range(args.sites)], tls=not args.insecure, auth=not args.no_auth)
+        dep.up()
+        print(f"SuperLink on 127.0.0.1:{dep.port} (TLS {'on' if dep.tls else 'off'}, node auth {'on' if dep.auth else 'off'}); "
+              f"sites {dep.node_ids or dep.sites}; state in {dep.root}")
+        if args.cmd == "up":
+            return 0
+        try:
+            return demo(dep, args.rounds, args.run_config)
+        finally:
+            dep.down()
+    dep = Deployment.load(args.dir)
+    if args.cmd == "down":
+        dep.down()
+        return 0
+    if args.cmd == "request":
+        from clients.request_erasure import main as request
+
+        return request(["--inbox", str(dep.inbox(args.site)), "--site", args.site, "--reason", args.reason])
+    if args.cmd == "status":
+        from server.service import describe
+
+        print(describe(dep.state_dir), end="")
+        return 0
+    run_id = dep.submit(dep.service_config(args.rounds, args.run_config))
+    status = dep.wait(run_id)
+    print(f"run {run_id}: {status}")
+    return 0 if status == "finished:completed" else 1
+
+
+def demo(dep: Deployment, rounds: int, run_config: str) -> int:
+    """The runbook end to end: train, site-1 asks to be forgotten, serve, audit."""
+    from clients.request_erasure import main as request
+    from server.service import describe
+
+    first = max(2, rounds // 2)
+    run_id = dep.submit(dep.service_config(first, run_config))
+    print(f"run {run_id}: {dep.wait(run_id)}")
+    request(["--inbox", str(dep.inbox(dep.sites[1])), "--site", dep.sites[1], "--reason", "demo: the site leaves"])
+    run_id = dep.submit(dep.service_config(rounds, run_config))
+    status = dep.wait(run_id)
+    print(f"run {run_id}: {status}\n{describe(dep.state_dir)}")
+    return 0 if status == "finished:completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
