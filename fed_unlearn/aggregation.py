@@ -7,8 +7,8 @@ Flower ``ArrayRecord`` of a torch ``state_dict`` carries.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -31,11 +31,14 @@ class ClientUpdate:
         The client's locally trained model.
     num_examples : int
         Training examples behind the update (FedAvg weight ``n_k``).
+    metrics : Mapping[str, Any]
+        The reply's metrics (a method may read statistics its clients computed).
     """
 
     client_id: int
     weights: Weights
     num_examples: int
+    metrics: Mapping[str, Any] = field(default_factory=dict)
 
 
 def validate_update(update: Weights, reference: Weights, source: str) -> None:

@@ -130,6 +130,7 @@ def run_rounds(
     assert run.arrays is not None
     arrays = run.arrays
     for rnd in rounds:
+        t_round = time.perf_counter()
         unlearning = strategy.is_unlearning_round(rnd)
         replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid), timeout=timeout)
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
@@ -140,6 +141,7 @@ def run_rounds(
         evals = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid), timeout=timeout)
         summary = strategy.aggregate_evaluate(rnd, evals)
         run.history[rnd] = metric_dict(summary) if summary is not None else {}
+        run.history[rnd]["round-seconds"] = time.perf_counter() - t_round
         run.rounds_run = rnd
         log(INFO, "[%s] round %d%s: test-acc %.4f  forget-acc %.4f  steps %d", label, rnd, " (unlearning)" if unlearning else "",
             run.history[rnd].get("test-acc", float("nan")), run.history[rnd].get("forget-acc", float("nan")),
@@ -292,7 +294,9 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
             finished.append(rnd)
         return cfg.recovery == "until-gold" and bool(finished) and summary.get("test-acc", -1.0) >= target
 
+    t_unlearn = time.perf_counter()
     run = run_rounds(grid, strategy, run, range(cfg.departure_round, cfg.num_server_rounds + 1), cfg.round_timeout, method.name, stop=stop)
+    unlearn_wall = time.perf_counter() - t_unlearn
     if not strategy.unlearning_done:
         raise RuntimeError(f"{method.name} did not finish unlearning by round {cfg.num_server_rounds}")
     assert run.arrays is not None
@@ -345,6 +349,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
         },
         "server-history-bytes": method.history_bytes(),
         "timings": {"federation-wall-seconds": run.wall_seconds, "gold-wall-seconds": gold_meta.get("wall-seconds"),
+                    "unlearning+recovery-wall-seconds": unlearn_wall,
                     "gold-cached": gold_meta["cached"], "total-seconds": time.perf_counter() - t_start},
         "gold-key": gold_meta.get("key"),
         "table-markdown": table,

@@ -1,0 +1,204 @@
+"""TRW: Tilted ReWeighting for class unlearning, federated.
+
+Reference: A. Ebrahimpour-Boroojeny, Y. Wang, H. Sundaram, "On the Necessity of Output
+Distribution Reweighting for Effective Class Unlearning" (2025). A model retrained
+without class ``f`` does not give its samples a uniform or arbitrary distribution: it
+sends them to the classes that *look like* ``f``. TRW makes the unlearned model do the
+same, which is what defeats the nearest-neighbour-class attack (MIA-NN) that a model
+merely suppressing ``f`` fails.
+
+With ``p_0`` the model at the start of the unlearning (the global model the clients
+receive) and ``D_f`` the class-``f`` samples of every client:
+
+1. **Inter-class similarity** (one server round, no training): every client reports
+   ``sum_{x in D_f^k} p_0(k'|x)`` for every class ``k'`` and its count; the server forms
+   ``s_k = mean_{x in D_f} p_0(k|x)`` for ``k != f``, normalised to sum 1 over ``k != f``
+   (``s_f = 0``).
+2. **Tilted target** for each forget sample: ``q(k|x) proportional to p_0(k|x) * s_k^tau``
+   for ``k != f``, ``q(f|x) = 0`` (sums to 1).
+3. **Local fine-tuning** (one server round): each client minimises, for ``epochs`` passes
+   over its retained data, ``CE(theta; B_r) + lambda * KL(q || p_theta)(B_f)`` on a retained
+   minibatch ``B_r`` and a forget minibatch ``B_f`` (cycled); SGD with the client's local
+   settings. The server takes the forget-set-weighted mean of the clients' models
+   (federated averaging of the same objective); recovery follows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from scipy.special import log_softmax
+from torch import nn
+from torch.nn import functional as F
+
+from ..aggregation import ClientUpdate, Weights, fedavg
+from ..training import predict_logits
+from .base import UnlearningMethod, config_from_run_config, forget_loss
+
+
+@dataclass(frozen=True)
+class TRWConfig:
+    """Settings of TRW (run-config keys ``trw.*``).
+
+    Attributes
+    ----------
+    tau : float
+        Tilt exponent on the similarity (0 = plain renormalisation of ``p_0`` over the
+        remaining classes).
+    kl_weight : float
+        ``lambda``, weight of the KL term.
+    epochs, batch_size : int
+        Passes over the retained data and minibatch size.
+    lr, momentum : float
+        SGD settings.
+    """
+
+    tau: float = 1.0
+    kl_weight: float = 1.0
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.tau < 0 or self.kl_weight < 0 or self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.momentum < 0:
+            raise ValueError(f"trw needs tau, kl-weight, momentum >= 0, epochs and batch-size >= 1, lr > 0; got {self}")
+
+
+def similarity(prob_sums: Sequence[Sequence[float]], counts: Sequence[int], removed: int) -> np.ndarray:
+    """``s``: mean probability of each class on the removed class's samples, over clients; ``s_f = 0``, sums to 1.
+
+    Raises
+    ------
+    ValueError
+        Without any sample of the removed class, or if no mass lies outside it.
+    """
+    total = np.sum(np.asarray(prob_sums, np.float64), axis=0)
+    n = float(np.sum(counts))
+    if n <= 0:
+        raise ValueError("TRW needs samples of the removed class to estimate the similarity")
+    s = total / n
+    s[removed] = 0.0
+    if s.sum() <= 0:
+        raise ValueError("the model puts no probability outside the removed class: the similarity is undefined")
+    return s / s.sum()
+
+
+def tilted_target(logits0: np.ndarray, s: np.ndarray, removed: int, tau: float) -> np.ndarray:
+    """``q(k|x) proportional to p_0(k|x) s_k^tau`` over the classes but ``removed``; ``q(removed|x) = 0``."""
+    logp = log_softmax(np.asarray(logits0, np.float64), axis=1)
+    with np.errstate(divide="ignore"):
+        logq = logp + tau * np.log(np.asarray(s, np.float64))[None, :]
+    logq[:, removed] = -np.inf
+    logq -= logq.max(axis=1, keepdims=True)
+    q = np.exp(logq)
+    return q / q.sum(axis=1, keepdims=True)
+
+
+def trw_finetune(model: nn.Module, retain: tuple[np.ndarray, np.ndarray], forget_x: np.ndarray, q: np.ndarray,
+                 cfg: TRWConfig, seed: int, augment: str = "none") -> int:
+    """Step 3 in place; returns the number of SGD steps."""
+    from ..augment import augment_batch
+
+    if len(retain[0]) == 0 or len(forget_x) == 0:
+        raise ValueError("TRW fine-tuning needs retained and forget samples")
+    xr, yr = torch.from_numpy(np.ascontiguousarray(retain[0])), torch.from_numpy(np.ascontiguousarray(retain[1]))
+    xf, qt = torch.from_numpy(np.ascontiguousarray(forget_x)), torch.from_numpy(q).float()
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    rng = np.random.default_rng(seed)
+    f_order, f_pos, steps = rng.permutation(len(xf)), 0, 0
+    model.train()
+    for _ in range(cfg.epochs):
+        order = torch.from_numpy(rng.permutation(len(xr)))
+        for s in range(0, len(xr), cfg.batch_size):
+            idx = order[s:s + cfg.batch_size]
+            if f_pos >= len(f_order):
+                f_order, f_pos = rng.permutation(len(xf)), 0
+            fidx = torch.from_numpy(f_order[f_pos:f_pos + cfg.batch_size])
+            f_pos += cfg.batch_size
+            xb = augment_batch(xr[idx], augment, seed * 7_919 + steps) if augment != "none" else xr[idx]
+            xfb = augment_batch(xf[fidx], augment, seed * 7_927 + steps) if augment != "none" else xf[fidx]
+            opt.zero_grad(set_to_none=True)
+            kl = F.kl_div(F.log_softmax(model(xfb), dim=1), qt[fidx], reduction="batchmean")
+            (F.cross_entropy(model(xb), yr[idx]) + cfg.kl_weight * kl).backward()
+            opt.step()
+            steps += 1
+    return steps
+
+
+def client_unlearn(model: nn.Module, forget: tuple[np.ndarray, np.ndarray], heldout: tuple[np.ndarray, np.ndarray],
+                   run_config: Mapping[str, Any], instruction: Mapping[str, Any], seed: int,
+                   state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Phase ``estimate``: report probability sums on the forget set; phase ``tilt``: the fine-tuning."""
+    cfg = config_from_run_config(TRWConfig, run_config, "trw")
+    state = state or {}
+    removed = int(instruction["trw-class"])
+    logits0 = predict_logits(model, forget[0])
+    if str(instruction.get("trw-phase")) == "estimate":
+        p0 = np.exp(log_softmax(logits0, axis=1))
+        loss = forget_loss(model, forget)
+        return {"train-steps": 0, "trw-prob-sum": [float(v) for v in p0.sum(axis=0)], "forget-loss-start": loss,
+                "forget-loss-end": loss}
+    s = np.asarray(instruction["trw-similarity"], np.float64)
+    q = tilted_target(logits0, s, removed, cfg.tau)
+    start = forget_loss(model, forget)
+    retain = state.get("retain")
+    if retain is None:
+        raise ValueError("TRW needs the client's retained data")
+    steps = trw_finetune(model, retain, forget[0], q, cfg, seed, str(state.get("augment", "none")))
+    return {"train-steps": steps, "forget-loss-start": start, "forget-loss-end": forget_loss(model, forget)}
+
+
+class TRW(UnlearningMethod):
+    """Two unlearning rounds: estimate the similarity, then every client fine-tunes toward the tilted target."""
+
+    name = "trw"
+
+    def __init__(self, config: TRWConfig) -> None:
+        self.config = config
+        self.removed: int | None = None
+        self._step = 0
+        self.similarity: np.ndarray | None = None
+
+    def configure_from_run(self, run_config: Mapping[str, Any]) -> None:
+        """TRW unlearns a class: ``unlearn.scenario = "class"``, class ``unlearn.class``."""
+        if run_config.get("unlearn.scenario", "client") != "class":
+            raise ValueError("trw unlearns a class: it needs unlearn.scenario = 'class'")
+        self.removed = int(run_config.get("unlearn.class", 0))
+
+    @property
+    def num_rounds(self) -> int:  # noqa: D102
+        return 2
+
+    @property
+    def remaining_clients_train(self) -> bool:  # noqa: D102
+        return False
+
+    @property
+    def departing_task(self) -> str:  # noqa: D102
+        return "unlearn"
+
+    def departing_config(self, global_weights: Weights) -> dict[str, Any]:  # noqa: D102
+        if self.removed is None:
+            raise RuntimeError("trw was not configured with the class to remove")
+        cfg: dict[str, Any] = {**super().departing_config(global_weights), "trw-class": self.removed, "with-retain": True}
+        if self._step == 0:
+            return {**cfg, "trw-phase": "estimate"}
+        assert self.similarity is not None
+        return {**cfg, "trw-phase": "tilt", "trw-similarity": [float(v) for v in self.similarity]}
+
+    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]) -> "dict[str, np.ndarray]":
+        """Round 1: the similarity from the reported sums (model unchanged); round 2: FedAvg of the clients' models."""
+        if not departing:
+            raise ValueError("TRW needs the forgetting clients' replies")
+        assert self.removed is not None
+        if self._step == 0:
+            sums = [u.metrics["trw-prob-sum"] for u in departing]
+            self.similarity = similarity(sums, [u.num_examples for u in departing], self.removed)
+            self._step = 1
+            return {k: np.array(v, copy=True) for k, v in global_weights.items()}
+        self._step = 2
+        return dict(fedavg(departing))
