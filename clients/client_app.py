@@ -161,12 +161,20 @@ def _settings(cfg: ExperimentConfig, config: Any) -> TrainSettings:
     return TrainSettings(epochs, t.batch_size, t.lr, t.momentum, t.weight_decay)
 
 
+def _augment(cfg: ExperimentConfig, config: Any) -> str:
+    """Augmentation of this instruction: the configured one from the deletion request on, else none."""
+    if cfg.augment == "none" or "seed-round" in config:  # (the retrain baseline replays the gold's recipe)
+        return "none"
+    return cfg.augment if int(config.get("server-round", 0)) >= cfg.departure_round else "none"
+
+
 def _train_role(cfg: ExperimentConfig, pid: int, data: ArrayDataset, record: ArrayRecord, config: Any) -> tuple[ArrayRecord, MetricRecord]:
     """Plain local SGD on ``data`` from the received model: one role's reply."""
     model = _model(cfg, data, record)
     seed_round = int(config.get("seed-round", config["server-round"]))
     t0 = time.perf_counter()
-    stats = train_local(model, data.x, data.y, _settings(cfg, config), seed=client_seed(cfg.seed, seed_round, pid))
+    stats = train_local(model, data.x, data.y, _settings(cfg, config), seed=client_seed(cfg.seed, seed_round, pid),
+                        augment=_augment(cfg, config), clip_bound=cfg.fastclip_bound, clip_every=cfg.fastclip_every)
     metrics = MetricRecord({
         "num-examples": len(data), "train-loss": stats.mean_loss, "train-steps": stats.steps,
         "train-seconds": time.perf_counter() - t0, "partition-id": pid,
@@ -175,7 +183,7 @@ def _train_role(cfg: ExperimentConfig, pid: int, data: ArrayDataset, record: Arr
 
 
 def _unlearn_role(cfg: ExperimentConfig, pid: int, context: Context, forget: ArrayDataset, heldout_all: ArrayDataset,
-                  record: ArrayRecord, config: Any) -> tuple[ArrayRecord, MetricRecord]:
+                  record: ArrayRecord, config: Any, retain: ArrayDataset | None = None) -> tuple[ArrayRecord, MetricRecord]:
     """The method's local unlearning routine on the forget set: the forget role's reply."""
     name = str(config.get("unlearn-method", ""))
     if name not in CLIENT_ROUTINES:
@@ -183,7 +191,9 @@ def _unlearn_role(cfg: ExperimentConfig, pid: int, context: Context, forget: Arr
     # the held-out samples of the forgotten classes: the routines' reference for "unseen"
     heldout = heldout_all.subset(np.flatnonzero(np.isin(heldout_all.y, np.unique(forget.y))))
     model = _model(cfg, forget, record)
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {"augment": _augment(cfg, config)}
+    if retain is not None:
+        state["retain"] = (retain.x, retain.y)
     if LAST_LOCAL_KEY in context.state.array_records:
         state["last-local"] = {k: v.numpy() for k, v in context.state[LAST_LOCAL_KEY].items()}
         state["last-local-n"] = int(context.state.metric_records[LAST_LOCAL_N_KEY]["num-examples"])
@@ -205,7 +215,10 @@ def _train_reply(msg: Message, context: Context, forget_routine: bool) -> Messag
         if role == "retain":
             arrays, metrics = _train_role(cfg, pid, _part(cfg, pid, context, full, str(config.get("data-part", "all")), config), record, config)
         elif forget_routine:
-            arrays, metrics = _unlearn_role(cfg, pid, context, _part(cfg, pid, context, full, "forget", config), heldout, record, config)
+            mask = _mask(cfg, pid, context, full, config)
+            retain = full.subset(np.flatnonzero(~mask)) if mask is not None and (~mask).any() else None
+            arrays, metrics = _unlearn_role(cfg, pid, context, _part(cfg, pid, context, full, "forget", config), heldout, record,
+                                            config, retain)
         else:
             arrays, metrics = _train_role(cfg, pid, _part(cfg, pid, context, full, "forget", config), record, config)
         akey, mkey = ROLE_KEYS[role]

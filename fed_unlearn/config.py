@@ -84,6 +84,13 @@ class ExperimentConfig:
         clients' held-out accuracy is within ``recovery_tolerance`` of the gold's.
     recovery_tolerance : float
         Accuracy gap to gold (absolute) counted as recovered.
+    augment : str
+        Data augmentation of local training and of AMUN's / TRW's fine-tuning from the
+        deletion request on (``unlearn.augment``: ``none``, ``shift``, ``trivial``); the
+        gold trains without it.
+    fastclip_bound, fastclip_every :
+        FastClip spectral-norm clipping during all local training (``fastclip.bound``, 0 =
+        off, and ``fastclip.every`` steps); the gold trains with the same clipping.
     results_dir : str
         Where ``results.json`` and ``accuracy.png`` go (a sub-folder per experiment).
     gold_cache_dir : str
@@ -113,6 +120,9 @@ class ExperimentConfig:
     deletion: DeletionRequest = field(default_factory=DeletionRequest)
     recovery: str = "until-gold"
     recovery_tolerance: float = 0.01
+    augment: str = "none"
+    fastclip_bound: float = 0.0
+    fastclip_every: int = 50
     results_dir: str = "results"
     gold_cache_dir: str = "results/gold-cache"
     relearn_max_steps: int = 500
@@ -141,6 +151,12 @@ class ExperimentConfig:
                     f"[2, num-server-rounds={self.num_server_rounds}] (round 1 has nothing to unlearn; "
                     "a departure after the last round never happens)"
                 )
+        from .augment import MODES as AUGMENT_MODES
+
+        if self.augment not in AUGMENT_MODES:
+            raise ValueError(f"unlearn.augment must be one of {', '.join(AUGMENT_MODES)}, got '{self.augment}'")
+        if self.fastclip_bound < 0 or self.fastclip_every < 1:
+            raise ValueError(f"fastclip needs bound >= 0 and every >= 1, got {self.fastclip_bound}, {self.fastclip_every}")
         if self.recovery not in RECOVERY_MODES:
             raise ValueError(f"unlearn.recovery must be one of {', '.join(RECOVERY_MODES)}, got '{self.recovery}'")
         if not 0 <= self.recovery_tolerance < 1:
@@ -202,6 +218,9 @@ class ExperimentConfig:
             deletion=deletion,
             recovery=get("unlearn.recovery", d.recovery),
             recovery_tolerance=get("unlearn.recovery-tolerance", d.recovery_tolerance),
+            augment=get("unlearn.augment", d.augment),
+            fastclip_bound=get("fastclip.bound", d.fastclip_bound),
+            fastclip_every=get("fastclip.every", d.fastclip_every),
             results_dir=get("results-dir", d.results_dir),
             gold_cache_dir=get("gold-cache-dir", d.gold_cache_dir),
             relearn_max_steps=get("relearn-max-steps", d.relearn_max_steps),
@@ -242,6 +261,8 @@ class ExperimentConfig:
             "rounds": self.gold_rounds, "train": asdict(self.train),
             "excluded": list(self.leaving), "num_clients": num_clients,
         }
+        if self.fastclip_bound > 0:  # the gold trains with the same clipping
+            payload["fastclip"] = [self.fastclip_bound, self.fastclip_every]
         if self.deletion.scenario != "client":  # keeps the keys of client-level golds unchanged
             payload["deletion"] = self.deletion.to_dict()
             payload["forget"] = {str(c): d for c, d in sorted((forget_digests or {}).items())}

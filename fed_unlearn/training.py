@@ -50,7 +50,8 @@ class TrainStats:
     mean_loss: float
 
 
-def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainSettings, seed: int) -> TrainStats:
+def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainSettings, seed: int,
+                augment: str = "none", clip_bound: float = 0.0, clip_every: int = 50) -> TrainStats:
     """Run minibatch SGD on ``(x, y)`` in place; deterministic given ``seed``.
 
     Parameters
@@ -62,7 +63,12 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
     settings : TrainSettings
         Optimiser settings.
     seed : int
-        Seeds the minibatch order.
+        Seeds the minibatch order (and the augmentation).
+    augment : str
+        Data augmentation of every minibatch (:mod:`fed_unlearn.augment`; ``none`` = off).
+    clip_bound : float
+        FastClip: clip every affine layer's spectral norm at this bound every
+        ``clip_every`` steps and at the end (:mod:`fed_unlearn.fastclip`; 0 = off).
 
     Returns
     -------
@@ -77,17 +83,30 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
     rng = np.random.default_rng(seed)
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
     steps, seen, loss_sum = 0, 0, 0.0
+    clip = None
+    if clip_bound > 0:
+        from .fastclip import clip_model, layer_input_shapes
+
+        shapes = layer_input_shapes(model, x.shape[1:])
+        clip = lambda: clip_model(model, clip_bound, x.shape[1:], shapes)  # noqa: E731
+    if augment != "none":
+        from .augment import augment_batch
     for _ in range(settings.epochs):
         order = torch.from_numpy(rng.permutation(len(x)))
         for start in range(0, len(x), settings.batch_size):
             idx = order[start:start + settings.batch_size]
+            xb = augment_batch(xt[idx], augment, seed * 1_000_033 + steps) if augment != "none" else xt[idx]
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xt[idx]), yt[idx])
+            loss = F.cross_entropy(model(xb), yt[idx])
             loss.backward()
             opt.step()
             steps += 1
             seen += len(idx)
             loss_sum += float(loss.detach()) * len(idx)
+            if clip is not None and steps % clip_every == 0:
+                clip()
+    if clip is not None:
+        clip()
     return TrainStats(steps=steps, examples_seen=seen, mean_loss=loss_sum / seen)
 
 

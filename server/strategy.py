@@ -263,8 +263,9 @@ class UnlearningFedAvg(FedAvg):
             if got != expected or content.config_records:
                 raise InvalidUpdateError(f"client {cid}: a train reply needs exactly the records {sorted(expected)}, got {sorted(got)}")
             for akey, role in asked.items():
-                n = content.metric_records[metric_key[akey]].get(self.weighted_by_key)
-                update = ClientUpdate(cid, to_weights(content.array_records[akey]), n if isinstance(n, int) else -1)
+                metrics = content.metric_records[metric_key[akey]]
+                n = metrics.get(self.weighted_by_key)
+                update = ClientUpdate(cid, to_weights(content.array_records[akey]), n if isinstance(n, int) else -1, dict(metrics))
                 (retain if role == "retain" else forget).append(update)
         return retain, forget
 

@@ -49,6 +49,8 @@ SCENARIOS: dict[str, str] = {
     "class": "unlearn.scenario='class'",
 }
 DEFAULT_SCENARIOS = ("client", "samples-random", "samples-high-loss", "class")
+#: Methods that only apply to some scenarios (class unlearning); other cells are left out of the grid.
+ONLY_FOR = {"trw": ("class",), "mpru": ("class",)}
 #: Keys the harness sets itself per cell.
 OWNED_KEYS = ("seed=", "unlearn.method=", "unlearn.scenario=")
 
@@ -99,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.results_dir).resolve()
     dest = root / "harness"
     # scenario- and seed-major: the first method of each (scenario, seed) trains the gold, the others reuse it
-    cells = [(sc, m, s) for sc in args.scenarios for s in args.seeds for m in args.methods]
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {sc: {m: [] for m in args.methods} for sc in args.scenarios}
+    cells = [(sc, m, s) for sc in args.scenarios for s in args.seeds for m in args.methods if sc in ONLY_FOR.get(m, (sc,))]
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+        sc: {m: [] for m in args.methods if sc in ONLY_FOR.get(m, (sc,))} for sc in args.scenarios}
     started = time.monotonic()
     for i, (scenario, method, seed) in enumerate(cells):
         out = dest / scenario / method / f"seed{seed}"
@@ -120,14 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         runs[scenario][method].append(json.loads(found[0].read_text()))
     progress(len(cells), len(cells), "done", started)
 
-    stats = {sc: seed_statistics(r) for sc, r in runs.items()}
-    first = runs[args.scenarios[0]][args.methods[0]][0]
+    stats = {sc: seed_statistics(r) for sc, r in runs.items() if r}
+    first = next(iter(next(iter(runs.values())).values()))[0]
     cfg = first["config"]
     setup = (f"{cfg['dataset']}, {cfg['model']}, {args.num_clients} clients ({cfg['partitioner']}), request in round "
              f"{cfg['departure_round']} of {cfg['num_server_rounds']}; mean ± std over seeds {args.seeds}; engine {args.engine}")
     sections = [f"# fed-unlearn harness\n\n{setup}\n\n## Average Gap to gold (lower is better)\n\n{overview_table(stats)}"]
-    for sc in args.scenarios:
-        desc = runs[sc][args.methods[0]][0]["deletion"]
+    for sc in stats:
+        desc = next(iter(runs[sc].values()))[0]["deletion"]
         sections.append(f"## {sc}: {json.dumps({k: v for k, v in desc.items() if k != 'clients'})}\n\n{statistics_table(stats[sc])}")
         plot_harness_scenario(dest / f"harness_{sc}.png", stats[sc], {m: r[0] for m, r in runs[sc].items()}, title=f"{sc}: {setup}")
     (dest / "harness.md").write_text("\n\n".join(sections) + "\n")

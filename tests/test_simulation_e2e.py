@@ -89,3 +89,24 @@ def test_harness_grid_is_summarised_resumable_and_engine_independent(tmp_path):
     for col in stats:
         for key in ("test-acc", "forget-acc", "mia-auc", "kl-forget", "l2-to-gold", "relearn-steps"):
             assert same[col][key]["mean"] == pytest.approx(stats[col][key]["mean"], abs=1e-9), (col, key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, extra", [
+    ("amun", "unlearn.augment='shift' fastclip.bound=2.0"),      # with both options of issue 7 exercised
+    ("trw", "unlearn.scenario='class' unlearn.class=3"),
+    ("mpru", "unlearn.scenario='class' unlearn.class=3"),
+])
+def test_seed_methods_through_flwr_run(tmp_path, method, extra):
+    proc = launch(tmp_path, f"dataset='digits' num-server-rounds=5 unlearn.round=3 unlearn.method='{method}' {extra}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (res_file,) = tmp_path.glob("*/results.json")
+    res = json.loads(res_file.read_text())
+    orig, unl, gold = (res["report"][k] for k in ("original", "unlearned", "gold"))
+    assert res["method"]["name"] == method
+    assert abs(unl["forget-acc"] - gold["forget-acc"]) < abs(orig["forget-acc"] - gold["forget-acc"])
+    if method in ("trw", "mpru"):
+        assert unl["forget-acc"] < 0.05 and "mia-nn-auc" in unl and "tv-forget" in unl
+        assert res["recovery"]["unlearning-rounds"] == (2 if method == "trw" else 1)
+    else:
+        assert res["config"]["augment"] == "shift" and res["config"]["fastclip_bound"] == 2.0

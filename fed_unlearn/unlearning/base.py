@@ -39,6 +39,12 @@ class UnlearningMethod(ABC):
     #: or samples of several clients); methods that add local motions average them then.
     joint_request: bool = False
 
+    def configure_from_run(self, run_config: Mapping[str, Any]) -> None:
+        """Read settings outside the method's own prefix (e.g. the class a class-unlearning method removes).
+
+        Raises ``ValueError`` when the run cannot use the method; the default reads nothing.
+        """
+
     @property
     def num_rounds(self) -> int:
         """Server rounds the unlearning takes (1 for every method but the multi-round baselines)."""

@@ -90,8 +90,12 @@ def similarity(prob_sums: Sequence[Sequence[float]], counts: Sequence[int], remo
 def tilted_target(logits0: np.ndarray, s: np.ndarray, removed: int, tau: float) -> np.ndarray:
     """``q(k|x) proportional to p_0(k|x) s_k^tau`` over the classes but ``removed``; ``q(removed|x) = 0``."""
     logp = log_softmax(np.asarray(logits0, np.float64), axis=1)
-    with np.errstate(divide="ignore"):
-        logq = logp + tau * np.log(np.asarray(s, np.float64))[None, :]
+    s = np.asarray(s, np.float64)
+    tilt = np.zeros_like(s)
+    if tau > 0:  # s_k^tau, with 0^tau = 0 (log -inf); tau = 0: no tilt at all
+        with np.errstate(divide="ignore"):
+            tilt = tau * np.log(s)
+    logq = logp + tilt[None, :]
     logq[:, removed] = -np.inf
     logq -= logq.max(axis=1, keepdims=True)
     q = np.exp(logq)
@@ -184,7 +188,7 @@ class TRW(UnlearningMethod):
     def departing_config(self, global_weights: Weights) -> dict[str, Any]:  # noqa: D102
         if self.removed is None:
             raise RuntimeError("trw was not configured with the class to remove")
-        cfg: dict[str, Any] = {**super().departing_config(global_weights), "trw-class": self.removed, "with-retain": True}
+        cfg: dict[str, Any] = {**super().departing_config(global_weights), "trw-class": self.removed}
         if self._step == 0:
             return {**cfg, "trw-phase": "estimate"}
         assert self.similarity is not None
