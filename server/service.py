@@ -144,7 +144,8 @@ class ErasureService:
     def poll(self, rnd: int) -> None:
         """Ask every site in the federation (and any gone site still owed a verdict) for its requests."""
         client_of = {n: c for c, n in self.node_of.items()}
-        asked = sorted(set(self.strategy.active) | {client_of[n] for n in self.verdicts})
+        connected = set(self.grid.get_node_ids())  # a node that is down would make the poll wait for its timeout
+        asked = sorted(c for c in set(self.strategy.active) | {client_of[n] for n in self.verdicts} if self.node_of[c] in connected)
         msgs = []
         for cid in asked:
             v = self.verdicts.pop(self.node_of[cid], {})
@@ -237,7 +238,7 @@ class ErasureService:
         for rid in request_ids:
             req = self.journal.get(rid)
             cid = self.sites[req.site]
-            reach = {cid: self.node_of[cid]} if cid in self.node_of else {}
+            reach = {cid: self.node_of[cid]} if cid in self.node_of and self.node_of[cid] in set(self.grid.get_node_ids()) else {}
             after_m = measure(self.grid, reach, arrays, None, self.cfg.round_timeout, forget_all=[cid],
                               allow_missing=True).get(cid) if reach else None
             after = {k: v for k, v in summarise({0: after_m}).items() if k in AUDIT_KEYS} if after_m else None
