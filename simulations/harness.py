@@ -3,6 +3,7 @@
     python -m simulations.harness                       # every method x 4 scenarios x seeds 0 1 2 (flwr run, Ray)
     python -m simulations.harness --engine inprocess    # the same grid without SuperLink/Ray (same numbers, faster)
     python -m simulations.harness --methods puf sragu --scenarios client class --seeds 0 1
+    python -m simulations.harness --methods fine-tune amun --run-config "unlearn.augment='trivial'" --name harness-trivial
 
 Each cell (scenario, method, seed) is one experiment: by default a ``flwr run``
 simulation on Flower's Ray engine through :mod:`simulations.run_experiment`; with
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="ray: flwr run on the Ray simulation engine; inprocess: same apps, no SuperLink/Ray")
     ap.add_argument("--run-config", default="", help="overrides shared by every cell")
     ap.add_argument("--results-dir", default=str(PROJECT_ROOT / "results"))
+    ap.add_argument("--name", default="harness", help="output folder under results-dir (the gold cache is shared)")
     args = ap.parse_args(argv)
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(k in args.run_config for k in OWNED_KEYS):
         ap.error("seed, unlearn.method and unlearn.scenario are set by the harness; use --seeds, --methods, --scenarios")
     root = Path(args.results_dir).resolve()
-    dest = root / "harness"
+    dest = root / args.name
     # scenario- and seed-major: the first method of each (scenario, seed) trains the gold, the others reuse it
     cells = [(sc, m, s) for sc in args.scenarios for s in args.seeds for m in args.methods if sc in ONLY_FOR.get(m, (sc,))]
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {
