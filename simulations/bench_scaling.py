@@ -1,6 +1,6 @@
 """Benchmark: wall time per round on Flower's Ray simulation engine, 10 -> 100 simulated clients.
 
-    python -m simulations.bench_scaling                       # clients 10 25 50 100 x CPUs per client 1, 2, 0.5
+    python -m simulations.bench_scaling                       # clients 10 25 50 100 x CPUs per client 1, 2
 
 Each configuration is one ``flwr run`` (through :mod:`simulations.run_experiment`) of a
 short experiment on the embedded MNIST-5k: 2 training rounds, one departure (fine-tune),
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", nargs="+", type=int, default=[10, 25, 50, 100])
-    ap.add_argument("--cpus", nargs="+", type=float, default=[1.0, 2.0, 0.5])
+    ap.add_argument("--cpus", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--run-config", default="", help="extra overrides")
     args = ap.parse_args(argv)
     print(f"machine: {os.cpu_count()} cores; Ray simulation engine through flwr run; setup: {SETUP} {args.run_config}")
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((cpus, k, statistics.median(per_round), k / statistics.median(per_round), total))
     print(f"\n{'cpus/client':>11s} {'actors':>6s} {'clients':>7s} {'s/round':>8s} {'updates/s':>10s} {'run s':>7s}")
     for cpus, k, sec, ups, total in rows:
-        print(f"{cpus:11g} {int(os.cpu_count() // cpus):6d} {k:7d} {sec:8.2f} {ups:10.1f} {total:7.0f}")
+        print(f"{cpus:11d} {int(os.cpu_count() // cpus):6d} {k:7d} {sec:8.2f} {ups:10.1f} {total:7.0f}")
     return 0
 
 

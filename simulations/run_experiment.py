@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--num-clients", type=int, default=5, help="SuperNodes in the simulation (default 5)")
-    ap.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per client (default 1; fractions allowed)")
+    ap.add_argument("--cpus-per-client", type=int, default=1, help="Ray CPUs per client (default 1; Flower takes integers)")
     ap.add_argument("--run-config", default="", help="run-config overrides, e.g. \"unlearn.departing='0,3'\"")
     ap.add_argument("--results-dir", default=str(PROJECT_ROOT / "results"), help="where results go (default ./results)")
     ap.add_argument("--flwr-home", default="", help="FLWR_HOME to use (default: a fresh one under results-dir)")
