@@ -254,7 +254,8 @@ def overview_table(stats: Mapping[str, Stats], key: str = "average-gap") -> str:
     scenarios = list(stats)
     cols: list[str] = []
     for st in stats.values():
-        cols += [c for c in st if c not in cols]
+        cols += [c for c in st if c not in cols and c != "gold"]
+    cols.append("gold")
     lines = ["| model | " + " | ".join(scenarios) + " |", "|---|" + "---:|" * len(scenarios)]
     for c in cols:
         lines.append(f"| {c} | " + " | ".join(_cell(stats[sc][c][key]) if c in stats[sc] else "–" for sc in scenarios) + " |")
@@ -340,7 +341,9 @@ def plot_harness_overview(path: str | Path, stats: Mapping[str, Stats], title: s
     import numpy as np
 
     scenarios = list(stats)
-    cols = [c for c in next(iter(stats.values())) if c != "gold"]
+    cols: list[str] = []
+    for st in stats.values():
+        cols += [c for c in st if c not in cols and c != "gold"]
     fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(cols) * len(scenarios) / 3), 4.5))
     width = 0.8 / len(scenarios)
     x = np.arange(len(cols))
