@@ -278,10 +278,17 @@ def write_statistics_csv(path: str | Path, stats: Mapping[str, Stats]) -> Path:
     return path
 
 
+def _color(i: int) -> Any:
+    """The i-th method's colour (20 distinct ones; the original is grey)."""
+    import matplotlib.pyplot as plt
+
+    return plt.get_cmap("tab20")(i % 20)
+
+
 def _bars(ax: Any, stats: Stats, cols: Sequence[str], key: str, label: str, gold_line: bool) -> None:
     means = [stats[c][key][0] for c in cols]
     stds = [stats[c][key][1] for c in cols]
-    ax.bar(range(len(cols)), means, yerr=stds, capsize=3, color=["0.6" if c == "original" else f"C{i}" for i, c in enumerate(cols)])
+    ax.bar(range(len(cols)), means, yerr=stds, capsize=3, color=["0.6" if c == "original" else _color(i - 1) for i, c in enumerate(cols)])
     ax.set_xticks(range(len(cols)), cols, rotation=35, ha="right", fontsize=8)
     ax.set_title(label, fontsize=10)
     ax.grid(alpha=0.3, axis="y")
@@ -313,7 +320,7 @@ def plot_harness_scenario(path: str | Path, stats: Stats, seed0: Mapping[str, Ma
         for i, (name, res) in enumerate(seed0.items()):
             hist = {int(r): h for r, h in res["history"].items()}
             rounds = sorted(r for r in hist if key in hist[r])
-            ax.plot(rounds, [hist[r][key] for r in rounds], marker="o", ms=2, color=f"C{i + 1}", label=name)
+            ax.plot(rounds, [hist[r][key] for r in rounds], marker="o", ms=2, color=_color(i), label=name)
         if gold_hist and key in gold_hist[max(gold_hist)]:
             ax.axhline(gold_hist[max(gold_hist)][key], color="k", ls="--", lw=1, label="gold (final)")
         ax.axvline(d, color="k", ls=":", lw=1)
