@@ -106,3 +106,21 @@ def pseudo_gradient(local: Weights, global_weights: Weights) -> "OrderedDict[str
         (k, (np.asarray(local[k], np.float64) - np.asarray(g, np.float64)) if _is_float(g) else np.zeros(np.shape(g)))
         for k, g in global_weights.items()
     )
+
+
+def weighted_delta_sum(locals_: Sequence[Weights], coefs: Sequence[float], global_weights: Weights) -> "OrderedDict[str, np.ndarray]":
+    """``sum_i coefs[i] * (locals_[i] - w)`` per name in float64, streamed.
+
+    Equal to ``weighted_sum([pseudo_gradient(l, w) for l in locals_], coefs, ...)`` but holds one
+    accumulator per array instead of every client's float64 pseudo-gradient at once (the
+    unlearning round of a large federation). Non-float arrays give zeros.
+    """
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    for name, g in global_weights.items():
+        acc = np.zeros(np.shape(g), dtype=np.float64)
+        if _is_float(g):
+            g64 = np.asarray(g, np.float64)
+            for local, c in zip(locals_, coefs):
+                acc += c * (np.asarray(local[name], np.float64) - g64)
+        out[name] = acc
+    return out

@@ -9,8 +9,12 @@ from flwr.app import Array, ArrayRecord, MetricRecord
 
 
 def to_weights(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """ArrayRecord -> ``{name: ndarray}`` (copies, so records can be reused)."""
-    return {name: np.array(arr.numpy(), copy=True) for name, arr in record.items()}
+    """ArrayRecord -> ``{name: ndarray}``.
+
+    ``Array.numpy()`` deserialises into a fresh array every call, so the result never
+    aliases the record (no second copy needed).
+    """
+    return {name: arr.numpy() for name, arr in record.items()}
 
 
 def to_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:

@@ -190,18 +190,18 @@ def apply_departing_motion(
     federated averaging of one unlearning step. Plus a FedAvg step of the remaining
     clients if any trained in that round.
     """
-    from ..aggregation import pseudo_gradient, weighted_sum
+    from ..aggregation import weighted_delta_sum
 
     if not departing:
         raise ValueError("needs at least one departing client's update")
     dep = sorted(departing, key=lambda u: u.client_id)
-    deltas = [pseudo_gradient(u.weights, global_weights) for u in dep]
+    locals_ = [u.weights for u in dep]
     m = float(sum(u.num_examples for u in dep))
-    coefs = [u.num_examples / m for u in dep] if joint else [1.0] * len(deltas)
+    coefs = [u.num_examples / m for u in dep] if joint else [1.0] * len(dep)
     rem = sorted(remaining, key=lambda u: u.client_id)
     if rem:
         n_s = float(sum(u.num_examples for u in rem))
-        deltas += [pseudo_gradient(u.weights, global_weights) for u in rem]
+        locals_ += [u.weights for u in rem]
         coefs += [u.num_examples / n_s for u in rem]
-    step = weighted_sum(deltas, coefs, {k: np.zeros(np.shape(v)) for k, v in global_weights.items()})
+    step = weighted_delta_sum(locals_, coefs, global_weights)
     return {k: (np.asarray(g, np.float64) + step[k]).astype(np.asarray(g).dtype) for k, g in global_weights.items()}

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..aggregation import ClientUpdate, Weights, pseudo_gradient, weighted_sum
+from ..aggregation import ClientUpdate, Weights, weighted_delta_sum
 from .base import UnlearningMethod
 
 PUF_VARIANTS = ("regular", "special")
@@ -104,9 +104,8 @@ def puf_update(
     rem = sorted(remaining, key=lambda u: u.client_id) if variant == "regular" else []
     dep = sorted(departing, key=lambda u: u.client_id)
     total = float(sum(u.num_examples for u in rem) + sum(u.num_examples for u in dep))
-    deltas = [pseudo_gradient(u.weights, global_weights) for u in rem + dep]
     coefs = [u.num_examples / total for u in rem] + [-eta * u.num_examples / total for u in dep]
-    step = weighted_sum(deltas, coefs, {k: np.zeros(np.shape(v)) for k, v in global_weights.items()})
+    step = weighted_delta_sum([u.weights for u in rem + dep], coefs, global_weights)
     return {
         k: (np.asarray(g, np.float64) + step[k]).astype(np.asarray(g).dtype)
         if np.issubdtype(np.asarray(g).dtype, np.floating) else np.array(g, copy=True)
