@@ -6,8 +6,9 @@ and fine-tuning steps lowers the Average Gap to the retrained model, most with
 TrivialAugment. Modes (run-config ``unlearn.augment``):
 
 * ``none``: no augmentation (the default; also what the gold federation trains with);
-* ``shift``: each image translated by up to 2 pixels in each direction (zero padding,
-  random crop), the classic augmentation for digit-like images;
+* ``shift``: each image translated by up to ``max(1, round(H / 14))`` pixels in each
+  direction (zero padding, random crop): the classic 2 pixels on 28x28 MNIST-like images,
+  1 pixel on 8x8 digits (2 pixels there is a quarter of the image and wrecks the model);
 * ``trivial``: TrivialAugmentWide (Müller & Hutter 2021, torchvision's implementation):
   one randomly chosen operation with a random magnitude per image, on the image as
   8-bit pixels.
@@ -43,9 +44,10 @@ def augment_batch(x: torch.Tensor, mode: str, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(int(seed) % (2**63))
     if mode == "shift":
         n, _, h, w = x.shape
-        padded = F.pad(x, (2, 2, 2, 2))
-        dy = torch.randint(0, 5, (n,), generator=gen)
-        dx = torch.randint(0, 5, (n,), generator=gen)
+        r = max(1, round(h / 14))  # the same relative shift as 2 px on 28 px
+        padded = F.pad(x, (r, r, r, r))
+        dy = torch.randint(0, 2 * r + 1, (n,), generator=gen)
+        dx = torch.randint(0, 2 * r + 1, (n,), generator=gen)
         return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
     from torchvision.transforms import v2
 

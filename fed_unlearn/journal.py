@@ -321,3 +321,62 @@ class Journal:
         if stale:
             self.back_to_pending(stale, None, "restart: unlearning round was not committed", count_attempt=False)
         return stale
+
+
+class StateDirBusy(RuntimeError):
+    """Another process runs the service on the same state directory."""
+
+
+class StateDirLock:
+    """An exclusive lock on a service state directory (``flock`` on ``<dir>/service.lock``).
+
+    Two ServerApps serving one federation would both train and both write the journal. A
+    SuperLink crash can leave the old ServerApp process alive for a while (it lives in
+    another session and retries its connection), so a restarted service waits for the lock
+    up to ``timeout`` seconds, then fails with the holder's PID. The OS releases the lock
+    when the holder dies, ``kill -9`` included.
+    """
+
+    def __init__(self, state_dir: str | Path, timeout: float = 0.0, poll: float = 0.5) -> None:
+        self.path = Path(state_dir) / "service.lock"
+        self.timeout, self.poll = timeout, poll
+        self._fh: io.TextIOWrapper | None = None
+
+    def acquire(self) -> "StateDirLock":
+        """Take the lock (waiting up to ``timeout``); raises :class:`StateDirBusy` if it stays held."""
+        import fcntl
+        import os
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    fh.seek(0)
+                    holder = fh.read().strip() or "unknown"
+                    fh.close()
+                    raise StateDirBusy(f"{self.path.parent} is in use by another service process (pid {holder}); "
+                                       f"waited {self.timeout:.0f}s") from None
+                time.sleep(self.poll)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        """Drop the lock (closing the file releases it)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> "StateDirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -46,7 +46,7 @@ from flwr.serverapp import Grid
 from fed_unlearn.config import SERVICE_METHODS, ExperimentConfig, ServiceConfig
 from fed_unlearn.erasure import RequestError, SiteRegistry, parse_request
 from fed_unlearn.evaluation import summarise
-from fed_unlearn.journal import Journal, weights_digest
+from fed_unlearn.journal import Journal, StateDirLock, weights_digest
 from fed_unlearn.metrics import average_gap
 from fed_unlearn.models import build_model, get_weights
 from fed_unlearn.report import write_json
@@ -336,12 +336,17 @@ class ErasureService:
 
 
 def run_service(grid: Grid, cfg: ExperimentConfig, svc: ServiceConfig, run_config: dict[str, Any]) -> dict[str, Any]:
-    """Build the service (bad settings fail before any round) and run it."""
-    service = ErasureService(grid, cfg, svc, run_config)
-    try:
-        return service.run()
-    finally:
-        service.journal.close()
+    """Build the service (bad settings fail before any round) and run it.
+
+    One service process per state directory: a restart waits (up to ``node-wait-seconds``)
+    for a previous ServerApp that is still dying to release the directory.
+    """
+    with StateDirLock(svc.state_dir, timeout=cfg.node_wait_seconds):
+        service = ErasureService(grid, cfg, svc, run_config)
+        try:
+            return service.run()
+        finally:
+            service.journal.close()
 
 
 def describe(state_dir: str | Path) -> str:

@@ -51,6 +51,28 @@ from .run_experiment import PROJECT_ROOT, _bin, free_port, quiet_env, stop_proce
 FEDERATION = "deploy"
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux ``/proc``), children first-level before theirs.
+
+    The SuperLink starts its SuperExec in a *new session* and the SuperExec starts the
+    ServerApp process, so a signal to the SuperLink's process group does not reach the
+    ServerApp; this walk does.
+    """
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(0), [])
+        out += kids
+        todo += kids
+    return out
+
+
 # -- credentials ------------------------------------------------------------------------------
 def make_tls(folder: Path) -> dict[str, Path]:
     """A self-signed CA and a server certificate for 127.0.0.1 / localhost signed by it (PEM files)."""
@@ -300,17 +322,28 @@ class Deployment:
         return f"{rc} {extra}".strip()
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to a process (and its session) by its name in ``pids``."""
+        """Send ``sig`` to a process by its name in ``pids``, its session and every descendant.
+
+        For the SuperLink that includes the SuperExec and the ServerApp process of a running
+        run (they live in another session): ``kill("superlink")`` is a crash of the server.
+        """
         pid = self.pids.get(name)
         if pid:
-            try:
-                os.killpg(pid, sig)
-            except ProcessLookupError:
-                pass
+            tree = descendants(pid)
+            for p in (pid, *tree):
+                try:
+                    os.killpg(p, sig) if p == pid else os.kill(p, sig)
+                except ProcessLookupError:
+                    pass
 
     def down(self) -> None:
-        """Stop every process by PID (SIGTERM, then SIGKILL)."""
+        """Stop every process by PID (SIGTERM, then SIGKILL), descendants included."""
         for name, pid in list(self.pids.items()):
+            for child in descendants(pid):
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:
                     os.killpg(pid, sig)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from clients.request_erasure import main as request_erasure
-from simulations.deploy import Deployment, make_node_keys
+from simulations.deploy import FEDERATION, Deployment, descendants, make_node_keys
 from simulations.run_experiment import free_port
 
 RC = "dataset='digits' service.recovery-rounds=1 round-timeout=300.0"
@@ -41,6 +41,23 @@ def journal_rows(dep: Deployment) -> list[tuple]:
         db.close()
 
 
+def alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return False
+
+
+def assert_completed(dep: Deployment, run: int, timeout: float) -> None:
+    """Wait for the run; on failure show the ServerApp's log (it runs under the SuperLink) and the run's status."""
+    status = dep.wait(run, timeout=timeout)
+    if status != "finished:completed":
+        app_log = dep.flwr("log", str(run), FEDERATION, "--show", timeout=60).stdout
+        link_log = (dep.root / "logs" / "superlink.log").read_text(errors="replace")
+        pytest.fail(f"run {run}: {status}\n--- flwr log (tail) ---\n{app_log[-6000:]}\n"
+                    f"--- superlink.log (tail) ---\n{link_log[-2000:]}")
+
+
 @pytest.mark.slow
 def test_a_deployed_site_asks_to_be_forgotten_over_tls_with_node_authentication(deployment):
     dep = deployment
@@ -59,12 +76,12 @@ def test_a_deployed_site_asks_to_be_forgotten_over_tls_with_node_authentication(
         intruder.kill()
 
     run = dep.submit(dep.service_config(2, RC))
-    assert dep.wait(run, timeout=900) == "finished:completed"
+    assert_completed(dep, run, timeout=900)
     # site-0 asks for site-2 (refused); site-1 asks for itself (served)
     request_erasure(["--inbox", str(dep.inbox("site-0")), "--site", "site-2"])
     request_erasure(["--inbox", str(dep.inbox("site-1")), "--site", "site-1", "--reason", "leaving the consortium"])
     run = dep.submit(dep.service_config(5, RC))
-    assert dep.wait(run, timeout=1200) == "finished:completed"
+    assert_completed(dep, run, timeout=1200)
     rows = journal_rows(dep)
     assert [(site, state, attempts) for _, site, state, attempts, _ in rows] == [("site-1", "verified", 1)]
     summary = json.loads((dep.state_dir / "service.json").read_text())
@@ -87,7 +104,7 @@ def test_a_deployed_site_asks_to_be_forgotten_over_tls_with_node_authentication(
 def test_killing_the_server_mid_unlearning_loses_no_request_and_serves_it_once(deployment):
     dep = deployment
     run = dep.submit(dep.service_config(2, RC))
-    assert dep.wait(run, timeout=900) == "finished:completed"
+    assert_completed(dep, run, timeout=900)
     request_erasure(["--inbox", str(dep.inbox("site-2")), "--site", "site-2"])
     dep.submit(dep.service_config(5, RC))
     deadline = time.monotonic() + 900
@@ -98,15 +115,18 @@ def test_killing_the_server_mid_unlearning_loses_no_request_and_serves_it_once(d
         time.sleep(0.2)
     else:
         pytest.fail(f"the unlearning round never started: {journal_rows(dep)}")
-    dep.kill("superlink", signal.SIGKILL)  # SuperLink and the ServerApp process it runs
+    server_side = [dep.pids["superlink"], *descendants(dep.pids["superlink"])]
+    assert len(server_side) >= 3  # SuperLink, SuperExec, the ServerApp process of the run
+    dep.kill("superlink", signal.SIGKILL)  # SuperLink, its SuperExec and the ServerApp process (another session)
     time.sleep(2)
+    assert not [p for p in server_side if alive(p)]  # the whole server is gone, as in a crash
     db = sqlite3.connect(dep.state_dir / "journal.sqlite")
     committed = db.execute("SELECT server_round FROM checkpoint").fetchone()[0]
     db.close()
     assert committed == 2 and journal_rows(dep)[0][2] == "unlearning"
     dep.start_superlink()  # same database: the registered nodes reconnect
     run = dep.submit(dep.service_config(5, RC))
-    assert dep.wait(run, timeout=1200) == "finished:completed"
+    assert_completed(dep, run, timeout=1200)
     (row,) = journal_rows(dep)
     assert row[1:] == ("site-2", "verified", 1, 3)  # served once, in the round that was interrupted
     summary = json.loads((dep.state_dir / "service.json").read_text())

@@ -198,3 +198,18 @@ def test_impossible_deletions_fail_before_any_training(default_run_config, tmp_p
     with pytest.raises(ValueError, match=msg):
         server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
     assert "train" not in grid.sent
+
+
+def test_augmentation_only_changes_training_after_the_request(default_run_config, tmp_path):
+    """``unlearn.augment`` reaches the clients and acts from the unlearning round on, never before."""
+    rc = {**default_run_config, "dataset": "digits", "unlearn.method": "fine-tune", "unlearn.round": 3,
+          "num-server-rounds": 4, "unlearn.recovery": "fixed"}
+    plain, _ = run(rc, 3, tmp_path / "plain")
+    shifted, _ = run({**rc, "unlearn.augment": "shift"}, 3, tmp_path / "shift")
+    assert shifted["config"]["augment"] == "shift"
+    for r in ("1", "2"):  # the original federation is the same model
+        assert shifted["train-history"][r]["train-loss"] == plain["train-history"][r]["train-loss"]
+    assert shifted["report"]["original"] == plain["report"]["original"]
+    for r in ("3", "4"):  # augmented batches after the request: a different (harder) training loss
+        assert shifted["train-history"][r]["train-loss"] != plain["train-history"][r]["train-loss"]
+    assert shifted["report"]["unlearned"]["l2-to-original"] != plain["report"]["unlearned"]["l2-to-original"]

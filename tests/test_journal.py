@@ -2,6 +2,7 @@
 
 import json
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,3 +123,27 @@ def test_site_registry(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"sites": {"a": {"node-id": "1", "partition-id": 0}}}))
     with pytest.raises(ValueError, match="integer"):
         SiteRegistry.from_file(tmp_path / "bad.json")
+
+
+def test_one_service_process_per_state_dir_and_kill_9_releases_it(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from fed_unlearn.journal import StateDirBusy, StateDirLock
+
+    with StateDirLock(tmp_path):
+        with pytest.raises(StateDirBusy, match=f"pid {os.getpid()}"):
+            StateDirLock(tmp_path, timeout=0.2, poll=0.05).acquire()
+    StateDirLock(tmp_path).acquire().release()  # released on exit
+    # a holder killed with SIGKILL leaves no stale lock behind
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fed_unlearn.journal import StateDirLock; "
+                               f"lock = StateDirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(StateDirBusy, match=f"pid {holder.pid}"):
+        StateDirLock(tmp_path, timeout=0.1, poll=0.05).acquire()
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    StateDirLock(tmp_path, timeout=5).acquire().release()
