@@ -5,8 +5,12 @@ departure; the gold federation is trained once and shared through the cache), th
 one table, one plot and the per-layer table (exponent, stability weight, share of
 the unlearning motion per method) are written:
 
-    python -m simulations.compare_methods     # every registered method (~3 min here)
+    python -m simulations.compare_methods     # every method that serves the scenario (~8 min here)
     python -m simulations.compare_methods --methods puf sragu --run-config "seed=1"
+
+A method whose results are already in ``<results-dir>/comparison/<method>/`` is not
+rerun (delete the folder to recompute). Class-only methods (TRW, MPRU) are left out of
+the default list unless the run config sets ``unlearn.scenario='class'``.
 
 Outputs in ``<results-dir>/comparison/``: ``comparison.md``, ``comparison.png``,
 ``comparison.json``.
@@ -16,12 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
+from fed_unlearn.report import (
+    comparison_table,
+    layer_table,
+    plot_comparison,
+    write_json,
+)
 from fed_unlearn.unlearning import METHODS
-from fed_unlearn.report import comparison_table, layer_table, plot_comparison, write_json
 
+from .harness import ONLY_FOR
 from .run_experiment import PROJECT_ROOT
 from .run_experiment import main as run_one
 
@@ -29,22 +40,31 @@ from .run_experiment import main as run_one
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), help="registry names (default: all)")
+    ap.add_argument("--methods", nargs="+", default=None, help="registry names (default: all that serve the scenario)")
     ap.add_argument("--num-clients", type=int, default=5)
     ap.add_argument("--run-config", default="", help="overrides shared by every method")
     ap.add_argument("--results-dir", default=str(PROJECT_ROOT / "results"))
     args = ap.parse_args(argv)
+    scenario = re.search(r"unlearn\.scenario\s*=\s*['\"]?(\w+)", args.run_config)
+    scenario = scenario.group(1) if scenario else "client"
+    if args.methods is None:
+        args.methods = [m for m in METHODS if scenario in ONLY_FOR.get(m, (scenario,))]
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        print(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}", file=sys.stderr)
+        return 2
     results_dir = Path(args.results_dir).resolve()
     results = {}
     for method in args.methods:
         out = results_dir / "comparison" / method
         # one gold federation for all methods: a shared cache
         rc = f"unlearn.method='{method}' gold-cache-dir='{results_dir / 'gold-cache'}' " + args.run_config
-        code = run_one(["--num-clients", str(args.num_clients), "--results-dir", str(out), "--run-config", rc])
-        if code != 0:
-            print(f"{method}: run failed (exit {code})", file=sys.stderr)
-            return code
-        (res_file,) = sorted(out.glob("*/results.json"))
+        if not sorted(out.glob("*/results.json")):
+            code = run_one(["--num-clients", str(args.num_clients), "--results-dir", str(out), "--run-config", rc])
+            if code != 0:
+                print(f"{method}: run failed (exit {code})", file=sys.stderr)
+                return code
+        res_file = max(out.glob("*/results.json"), key=lambda f: f.stat().st_mtime)
         results[method] = json.loads(res_file.read_text())
     cfg = next(iter(results.values()))["config"]
     title = (f"{cfg['dataset']}, {args.num_clients} clients: client(s) {cfg['departing']} leave in round "
