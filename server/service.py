@@ -217,15 +217,18 @@ class ErasureService:
         if not by_site:
             return
         cids = [self.sites[s] for s in by_site]
-        before = measure(self.grid, {c: self.node_of[c] for c in cids}, arrays, None, self.cfg.round_timeout,
-                         forget_all=cids, allow_missing=True)
-        last = self.history.get(max(self.history)) if self.history else {}
+        # the erased sites' data and the others' utility, both with the model before unlearning
+        staying = {c: self.node_of[c] for c in self.strategy.active if c not in cids and self.node_of[c] in connected}
+        before = measure(self.grid, {**{c: self.node_of[c] for c in cids}, **staying}, arrays, None,
+                         self.cfg.round_timeout, forget_all=cids, allow_missing=True)
+        others = {c: before[c] for c in staying if c in before}
+        test_before = summarise(others).get("test-acc") if others else None
         digest = weights_digest(to_weights(arrays))
         details = {}
         for site, ids in by_site.items():
             b = before.get(self.sites[site])
             for rid in ids:
-                details[rid] = {"model-before": digest, "fallback": bool(late), "test-acc-before": last.get("test-acc"),
+                details[rid] = {"model-before": digest, "fallback": bool(late), "test-acc-before": test_before,
                                 "before": {k: v for k, v in summarise({0: b}).items() if k in AUDIT_KEYS} if b else None}
         self.in_flight = [rid for ids in by_site.values() for rid in ids]
         self.journal.start_unlearning(self.in_flight, rnd, name, details)

@@ -26,7 +26,7 @@ class CrashingGrid(InProcessGrid):
     """Dies when it is asked to send the training messages of ``crash_round``; ``drop`` nodes go offline after discovery."""
 
     crash_round = -1
-    drop: set = set()
+    drop: frozenset = frozenset()  # replaced per instance by start()
 
     def send_and_receive(self, messages, *, timeout=None):
         msgs = list(messages)
@@ -54,7 +54,7 @@ def test_a_site_asks_to_be_forgotten_is_served_once_left_out_and_audited(tmp_pat
     start(tmp_path, 3)  # three ordinary rounds
     req = new_request("h1", "withdrawal")
     submit_to_inbox(tmp_path / "h1", req)
-    out, grid = start(tmp_path, 6)  # resumes at round 4, serves it there, recovers in 5
+    out, _ = start(tmp_path, 6)  # resumes at round 4, serves it there, recovers in 5
     assert out["resumed-from-round"] == 3 and set(out["history"]) == {"4", "5", "6"}
     with journal(tmp_path) as j:
         r = j.get(req.id)
@@ -66,7 +66,7 @@ def test_a_site_asks_to_be_forgotten_is_served_once_left_out_and_audited(tmp_pat
     assert len({hashes["before"], hashes["after-unlearning"], hashes["after-recovery"]}) == 3
     audit = report["leakage-audit"]
     assert audit["site-reachable"] and audit["before"]["forget-acc"] > audit["after"]["forget-acc"]
-    assert report["utility"]["test-acc-after"] > 0.5
+    assert report["utility"]["test-acc-after"] > 0.5 and report["utility"]["test-acc-before"] > 0.5
     # h1's node got no training message after its unlearning round, and its file is filed
     assert (tmp_path / "h1" / "acknowledged" / f"{req.id}.json").exists() and not list((tmp_path / "h1" / "pending").glob("*"))
 
