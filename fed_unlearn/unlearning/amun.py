@@ -141,7 +141,7 @@ def adversarial_examples(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: AM
 def amun_unlearn(model: nn.Module, forget: tuple[np.ndarray, np.ndarray], cfg: AMUNConfig, seed: int,
                  retain: tuple[np.ndarray, np.ndarray] | None = None, augment: str = "none") -> dict[str, float]:
     """Steps 1-2 of the module docstring, in place on ``model``; returns diagnostics."""
-    from ..augment import augment_batch
+    from ..training import TrainSettings, train_local
 
     x, y = forget
     if len(x) == 0:
@@ -151,21 +151,10 @@ def amun_unlearn(model: nn.Module, forget: tuple[np.ndarray, np.ndarray], cfg: A
     if cfg.use_retain and retain is not None and len(retain[0]):
         xs.append(retain[0])
         ys.append(retain[1])
-    xt = torch.from_numpy(np.ascontiguousarray(np.concatenate(xs)))
-    yt = torch.from_numpy(np.ascontiguousarray(np.concatenate(ys)))
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    rng = np.random.default_rng(seed)
-    steps = 0
-    model.train()
-    for _ in range(cfg.epochs):
-        order = torch.from_numpy(rng.permutation(len(xt)))
-        for s in range(0, len(xt), cfg.batch_size):
-            idx = order[s:s + cfg.batch_size]
-            xb = augment_batch(xt[idx], augment, seed * 100_003 + steps) if augment != "none" else xt[idx]
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(xb), yt[idx]).backward()
-            opt.step()
-            steps += 1
+    # step 2 is ordinary local SGD on forget + adversarial (+ retained) examples
+    settings = TrainSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                             weight_decay=cfg.weight_decay)
+    steps = train_local(model, np.concatenate(xs), np.concatenate(ys), settings, seed, augment=augment).steps
     return {"train-steps": steps, "adversarial-n": len(x_adv), "flipped": float(np.mean(y_adv != y)),
             "mean-epsilon": float(np.mean(eps)), "max-epsilon": float(np.max(eps))}
 

@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from ..aggregation import ClientUpdate, Weights, fedavg
 from ..training import predict_logits
-from .base import UnlearningMethod, config_from_run_config, forget_loss
+from .base import LocalRoutineMethod, config_from_run_config, forget_loss
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def client_unlearn(model: nn.Module, forget: tuple[np.ndarray, np.ndarray], held
     return {"train-steps": steps, "forget-loss-start": start, "forget-loss-end": forget_loss(model, forget)}
 
 
-class TRW(UnlearningMethod):
+class TRW(LocalRoutineMethod):
     """Two unlearning rounds: estimate the similarity, then every client fine-tunes toward the tilted target."""
 
     name = "trw"
@@ -176,14 +176,6 @@ class TRW(UnlearningMethod):
     @property
     def num_rounds(self) -> int:  # noqa: D102
         return 2
-
-    @property
-    def remaining_clients_train(self) -> bool:  # noqa: D102
-        return False
-
-    @property
-    def departing_task(self) -> str:  # noqa: D102
-        return "unlearn"
 
     def departing_config(self, global_weights: Weights) -> dict[str, Any]:  # noqa: D102
         if self.removed is None:
