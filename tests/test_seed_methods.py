@@ -175,8 +175,15 @@ def test_shift_augmentation_translates_and_everything_is_seeded():
     x = torch.zeros(8, 1, 10, 10)
     x[:, :, 4:6, 4:6] = 1.0
     y = augment_batch(x, "shift", seed=0)
-    assert torch.allclose(y.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)))  # the blob moves (by <= 2 px), stays whole
+    assert torch.allclose(y.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)))  # the blob moves, stays whole
     assert not torch.equal(y, x) and torch.equal(y, augment_batch(x, "shift", seed=0))
+    # the largest shift scales with the image: 1 px on 8x8 (2 px would be a quarter of it), 2 px on 28x28
+    for size, most in ((8, 1), (28, 2)):
+        dot = torch.zeros(64, 1, size, size)
+        dot[:, :, size // 2, size // 2] = 1.0
+        moved = augment_batch(dot, "shift", seed=1)
+        rows, cols = (moved[:, 0].amax(dim=d).argmax(dim=1) - size // 2 for d in (2, 1))
+        assert int(rows.abs().max()) == most and int(cols.abs().max()) == most
     t = augment_batch(torch.rand(4, 1, 12, 12), "trivial", seed=5)
     assert t.shape == (4, 1, 12, 12) and float(t.min()) >= 0 and float(t.max()) <= 1
     with pytest.raises(ValueError, match="unknown augmentation"):
