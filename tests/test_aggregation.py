@@ -40,3 +40,17 @@ def test_invalid_updates_are_named(bad, msg):
 def test_non_positive_example_count_is_rejected():
     with pytest.raises(InvalidUpdateError, match="num-examples"):
         validate_updates([ClientUpdate(2, dict(REF), 0)], REF)
+
+
+def test_streamed_delta_sum_equals_the_sum_of_pseudo_gradients():
+    from fed_unlearn.aggregation import pseudo_gradient, weighted_delta_sum, weighted_sum
+
+    rng = np.random.default_rng(0)
+    g = {"w": rng.normal(size=(3, 4)).astype(np.float32), "steps": np.array([7], np.int64)}
+    locs = [{"w": rng.normal(size=(3, 4)).astype(np.float32), "steps": np.array([9], np.int64)} for _ in range(4)]
+    coefs = [0.5, -2.0, 0.25, 1.0]
+    got = weighted_delta_sum(locs, coefs, g)
+    want = weighted_sum([pseudo_gradient(l, g) for l in locs], coefs, {"w": np.zeros((3, 4)), "steps": np.zeros(1)})
+    np.testing.assert_allclose(got["w"], want["w"], rtol=1e-12)
+    assert got["w"].dtype == np.float64 and got["steps"].tolist() == [0.0]  # counters never move
+    np.testing.assert_allclose(got["w"][0, 0], sum(c * (float(l["w"][0, 0]) - float(g["w"][0, 0])) for l, c in zip(locs, coefs)))
