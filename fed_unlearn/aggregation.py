@@ -42,7 +42,7 @@ class ClientUpdate:
 
 
 def validate_update(update: Weights, reference: Weights, source: str) -> None:
-    """Check that ``update`` has exactly the reference's names and shapes and finite values.
+    """Check that ``update`` has exactly the reference's names, shapes and dtypes, and finite values.
 
     Raises
     ------
@@ -59,6 +59,8 @@ def validate_update(update: Weights, reference: Weights, source: str) -> None:
         arr = np.asarray(update[name])
         if arr.shape != np.shape(ref):
             raise InvalidUpdateError(f"{source}: array '{name}' has shape {arr.shape}, expected {np.shape(ref)}")
+        if arr.dtype != np.asarray(ref).dtype:
+            raise InvalidUpdateError(f"{source}: array '{name}' has dtype {arr.dtype}, expected {np.asarray(ref).dtype}")
         if np.issubdtype(arr.dtype, np.number) and not np.all(np.isfinite(arr)):
             bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
             raise InvalidUpdateError(f"{source}: array '{name}' contains {bad} NaN/inf values")

@@ -55,8 +55,11 @@ class ExperimentConfig:
         Seeds the model initialisation, the partitioning and every client's minibatches.
     dataset, data_dir : str
         Dataset name (see :data:`fed_unlearn.data.DATASETS`) and folder for on-disk ones.
+    task : str
+        The task module giving the model and the data (``fed_unlearn.task`` = the built-in
+        ``model`` on the built-in ``dataset``; see :mod:`fed_unlearn.task`).
     model : str
-        ``mlp`` or ``cnn``.
+        ``mlp`` or ``cnn`` (built-in task).
     partitioner, dirichlet_alpha, holdout_fraction :
         How data is split across clients and into each client's train / held-out parts.
     num_server_rounds : int
@@ -106,6 +109,7 @@ class ExperimentConfig:
     """
 
     seed: int = 0
+    task: str = "fed_unlearn.task"
     dataset: str = "mnist-5k"
     data_dir: str = ""
     model: str = "mlp"
@@ -198,6 +202,7 @@ class ExperimentConfig:
             departing = ()
         return cls(
             seed=get("seed", d.seed),
+            task=get("task", d.task),
             dataset=get("dataset", d.dataset),
             data_dir=get("data-dir", d.data_dir),
             model=get("model", d.model),
@@ -245,22 +250,28 @@ class ExperimentConfig:
 
     def data_key(self) -> dict[str, Any]:
         """Settings that determine every client's data."""
+        if self.task != "fed_unlearn.task":
+            return {"task": self.task, "seed": self.seed, "data_dir": self.data_dir, "partitioner": self.partitioner,
+                    "dirichlet_alpha": self.dirichlet_alpha, "holdout_fraction": self.holdout_fraction}
         return {
             "dataset": self.dataset, "data_dir": self.data_dir, "partitioner": self.partitioner,
             "dirichlet_alpha": self.dirichlet_alpha, "holdout_fraction": self.holdout_fraction, "seed": self.seed,
         }
 
-    def gold_key(self, num_clients: int, forget_digests: Mapping[int, str] | None = None) -> str:
+    def gold_key(self, num_clients: int, forget_digests: Mapping[int, str] | None = None, architecture: str = "") -> str:
         """Hash of everything the gold federation depends on (cache key).
 
         ``forget_digests`` (client id -> :func:`~fed_unlearn.deletion.mask_digest`) pin the
-        exact deleted samples when they were chosen with the model (sample deletion).
+        exact deleted samples when they were chosen with the model (sample deletion);
+        ``architecture`` is the task's model fingerprint (a task module of your own).
         """
         payload: dict[str, Any] = {
             "version": GOLD_FORMAT_VERSION, **self.data_key(), "model": self.model,
             "rounds": self.gold_rounds, "train": asdict(self.train),
             "excluded": list(self.leaving), "num_clients": num_clients,
         }
+        if self.task != "fed_unlearn.task":
+            payload["architecture"] = architecture
         if self.fastclip_bound > 0:  # the gold trains with the same clipping
             payload["fastclip"] = [self.fastclip_bound, self.fastclip_every]
         if self.deletion.scenario != "client":  # keeps the keys of client-level golds unchanged
@@ -278,8 +289,6 @@ class ExperimentConfig:
 
 MODES = ("experiment", "service")
 FALLBACKS = ("wait", "fine-tune", "not")
-#: Methods a long-running service can serve requests with: one round, no stored history.
-SERVICE_METHODS = ("puf", "sragu", "spectral-puf", "fine-tune", "gradient-ascent", "not", "pga", "ieu")
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,26 @@ def acknowledge_in_inbox(inbox: str | Path, request_ids: list[str], folder: str 
     return moved
 
 
+def erasure_poll(inbox: str | None, site: str, verdicts: Mapping[str, Any]) -> dict[str, Any]:
+    """A site's answer to the server's poll (``query.erasure``): file the verdicts, hand over what is pending.
+
+    ``verdicts``: ``acks`` (request ids the server journaled) and ``refused`` (ids or file
+    names it refused). Returns the reply's fields: ``site``, ``count``, ``acknowledged``,
+    ``refused`` and, when requests are pending, ``requests`` (raw texts, validated by the
+    server) and ``files`` (their names). A node without an inbox never has requests.
+    """
+    acks = [str(a) for a in verdicts.get("acks", [])] if isinstance(verdicts.get("acks"), list) else []
+    refused = [str(a) for a in verdicts.get("refused", [])] if isinstance(verdicts.get("refused"), list) else []
+    moved = acknowledge_in_inbox(inbox, acks) if inbox and acks else []
+    moved_refused = acknowledge_in_inbox(inbox, refused, "refused") if inbox and refused else []
+    pending = pending_in_inbox(inbox) if inbox else []
+    out: dict[str, Any] = {"site": site, "count": len(pending), "acknowledged": len(moved), "refused": len(moved_refused)}
+    if pending:
+        out["requests"] = [text for _, text in pending]
+        out["files"] = [stem for stem, _ in pending]
+    return out
+
+
 # -- who is who --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SiteRegistry:

@@ -1,10 +1,112 @@
-"""Names shared by the ServerApp and the ClientApp (message actions, config keys, reply records).
+"""The fed-unlearn wire protocol: every message the server may send a client, and every reply it expects.
 
-Pure constants, no Flower import: both apps and the tests agree on them from here.
+This module is the client author's reference. It is plain constants (no Flower import);
+the strategy (:mod:`fed_unlearn.flower.strategy`) and the client helpers
+(:mod:`fed_unlearn.flower.client`) both read them from here.
+
+What a client needs, by use
+===========================
+
+* **Nothing beyond an ordinary Flower ClientApp** (a ``train`` handler that replies one
+  ArrayRecord and one MetricRecord with ``num-examples``, as for FedAvg) for the methods
+  whose forgetting happens on the server: ``puf``, ``spectral-puf``, ``fine-tune``,
+  ``not`` (NoT), ``mpru``, ``retrain`` and ``federaser`` (which may send
+  :data:`LOCAL_EPOCHS_RATIO`; a client that ignores it trains full rounds), when the
+  departing clients are named by node id. A departing client's PUF round is an
+  ordinary ``train`` message.
+* **:data:`IDENTIFY`** to name clients by a node-config key (``partition-id``, ``site``,
+  ...) instead of node id. Six lines, or ``fed_unlearn.flower.add_identity(app)``.
+* **:data:`TRAIN_UNLEARN`** for the methods whose forgetting clients run a local routine
+  (``sragu``, ``gradient-ascent``, ``pga``, ``ieu``, ``amun``, ``trw``), and
+  :data:`FORGET` + :data:`TRAIN_RETAIN` + :data:`TRAIN_UNLEARN` for deletions where the
+  client stays (some samples, a class). ``fed_unlearn.flower.add_unlearning(app, ...)``
+  registers all of them from a model factory and a data loader.
+* **:data:`INFO`, :data:`AUDIT`, :data:`RELEARN`** for the experiment and the audit
+  (what the gold comparison and the leakage audit measure on the client's own data).
+* **:data:`ERASURE`** for a deployed site that files its own erasure requests.
+
+Messages
+========
+
+``train`` (:data:`TRAIN`)
+    Ordinary local training. Content: the global model (an ArrayRecord under the
+    strategy's ``arrayrecord_key``, default ``"arrays"``) and a ConfigRecord
+    (``"config"``) with ``server-round`` and whatever the wrapped strategy adds (FedProx:
+    ``proximal-mu``). Optional keys a client may honour: :data:`LOCAL_EPOCHS_RATIO`,
+    :data:`SEED_ROUND`, :data:`AUGMENT`, :data:`KEEP_LAST_LOCAL`. Reply: one ArrayRecord
+    and one MetricRecord holding ``num-examples``.
+``evaluate`` (:data:`EVALUATE`)
+    Ordinary evaluation of the global model; reply: one MetricRecord with ``num-examples``.
+    A node that has left is not sent it (unless the strategy is asked to).
+``query.identify`` (:data:`IDENTIFY`)
+    Config :data:`KEYS`: list of node-config keys. Reply: ConfigRecord :data:`IDENTITY_RECORD`
+    holding those of the keys the node's config has (values as they are). The helpers add
+    ConfigRecord :data:`CAPABILITIES_RECORD`: ``protocol`` (:data:`VERSION`), ``handlers``
+    (message types it answers), ``routines`` (methods whose routine it can run).
+``query.info`` (:data:`INFO`)
+    Optional ArrayRecord ``arrays``: a model to check against the client's own
+    architecture. Reply: MetricRecord ``info`` (``train-n``, ``heldout-n``,
+    ``num-classes``, ``input-shape``) and ConfigRecord ``check`` (``architecture``:
+    ``"ok"`` or what does not match).
+``query.forget`` (:data:`FORGET`)
+    The deletion request. Config: ``scenario`` (``client`` | ``samples`` | ``class``),
+    ``selection``, ``fraction``, ``class``, ``seed`` (see :mod:`fed_unlearn.deletion`);
+    ArrayRecord ``arrays``: the model at request time (model-based selections). The
+    client selects its samples, keeps the mask in its node state and replies only
+    MetricRecord ``metrics`` (``forget-n``, ``retain-n``) and ConfigRecord ``receipt``
+    (``digest``). The samples never leave the node.
+``train.retain`` (:data:`TRAIN_RETAIN`)
+    As ``train``, on the samples the client keeps (it deleted some). Same reply.
+``train.unlearn`` (:data:`TRAIN_UNLEARN`)
+    The forget role. Config: :data:`METHOD` (the method; its settings as
+    ``<method>.<field>`` keys and any method-specific keys), :data:`ROLES`
+    (``"forget"`` or ``"retain,forget"``), :data:`FORGET_ALL` (all train samples are to be
+    forgotten: a site being erased). The client runs the method's routine on its forget set
+    (or, for a method without one, ordinary training on it). Reply:
+    ArrayRecord ``forget-arrays`` + MetricRecord ``forget-metrics`` (``num-examples`` = forget
+    set size), plus ``arrays`` + ``metrics`` (training on retained data) for role ``retain``.
+``query.relearn`` (:data:`RELEARN`)
+    ArrayRecord ``arrays``; config ``target-accuracy``, ``max-steps``. SGD on the forget set
+    until the target accuracy; reply MetricRecord ``metrics``: ``relearn-steps``,
+    ``relearn-reached``, ``relearn-start-acc``, ``relearn-final-acc``.
+``evaluate.audit`` (:data:`AUDIT`)
+    ArrayRecord ``arrays``, optional ArrayRecord ``reference`` (the gold model); config
+    ``mia`` (bool), :data:`FORGET_ALL`. Reply: MetricRecord ``metrics`` with, per part
+    (``forget``, ``retain``, ``test``, ``fheld``; :mod:`fed_unlearn.evaluation`), ``<part>-n``,
+    ``<part>-correct``, ``<part>-loss-sum`` (and ``-kl-sum``, ``-tv-sum``, ``-disagree-sum``
+    against the reference), the membership-inference AUCs, and ``num-examples``.
+``query.erasure`` (:data:`ERASURE`)
+    A deployed site's inbox poll (:mod:`fed_unlearn.erasure`). Config ``acks``,
+    ``refused``: request ids the server journaled or refused. Reply: ConfigRecord
+    ``erasure`` (``site``, ``count``, ``requests``, ``files``, ``errors``).
+
+A node is sent at most one message per round: Flower may run two messages of one node
+concurrently, each on its own copy of the node's ``Context``.
 """
 
 from __future__ import annotations
 
+#: Version of this protocol, reported by the helpers in ``capabilities``.
+VERSION = 1
+
+# -- message types -----------------------------------------------------------------------
+TRAIN = "train"
+EVALUATE = "evaluate"
+IDENTIFY = "query.identify"
+INFO = "query.info"
+FORGET = "query.forget"
+TRAIN_RETAIN = "train.retain"
+TRAIN_UNLEARN = "train.unlearn"
+RELEARN = "query.relearn"
+AUDIT = "evaluate.audit"
+ERASURE = "query.erasure"
+#: Every message type of the protocol.
+MESSAGE_TYPES = (TRAIN, EVALUATE, IDENTIFY, INFO, FORGET, TRAIN_RETAIN, TRAIN_UNLEARN, RELEARN, AUDIT, ERASURE)
+
+# -- records -------------------------------------------------------------------------------
+IDENTITY_RECORD = "identity"
+CAPABILITIES_RECORD = "capabilities"
+CONFIG_RECORD = "config"
 #: The roles a client may play in an unlearning round (see :mod:`fed_unlearn.unlearning.base`).
 ROLES = ("retain", "forget")
 #: Reply record names per role: (ArrayRecord key, MetricRecord key). The retain role uses
@@ -12,3 +114,25 @@ ROLES = ("retain", "forget")
 ROLE_KEYS = {"retain": ("arrays", "metrics"), "forget": ("forget-arrays", "forget-metrics")}
 #: Data parts a client trains on: everything, the samples it keeps, the samples to forget.
 DATA_PARTS = ("all", "retain", "forget")
+
+# -- config keys ---------------------------------------------------------------------------
+SERVER_ROUND = "server-round"
+KEYS = "keys"
+METHOD = "unlearn-method"
+ROLES_KEY = "roles"
+FORGET_ALL = "forget-all"
+LOCAL_EPOCHS_RATIO = "local-epochs-ratio"
+SEED_ROUND = "seed-round"
+AUGMENT = "augment"
+KEEP_LAST_LOCAL = "keep-last-local"
+#: Weight key of every reply (FedAvg's default ``weighted_by_key``).
+NUM_EXAMPLES = "num-examples"
+
+#: What a client must answer, by what the server needs (see the module docstring).
+NEEDS = {
+    "name clients by a node-config key": (IDENTIFY,),
+    "a method with a client routine": (TRAIN_UNLEARN,),
+    "a deletion where the client stays (samples, a class)": (FORGET, TRAIN_RETAIN, TRAIN_UNLEARN),
+    "the experiment and its report": (IDENTIFY, INFO, FORGET, TRAIN_RETAIN, TRAIN_UNLEARN, RELEARN, AUDIT),
+    "a deployed site filing its own requests": (ERASURE,),
+}

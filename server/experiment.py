@@ -1,6 +1,8 @@
 """The experiment a ServerApp runs: original rounds, deletion request, gold, unlearning, report.
 
-1. Discover the clients (``query.info``): their ids, sizes, the model's input shape.
+1. Discover the clients (``query.identify`` + ``query.info``): their ids, sizes, and
+   whether they speak the client protocol and load the task's model; anything missing
+   stops the run here with one message naming it.
 2. Rounds ``1..d-1`` with everyone on all its data: the *original* model.
 3. The deletion request (``query.forget``) with the original model: each client named in
    it selects its samples to forget (all of them for a departing client, a fraction chosen
@@ -12,31 +14,42 @@
    the retained accuracy is within tolerance of the gold's).
 6. Report: every client measures original, unlearned and gold models against gold;
    ``results.json``, ``accuracy.png`` and ``table.md`` are written.
+
+The strategy is :class:`fed_unlearn.flower.Unlearning` around a FedAvg, the same one a
+Flower user adds to their own app.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, is_dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass, is_dataclass
 from logging import INFO
 from pathlib import Path
-from typing import Any, Callable, Collection, Mapping, Sequence
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from fed_unlearn import protocol as P
 from fed_unlearn.config import ExperimentConfig
 from fed_unlearn.evaluation import summarise
+from fed_unlearn.flower import FederationRun, ReproducibleFedAvg, Unlearning, metric_dict, run_rounds, to_record, to_weights
 from fed_unlearn.gold_cache import load_gold, save_gold
 from fed_unlearn.metrics import average_gap, weight_distance
-from fed_unlearn.models import build_model, get_weights
+from fed_unlearn.models import get_weights
 from fed_unlearn.report import markdown_table, plot_accuracy, write_json
+from fed_unlearn.task import Task, load_task
 from fed_unlearn.unlearning import UnlearningMethod
 
-from .records import metric_dict, to_record, to_weights
-from .strategy import UnlearningFedAvg
+#: Handlers the experiment needs on every client, besides Flower's ``train`` and ``evaluate``.
+EXPERIMENT_HANDLERS = P.NEEDS["the experiment and its report"]
+
+
+class ClientProtocolError(RuntimeError):
+    """Clients that cannot take part: missing handlers, a model that does not fit, ..."""
 
 
 @dataclass
@@ -53,36 +66,50 @@ class ClientInfo:
     site: str = ""
 
 
-def discover_clients(grid: Grid, wait_seconds: float, timeout: float, required: Collection[int] | None = None) -> dict[int, ClientInfo]:
+def _no_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """Per-round evaluation metrics come from the strategy's roll-up; the weighted means add nothing."""
+    return MetricRecord()
+
+
+def new_strategy(method: UnlearningMethod | None, num_clients: int, **kwargs: Any) -> Unlearning:
+    """The experiment's strategy: every client each round, reproducible FedAvg, unlearning wrapper."""
+    inner = ReproducibleFedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
+                               min_available_nodes=num_clients, evaluate_metrics_aggr_fn=_no_metrics)
+    return Unlearning(inner, method, max_strikes=0, **kwargs)
+
+
+def discover_clients(grid: Grid, wait_seconds: float, timeout: float, required: Collection[int] | None = None,
+                     check: ArrayRecord | None = None, handlers: Sequence[str] = EXPERIMENT_HANDLERS) -> dict[int, ClientInfo]:
     """Ask every connected node who it is; wait until all ``num-partitions`` clients answered.
 
+    Each node is asked :data:`~fed_unlearn.protocol.IDENTIFY` (its ``partition-id``,
+    ``num-partitions``, ``site`` and the handlers it has) and :data:`~fed_unlearn.protocol.INFO`
+    (its data sizes and, with ``check``, whether that model loads into its architecture).
     ``required``: wait only for these client ids (a restarted service: sites that already
     left may be gone for good); the others that have answered by then are returned too.
 
     Raises
     ------
+    ClientProtocolError
+        Naming, node by node, what is missing (handlers, node-config keys, a model that
+        does not fit), as soon as any node has a problem.
     RuntimeError
         If not every client connected within ``wait_seconds``, or two nodes claim one id.
     """
     deadline = time.monotonic() + wait_seconds
     infos: dict[int, ClientInfo] = {}
+    seen: set[int] = set()
     while True:
-        asked = {nid for nid in grid.get_node_ids()} - {i.node_id for i in infos.values()}
-        if asked:
-            msgs = [Message(RecordDict(), nid, f"{MessageType.QUERY}.info") for nid in sorted(asked)]
-            for reply in grid.send_and_receive(msgs, timeout=timeout):
-                if reply.has_error():
-                    raise RuntimeError(f"node {reply.metadata.src_node_id} failed to describe itself: {reply.error.reason}")
-                m = reply.content["info"]
-                info = ClientInfo(
-                    client_id=int(m["partition-id"]), node_id=reply.metadata.src_node_id,
-                    num_partitions=int(m["num-partitions"]), train_n=int(m["train-n"]), heldout_n=int(m["heldout-n"]),
-                    input_shape=tuple(int(s) for s in m["input-shape"]), num_classes=int(m["num-classes"]),
-                    site=str(reply.content["identity"]["site"]) if "identity" in reply.content.config_records else "",
-                )
-                if info.client_id in infos:
-                    raise RuntimeError(f"nodes {infos[info.client_id].node_id} and {info.node_id} both claim client id {info.client_id}")
-                infos[info.client_id] = info
+        new = sorted(set(grid.get_node_ids()) - seen)
+        if new:
+            seen |= set(new)
+            problems = _describe(grid, new, timeout, check, handlers, infos)
+            if problems:
+                lines = "\n".join(f"  node {n}: {p}" for n, p in sorted(problems.items()))
+                raise ClientProtocolError(
+                    f"{len(problems)} client(s) cannot take part in the experiment:\n{lines}\n"
+                    f"Every client needs Flower's train and evaluate handlers and {', '.join(handlers)}: add them with "
+                    "fed_unlearn.flower.add_unlearning(app, model_fn=..., data_fn=...) (docs/own-app.md).")
         expected = max((i.num_partitions for i in infos.values()), default=None)
         if expected is not None and len(infos) >= expected:
             return infos
@@ -93,64 +120,64 @@ def discover_clients(grid: Grid, wait_seconds: float, timeout: float, required: 
         time.sleep(0.5)
 
 
-@dataclass
-class FederationRun:
-    """The trace of one federation: per-round summaries and client-compute."""
+def _describe(grid: Grid, nodes: list[int], timeout: float, check: ArrayRecord | None, handlers: Sequence[str],
+              infos: dict[int, ClientInfo]) -> dict[int, str]:
+    """Identify and describe ``nodes`` into ``infos``; returns node -> problem."""
+    problems: dict[int, str] = {}
+    keys = ["partition-id", "num-partitions", "site"]
+    msgs = [Message(RecordDict({P.CONFIG_RECORD: ConfigRecord({P.KEYS: keys})}), n, P.IDENTIFY) for n in nodes]
+    identity: dict[int, dict[str, Any]] = {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            problems[node] = f"no {P.IDENTIFY} handler ({_last_line(reply.error.reason)})"
+            continue
+        ident = dict(reply.content[P.IDENTITY_RECORD]) if P.IDENTITY_RECORD in reply.content.config_records else {}
+        caps = dict(reply.content[P.CAPABILITIES_RECORD]) if P.CAPABILITIES_RECORD in reply.content.config_records else {}
+        missing_keys = [k for k in ("partition-id", "num-partitions") if k not in ident]
+        missing = [h for h in handlers if h not in list(caps.get("handlers", []))]
+        if missing_keys or missing:
+            problems[node] = "; ".join(
+                ([f"node config lacks {missing_keys}"] if missing_keys else [])
+                + ([f"missing handlers {missing}"] if missing else []))
+            continue
+        identity[node] = ident
+    ok = sorted(identity)
+    content: dict[str, Any] = {"arrays": check} if check is not None else {}
+    info_msgs = [Message(RecordDict(content), n, P.INFO) for n in ok]
+    for reply in grid.send_and_receive(info_msgs, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            problems[node] = f"{P.INFO} failed: {_last_line(reply.error.reason)}"
+            continue
+        arch = str(reply.content["check"]["architecture"]) if "check" in reply.content.config_records else "ok"
+        if arch != "ok":
+            problems[node] = f"the task's model does not fit its architecture: {arch}"
+            continue
+        m = reply.content["info"]
+        ident = identity[node]
+        info = ClientInfo(
+            client_id=int(ident["partition-id"]), node_id=node, num_partitions=int(ident["num-partitions"]),
+            train_n=int(m["train-n"]), heldout_n=int(m["heldout-n"]), input_shape=tuple(int(s) for s in m["input-shape"]),  # type: ignore[union-attr]
+            num_classes=int(m["num-classes"]), site=str(ident.get("site", "")),
+        )
+        if info.client_id in infos:
+            raise RuntimeError(f"nodes {infos[info.client_id].node_id} and {info.node_id} both claim client id {info.client_id}")
+        infos[info.client_id] = info
+    for node in set(ok) - {i.node_id for i in infos.values()} - set(problems):
+        problems[node] = f"did not answer {P.INFO} within {timeout:.0f} s"
+    return problems
 
-    history: dict[int, dict[str, float]] = field(default_factory=dict)
-    train: dict[int, dict[str, float]] = field(default_factory=dict)
-    arrays: ArrayRecord | None = None
-    rounds_run: int = 0
-    wall_seconds: float = 0.0
 
-    def compute(self, first_round: int = 1) -> dict[str, float]:
-        """Client-compute (optimizer steps, seconds) summed over rounds ``>= first_round``."""
-        rows = [m for r, m in self.train.items() if r >= first_round]
-        return {"train-steps": float(sum(m.get("train-steps", 0) for m in rows)),
-                "train-seconds": float(sum(m.get("train-seconds", 0.0) for m in rows)),
-                "rounds": float(len(rows))}
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else str(text)
 
 
-def run_rounds(
-    grid: Grid,
-    strategy: UnlearningFedAvg,
-    run: FederationRun,
-    rounds: range,
-    timeout: float,
-    label: str,
-    stop: Callable[[int, dict[str, float]], bool] | None = None,
-) -> FederationRun:
-    """Run ``rounds`` of ``strategy`` (train, then evaluate every client), continuing ``run``.
-
-    ``run.arrays`` is the model the first round starts from and, on return, the model
-    after the last round run. ``stop(round, summary) -> bool`` after each round's
-    evaluation ends the run early.
-    """
-    t0 = time.perf_counter()
-    assert run.arrays is not None
-    arrays = run.arrays
-    for rnd in rounds:
-        t_round = time.perf_counter()
-        unlearning = strategy.is_unlearning_round(rnd)
-        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid), timeout=timeout)
-        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
-        if new_arrays is not None:
-            arrays = new_arrays
-        if train_metrics is not None:
-            run.train[rnd] = metric_dict(train_metrics)
-        evals = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid), timeout=timeout)
-        summary = strategy.aggregate_evaluate(rnd, evals)
-        run.history[rnd] = metric_dict(summary) if summary is not None else {}
-        run.history[rnd]["round-seconds"] = time.perf_counter() - t_round
-        run.rounds_run = rnd
-        log(INFO, "[%s] round %d%s: test-acc %.4f  forget-acc %.4f  steps %d", label, rnd, " (unlearning)" if unlearning else "",
-            run.history[rnd].get("test-acc", float("nan")), run.history[rnd].get("forget-acc", float("nan")),
-            int(run.train.get(rnd, {}).get("train-steps", 0)))
-        if stop is not None and stop(rnd, run.history[rnd]):
-            break
-    run.arrays = arrays
-    run.wall_seconds += time.perf_counter() - t0
-    return run
+def initial_model(task: Task, run_config: Mapping[str, Any], first: ClientInfo | None) -> ArrayRecord:
+    """The federation's initial model (the built-in task sizes it from the clients' data)."""
+    model = task.model(run_config, first.input_shape, first.num_classes) if task.builtin and first else task.model(run_config)
+    return to_record(get_weights(model))
 
 
 def measure(grid: Grid, node_of: dict[int, int], arrays: ArrayRecord, reference: ArrayRecord | None, timeout: float,
@@ -162,12 +189,12 @@ def measure(grid: Grid, node_of: dict[int, int], arrays: ArrayRecord, reference:
     instead of raising (a deployed site may be gone).
     """
     def content(cid: int) -> RecordDict:
-        c: dict[str, Any] = {"arrays": arrays, "config": ConfigRecord({"mia": True, "forget-all": cid in set(forget_all)})}
+        c: dict[str, Any] = {"arrays": arrays, "config": ConfigRecord({"mia": True, P.FORGET_ALL: cid in set(forget_all)})}
         if reference is not None:
             c["reference"] = reference
         return RecordDict(c)
 
-    msgs = [Message(content(cid), nid, MessageType.EVALUATE) for cid, nid in sorted(node_of.items())]
+    msgs = [Message(content(cid), nid, P.AUDIT) for cid, nid in sorted(node_of.items())]
     out: dict[int, dict[str, float]] = {}
     client_of = {nid: cid for cid, nid in node_of.items()}
     for reply in grid.send_and_receive(msgs, timeout=timeout):
@@ -183,19 +210,19 @@ def relearn_time(grid: Grid, node_of: dict[int, int], arrays: ArrayRecord, targe
                  max_steps: int, timeout: float) -> dict[str, float]:
     """Relearn time of ``arrays``: mean SGD steps the forgetting clients need to reach their targets."""
     msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"target-accuracy": float(t), "max-steps": max_steps})}),
-                    node_of[c], f"{MessageType.QUERY}.relearn") for c, t in sorted(targets.items())]
+                    node_of[c], P.RELEARN) for c, t in sorted(targets.items())]
     steps, reached = [], []
     for reply in grid.send_and_receive(msgs, timeout=timeout):
         if reply.has_error():
             raise RuntimeError(f"relearn probe failed on node {reply.metadata.src_node_id}: {reply.error.reason}")
         m = reply.content["metrics"]
-        steps.append(float(m["relearn-steps"]))
-        reached.append(int(m["relearn-reached"]))
+        steps.append(float(m["relearn-steps"]))  # type: ignore[arg-type]
+        reached.append(int(m["relearn-reached"]))  # type: ignore[call-overload]
     return {"relearn-steps": float(np.mean(steps)), "relearn-all-reached": float(min(reached))}
 
 
 def request_deletion(grid: Grid, node_of: dict[int, int], involved: Sequence[int], arrays: ArrayRecord,
-                     timeout: float) -> dict[int, dict[str, Any]]:
+                     cfg: ExperimentConfig, timeout: float) -> dict[int, dict[str, Any]]:
     """Send the deletion request (``query.forget``) with the current model to the clients it names.
 
     Each selects its samples on its own data and keeps the mask; the server learns only
@@ -206,15 +233,19 @@ def request_deletion(grid: Grid, node_of: dict[int, int], involved: Sequence[int
     RuntimeError
         If a client fails, or the request selects no sample anywhere.
     """
-    msgs = [Message(RecordDict({"arrays": arrays}), node_of[c], f"{MessageType.QUERY}.forget") for c in sorted(involved)]
+    d = cfg.deletion
+    spec = ConfigRecord({"scenario": d.scenario, "selection": d.selection, "fraction": d.fraction, "class": d.forget_class,
+                         "seed": cfg.seed})
+    msgs = [Message(RecordDict({"arrays": arrays, "config": spec}), node_of[c], P.FORGET) for c in sorted(involved)]
     client_of = {nid: cid for cid, nid in node_of.items()}
     out: dict[int, dict[str, Any]] = {}
     for reply in grid.send_and_receive(msgs, timeout=timeout):
-        cid = client_of.get(reply.metadata.src_node_id)
+        cid = client_of[reply.metadata.src_node_id]
         if reply.has_error():
             raise RuntimeError(f"client {cid} failed to process the deletion request: {reply.error.reason}")
         m = reply.content["metrics"]
-        out[cid] = {"forget-n": int(m["forget-n"]), "retain-n": int(m["retain-n"]), "digest": str(reply.content["receipt"]["digest"])}
+        out[cid] = {"forget-n": int(m["forget-n"]), "retain-n": int(m["retain-n"]),  # type: ignore[call-overload]
+                    "digest": str(reply.content["receipt"]["digest"])}
     missing = sorted(set(involved) - set(out))
     if missing:
         raise RuntimeError(f"client(s) {missing} did not answer the deletion request")
@@ -224,7 +255,7 @@ def request_deletion(grid: Grid, node_of: dict[int, int], involved: Sequence[int
 
 
 def gold_federation(grid: Grid, cfg: ExperimentConfig, clients: dict[int, ClientInfo], initial: ArrayRecord,
-                    request: Mapping[int, Mapping[str, Any]]) -> tuple[ArrayRecord, dict[str, Any]]:
+                    request: Mapping[int, Mapping[str, Any]], architecture: str = "") -> tuple[ArrayRecord, dict[str, Any]]:
     """The gold federation (load it from the cache or train it and cache it).
 
     The original's ``d-1`` rounds from the same initial model and seeds, without exactly
@@ -232,7 +263,7 @@ def gold_federation(grid: Grid, cfg: ExperimentConfig, clients: dict[int, Client
     training on their retained samples only.
     """
     digests = {c: str(r["digest"]) for c, r in request.items()} if cfg.deletion.scenario != "client" else None
-    key = cfg.gold_key(len(clients), digests)
+    key = cfg.gold_key(len(clients), digests, architecture)
     cached = load_gold(cfg.gold_cache_dir, key)
     if cached is not None:
         weights, meta = cached
@@ -241,21 +272,37 @@ def gold_federation(grid: Grid, cfg: ExperimentConfig, clients: dict[int, Client
     retain_only = [] if cfg.deletion.clients_leave else sorted(request)
     log(INFO, "gold federation: %d rounds without clients %s, clients %s on their retained data", cfg.gold_rounds,
         list(cfg.leaving), retain_only)
-    strategy = UnlearningFedAvg({c: i.node_id for c, i in clients.items()}, excluded=cfg.leaving, retain_only=retain_only)
+    strategy = new_strategy(None, len(clients), evaluate_departed=True)
+    strategy.identities = {i.node_id: {"partition-id": c} for c, i in clients.items()}
+    strategy.exclude(*(clients[c].node_id for c in cfg.leaving))
+    strategy.restrict_to_retained(*(clients[c].node_id for c in retain_only))
     run = run_rounds(grid, strategy, FederationRun(arrays=initial), range(1, cfg.gold_rounds + 1), cfg.round_timeout, "gold")
     meta = {
         "key": key, "config": cfg.to_dict(), "history": {str(r): h for r, h in run.history.items()},
         "compute": run.compute(), "wall-seconds": run.wall_seconds,
     }
-    assert run.arrays is not None
+    if run.arrays is None:
+        raise RuntimeError("the gold federation produced no model")
     save_gold(cfg.gold_cache_dir, key, to_weights(run.arrays), meta)
     return run.arrays, {**meta, "cached": False}
+
+
+def train_config(cfg: ExperimentConfig) -> Any:
+    """Per-round training config: the augmentation, from the deletion request on (the gold trains without it)."""
+    def config(rnd: int) -> dict[str, Any]:
+        return {P.AUGMENT: cfg.augment} if cfg.augment != "none" and rnd >= cfg.departure_round else {}
+    return config
 
 
 def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, run_config: dict[str, Any]) -> dict[str, Any]:
     """Run the original rounds, the deletion request, gold, unlearning + recovery and the report."""
     t_start = time.perf_counter()
-    clients = discover_clients(grid, cfg.node_wait_seconds, cfg.round_timeout)
+    task = load_task(cfg.task)
+    if cfg.deletion.scenario not in method.scenarios:
+        raise ValueError(f"{method.name} serves the {', '.join(method.scenarios)} scenario(s), not "
+                         f"unlearn.scenario = '{cfg.deletion.scenario}'")
+    check = None if task.builtin else to_record(get_weights(task.model(run_config)))
+    clients = discover_clients(grid, cfg.node_wait_seconds, cfg.round_timeout, check=check)
     unknown = sorted(set(cfg.departing) - set(clients))
     if unknown:
         raise ValueError(f"unknown departing client id(s) {unknown}; the federation has clients {sorted(clients)}")
@@ -267,23 +314,32 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
     if cfg.departure_round + needed - 1 > cfg.num_server_rounds:
         raise ValueError(f"{method.name} needs {needed} unlearning round(s) from round {cfg.departure_round}: "
                          f"num-server-rounds must be at least {cfg.departure_round + needed - 1}, got {cfg.num_server_rounds}")
-    model = build_model(cfg.model, first.input_shape, first.num_classes, seed=cfg.seed)
-    initial = to_record(get_weights(model))
+    initial = check if check is not None else initial_model(task, run_config, first)
+    architecture = task.fingerprint(task.model(run_config)) if not task.builtin else ""
     node_of = {c: i.node_id for c, i in clients.items()}
     involved = cfg.involved(clients)
     log(INFO, "clients %s; deletion %s of clients %s in round %d of %d; method %s", sorted(clients), cfg.deletion.to_dict(),
         list(involved), cfg.departure_round, cfg.num_server_rounds, method.name)
 
-    strategy = UnlearningFedAvg(node_of, method=method, departing=involved, departure_round=cfg.departure_round,
-                                leave=cfg.deletion.clients_leave, joint_request=cfg.deletion.scenario == "class")
+    strategy = new_strategy(method, len(clients), evaluate_departed=True)
+    strategy.identities = {i.node_id: {"partition-id": c} for c, i in clients.items()}
+    if not cfg.deletion.needs_model:
+        # the forget set does not depend on the model: clients know it from the start, so every
+        # round's evaluation can report forget accuracy
+        request_deletion(grid, node_of, involved, initial, cfg, cfg.round_timeout)
     # rounds 1..d-1 with everyone on all its data: the original model
-    run = run_rounds(grid, strategy, FederationRun(arrays=initial), range(1, cfg.departure_round), cfg.round_timeout, method.name)
+    run = run_rounds(grid, strategy, FederationRun(arrays=initial), range(1, cfg.departure_round), cfg.round_timeout,
+                     method.name, train_config=train_config(cfg))
     original = run.arrays
-    assert original is not None
+    if original is None:
+        raise RuntimeError("the original federation produced no model")
     # the deletion request, made with the original model; then the gold without exactly those samples
-    request = request_deletion(grid, node_of, involved, original, cfg.round_timeout)
-    strategy.pending = tuple(c for c in strategy.pending if request[c]["forget-n"] > 0)
-    gold_arrays, gold_meta = gold_federation(grid, cfg, clients, initial, request)
+    request = request_deletion(grid, node_of, involved, original, cfg, cfg.round_timeout)
+    forgetting = sorted(c for c in involved if request[c]["forget-n"] > 0)
+    strategy.request_unlearning(*(node_of[c] for c in forgetting), key=None, round=cfg.departure_round,
+                                leave=cfg.deletion.clients_leave, deletion=cfg.deletion,
+                                joint=cfg.deletion.scenario == "class")
+    gold_arrays, gold_meta = gold_federation(grid, cfg, clients, initial, request, architecture)
     gold_history = {int(r): h for r, h in gold_meta["history"].items()}
     gold_final = gold_history[max(gold_history)]
     target = gold_final.get("test-acc", float("nan")) - cfg.recovery_tolerance
@@ -295,18 +351,17 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
         return cfg.recovery == "until-gold" and bool(finished) and summary.get("test-acc", -1.0) >= target
 
     t_unlearn = time.perf_counter()
-    run = run_rounds(grid, strategy, run, range(cfg.departure_round, cfg.num_server_rounds + 1), cfg.round_timeout, method.name, stop=stop)
+    run = run_rounds(grid, strategy, run, range(cfg.departure_round, cfg.num_server_rounds + 1), cfg.round_timeout,
+                     method.name, stop=stop, train_config=train_config(cfg))
     unlearn_wall = time.perf_counter() - t_unlearn
-    if not strategy.unlearning_done:
+    if not strategy.unlearning_done or not finished or run.arrays is None:
         raise RuntimeError(f"{method.name} did not finish unlearning by round {cfg.num_server_rounds}")
-    assert run.arrays is not None
     end_unlearning = finished[0]
     reached = [r for r in sorted(run.history) if r >= end_unlearning and run.history[r].get("test-acc", -1.0) >= target]
 
     models = {"original": original, "unlearned": run.arrays, "gold": gold_arrays}
     per_client = {name: measure(grid, node_of, arrays, gold_arrays, cfg.round_timeout) for name, arrays in models.items()}
     report = {name: summarise(evals) for name, evals in per_client.items()}
-    forgetting = sorted(c for c in involved if request[c]["forget-n"] > 0)
     if cfg.relearn_max_steps > 0:
         # target of each client: the original model's accuracy on its forget set
         targets = {c: per_client["original"][c]["forget-correct"] / per_client["original"][c]["forget-n"] for c in forgetting}
@@ -328,7 +383,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
     results = {
         "config": cfg.to_dict(),
         "run-config": dict(run_config),
-        "method": {"name": method.name, "settings": asdict(method.config) if is_dataclass(getattr(method, "config", None)) else {}},
+        "method": {"name": method.name, "settings": asdict(method.config) if is_dataclass(method.config) else {}},
         "clients": {str(c): {"train-n": i.train_n, "heldout-n": i.heldout_n} for c, i in sorted(clients.items())},
         "deletion": {**cfg.deletion.to_dict(), "clients": {str(c): r for c, r in sorted(request.items())}},
         "report": report,
@@ -357,10 +412,15 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
     out_dir = Path(cfg.results_dir) / experiment_name(cfg, method)
     write_json(out_dir / "results.json", results)
     plot_accuracy(out_dir / "accuracy.png", run.history, gold_history, cfg.departure_round,
-                  title=f"{method.name} on {cfg.dataset}: {describe_request(cfg)} in round {cfg.departure_round}")
+                  title=f"{method.name} on {task_label(cfg)}: {describe_request(cfg)} in round {cfg.departure_round}")
     (out_dir / "table.md").write_text(table + "\n")
     log(INFO, "results written to %s", out_dir.resolve())
     return results
+
+
+def task_label(cfg: ExperimentConfig) -> str:
+    """The data the experiment runs on: the built-in dataset, or the task module."""
+    return cfg.dataset if cfg.task == "fed_unlearn.task" else cfg.task
 
 
 def describe_request(cfg: ExperimentConfig) -> str:
@@ -384,4 +444,5 @@ def experiment_name(cfg: ExperimentConfig, method: UnlearningMethod) -> str:
         if d.scenario == "samples":
             sel = f"class{d.forget_class}" if d.selection == "class" else d.selection
             what += f"-{sel}{d.fraction:g}"
-    return f"{cfg.dataset}_{cfg.model}_{method.name}_{what}_r{cfg.departure_round}of{cfg.num_server_rounds}_seed{cfg.seed}"
+    data = f"{cfg.dataset}_{cfg.model}" if cfg.task == "fed_unlearn.task" else cfg.task.replace(".", "-")
+    return f"{data}_{method.name}_{what}_r{cfg.departure_round}of{cfg.num_server_rounds}_seed{cfg.seed}"

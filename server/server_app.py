@@ -15,8 +15,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fed_unlearn.config import ExperimentConfig, ServiceConfig, mode_of
-from fed_unlearn.unlearning import make_method
-from fed_unlearn.unlearning.base import config_from_run_config
+from fed_unlearn.unlearning import config_from_run_config, make_method
 
 from .experiment import run_experiment
 from .service import run_service

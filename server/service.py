@@ -39,25 +39,31 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from fed_unlearn.config import SERVICE_METHODS, ExperimentConfig, ServiceConfig
+from fed_unlearn import protocol as P
+from fed_unlearn.config import ExperimentConfig, ServiceConfig
 from fed_unlearn.erasure import RequestError, SiteRegistry, parse_request
 from fed_unlearn.evaluation import summarise
+from fed_unlearn.flower import FederationRun, run_rounds, to_record, to_weights
 from fed_unlearn.journal import Journal, StateDirLock, weights_digest
 from fed_unlearn.metrics import average_gap
-from fed_unlearn.models import build_model, get_weights
+from fed_unlearn.models import get_weights
 from fed_unlearn.report import write_json
-from fed_unlearn.unlearning import make_method
+from fed_unlearn.task import load_task
+from fed_unlearn.unlearning import make_method, method_class, online_methods
 
-from .experiment import ClientInfo, discover_clients, gold_federation, measure
-from .records import metric_dict, to_record, to_weights
-from .strategy import UnlearningFedAvg
+from .experiment import ClientInfo, discover_clients, gold_federation, initial_model, measure, new_strategy
 
 #: What the leakage audit keeps of a site's measurements.
 AUDIT_KEYS = ("forget-acc", "forget-heldout-acc", "forget-loss", "mia-auc", "mia-entropy-auc")
+
+
+def service_methods() -> list[str]:
+    """Methods a long-running service can erase a site with: one round, no stored history, serving whole clients."""
+    return [m for m in online_methods() if "client" in method_class(m).scenarios]
 
 
 def resolve_sites(clients: dict[int, ClientInfo], registry: SiteRegistry | None, journal: Journal) -> dict[str, int]:
@@ -99,9 +105,10 @@ class ErasureService:
     """The state of one service run (see the module docstring)."""
 
     def __init__(self, grid: Grid, cfg: ExperimentConfig, svc: ServiceConfig, run_config: dict[str, Any]) -> None:
-        if cfg.method not in SERVICE_METHODS:
+        usable = service_methods()
+        if cfg.method not in usable:
             raise ValueError(f"unlearn.method '{cfg.method}' cannot serve requests in a long-running federation "
-                             f"(it stores history or retrains); use one of {', '.join(SERVICE_METHODS)}")
+                             f"(it stores history, retrains or does not erase sites); use one of {', '.join(usable)}")
         self.grid, self.cfg, self.svc, self.run_config = grid, cfg, svc, run_config
         self.state_dir = Path(svc.state_dir)
         registry = SiteRegistry.from_file(svc.sites_file) if svc.sites_file else None
@@ -114,7 +121,9 @@ class ErasureService:
         self.gone_sites = set(ck.state.get("departed-sites", [])) if ck else set()
         # after a restart only the sites still in the federation must connect; erased ones may be gone for good
         required = {c for s, c in known.items() if s not in self.gone_sites} if ck else None
-        self.clients = discover_clients(grid, cfg.node_wait_seconds, cfg.round_timeout, required=required)
+        task = load_task(cfg.task)
+        check = None if task.builtin else to_record(get_weights(task.model(run_config)))
+        self.clients = discover_clients(grid, cfg.node_wait_seconds, cfg.round_timeout, required=required, check=check)
         self.sites = resolve_sites(self.clients, registry, self.journal)
         if ck is not None and any(known.get(s, c) != c for s, c in self.sites.items()) or \
                 ck is not None and set(known) - set(self.sites) - self.gone_sites:
@@ -127,12 +136,15 @@ class ErasureService:
             raise ValueError(f"service.erase-sites names unknown site(s) {bad}; the federation has {sorted(self.sites)}")
         self.node_of = {c: i.node_id for c, i in self.clients.items()}
         first = self.clients[min(self.clients)]
-        self.initial = get_weights(build_model(cfg.model, first.input_shape, first.num_classes, seed=cfg.seed))
+        self.initial = to_weights(check if check is not None else initial_model(task, run_config, first))
         self.resumed_from = ck.server_round if ck else 0
         self.weights = ck.weights if ck else dict(self.initial)
-        departed = [self.sites[s] for s in self.gone_sites if self.sites[s] in self.node_of]
+        departed = [self.node_of[self.sites[s]] for s in self.gone_sites if self.sites[s] in self.node_of]
         self.stale = self.journal.reconcile()
-        self.strategy = UnlearningFedAvg(self.node_of, excluded=departed, evaluate_departed=False, on_missing="skip")
+        # every connected site each round (none is waited for: a site that is down just misses the round)
+        self.strategy = new_strategy(None, 1, evaluate_departed=False, on_missing="skip")
+        self.strategy.identities = {i.node_id: {"partition-id": c} for c, i in self.clients.items()}
+        self.strategy.exclude(*departed)
         self.in_flight: list[str] = []
         self.verdicts: dict[int, dict[str, list[str]]] = {}  # node -> {"acks": [...], "refused": [...]}
         self.history: dict[int, dict[str, float]] = {}
@@ -141,17 +153,27 @@ class ErasureService:
                 log(INFO, "operator request (run config): erase site %r", site)
 
     # -- 1. intake ----------------------------------------------------------------------
+    @property
+    def active(self) -> list[int]:
+        """Client ids of the sites still in the federation."""
+        return sorted(c for c, n in self.node_of.items() if n not in self.strategy.departed | self.strategy.excluded)
+
+    @property
+    def departed_clients(self) -> set[int]:
+        """Client ids of the sites that have left."""
+        return {c for c, n in self.node_of.items() if n in self.strategy.departed}
+
     def poll(self, rnd: int) -> None:
         """Ask every site in the federation (and any gone site still owed a verdict) for its requests."""
         client_of = {n: c for c, n in self.node_of.items()}
         connected = set(self.grid.get_node_ids())  # a node that is down would make the poll wait for its timeout
-        asked = sorted(c for c in set(self.strategy.active) | {client_of[n] for n in self.verdicts} if self.node_of[c] in connected)
+        asked = sorted(c for c in set(self.active) | {client_of[n] for n in self.verdicts} if self.node_of[c] in connected)
         msgs = []
         for cid in asked:
             v = self.verdicts.pop(self.node_of[cid], {})
             cfg = ConfigRecord({"server-round": rnd, **({"acks": v["acks"]} if v.get("acks") else {}),
                                 **({"refused": v["refused"]} if v.get("refused") else {})})
-            msgs.append(Message(RecordDict({"config": cfg}), self.node_of[cid], f"{MessageType.QUERY}.erasure"))
+            msgs.append(Message(RecordDict({"config": cfg}), self.node_of[cid], P.ERASURE))
         for reply in self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
             nid = reply.metadata.src_node_id
             if reply.has_error() or "erasure" not in reply.content.config_records:
@@ -192,9 +214,9 @@ class ErasureService:
     # -- 2. serving ------------------------------------------------------------------------
     def maybe_serve(self, rnd: int, arrays: ArrayRecord) -> None:
         """Start serving the pending requests of sites still in the federation."""
-        if self.strategy.pending:
+        if self.strategy.pending or self.strategy.queue:
             return
-        gone = self.gone_sites | {self.site_of[c] for c in self.strategy.departed}
+        gone = self.gone_sites | {self.site_of[c] for c in self.departed_clients}
         pending = [r for r in self.journal.requests("pending") if r.site not in gone]
         if not pending:
             return
@@ -218,7 +240,7 @@ class ErasureService:
             return
         cids = [self.sites[s] for s in by_site]
         # the erased sites' data and the others' utility, both with the model before unlearning
-        staying = {c: self.node_of[c] for c in self.strategy.active if c not in cids and self.node_of[c] in connected}
+        staying = {c: self.node_of[c] for c in self.active if c not in cids and self.node_of[c] in connected}
         before = measure(self.grid, {**{c: self.node_of[c] for c in cids}, **staying}, arrays, None,
                          self.cfg.round_timeout, forget_all=cids, allow_missing=True)
         others = {c: before[c] for c in staying if c in before}
@@ -232,7 +254,8 @@ class ErasureService:
                                 "before": {k: v for k, v in summarise({0: b}).items() if k in AUDIT_KEYS} if b else None}
         self.in_flight = [rid for ids in by_site.values() for rid in ids]
         self.journal.start_unlearning(self.in_flight, rnd, name, details)
-        self.strategy.submit(cids, rnd, method, leave=True, extra_config={"forget-all": True})
+        self.strategy.request_unlearning(*(self.node_of[c] for c in cids), key=None, round=rnd, leave=True, method=method,
+                                         extra_config={P.FORGET_ALL: True})
         log(INFO, "round %d: serving the erasure of %s with %s", rnd, sorted(by_site), name)
 
     # -- 5. audit ------------------------------------------------------------------------
@@ -270,7 +293,7 @@ class ErasureService:
 
     def _gold_audit(self, req: Any, cid: int, arrays: ArrayRecord) -> dict[str, Any]:
         """Retrain without every site erased so far up to the request's round; compare."""
-        gone = tuple(sorted(self.strategy.departed | {cid}))
+        gone = tuple(sorted(self.departed_clients | {cid}))
         gcfg = replace(self.cfg, departing=gone, departure_round=int(req.unlearning_round),
                        gold_cache_dir=str(self.state_dir / "gold-cache"))
         info = {c: {"digest": "site"} for c in gone}
@@ -285,44 +308,44 @@ class ErasureService:
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Rounds ``resumed_from + 1 .. num-server-rounds``; returns the service summary."""
-        arrays = to_record(self.weights)
         start = self.resumed_from + 1
         if self.stale:
             log(WARNING, "restart: requests %s were being unlearned in an uncommitted round; serving them again", self.stale)
         log(INFO, "service: sites %s, rounds %d..%d, method %s", self.sites, start, self.cfg.num_server_rounds, self.cfg.method)
-        for rnd in range(start, self.cfg.num_server_rounds + 1):
+        serving: list[str] = []
+
+        def before(rnd: int, arrays: ArrayRecord) -> None:
             self.poll(rnd)
             self.maybe_serve(rnd, arrays)
-            serving = list(self.in_flight)
-            replies = self.grid.send_and_receive(self.strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid),
-                                                 timeout=self.cfg.round_timeout)
-            new, _ = self.strategy.aggregate_train(rnd, replies)
-            if new is not None:
-                arrays = new
+            serving[:] = self.in_flight
+
+        def after(rnd: int, arrays: ArrayRecord, summary: dict[str, float]) -> None:
             served: list[str] = []
             if serving and self.strategy.failed:
                 self.journal.back_to_pending(serving, rnd, "a site to forget did not reply")
                 self.in_flight = []
-            elif serving and not self.strategy.pending:
-                served, self.in_flight = serving, []
-            evals = self.grid.send_and_receive(self.strategy.configure_evaluate(rnd, arrays, ConfigRecord(), self.grid),
-                                               timeout=self.cfg.round_timeout)
-            summary = self.strategy.aggregate_evaluate(rnd, evals)
-            self.history[rnd] = metric_dict(summary) if summary is not None else {}
+            elif serving and not self.strategy.pending and not self.strategy.queue:
+                served, self.in_flight = list(serving), []
+            self.history[rnd] = dict(summary)
             weights = to_weights(arrays)
             digest = weights_digest(weights)
             recovering = [r for r in self.journal.requests("unlearning") if r.served_round is not None]
             recovered = [r.id for r in recovering if rnd - r.served_round >= self.svc.recovery_rounds]
             if self.svc.recovery_rounds == 0:
                 recovered += served
-            self.gone_sites |= {self.site_of[c] for c in self.strategy.departed}
-            state = {"sites": self.sites, "departed-sites": sorted(self.gone_sites), **self.strategy.membership()}
+            self.gone_sites |= {self.site_of[c] for c in self.departed_clients}
+            state = {"sites": self.sites, "departed-sites": sorted(self.gone_sites),
+                     "departed": sorted(self.departed_clients)}
             self.journal.commit_round(rnd, weights, state, served=served, recovered=recovered,
                                       details={rid: {"model-after-unlearning": digest} for rid in served})
             log(INFO, "[service] round %d committed: test-acc %.4f, %d sites, served %s, recovered %s", rnd,
-                self.history[rnd].get("test-acc", float("nan")), len(self.strategy.active), served, recovered)
+                summary.get("test-acc", float("nan")), len(self.active), served, recovered)
             if recovered:
                 self.audit(rnd, arrays, recovered)
+
+        run_rounds(self.grid, self.strategy, FederationRun(arrays=to_record(self.weights)),
+                   range(start, self.cfg.num_server_rounds + 1), self.cfg.round_timeout, "service",
+                   before_round=before, after_round=after, fail_on_empty=False)
         return self.summary()
 
     def summary(self) -> dict[str, Any]:

@@ -3,7 +3,7 @@
     python -m simulations.bench_memory
 
 Each configuration runs in a fresh Python process that drives the real strategy
-(:class:`server.strategy.UnlearningFedAvg`, configure -> replies -> aggregate, with the
+(:class:`fed_unlearn.flower.Unlearning` around FedAvg, configure -> replies -> aggregate, with the
 reply validation and the method's rule) with **synthetic** client replies of the real
 model's size (MLP 784-200-100-10, 0.71 MB as float32): no client training, so the peak RSS
 (``ru_maxrss``) is the server's own. Reported: the process's peak RSS, and its growth over
@@ -33,36 +33,38 @@ def child(clients: int, rounds: int, departures: int, method_name: str) -> dict[
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
+    from fed_unlearn.flower import InProcessGrid, ReproducibleFedAvg, Unlearning, to_record, to_weights
     from fed_unlearn.models import build_model, get_weights
     from fed_unlearn.protocol import ROLE_KEYS
     from fed_unlearn.unlearning import make_method
-    from server.records import to_record, to_weights
-    from server.strategy import UnlearningFedAvg
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     base = {k: v.astype(np.float32) for k, v in get_weights(build_model("mlp", (1, 28, 28), 10, seed=0)).items()}
     node_of = {c: 10_000 + c for c in range(clients)}
+    grid = InProcessGrid(None, clients, {}, node_ids=list(node_of.values()))  # lists the nodes; replies are made here
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    method = make_method(method_name) if method_name == "federaser" else None
-    if method is not None:  # FedEraser: one departure after `rounds` ordinary rounds
-        strategy = UnlearningFedAvg(node_of, method=method, departing=[0], departure_round=rounds + 1, evaluate_departed=False)
+    method = make_method(method_name)
+    strategy = Unlearning(ReproducibleFedAvg(min_available_nodes=1, min_train_nodes=1), method)
+    strategy.identities = {n: {"partition-id": c} for c, n in node_of.items()}
+    if method_name == "federaser":  # FedEraser: one departure after `rounds` ordinary rounds
+        strategy.request_unlearning(0, round=rounds + 1)
         schedule: dict[int, int] = {}
         total = rounds + method.rounds_needed(rounds)
     else:
-        strategy = UnlearningFedAvg(node_of, evaluate_departed=False)
         schedule = {2 * (i + 1): i for i in range(departures)}  # client i leaves in round 2(i+1)
         total = rounds
     arrays = to_record(base)
     rng = np.random.default_rng(0)
     for rnd in range(1, total + 1):
         if rnd in schedule:
-            strategy.submit([schedule[rnd]], rnd, make_method(method_name))
-        msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), None))
+            strategy.request_unlearning(schedule[rnd], round=rnd, method=make_method(method_name))
+        msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
         start = to_weights(msgs[0].content["arrays"]) if msgs else base
         replies = []
         for m in msgs:
             content: dict[str, Any] = {}
             for akey, _ in strategy._asked[m.metadata.dst_node_id].items():
+                akey = ROLE_KEYS["retain"][0] if akey == "*" else akey
                 mkey = {a: mk for a, mk in ROLE_KEYS.values()}[akey]
                 w = {k: (v + 0.01 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in start.items()}
                 content[akey] = to_record(w)
@@ -74,7 +76,7 @@ def child(clients: int, rounds: int, departures: int, method_name: str) -> dict[
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"clients": clients, "rounds": total, "departures": len(strategy.departed), "method": method_name,
             "peak-rss-mb": peak / 1024, "growth-mb": (peak - rss0) / 1024,
-            "history-mb": (method.history_bytes() / 1e6) if method is not None else 0.0}
+            "history-mb": method.history_bytes() / 1e6}
 
 
 def measure(clients: int, rounds: int, departures: int, method: str) -> dict[str, Any]:

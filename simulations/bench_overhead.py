@@ -24,7 +24,9 @@ from typing import Any
 from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 
-from .inprocess import InProcessGrid, fused_run_config
+from fed_unlearn.flower import InProcessGrid
+
+from .inprocess import fused_run_config
 from .run_experiment import PROJECT_ROOT
 
 
@@ -48,8 +50,7 @@ def run_once(kind: str, clients: int, rounds: int, overrides: str) -> dict[str, 
     from clients.client_app import app as client_app
     from fed_unlearn.data import load_dataset
     from fed_unlearn.models import build_model, get_weights
-    from server.records import to_record
-    from server.strategy import UnlearningFedAvg
+    from fed_unlearn.flower import ReproducibleFedAvg, Unlearning, to_record
 
     rc = fused_run_config(str(PROJECT_ROOT), overrides)
     grid = TimedGrid(client_app, clients, rc)
@@ -58,7 +59,9 @@ def run_once(kind: str, clients: int, rounds: int, overrides: str) -> dict[str, 
     model = build_model(str(rc["model"]), ds.input_shape, ds.num_classes, seed=int(rc["seed"]))
     initial = to_record(get_weights(model))
     if kind == "fed-unlearn":
-        strategy = UnlearningFedAvg({i: n for i, n in enumerate(node_ids)})
+        strategy = Unlearning(ReproducibleFedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=clients,
+                                                 min_evaluate_nodes=clients, min_available_nodes=clients))
+        strategy.identities = {n: {"partition-id": i} for i, n in enumerate(node_ids)}
     else:
         strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=clients,
                           min_evaluate_nodes=clients, min_available_nodes=clients)

@@ -32,7 +32,7 @@ from fed_unlearn.report import (
 )
 from fed_unlearn.unlearning import METHODS
 
-from .harness import ONLY_FOR
+from .harness import serves
 from .run_experiment import PROJECT_ROOT
 from .run_experiment import main as run_one
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     scenario = re.search(r"unlearn\.scenario\s*=\s*['\"]?(\w+)", args.run_config)
     scenario = scenario.group(1) if scenario else "client"
     if args.methods is None:
-        args.methods = [m for m in METHODS if scenario in ONLY_FOR.get(m, (scenario,))]
+        args.methods = [m for m in METHODS if serves(m, scenario)]
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         print(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}", file=sys.stderr)

@@ -50,8 +50,12 @@ SCENARIOS: dict[str, str] = {
     "class": "unlearn.scenario='class'",
 }
 DEFAULT_SCENARIOS = ("client", "samples-random", "samples-high-loss", "class")
-#: Methods that only apply to some scenarios (class unlearning); other cells are left out of the grid.
-ONLY_FOR = {"trw": ("class",), "mpru": ("class",)}
+
+
+def serves(method: str, scenario: str) -> bool:
+    """Whether ``method`` serves the harness scenario (its registry entry lists the deletion scenarios)."""
+    return scenario.split("-")[0] in METHODS[method].scenarios
+
 #: Keys the harness sets itself per cell.
 OWNED_KEYS = ("seed=", "unlearn.method=", "unlearn.scenario=")
 
@@ -103,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.results_dir).resolve()
     dest = root / args.name
     # scenario- and seed-major: the first method of each (scenario, seed) trains the gold, the others reuse it
-    cells = [(sc, m, s) for sc in args.scenarios for s in args.seeds for m in args.methods if sc in ONLY_FOR.get(m, (sc,))]
+    cells = [(sc, m, s) for sc in args.scenarios for s in args.seeds for m in args.methods if serves(m, sc)]
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {
-        sc: {m: [] for m in args.methods if sc in ONLY_FOR.get(m, (sc,))} for sc in args.scenarios}
+        sc: {m: [] for m in args.methods if serves(m, sc)} for sc in args.scenarios}
     started = time.monotonic()
     for i, (scenario, method, seed) in enumerate(cells):
         out = dest / scenario / method / f"seed{seed}"

@@ -1,119 +1,13 @@
-"""An in-process Flower ``Grid``: the real ClientApp called directly, no SuperLink, no Ray.
-
-For tests and debugging: the same ServerApp code path and the same ClientApp
-functions as ``flwr run``, in one process and in seconds. Each node has its own
-``Context`` (its node config and persistent state), and every message's content is
-deep-copied on the way in and out, as serialisation would (strategies send one
-``RecordDict`` object to many nodes).
-"""
+"""Run the project's Flower app on an in-process Grid (no SuperLink, no Ray): tests and the fast harness."""
 
 from __future__ import annotations
 
-import copy
-import itertools
-import traceback
 from pathlib import Path
-from collections.abc import Iterable
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
-from flwr.serverapp import Grid
+from flwr.app import Context, RecordDict
 
-_CLIENT_EXCEPTION = 1  # error code of a failed ClientApp call
-
-
-class InProcessGrid(Grid):
-    """A ``Grid`` whose nodes are ``ClientApp`` calls in this process.
-
-    Parameters
-    ----------
-    client_app : ClientApp
-        The ClientApp every node runs.
-    num_nodes : int
-        Number of nodes; node ``i`` gets ``partition-id = i`` and ``num-partitions = num_nodes``.
-    run_config : Mapping
-        The run config every node sees (flattened keys, as Flower passes it).
-    node_ids : iterable of int, optional
-        Flower node ids to use (default: distinct large integers, not equal to the partition ids,
-        so code that confuses the two fails).
-    node_configs : sequence of mappings, optional
-        Extra node config per node (a deployed site's ``site``, ``erasure-inbox``, ``data-file``).
-
-    A node id in :attr:`offline` is not listed by :meth:`get_node_ids` and messages to it
-    get no reply, as for a SuperNode that is down.
-    """
-
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: Mapping[str, Any], node_ids: Iterable[int] | None = None,
-                 node_configs: Sequence[Mapping[str, Any]] | None = None) -> None:
-        self.client_app = client_app
-        ids = list(node_ids) if node_ids is not None else [7_000_001 + 37 * i for i in range(num_nodes)]
-        if len(ids) != num_nodes or len(set(ids)) != num_nodes:
-            raise ValueError("need one distinct node id per node")
-        extra = list(node_configs) if node_configs is not None else [{}] * num_nodes
-        if len(extra) != num_nodes:
-            raise ValueError("need one node config per node")
-        self.contexts = {
-            nid: Context(run_id=1, node_id=nid, node_config={"partition-id": i, "num-partitions": num_nodes, **extra[i]},
-                         state=RecordDict(), run_config=dict(run_config))
-            for i, nid in enumerate(ids)
-        }
-        self.offline: set[int] = set()
-        self._counter = itertools.count(1)
-        self._replies: dict[str, Message] = {}
-        self._run = Run.create_empty(run_id=1)
-        # Messages read the sender's identity from this process-wide record, which a
-        # real ServerApp process gets from its SuperLink.
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-        self.sent: list[str] = []  # message types sent, in order (for tests)
-
-    def set_run(self, run: Run) -> None:  # noqa: D102
-        self._run = run
-
-    @property
-    def run(self) -> Run:  # noqa: D102
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:  # noqa: D102
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return [n for n in self.contexts if n not in self.offline]
-
-    def _deliver(self, msg: Message) -> Message:
-        msg.metadata.__dict__["_message_id"] = f"m{next(self._counter)}"  # what a SuperLink assigns
-        context = self.contexts.get(msg.metadata.dst_node_id)
-        self.sent.append(msg.metadata.message_type)
-        if context is None:
-            return Message(Error(_CLIENT_EXCEPTION, f"no node {msg.metadata.dst_node_id}"), reply_to=msg)
-        try:
-            copied = Message(metadata=copy.deepcopy(msg.metadata), content=copy.deepcopy(msg.content))
-            reply = self.client_app(copied, context)
-        except Exception:  # a failing ClientApp becomes an error reply, as on a SuperNode
-            return Message(Error(_CLIENT_EXCEPTION, traceback.format_exc(limit=3)), reply_to=msg)
-        if reply.has_content():
-            return Message(copy.deepcopy(reply.content), reply_to=msg)
-        return reply
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        ids = []
-        for msg in messages:
-            if msg.metadata.dst_node_id in self.offline:
-                msg.metadata.__dict__["_message_id"] = f"m{next(self._counter)}"
-                ids.append(msg.metadata.message_id)  # never answered
-                continue
-            reply = self._deliver(msg)
-            self._replies[msg.metadata.message_id] = reply
-            ids.append(msg.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        return [self._replies.pop(i) for i in message_ids if i in self._replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:  # noqa: D102
-        return self.pull_messages(self.push_messages(messages))
+from fed_unlearn.flower.grid import InProcessGrid
 
 
 def fused_run_config(project_dir: str, overrides: str) -> dict[str, Any]:

@@ -71,8 +71,8 @@ def test_every_method_setting_is_a_run_config_key_with_the_same_default():
     from fed_unlearn.unlearning import METHODS
 
     rc = flat(tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"])
-    for name, (cfg_cls, _) in METHODS.items():
-        for f in fields(cfg_cls):
+    for name, cls in METHODS.items():
+        for f in fields(cls.config_class):
             key = f"{name}.{f.name.replace('_', '-')}"
             assert key in rc, f"{key} missing from [tool.flwr.app.config]"
             default = f.default if f.default is not MISSING else f.default_factory()

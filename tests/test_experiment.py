@@ -10,7 +10,7 @@ from flwr.app import Context, RecordDict
 
 from clients.client_app import app as client_app
 from server.server_app import main as server_main
-from simulations.inprocess import InProcessGrid
+from fed_unlearn.flower import InProcessGrid
 
 
 def run(rc: dict, num_nodes: int, tmp_path: Path) -> tuple[dict, InProcessGrid]:
@@ -157,7 +157,7 @@ def test_sample_deletion_selects_with_the_original_model_and_golds_without_those
     assert abs(unl["forget-acc"] - gold["forget-acc"]) < abs(orig["forget-acc"] - gold["forget-acc"])
     # the client stays and plays both roles in the unlearning round (PUF-regular): 3 replies, 4 updates
     assert res["train-history"]["3"]["clients"] == 3
-    assert res["train-history"]["3"]["num-examples"] == sum(c["train-n"] for c in res["clients"].values())
+    assert res["train-history"]["3"]["total-examples"] == sum(c["train-n"] for c in res["clients"].values())
     client_gold = run({**rc, "unlearn.scenario": "client"}, 3, tmp_path / "client")[0]
     assert client_gold["gold-key"] != res["gold-key"]
 
@@ -166,7 +166,8 @@ def test_class_deletion_reports_mia_nn_and_the_gold_never_predicts_the_class(def
     rc = {**default_run_config, "dataset": "digits", "unlearn.scenario": "class", "unlearn.class": 3,
           "unlearn.round": 3, "num-server-rounds": 6}
     res, grid = run(rc, 3, tmp_path)
-    assert res["config"]["departing"] == [] and grid.sent.count("query.forget") == 3
+    # every client is asked: at the start (the class does not depend on the model) and with the original model
+    assert res["config"]["departing"] == [] and grid.sent.count("query.forget") == 6
     assert set(res["deletion"]["clients"]) == {"0", "1", "2"}
     orig, unl, gold = (res["report"][k] for k in ("original", "unlearned", "gold"))
     assert gold["forget-acc"] < 0.05 and orig["forget-acc"] > 0.8

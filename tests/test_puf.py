@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from fed_unlearn.aggregation import ClientUpdate
-from fed_unlearn.unlearning import PUFConfig, make_method, puf_update
+from fed_unlearn.unlearning import make_method
+from fed_unlearn.unlearning.puf import PUFConfig, puf_update
 from fed_unlearn.unlearning.puf import PUF
 
 G = {"w": np.array([1.0, 2.0], dtype=np.float32), "b": np.array([0.5], dtype=np.float32)}

@@ -7,6 +7,7 @@ from scipy.special import softmax
 from torch import nn
 
 from fed_unlearn.aggregation import ClientUpdate
+from fed_unlearn.deletion import DeletionRequest
 from fed_unlearn.unlearning import make_method
 
 
@@ -124,7 +125,8 @@ def test_trw_target_sums_to_one_puts_no_mass_on_the_removed_class_and_tilts_towa
 
 
 def test_trw_runs_two_rounds_estimate_then_fedavg():
-    m = make_method("trw", {"unlearn.scenario": "class", "unlearn.class": 0})
+    m = make_method("trw")
+    m.begin([1, 2], leave=False, request=DeletionRequest(scenario="class", forget_class=0))
     g = {"w": np.ones(2, np.float32)}
     assert m.num_rounds == 2 and m.departing_config(g)["trw-phase"] == "estimate"
     est = [ClientUpdate(1, g, 10, {"trw-prob-sum": [5.0, 3.0, 2.0]}), ClientUpdate(2, g, 10, {"trw-prob-sum": [5.0, 1.0, 4.0]})]
@@ -135,8 +137,9 @@ def test_trw_runs_two_rounds_estimate_then_fedavg():
     assert cfg["trw-phase"] == "tilt" and cfg["trw-similarity"] == pytest.approx([0.0, 0.4, 0.6])
     out = m.aggregate(g, [], [ClientUpdate(1, {"w": np.zeros(2, np.float32)}, 1), ClientUpdate(2, {"w": np.full(2, 4.0, np.float32)}, 3)])
     np.testing.assert_allclose(out["w"], 3.0)
-    with pytest.raises(ValueError, match="scenario = 'class'"):
-        make_method("trw", {"unlearn.scenario": "client"})
+    with pytest.raises(ValueError, match="class deletion request"):
+        make_method("trw").begin([0], leave=True, request=DeletionRequest())
+    assert make_method("trw").scenarios == ("class",)
 
 
 # -- MPRU ----------------------------------------------------------------------------------
@@ -158,14 +161,17 @@ def test_mpru_as_an_output_layer_edit_is_exactly_the_filter():
     model, x, _ = trained_mlp()
     with torch.no_grad():
         p = softmax(model(torch.from_numpy(x)).double().numpy(), axis=1)
-    m = make_method("mpru", {"unlearn.scenario": "class", "unlearn.class": 1})
+    m = make_method("mpru")
+    m.begin([0], leave=False, request=DeletionRequest(scenario="class", forget_class=1))
     set_weights(model, m.prepare_global(get_weights(model)))
     with torch.no_grad():
         q = softmax(model(torch.from_numpy(x)).double().numpy(), axis=1)
     np.testing.assert_allclose(q, redistribute(p, [1]), atol=1e-6)
     assert not m.remaining_clients_train and not m.departing_clients_train
+    bad = make_method("mpru")
+    bad.begin([0], leave=False, request=DeletionRequest(scenario="class", forget_class=9))
     with pytest.raises(ValueError, match="do not exist"):
-        make_method("mpru", {"unlearn.scenario": "class", "unlearn.class": 9}).prepare_global(get_weights(model))
+        bad.prepare_global(get_weights(model))
 
 
 # -- augmentation --------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from clients.client_app import app as client_app
 from fed_unlearn.erasure import SiteRegistry, new_request, submit_to_inbox
 from fed_unlearn.journal import Journal
 from server.server_app import main as server_main
-from simulations.inprocess import InProcessGrid, fused_run_config
+from fed_unlearn.flower import InProcessGrid
+from simulations.inprocess import fused_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("h0", "h1", "h2")
@@ -30,7 +31,7 @@ class CrashingGrid(InProcessGrid):
 
     def send_and_receive(self, messages, *, timeout=None):
         msgs = list(messages)
-        if msgs and not msgs[0].metadata.message_type.endswith("info"):
+        if msgs and msgs[0].metadata.message_type not in ("query.info", "query.identify"):  # discovery is over
             self.offline |= self.drop
         if msgs and msgs[0].metadata.message_type.startswith("train") and msgs[0].content["config"]["server-round"] == self.crash_round:
             raise Crash()

@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 from fed_unlearn.aggregation import ClientUpdate
-from fed_unlearn.unlearning import SRAGUConfig, make_method, puf_update, sragu_unlearn
+from fed_unlearn.unlearning import make_method
+from fed_unlearn.unlearning.puf import puf_update
+from fed_unlearn.unlearning.sragu import SRAGUConfig, sragu_unlearn
 from fed_unlearn.unlearning.sragu import agu_sensitivity, spectral_puf_update
 
 

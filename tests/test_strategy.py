@@ -1,54 +1,104 @@
-"""UnlearningFedAvg driven with hand-made Flower messages (no Ray, no SuperLink)."""
+"""The Unlearning strategy wrapper driven with hand-made Flower messages (no Ray, no SuperLink)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from fed_unlearn.aggregation import ClientUpdate, InvalidUpdateError
-from fed_unlearn.unlearning import make_method, puf_update
-from server.records import to_record, to_weights
-from server.strategy import UnlearningFedAvg
+from fed_unlearn.aggregation import ClientUpdate
+from fed_unlearn.deletion import DeletionRequest
+from fed_unlearn.flower import ReproducibleFedAvg, Unlearning, UnlearningFedAvg, to_record, to_weights
+from fed_unlearn.unlearning import make_method
+from fed_unlearn.unlearning.puf import puf_update
 
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-NODES = {0: 9001, 1: 9002, 2: 9003}  # client id -> Flower node id
+NODES = {0: 9001, 1: 9002, 2: 9003}  # client id (partition-id) -> Flower node id
 GLOBAL = {"w": np.array([1.0, 2.0], np.float32), "b": np.array([0.5], np.float32)}
 
 
-def reply(cid: int, w, n: int, mtype: str = MessageType.TRAIN) -> Message:
+class StaticGrid(Grid):
+    """A grid that only lists its nodes (the tests deliver replies by hand)."""
+
+    def __init__(self, nodes: Iterable[int]) -> None:
+        self.nodes = list(nodes)
+
+    def set_run(self, run):  # noqa: D102
+        pass
+
+    @property
+    def run(self):  # noqa: D102
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: D102
+        return Message(content, dst_node_id, message_type)
+
+    def get_node_ids(self):  # noqa: D102
+        return list(self.nodes)
+
+    def push_messages(self, messages):  # noqa: D102
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # noqa: D102
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: D102
+        raise NotImplementedError
+
+
+GRID = StaticGrid(NODES.values())
+
+
+def reply(cid: int, w, n: int, mtype: str = MessageType.TRAIN, extra: dict | None = None) -> Message:
     instr = Message(RecordDict(), NODES[cid], mtype)
     content = RecordDict({"arrays": ArrayRecord(array_dict={}) if w is None else to_record(w),
-                          "metrics": MetricRecord({"num-examples": n, "train-steps": 3, "train-loss": 0.1})})
+                          "metrics": MetricRecord({"num-examples": n, "train-steps": 3, "train-loss": 0.1, **(extra or {})})})
     return Message(content, reply_to=instr)
 
 
-def weights(w, b):
-    return {"w": np.array(w, np.float32), "b": np.array([b], np.float32)}
+def weights(w, b, dtype=np.float32):
+    return {"w": np.array(w, dtype), "b": np.array([b], dtype)}
 
 
-def strategy(**kw) -> UnlearningFedAvg:
-    return UnlearningFedAvg(NODES, **kw)
+def strategy(method="puf", **kw) -> Unlearning:
+    s = Unlearning(ReproducibleFedAvg(min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1),
+                   make_method(method) if isinstance(method, str) else method, **kw)
+    s.identities = {n: {"partition-id": c} for c, n in NODES.items()}
+    return s
 
 
-def start_round(s: UnlearningFedAvg, rnd: int) -> list[Message]:
-    return list(s.configure_train(rnd, to_record(GLOBAL), ConfigRecord(), grid=None))
+def start_round(s: Unlearning, rnd: int, grid: Grid = GRID) -> list[Message]:
+    return list(s.configure_train(rnd, to_record(GLOBAL), ConfigRecord(), grid))
 
 
-def test_ordinary_round_is_fedavg_over_active_clients():
-    s = strategy(method=make_method("puf"), departing=[2], departure_round=3)
+def by_node(msgs: list[Message]) -> dict[int, Message]:
+    return {m.metadata.dst_node_id: m for m in msgs}
+
+
+def test_ordinary_round_is_the_wrapped_fedavg_over_every_node():
+    s = strategy()
+    s.request_unlearning(2, round=3)
     msgs = start_round(s, 1)
-    assert sorted(m.metadata.dst_node_id for m in msgs) == sorted(NODES.values())  # departing one still trains
-    out, metrics = s.aggregate_train(1, [reply(0, weights([3, 2], 0.5), 1), reply(1, weights([1, 4], 1.5), 1), reply(2, weights([2, 0], 1.0), 2)])
+    assert sorted(m.metadata.dst_node_id for m in msgs) == sorted(NODES.values())  # the departing one still trains
+    assert {m.metadata.message_type for m in msgs} == {MessageType.TRAIN}
+    out, metrics = s.aggregate_train(1, [reply(0, weights([3, 2], 0.5), 1), reply(1, weights([1, 4], 1.5), 1),
+                                         reply(2, weights([2, 0], 1.0), 2)])
     got = to_weights(out)
     np.testing.assert_allclose(got["w"], [2.0, 1.5])  # (3 + 1 + 2*2)/4, (2 + 4 + 0)/4
     np.testing.assert_allclose(got["b"], [1.0])
-    assert metrics["num-examples"] == 4 and metrics["train-steps"] == 9
+    # the wrapped FedAvg's weighted means, plus the federation roll-up
+    assert metrics["train-loss"] == pytest.approx(0.1) and metrics["train-steps"] == pytest.approx(3)
+    assert metrics["total-examples"] == 4 and metrics["total-train-steps"] == 9 and metrics["clients"] == 3
 
 
-def test_unlearning_round_applies_puf_and_removes_the_client():
-    s = strategy(method=make_method("puf", {"puf.scale": 2.0}), departing=[2], departure_round=2)
+def test_unlearning_round_applies_puf_and_the_departed_node_receives_nothing_after():
+    s = strategy(make_method("puf", {"puf.scale": 2.0}))
+    s.request_unlearning(2, round=2)  # named by its node-config partition-id
     start_round(s, 1)
     s.aggregate_train(1, [reply(c, GLOBAL, 1) for c in NODES])
     msgs = start_round(s, 2)
@@ -60,117 +110,154 @@ def test_unlearning_round_applies_puf_and_removes_the_client():
     for k in GLOBAL:
         np.testing.assert_allclose(to_weights(out)[k], expected[k])
     np.testing.assert_allclose(to_weights(out)["w"], [1.25, 0.0])  # by hand: w + 1/4 (1,0) - 2 * 2/4 (0,2)
-    assert s.departed == {2} and s.pending == ()
+    assert s.departed == {NODES[2]} and s.pending == () and s.unlearning_done
     assert sorted(m.metadata.dst_node_id for m in start_round(s, 3)) == [NODES[0], NODES[1]]
+    evals = s.configure_evaluate(3, to_record(GLOBAL), ConfigRecord(), GRID)
+    assert NODES[2] not in {m.metadata.dst_node_id for m in evals}
+    # the wrapped FedAvg keeps its minimums reachable without the departed node
+    assert s.strategy.min_available_nodes == 1
 
 
 def test_special_variant_only_asks_departing_clients():
-    s = strategy(method=make_method("puf", {"puf.variant": "special"}), departing=[0, 1], departure_round=1)
+    s = strategy(make_method("puf", {"puf.variant": "special"}))
+    s.request_unlearning(0, 1, round=1)
     msgs = start_round(s, 1)
     assert sorted(m.metadata.dst_node_id for m in msgs) == [NODES[0], NODES[1]]
     out, _ = s.aggregate_train(1, [reply(0, weights([2, 2], 0.5), 1), reply(1, weights([1, 3], 0.5), 1)])
     # eta = 2, N_U = 2: w - 2 * ((1,0) + (0,1)) / 2 = (0, 1)
     np.testing.assert_allclose(to_weights(out)["w"], [0.0, 1.0])
-    assert s.remaining == [2]
+    assert s.departed == {NODES[0], NODES[1]}
 
 
-@pytest.mark.parametrize("bad, msg", [
+@pytest.mark.parametrize("bad, problem", [
     (weights([np.nan, 1.0], 0.5), "NaN/inf"),
     ({"w": np.zeros(3, np.float32), "b": np.zeros(1, np.float32)}, "shape"),
     ({"w": np.zeros(2, np.float32)}, "missing"),
+    (weights([1, 2], 0.5, np.int8), "dtype"),
 ])
-def test_bad_update_raises_and_changes_nothing(bad, msg):
-    s = strategy(method=make_method("puf"), departing=[2], departure_round=1)
+def test_a_bad_update_costs_its_node_the_round_never_the_round(bad, problem):
+    s = strategy(max_strikes=2)
     start_round(s, 1)
-    before = (set(s.departed), s.pending, {k: v.copy() for k, v in s._global.items()})
-    with pytest.raises(InvalidUpdateError, match=msg):
-        s.aggregate_train(1, [reply(0, GLOBAL, 1), reply(1, bad, 1), reply(2, GLOBAL, 1)])
-    assert (set(s.departed), s.pending) == before[:2]
-    for k in GLOBAL:
-        np.testing.assert_array_equal(s._global[k], before[2][k])
+    out, metrics = s.aggregate_train(1, [reply(0, weights([3, 2], 0.5), 1), reply(1, bad, 1), reply(2, weights([1, 2], 0.5), 1)])
+    np.testing.assert_allclose(to_weights(out)["w"], [2.0, 2.0])  # FedAvg over nodes 0 and 2 only
+    assert problem in s.last_round_problems[NODES[1]] and metrics["clients"] == 2
+    assert s.strikes[NODES[1]] == 1 and not s.excluded
+    start_round(s, 2)
+    s.aggregate_train(2, [reply(0, GLOBAL, 1), reply(1, bad, 1), reply(2, GLOBAL, 1)])
+    assert s.excluded == {NODES[1]}  # second strike: out of the federation
+    assert sorted(m.metadata.dst_node_id for m in start_round(s, 3)) == [NODES[0], NODES[2]]
 
 
-def test_missing_departing_reply_leaves_the_request_pending():
-    s = strategy(method=make_method("puf"), departing=[2], departure_round=1)
+def test_claimed_examples_are_capped_at_what_the_node_declared():
+    s = strategy()
+    for c in NODES:
+        s.declare_examples(NODES[c], 10)
     start_round(s, 1)
-    with pytest.raises(RuntimeError, match=r"departing client\(s\) \[2\] did not reply"):
+    out, _ = s.aggregate_train(1, [reply(0, weights([0, 0], 0.0), 10), reply(1, weights([0, 0], 0.0), 10),
+                                   reply(2, weights([1e6, 1e6], 1e6), 10**12)])
+    # the attacker weighs what it declared (a third), not 10**12 / (10**12 + 20)
+    np.testing.assert_allclose(to_weights(out)["w"], [1e6 / 3] * 2, rtol=1e-6)
+
+
+def test_missing_departing_reply_raises_or_leaves_the_request_pending():
+    s = strategy()
+    s.request_unlearning(2, round=1)
+    start_round(s, 1)
+    with pytest.raises(RuntimeError, match="did not reply"):
         s.aggregate_train(1, [reply(0, GLOBAL, 1), reply(1, GLOBAL, 1)])
-    assert s.pending == (2,) and s.departed == set()
+    assert s.pending == (NODES[2],) and s.departed == set()
+    skip = strategy(on_missing="skip")
+    skip.request_unlearning(2, round=1)
+    start_round(skip, 1)
+    out, _ = skip.aggregate_train(1, [reply(0, weights([2, 2], 0.5), 1), reply(1, weights([0, 2], 0.5), 1)])
+    np.testing.assert_allclose(to_weights(out)["w"], [1.0, 2.0])  # an ordinary round over the others
+    assert skip.failed == (NODES[2],) and skip.pending == () and skip.departed == set()
 
 
-@pytest.mark.parametrize("kw, msg", [
-    ({"method": make_method("puf"), "departing": [7], "departure_round": 2}, r"unknown client id\(s\) \[7\]"),
-    ({"excluded": [5]}, "unknown client"),
-    ({"departing": [1]}, "need an unlearning method"),
-    ({"excluded": [0, 1, 2]}, "no client would remain"),
-])
-def test_impossible_strategies_are_refused(kw, msg):
-    with pytest.raises(ValueError, match=msg):
-        strategy(**kw)
+def test_impossible_requests_are_refused():
+    s = strategy()
+    s.request_unlearning(7, round=1)
+    with pytest.raises(ValueError, match=r"no connected node has partition-id=7"):
+        start_round(s, 1)
+    everyone = strategy()
+    everyone.request_unlearning(0, 1, 2, round=1)
+    with pytest.raises(ValueError, match="no client would remain"):
+        start_round(everyone, 1)
+    with pytest.raises(ValueError, match="no unlearning method"):
+        strategy(None).request_unlearning(1)
+    with pytest.raises(ValueError, match="already wrapped"):
+        Unlearning(strategy())
 
 
 def test_fine_tune_round_does_not_contact_departing_clients():
-    s = strategy(method=make_method("fine-tune"), departing=[2], departure_round=1)
+    s = strategy("fine-tune")
+    s.request_unlearning(2, round=1)
     msgs = start_round(s, 1)
     assert sorted(m.metadata.dst_node_id for m in msgs) == [NODES[0], NODES[1]]
     out, _ = s.aggregate_train(1, [reply(0, weights([3, 2], 0.5), 1), reply(1, weights([1, 2], 0.5), 1)])
     np.testing.assert_allclose(to_weights(out)["w"], [2.0, 2.0])
-    assert s.departed == {2}
+    assert s.departed == {NODES[2]}
 
 
 def test_not_sends_the_negated_model_and_reports_motion_from_the_round_start():
     g = {"net.1.weight": np.ones((2, 2), np.float32), "net.1.bias": np.ones(2, np.float32),
          "net.3.weight": np.ones((1, 2), np.float32)}
-    s = strategy(method=make_method("not"), departing=[2], departure_round=1)
-    msgs = list(s.configure_train(1, to_record(g), ConfigRecord(), grid=None))
+    s = strategy("not")
+    s.request_unlearning(2, round=1)
+    msgs = list(s.configure_train(1, to_record(g), ConfigRecord(), GRID))
     assert len(msgs) == 2
     sent = to_weights(msgs[0].content["arrays"])
     np.testing.assert_array_equal(sent["net.1.weight"], -np.ones((2, 2)))
     np.testing.assert_array_equal(sent["net.3.weight"], np.ones((1, 2)))
     out, _ = s.aggregate_train(1, [reply(0, sent, 1), reply(1, sent, 1)])  # clients did not move
     np.testing.assert_array_equal(to_weights(out)["net.1.weight"], -np.ones((2, 2)))
-    share = {l["layer"]: l["motion-share"] for l in s.unlearning_report["layers"]}
+    assert s.unlearning_report is not None
+    share = {layer["layer"]: layer["motion-share"] for layer in s.unlearning_report["layers"]}
     assert share["net.1"] == pytest.approx(1.0) and share["net.3"] == 0.0
 
 
 def test_sample_deletion_round_asks_both_roles_and_the_client_stays_on_retained_data():
-    s = strategy(method=make_method("puf", {"puf.scale": 2.0}), departing=[2], departure_round=2, leave=False)
+    s = strategy(make_method("puf", {"puf.scale": 2.0}))
+    s.request_unlearning(2, round=2, leave=False, deletion=DeletionRequest("samples"))
     start_round(s, 1)
     s.aggregate_train(1, [reply(c, GLOBAL, 1) for c in NODES])
-    msgs = {m.metadata.dst_node_id: m for m in start_round(s, 2)}
+    msgs = by_node(start_round(s, 2))
     assert len(msgs) == 3  # one message per node, even with two roles
+    assert msgs[NODES[2]].metadata.message_type == "train.unlearn"
     cfg2 = msgs[NODES[2]].content["config"]
-    assert cfg2["roles"] == "retain,forget" and cfg2["data-part"] == "retain"
-    assert "roles" not in msgs[NODES[0]].content["config"] and msgs[NODES[0]].content["config"]["data-part"] == "all"
+    assert cfg2["roles"] == "retain,forget" and cfg2["unlearn-method"] == "puf" and cfg2["puf.scale"] == 2.0
+    assert msgs[NODES[0]].metadata.message_type == MessageType.TRAIN and "roles" not in msgs[NODES[0]].content["config"]
     both = RecordDict({"arrays": to_record(weights([1, 2], 0.5)), "metrics": MetricRecord({"num-examples": 1}),
                        "forget-arrays": to_record(weights([1, 4], 1.5)), "forget-metrics": MetricRecord({"num-examples": 2})})
     rep = [reply(0, weights([2, 2], 0.5), 1), reply(1, weights([1, 2], 0.5), 1),
-           Message(both, reply_to=Message(RecordDict(), NODES[2], MessageType.TRAIN))]
+           Message(both, reply_to=Message(RecordDict(), NODES[2], "train.unlearn"))]
     out, metrics = s.aggregate_train(2, rep)
     expected = puf_update(GLOBAL, [ClientUpdate(0, weights([2, 2], 0.5), 1), ClientUpdate(1, weights([1, 2], 0.5), 1),
                                    ClientUpdate(2, weights([1, 2], 0.5), 1)],
                           [ClientUpdate(2, weights([1, 4], 1.5), 2)], eta=2.0)
     for k in GLOBAL:
         np.testing.assert_allclose(to_weights(out)[k], expected[k])
-    assert metrics["num-examples"] == 5  # both roles' examples count
-    assert s.departed == set() and s.retain_only == {2} and s.pending == ()
-    later = {m.metadata.dst_node_id: m for m in start_round(s, 3)}
-    assert len(later) == 3 and later[NODES[2]].content["config"]["data-part"] == "retain"
+    assert metrics["total-examples"] == 5  # both roles' examples count
+    assert s.departed == set() and s.retain_only == {NODES[2]} and s.pending == ()
+    later = by_node(start_round(s, 3))
+    assert len(later) == 3 and later[NODES[2]].metadata.message_type == "train.retain"
 
 
-def test_replies_with_records_that_were_not_asked_for_are_refused():
-    s = strategy(method=make_method("puf"), departing=[2], departure_round=3)
+def test_replies_with_records_that_were_not_asked_for_are_dropped():
+    s = strategy()
+    s.request_unlearning(2, round=3)
     start_round(s, 1)
     sneaky = RecordDict({"arrays": to_record(GLOBAL), "metrics": MetricRecord({"num-examples": 1}),
                          "forget-arrays": to_record(GLOBAL), "forget-metrics": MetricRecord({"num-examples": 1})})
-    with pytest.raises(InvalidUpdateError, match="exactly the records"):
-        s.aggregate_train(1, [reply(0, GLOBAL, 1), reply(1, GLOBAL, 1),
-                              Message(sneaky, reply_to=Message(RecordDict(), NODES[2], MessageType.TRAIN))])
-    assert s.pending == (2,) and s.departed == set()
+    out, metrics = s.aggregate_train(1, [reply(0, GLOBAL, 1), reply(1, GLOBAL, 1),
+                                         Message(sneaky, reply_to=Message(RecordDict(), NODES[2], MessageType.TRAIN))])
+    assert out is not None and metrics["clients"] == 2 and "exactly one ArrayRecord" in s.last_round_problems[NODES[2]]
+    assert s.departed == set()
 
 
 def test_multi_round_method_keeps_the_request_pending_until_done():
-    s = strategy(method=make_method("retrain"), departing=[2], departure_round=3)
+    s = strategy("retrain")
+    s.request_unlearning(2, round=3)
     for rnd in (1, 2):
         start_round(s, rnd)
         s.aggregate_train(rnd, [reply(c, GLOBAL, 1) for c in NODES])
@@ -180,4 +267,23 @@ def test_multi_round_method_keeps_the_request_pending_until_done():
         assert msgs[0].content["config"]["seed-round"] == seed_round
         assert s.is_unlearning_round(rnd) and not s.unlearning_done
         s.aggregate_train(rnd, [reply(0, GLOBAL, 1), reply(1, GLOBAL, 1)])
-    assert s.unlearning_done and s.departed == {2} and s.unlearning_rounds_run == 2
+    assert s.unlearning_done and s.departed == {NODES[2]} and s.unlearning_rounds_run == 2
+
+
+def test_unlearning_fedavg_takes_every_fedavg_argument_and_aggregates_user_metrics():
+    agg_calls = []
+
+    def my_aggr(records, key):
+        agg_calls.append(len(records))
+        return MetricRecord({"mine": 1.0})
+
+    s = UnlearningFedAvg(fraction_train=0.5, fraction_evaluate=0.5, min_train_nodes=1, min_evaluate_nodes=1,
+                         min_available_nodes=3, weighted_by_key="n", arrayrecord_key="model", configrecord_key="cfg",
+                         train_metrics_aggr_fn=my_aggr, evaluate_metrics_aggr_fn=my_aggr, method="puf")
+    assert isinstance(s.strategy, FedAvg) and s.strategy.fraction_train == 0.5
+    msgs = list(s.configure_train(1, to_record(GLOBAL), ConfigRecord(), GRID))
+    assert len(msgs) == 1 and set(msgs[0].content) == {"model", "cfg"}  # half of 3 nodes, the user's record keys
+    node = msgs[0].metadata.dst_node_id
+    content = RecordDict({"model": to_record(GLOBAL), "m": MetricRecord({"n": 5, "train_loss": 0.3})})
+    _, metrics = s.aggregate_train(1, [Message(content, reply_to=Message(RecordDict(), node, MessageType.TRAIN))])
+    assert agg_calls == [1] and metrics["mine"] == 1.0 and metrics["total-examples"] == 5

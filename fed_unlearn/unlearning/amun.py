@@ -33,7 +33,8 @@ PUF's training pseudo-gradient it is added, not negated. Recovery follows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +42,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..aggregation import ClientUpdate, Weights
-from .base import UnlearningMethod, apply_departing_motion, config_from_run_config, forget_loss
+from .base import RoutineInput, UnlearningMethod, apply_departing_motion, forget_loss
+from .registry import register_method
 
 
 @dataclass(frozen=True)
@@ -159,34 +161,28 @@ def amun_unlearn(model: nn.Module, forget: tuple[np.ndarray, np.ndarray], cfg: A
             "mean-epsilon": float(np.mean(eps)), "max-epsilon": float(np.max(eps))}
 
 
-def client_unlearn(model: nn.Module, forget: tuple[np.ndarray, np.ndarray], heldout: tuple[np.ndarray, np.ndarray],
-                   run_config: Mapping[str, Any], instruction: Mapping[str, Any], seed: int,
-                   state: Mapping[str, Any] | None = None) -> dict[str, float]:
-    """The forgetting client's side of AMUN, with the run config's settings."""
-    cfg = config_from_run_config(AMUNConfig, run_config, "amun")
-    state = state or {}
-    start = forget_loss(model, forget)
-    out = amun_unlearn(model, forget, cfg, seed, retain=state.get("retain"), augment=str(state.get("augment", "none")))
-    return {**out, "forget-loss-start": start, "forget-loss-end": forget_loss(model, forget)}
+def client_unlearn(inp: RoutineInput) -> dict[str, Any]:
+    """The forgetting client's side of AMUN, with the settings the server sent."""
+    start = forget_loss(inp.model, inp.forget)
+    out = amun_unlearn(inp.model, inp.forget, inp.settings, inp.seed, retain=inp.retain, augment=inp.augment)
+    return {**out, "forget-loss-start": start, "forget-loss-end": forget_loss(inp.model, inp.forget)}
 
 
+@register_method
 class AMUN(UnlearningMethod):
     """Remaining clients train; forgetting clients run AMUN; the server adds both motions."""
 
     name = "amun"
-
-    def __init__(self, config: AMUNConfig) -> None:
-        self.config = config
+    config_class = AMUNConfig
+    client_routine = staticmethod(client_unlearn)
+    config: AMUNConfig
 
     @property
     def remaining_clients_train(self) -> bool:  # noqa: D102
         return True
 
-    @property
-    def departing_task(self) -> str:  # noqa: D102
-        return "unlearn"
-
-    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]) -> "dict[str, np.ndarray]":  # noqa: D102
+    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate],
+                  departing: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:  # noqa: D102
         if self.config.scale == 1.0:
             return apply_departing_motion(global_weights, remaining, departing, self.joint_request)
         scaled = [ClientUpdate(u.client_id, {k: np.asarray(global_weights[k], np.float64)

@@ -20,30 +20,114 @@ the retain-role replies as ``remaining`` and the forget-role replies as ``depart
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from dataclasses import fields
-from typing import Any, ClassVar, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ..aggregation import ClientUpdate, Weights
+from ..deletion import SCENARIOS, DeletionRequest
+
+
+@dataclass
+class RoutineInput:
+    """What a forgetting client's local routine (``train.unlearn``) works with.
+
+    Attributes
+    ----------
+    model : torch.nn.Module
+        The received global model; the routine changes it in place and the client sends it back.
+    forget : (x, y)
+        The client's samples to forget.
+    heldout : (x, y)
+        The client's held-out samples of the classes in ``forget`` (the "never seen" reference).
+    settings : dataclass
+        The method's settings, as the server sent them with the instruction.
+    instruction : Mapping
+        The whole instruction (method-specific keys such as SRAGU's stability weights).
+    seed : int
+        Seeds the routine's minibatches and noise.
+    retain : (x, y), optional
+        The client's retained samples, when it stays in the federation.
+    last_local : Mapping, optional
+        The client's own last locally trained model and ``last_local_n`` its example count
+        (kept only for methods with :attr:`UnlearningMethod.client_keeps_last_local`).
+    augment : str
+        Data augmentation of any fine-tuning the routine does.
+    """
+
+    model: Any
+    forget: tuple[np.ndarray, np.ndarray]
+    heldout: tuple[np.ndarray, np.ndarray]
+    settings: Any
+    instruction: Mapping[str, Any]
+    seed: int
+    retain: tuple[np.ndarray, np.ndarray] | None = None
+    last_local: Mapping[str, np.ndarray] | None = None
+    last_local_n: int = 0
+    augment: str = "none"
+
+
+#: A forgetting client's local routine: ``routine(input) -> metrics`` (scalars or lists of floats).
+ClientRoutine = Callable[[RoutineInput], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class NoSettings:
+    """A method without settings."""
 
 
 class UnlearningMethod(ABC):
-    """Base class of the unlearning methods in the registry."""
+    """Base class of the unlearning methods; subclasses declare everything about themselves.
 
-    #: Registry name, also the run-config prefix of the method's settings.
+    A method module defines one subclass, decorated with
+    :func:`fed_unlearn.unlearning.register_method`, that sets the class attributes below;
+    the strategy, the client helpers, the harness and the service read them from the
+    registry, so adding a method touches only its own module (and its test).
+    """
+
+    #: Registry name, also the run-config prefix of the method's settings (``<name>.<field>``).
     name: ClassVar[str]
+    #: The settings dataclass (fields with defaults; read from ``<name>.*`` run-config keys).
+    config_class: ClassVar[type] = NoSettings
+    #: Deletion scenarios the method serves (``client``, ``samples``, ``class``).
+    scenarios: ClassVar[tuple[str, ...]] = SCENARIOS
+    #: Whether a long-running erasure service may use it (one round, no stored history, no retraining).
+    serves_online: ClassVar[bool] = True
+    #: Whether it keeps per-client update history on the server (reported by :meth:`history_bytes`).
+    keeps_history: ClassVar[bool] = False
+    #: The forgetting clients' local routine (``train.unlearn``); ``None`` = they need no code of ours.
+    client_routine: ClassVar[ClientRoutine | None] = None
+    #: Whether clients keep their own last local model in their node state for the routine.
+    client_keeps_last_local: ClassVar[bool] = False
+
     #: Set by the strategy: the forget-role clients serve ONE request spread over them
     #: (a class removed from every client) rather than one request each (whole clients,
     #: or samples of several clients); methods that add local motions average them then.
     joint_request: bool = False
 
-    def configure_from_run(self, run_config: Mapping[str, Any]) -> None:
-        """Read settings outside the method's own prefix (e.g. the class a class-unlearning method removes).
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.config_class()
 
-        Raises ``ValueError`` when the run cannot use the method; the default reads nothing.
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> UnlearningMethod:
+        """Build the method with its settings from ``<name>.<field>`` run-config keys (defaults otherwise).
+
+        Raises
+        ------
+        ValueError
+            On a setting of the wrong type or out of range, naming the key.
         """
+        return cls(config_from_run_config(cls.config_class, run_config, cls.name))
+
+    def settings(self) -> dict[str, Any]:
+        """The method's settings as ``<name>.<field>`` keys (sent to clients that run its routine)."""
+        if not is_dataclass(self.config):
+            return {}
+        return {f"{self.name}.{f.name.replace('_', '-')}": getattr(self.config, f.name) for f in fields(self.config)}
 
     @property
     def num_rounds(self) -> int:
@@ -54,10 +138,11 @@ class UnlearningMethod(ABC):
         """Unlearning rounds the method will take when the request comes after ``rounds_before`` rounds."""
         return self.num_rounds
 
-    def begin(self, requests: Sequence[int], leave: bool) -> None:
+    def begin(self, requests: Sequence[int], leave: bool, request: DeletionRequest | None = None) -> None:
         """Called once, before the first unlearning round, with the clients being served.
 
-        ``leave``: whether they leave the federation (whole-client deletion).
+        ``leave``: whether they leave the federation (whole-client deletion); ``request``:
+        what is deleted, when known (a class-unlearning method reads the class from it).
         """
 
     def observe(self, server_round: int, global_weights: Weights, updates: Sequence[ClientUpdate]) -> None:
@@ -91,16 +176,16 @@ class UnlearningMethod(ABC):
 
     @property
     def departing_task(self) -> str:
-        """Message action for departing clients: ``"train"`` = an ordinary training round."""
-        return "train"
+        """Message action for departing clients: ``"train"`` = an ordinary training round, ``"unlearn"`` = the routine."""
+        return "unlearn" if self.client_routine is not None else "train"
 
     def departing_config(self, global_weights: Weights) -> dict[str, Any]:
         """Extra settings sent to the departing clients with their instruction.
 
-        For ``departing_task == "unlearn"`` the client runs the routine registered under
-        ``unlearn-method`` (:data:`fed_unlearn.unlearning.CLIENT_ROUTINES`).
+        For ``departing_task == "unlearn"`` the client runs :attr:`client_routine` of the
+        method named in ``unlearn-method`` with the settings sent here.
         """
-        return {"unlearn-method": self.name}
+        return {"unlearn-method": self.name, **self.settings()}
 
     @abstractmethod
     def aggregate(
@@ -108,7 +193,7 @@ class UnlearningMethod(ABC):
         global_weights: Weights,
         remaining: Sequence[ClientUpdate],
         departing: Sequence[ClientUpdate],
-    ) -> "dict[str, np.ndarray]":
+    ) -> dict[str, np.ndarray]:
         """Combine the unlearning round's replies into the next global model."""
 
 
@@ -135,11 +220,8 @@ class LocalRoutineMethod(UnlearningMethod):
     def remaining_clients_train(self) -> bool:  # noqa: D102
         return False
 
-    @property
-    def departing_task(self) -> str:  # noqa: D102
-        return "unlearn"
-
-    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]) -> "dict[str, np.ndarray]":  # noqa: D102
+    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate],
+                  departing: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:  # noqa: D102
         return apply_departing_motion(global_weights, [], departing, self.joint_request)
 
 
@@ -173,13 +255,15 @@ def config_from_run_config(cls: type, run_config: Mapping[str, Any], prefix: str
             value = float(value)
         if want is not None and not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise ValueError(f"run-config '{key}' must be {getattr(want, '__name__', want)}, got {value!r}")
+        if want is float and not math.isfinite(value):
+            raise ValueError(f"run-config '{key}' must be a finite number, got {value!r}")
         kwargs[f.name] = value
     return cls(**kwargs)
 
 
 def apply_departing_motion(
     global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate], joint: bool = False
-) -> "dict[str, np.ndarray]":
+) -> dict[str, np.ndarray]:
     """``w + sum_{u in U} c_u (theta_u - w) + sum_{k in S} (n_k / N_S) (w_k - w)``.
 
     The combination for methods whose forget-role clients run a local unlearning routine.

@@ -33,12 +33,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from ..aggregation import ClientUpdate, Weights, pseudo_gradient
+from ..deletion import DeletionRequest
 from .base import RemainingOnlyMethod
+from .registry import register_method
 
 
 @dataclass(frozen=True)
@@ -107,13 +110,18 @@ def _add(w: Weights, step: Weights) -> dict[str, np.ndarray]:
             else np.array(v, copy=True) for k, v in w.items()}
 
 
+@register_method
 class FedEraser(RemainingOnlyMethod):
     """Calibrated reconstruction from the stored per-client updates of the remaining clients."""
 
     name = "federaser"
+    config_class = FedEraserConfig
+    serves_online = False
+    keeps_history = True
+    config: FedEraserConfig
 
-    def __init__(self, config: FedEraserConfig) -> None:
-        self.config = config
+    def __init__(self, config: FedEraserConfig | None = None) -> None:
+        super().__init__(config)
         self.checkpoints: list[Checkpoint] = []
         self._peak_bytes = 0
         self._remaining: list[int] | None = None
@@ -154,7 +162,7 @@ class FedEraser(RemainingOnlyMethod):
     def remaining_clients_train(self) -> bool:  # noqa: D102
         return self.num_rounds > 1 or len(self.checkpoints) > 1
 
-    def begin(self, requests: Sequence[int], leave: bool) -> None:
+    def begin(self, requests: Sequence[int], leave: bool, request: DeletionRequest | None = None) -> None:
         """The request: the clients that stay are those stored minus the leaving ones."""
         if not self.checkpoints:
             raise RuntimeError("FedEraser has no stored rounds: it must observe training before a request")

@@ -12,12 +12,13 @@ model still holds what it learned from the departed data.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from ..aggregation import ClientUpdate, Weights, fedavg
 from .base import RemainingOnlyMethod
+from .registry import register_method
 
 
 @dataclass(frozen=True)
@@ -25,16 +26,15 @@ class FineTuneConfig:
     """Fine-tuning has no settings (run-config prefix ``fine-tune.``)."""
 
 
+@register_method
 class FineTune(RemainingOnlyMethod):
     """Continue FedAvg with the remaining clients only."""
 
     name = "fine-tune"
+    config_class = FineTuneConfig
 
-    def __init__(self, config: FineTuneConfig) -> None:
-        self.config = config
-
-
-    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]) -> "dict[str, np.ndarray]":  # noqa: D102
+    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate],
+                  departing: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:  # noqa: D102
         if not remaining:
             raise ValueError("fine-tuning needs at least one remaining client's update")
         return dict(fedavg(remaining))

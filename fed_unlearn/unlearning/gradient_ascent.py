@@ -15,7 +15,7 @@ further from the gold than the original): that is what this baseline shows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +24,8 @@ from torch.nn import functional as F
 
 from ..metrics import cross_entropy
 from ..training import predict_logits
-from .base import LocalRoutineMethod, forget_loss
+from .base import LocalRoutineMethod, RoutineInput, forget_loss
+from .registry import register_method
 
 
 @dataclass(frozen=True)
@@ -85,25 +86,21 @@ def gradient_ascent(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: Gradien
     return steps
 
 
-def client_unlearn(model: nn.Module, forget: tuple[np.ndarray, np.ndarray], heldout: tuple[np.ndarray, np.ndarray],
-                   run_config: Mapping[str, Any], instruction: Mapping[str, Any], seed: int,
-                   state: Mapping[str, Any] | None = None) -> dict[str, float]:
-    """The departing client's side: local gradient ascent with the run config's settings."""
-    from .base import config_from_run_config
-
-    cfg = config_from_run_config(GradientAscentConfig, run_config, "gradient-ascent")
+def client_unlearn(inp: RoutineInput) -> dict[str, Any]:
+    """The departing client's side: local gradient ascent with the settings the server sent."""
+    model, forget, heldout = inp.model, inp.forget, inp.heldout
     ref = float(np.mean(cross_entropy(predict_logits(model, heldout[0]), heldout[1]))) if len(heldout[0]) else float("nan")
     start = forget_loss(model, forget)
-    steps = gradient_ascent(model, *forget, cfg, seed=seed, reference_loss=ref)
+    steps = gradient_ascent(model, *forget, inp.settings, seed=inp.seed, reference_loss=ref)
     end = forget_loss(model, forget)
     return {"train-steps": steps, "forget-loss-start": start, "forget-loss-end": end, "reference-loss": ref}
 
 
+@register_method
 class GradientAscent(LocalRoutineMethod):
     """Departing clients run gradient ascent locally; their motion is applied in full."""
 
     name = "gradient-ascent"
-
-    def __init__(self, config: GradientAscentConfig) -> None:
-        self.config = config
+    config_class = GradientAscentConfig
+    client_routine = staticmethod(client_unlearn)
 

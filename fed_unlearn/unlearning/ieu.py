@@ -1,9 +1,7 @@
 """IEU baseline: gradient ascent with decoupled weight decay, then noisy weights.
 
-Recipe as specified for the product (issue #3: "IEU: gradient ascent + noisy weights
-+ weight decay"); we could not locate the original publication with the offline
-tools here, so the reference is the recipe itself and the formulas below are exactly
-what runs. It combines the three classic ingredients of approximate unlearning: ascent
+IEU combines gradient ascent, noisy weights and weight decay; the formulas below are
+exactly what runs (no reference implementation was available to compare with). It combines the three classic ingredients of approximate unlearning: ascent
 on the forget set (e.g. Halimi et al. 2022, before projection), shrinking the weights
 towards zero (weight decay erodes what training wrote into them), and Gaussian
 perturbation of the weights (as in noisy-fine-tuning / certified-removal style methods,
@@ -26,14 +24,15 @@ every client) and the remaining clients recover.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .base import LocalRoutineMethod, config_from_run_config, forget_loss
+from .base import LocalRoutineMethod, RoutineInput, forget_loss
 from .gradient_ascent import GradientAscentConfig, gradient_ascent
+from .registry import register_method
 
 
 @dataclass(frozen=True)
@@ -86,22 +85,19 @@ def add_relative_noise(model: nn.Module, sigma: float, seed: int) -> None:
             p.add_(torch.from_numpy(sigma * rms * rng.standard_normal(tuple(p.shape))).to(p.dtype))
 
 
-def client_unlearn(model: nn.Module, forget: tuple[np.ndarray, np.ndarray], heldout: tuple[np.ndarray, np.ndarray],
-                   run_config: Mapping[str, Any], instruction: Mapping[str, Any], seed: int,
-                   state: Mapping[str, Any] | None = None) -> dict[str, float]:
-    """The forgetting client's side of IEU, with the run config's settings."""
-    cfg = config_from_run_config(IEUConfig, run_config, "ieu")
-    start = forget_loss(model, forget)
-    steps = ieu_unlearn(model, *forget, cfg, seed)
-    end = forget_loss(model, forget)
+def client_unlearn(inp: RoutineInput) -> dict[str, Any]:
+    """The forgetting client's side of IEU, with the settings the server sent."""
+    start = forget_loss(inp.model, inp.forget)
+    steps = ieu_unlearn(inp.model, *inp.forget, inp.settings, inp.seed)
+    end = forget_loss(inp.model, inp.forget)
     return {"train-steps": steps, "forget-loss-start": start, "forget-loss-end": end}
 
 
+@register_method
 class IEU(LocalRoutineMethod):
     """Forgetting clients run IEU locally; the server applies their motion, then recovery."""
 
     name = "ieu"
-
-    def __init__(self, config: IEUConfig) -> None:
-        self.config = config
+    config_class = IEUConfig
+    client_routine = staticmethod(client_unlearn)
 

@@ -25,12 +25,14 @@ revive the class (its logit gets no gradient).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from ..aggregation import ClientUpdate, Weights
+from ..deletion import DeletionRequest
 from .base import UnlearningMethod
+from .registry import register_method
 
 #: Logit given to the removed class: exp(-1e4) underflows to exactly 0.
 DEAD_LOGIT = -1.0e4
@@ -84,20 +86,23 @@ class MPRUConfig:
     """MPRU has no settings (run-config prefix ``mpru.``); the class is ``unlearn.class``."""
 
 
+@register_method
 class MPRU(UnlearningMethod):
     """Server-side, data-free: append the filter to the global model; nobody trains."""
 
     name = "mpru"
+    config_class = MPRUConfig
+    scenarios = ("class",)
 
-    def __init__(self, config: MPRUConfig) -> None:
-        self.config = config
+    def __init__(self, config: MPRUConfig | None = None) -> None:
+        super().__init__(config)
         self.removed: tuple[int, ...] = ()
 
-    def configure_from_run(self, run_config: Mapping[str, Any]) -> None:
-        """MPRU removes a class: ``unlearn.scenario = "class"``, class ``unlearn.class``."""
-        if run_config.get("unlearn.scenario", "client") != "class":
-            raise ValueError("mpru unlearns a class: it needs unlearn.scenario = 'class'")
-        self.removed = (int(run_config.get("unlearn.class", 0)),)
+    def begin(self, requests: Sequence[int], leave: bool, request: DeletionRequest | None = None) -> None:
+        """MPRU removes a class: the request names it."""
+        if request is None or request.scenario != "class":
+            raise ValueError("mpru unlearns a class: it needs a class deletion request")
+        self.removed = (request.forget_class,)
 
     @property
     def remaining_clients_train(self) -> bool:  # noqa: D102
@@ -107,8 +112,11 @@ class MPRU(UnlearningMethod):
     def departing_clients_train(self) -> bool:  # noqa: D102
         return False
 
-    def prepare_global(self, global_weights: Weights) -> "dict[str, np.ndarray]":  # noqa: D102
+    def prepare_global(self, global_weights: Weights) -> dict[str, np.ndarray]:  # noqa: D102
+        if not self.removed:
+            raise RuntimeError("mpru was not told which class to remove")
         return filter_weights(global_weights, self.removed)
 
-    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]) -> "dict[str, np.ndarray]":  # noqa: D102
+    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate],
+                  departing: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:  # noqa: D102
         return {k: np.array(v, copy=True) for k, v in global_weights.items()}

@@ -17,13 +17,14 @@ The departing clients take no part.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from ..aggregation import ClientUpdate, Weights, fedavg
 from ..spectral import layer_of
 from .base import RemainingOnlyMethod
+from .registry import register_method
 
 
 @dataclass(frozen=True)
@@ -52,24 +53,24 @@ def negated_layers(global_weights: Weights, layers: str) -> list[str]:
     return chosen
 
 
-def negate(global_weights: Weights, layers: Sequence[str]) -> "dict[str, np.ndarray]":
+def negate(global_weights: Weights, layers: Sequence[str]) -> dict[str, np.ndarray]:
     """``w`` with every parameter of ``layers`` negated (other arrays copied unchanged)."""
     return {k: (-np.asarray(v) if layer_of(k) in set(layers) else np.array(v, copy=True)) for k, v in global_weights.items()}
 
 
+@register_method
 class Negation(RemainingOnlyMethod):
     """NoT: negate selected layers of the global model, then FedAvg over the remaining clients."""
 
     name = "not"
+    config_class = NegationConfig
+    config: NegationConfig
 
-    def __init__(self, config: NegationConfig) -> None:
-        self.config = config
-
-
-    def prepare_global(self, global_weights: Weights) -> "dict[str, np.ndarray]":  # noqa: D102
+    def prepare_global(self, global_weights: Weights) -> dict[str, np.ndarray]:  # noqa: D102
         return negate(global_weights, negated_layers(global_weights, self.config.layers))
 
-    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]) -> "dict[str, np.ndarray]":  # noqa: D102
+    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate],
+                  departing: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:  # noqa: D102
         if not remaining:
             raise ValueError("NoT needs at least one remaining client's update")
         return dict(fedavg(remaining))

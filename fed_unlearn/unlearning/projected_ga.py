@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +46,9 @@ from torch.nn import functional as F
 
 from ..aggregation import ClientUpdate, Weights
 from ..training import predict_logits
-from .base import LocalRoutineMethod, config_from_run_config, forget_loss
+from ..deletion import DeletionRequest
+from .base import LocalRoutineMethod, RoutineInput, forget_loss
+from .registry import register_method
 
 
 @dataclass(frozen=True)
@@ -170,40 +173,41 @@ def projected_ascent(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: PGACon
     return {"train-steps": steps, "projections": projections, "forget-acc-end": current}
 
 
-def client_unlearn(model: nn.Module, forget: tuple[np.ndarray, np.ndarray], heldout: tuple[np.ndarray, np.ndarray],
-                   run_config: Mapping[str, Any], instruction: Mapping[str, Any], seed: int,
-                   state: Mapping[str, Any] | None = None) -> dict[str, float]:
-    """The departing client's side: reference model, radius, projected ascent (in place on ``model``)."""
-    cfg = config_from_run_config(PGAConfig, run_config, "pga")
-    state = state or {}
+def client_unlearn(inp: RoutineInput) -> dict[str, Any]:
+    """The departing client's side: reference model, radius, projected ascent (in place on ``inp.model``)."""
+    model, instruction = inp.model, inp.instruction
     global_weights = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    exact = bool(instruction.get("pga-leaves", False)) and "last-local" in state and int(instruction.get("pga-round-examples", 0)) > 0
-    if exact:
-        ref = reference_weights(global_weights, state["last-local"], int(instruction["pga-round-examples"]), int(state["last-local-n"]))
+    exact = (bool(instruction.get("pga-leaves", False)) and inp.last_local is not None
+             and int(instruction.get("pga-round-examples", 0)) > 0)
+    if exact and inp.last_local is not None:
+        ref = reference_weights(global_weights, inp.last_local, int(instruction["pga-round-examples"]), inp.last_local_n)
         model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ref.items()})
-    start = forget_loss(model, forget)
-    delta = radius(model, cfg, seed)
-    out = projected_ascent(model, *forget, cfg, delta, seed)
-    end = forget_loss(model, forget)
+    start = forget_loss(model, inp.forget)
+    delta = radius(model, inp.settings, inp.seed)
+    out = projected_ascent(model, *inp.forget, inp.settings, delta, inp.seed)
+    end = forget_loss(model, inp.forget)
     return {**out, "radius": delta, "pga-reference": int(exact), "forget-loss-start": start, "forget-loss-end": end}
 
 
+@register_method
 class ProjectedGradientAscent(LocalRoutineMethod):
     """Departing clients run PGA from their reference model; the server applies their motion."""
 
     name = "pga"
+    config_class = PGAConfig
+    client_routine = staticmethod(client_unlearn)
+    client_keeps_last_local = True
 
-    def __init__(self, config: PGAConfig) -> None:
-        self.config = config
+    def __init__(self, config: PGAConfig | None = None) -> None:
+        super().__init__(config)
         self._last_round_examples = 0
         self._leave = True
-
 
     def observe(self, server_round: int, global_weights: Weights, updates: Sequence[ClientUpdate]) -> None:
         """Remember ``N``, the examples behind the last ordinary round (one number, not history)."""
         self._last_round_examples = int(sum(u.num_examples for u in updates))
 
-    def begin(self, requests: Sequence[int], leave: bool) -> None:  # noqa: D102
+    def begin(self, requests: Sequence[int], leave: bool, request: DeletionRequest | None = None) -> None:  # noqa: D102
         self._leave = leave
 
     def departing_config(self, global_weights: Weights) -> dict[str, Any]:  # noqa: D102

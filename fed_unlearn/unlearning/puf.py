@@ -30,12 +30,13 @@ Nothing beyond that round's replies is needed: no per-client history.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from ..aggregation import ClientUpdate, Weights, weighted_delta_sum
 from .base import UnlearningMethod
+from .registry import register_method
 
 PUF_VARIANTS = ("regular", "special")
 #: Ascent step of the reference settings, in units of a departing client's pseudo-gradient.
@@ -79,7 +80,7 @@ def puf_update(
     departing: Sequence[ClientUpdate],
     eta: float,
     variant: str = "regular",
-) -> "dict[str, np.ndarray]":
+) -> dict[str, np.ndarray]:
     """Apply the PUF rule (module docstring) to one round's replies.
 
     Parameters
@@ -113,18 +114,19 @@ def puf_update(
     }
 
 
+@register_method
 class PUF(UnlearningMethod):
     """PUF as a registry method: departing clients run an ordinary training round."""
 
     name = "puf"
-
-    def __init__(self, config: PUFConfig) -> None:
-        self.config = config
+    config_class = PUFConfig
+    config: PUFConfig
 
     @property
     def remaining_clients_train(self) -> bool:  # noqa: D102
         return self.config.variant == "regular"
 
-    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]) -> "dict[str, np.ndarray]":  # noqa: D102
+    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate],
+                  departing: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:  # noqa: D102
         k = len(departing) + (len(remaining) if self.config.variant == "regular" else 0)
         return puf_update(global_weights, remaining, departing, self.config.eta(k), self.config.variant)

@@ -18,12 +18,14 @@ no per-client history.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from ..aggregation import ClientUpdate, Weights, fedavg
 from .base import RemainingOnlyMethod
+from .registry import register_method
 
 
 @dataclass(frozen=True)
@@ -31,13 +33,16 @@ class RetrainConfig:
     """Retraining has no settings (run-config prefix ``retrain.``)."""
 
 
+@register_method
 class Retrain(RemainingOnlyMethod):
     """Reset to the initial model; FedAvg over the remaining clients for as many rounds as before."""
 
     name = "retrain"
+    config_class = RetrainConfig
+    serves_online = False
 
-    def __init__(self, config: RetrainConfig) -> None:
-        self.config = config
+    def __init__(self, config: RetrainConfig | None = None) -> None:
+        super().__init__(config)
         self._initial: dict[str, np.ndarray] | None = None
         self._rounds_before = 0
         self._step = 0
@@ -68,7 +73,8 @@ class Retrain(RemainingOnlyMethod):
         """Replay the minibatch seeds of the original round ``j + 1`` (the gold's)."""
         return {"seed-round": self._step + 1}
 
-    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]) -> "dict[str, np.ndarray]":  # noqa: D102
+    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate],
+                  departing: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:  # noqa: D102
         if not remaining:
             raise ValueError("retraining needs at least one remaining client's update")
         self._step += 1

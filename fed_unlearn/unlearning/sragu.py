@@ -60,7 +60,8 @@ the PUF rule with each departing pseudo-gradient reweighted layer by layer,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,8 +72,9 @@ from ..aggregation import ClientUpdate, Weights, pseudo_gradient
 from ..metrics import cross_entropy
 from ..spectral import StabilityGate, analyze, layer_of, layer_weights
 from ..training import predict_logits
-from .base import UnlearningMethod, apply_departing_motion
+from .base import RoutineInput, UnlearningMethod, apply_departing_motion
 from .puf import PUF_VARIANTS, PUFConfig, puf_update
+from .registry import register_method
 
 STOP_REASONS = ("drift", "divergence", "cap")
 
@@ -231,22 +233,33 @@ def sragu_unlearn(
     return SRAGUResult(step, reason, start_loss, _mean_loss(model, forget_x, forget_y), ref, drift)
 
 
+def client_unlearn(inp: RoutineInput) -> dict[str, Any]:
+    """The departing client's side of SRAGU: the server's ``nu`` and settings -> :func:`sragu_unlearn`."""
+    layers, nu = list(inp.instruction.get("sragu.layers", [])), list(inp.instruction.get("sragu.nu", []))
+    if len(layers) != len(nu):
+        raise ValueError(f"sragu.layers has {len(layers)} names but sragu.nu {len(nu)} weights")
+    res = sragu_unlearn(inp.model, *inp.forget, dict(zip(layers, nu)), inp.settings, seed=inp.seed, heldout=inp.heldout)
+    return {"train-steps": res.steps, "unlearn-stop": STOP_REASONS.index(res.stop_reason),
+            "forget-loss-start": res.forget_loss_start, "forget-loss-end": res.forget_loss_end,
+            "reference-loss": res.reference_loss, "last-drift": res.last_drift}
+
+
+@register_method
 class SRAGU(UnlearningMethod):
     """SRAGU in the federation: server sends ``nu_l``, departing clients run :func:`sragu_unlearn`."""
 
     name = "sragu"
+    config_class = SRAGUConfig
+    client_routine = staticmethod(client_unlearn)
+    config: SRAGUConfig
 
-    def __init__(self, config: SRAGUConfig) -> None:
-        self.config = config
-        self.gate = config.gate()
+    def __init__(self, config: SRAGUConfig | None = None) -> None:
+        super().__init__(config)
+        self.gate = self.config.gate()
 
     @property
     def remaining_clients_train(self) -> bool:  # noqa: D102
         return self.config.remaining_train
-
-    @property
-    def departing_task(self) -> str:  # noqa: D102
-        return "unlearn"
 
     def departing_config(self, global_weights: Weights) -> dict[str, Any]:
         """The per-layer stability weights, computed from the global model alone."""
@@ -254,25 +267,10 @@ class SRAGU(UnlearningMethod):
         return {**super().departing_config(global_weights),
                 "sragu.layers": list(nu), "sragu.nu": [float(v) for v in nu.values()]}
 
-    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]) -> "dict[str, np.ndarray]":
+    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate],
+                  departing: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:
         """``w + sum_U (theta_u - w)`` (+ FedAvg step of the remaining clients if they trained)."""
         return apply_departing_motion(global_weights, remaining if self.config.remaining_train else [], departing, self.joint_request)
-
-
-def client_unlearn(model: nn.Module, forget: tuple[np.ndarray, np.ndarray], heldout: tuple[np.ndarray, np.ndarray],
-                   run_config: Mapping[str, Any], instruction: Mapping[str, Any], seed: int,
-                   state: Mapping[str, Any] | None = None) -> dict[str, float]:
-    """The departing client's side of SRAGU: the server's ``nu`` + local settings -> :func:`sragu_unlearn`."""
-    from .base import config_from_run_config
-
-    layers, nu = list(instruction.get("sragu.layers", [])), list(instruction.get("sragu.nu", []))
-    if len(layers) != len(nu):
-        raise ValueError(f"sragu.layers has {len(layers)} names but sragu.nu {len(nu)} weights")
-    settings = config_from_run_config(SRAGUConfig, run_config, "sragu")
-    res = sragu_unlearn(model, *forget, dict(zip(layers, nu)), settings, seed=seed, heldout=heldout)
-    return {"train-steps": res.steps, "unlearn-stop": STOP_REASONS.index(res.stop_reason),
-            "forget-loss-start": res.forget_loss_start, "forget-loss-end": res.forget_loss_end,
-            "reference-loss": res.reference_loss, "last-drift": res.last_drift}
 
 
 @dataclass(frozen=True)
@@ -295,7 +293,7 @@ def spectral_puf_update(
     nu: Mapping[str, float],
     variant: str = "regular",
     default_nu: float = 1.0,
-) -> "dict[str, np.ndarray]":
+) -> dict[str, np.ndarray]:
     """PUF with each departing pseudo-gradient scaled by its layer's ``nu_l``.
 
     Implemented as PUF on reweighted departing models ``w + nu_l Delta_{u,l}``, which
@@ -312,20 +310,24 @@ def spectral_puf_update(
     return puf_update(global_weights, remaining, reweighted, eta, variant)
 
 
+@register_method
 class SpectralPUF(UnlearningMethod):
     """Data-free spectral PUF: server-side, any plain training client."""
 
     name = "spectral-puf"
+    config_class = SpectralPUFConfig
+    config: SpectralPUFConfig
 
-    def __init__(self, config: SpectralPUFConfig) -> None:
-        self.config = config
-        self.gate = config.gate()
+    def __init__(self, config: SpectralPUFConfig | None = None) -> None:
+        super().__init__(config)
+        self.gate = self.config.gate()
 
     @property
     def remaining_clients_train(self) -> bool:  # noqa: D102
         return self.config.variant == "regular"
 
-    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]) -> "dict[str, np.ndarray]":  # noqa: D102
+    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate],
+                  departing: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:  # noqa: D102
         if not departing:
             raise ValueError("spectral PUF needs at least one departing client's update")
         nu = layer_weights(analyze(global_weights, self.gate))

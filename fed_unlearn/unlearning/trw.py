@@ -26,7 +26,8 @@ receive) and ``D_f`` the class-``f`` samples of every client:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +37,9 @@ from torch.nn import functional as F
 
 from ..aggregation import ClientUpdate, Weights, fedavg
 from ..training import predict_logits
-from .base import LocalRoutineMethod, config_from_run_config, forget_loss
+from ..deletion import DeletionRequest
+from .base import LocalRoutineMethod, RoutineInput, forget_loss
+from .registry import register_method
 
 
 @dataclass(frozen=True)
@@ -133,12 +136,9 @@ def trw_finetune(model: nn.Module, retain: tuple[np.ndarray, np.ndarray], forget
     return steps
 
 
-def client_unlearn(model: nn.Module, forget: tuple[np.ndarray, np.ndarray], heldout: tuple[np.ndarray, np.ndarray],
-                   run_config: Mapping[str, Any], instruction: Mapping[str, Any], seed: int,
-                   state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def client_unlearn(inp: RoutineInput) -> dict[str, Any]:
     """Phase ``estimate``: report probability sums on the forget set; phase ``tilt``: the fine-tuning."""
-    cfg = config_from_run_config(TRWConfig, run_config, "trw")
-    state = state or {}
+    model, forget, instruction, cfg = inp.model, inp.forget, inp.instruction, inp.settings
     removed = int(instruction["trw-class"])
     logits0 = predict_logits(model, forget[0])
     if str(instruction.get("trw-phase")) == "estimate":
@@ -149,29 +149,34 @@ def client_unlearn(model: nn.Module, forget: tuple[np.ndarray, np.ndarray], held
     s = np.asarray(instruction["trw-similarity"], np.float64)
     q = tilted_target(logits0, s, removed, cfg.tau)
     start = forget_loss(model, forget)
-    retain = state.get("retain")
-    if retain is None:
+    if inp.retain is None:
         raise ValueError("TRW needs the client's retained data")
-    steps = trw_finetune(model, retain, forget[0], q, cfg, seed, str(state.get("augment", "none")))
+    steps = trw_finetune(model, inp.retain, forget[0], q, cfg, inp.seed, inp.augment)
     return {"train-steps": steps, "forget-loss-start": start, "forget-loss-end": forget_loss(model, forget)}
 
 
+@register_method
 class TRW(LocalRoutineMethod):
     """Two unlearning rounds: estimate the similarity, then every client fine-tunes toward the tilted target."""
 
     name = "trw"
+    config_class = TRWConfig
+    scenarios = ("class",)
+    serves_online = False  # two server rounds
+    client_routine = staticmethod(client_unlearn)
+    config: TRWConfig
 
-    def __init__(self, config: TRWConfig) -> None:
-        self.config = config
+    def __init__(self, config: TRWConfig | None = None) -> None:
+        super().__init__(config)
         self.removed: int | None = None
         self._step = 0
         self.similarity: np.ndarray | None = None
 
-    def configure_from_run(self, run_config: Mapping[str, Any]) -> None:
-        """TRW unlearns a class: ``unlearn.scenario = "class"``, class ``unlearn.class``."""
-        if run_config.get("unlearn.scenario", "client") != "class":
-            raise ValueError("trw unlearns a class: it needs unlearn.scenario = 'class'")
-        self.removed = int(run_config.get("unlearn.class", 0))
+    def begin(self, requests: Sequence[int], leave: bool, request: DeletionRequest | None = None) -> None:
+        """TRW unlearns a class: the request names it."""
+        if request is None or request.scenario != "class":
+            raise ValueError("trw unlearns a class: it needs a class deletion request")
+        self.removed, self._step, self.similarity = request.forget_class, 0, None
 
     @property
     def num_rounds(self) -> int:  # noqa: D102
@@ -181,16 +186,17 @@ class TRW(LocalRoutineMethod):
         if self.removed is None:
             raise RuntimeError("trw was not configured with the class to remove")
         cfg: dict[str, Any] = {**super().departing_config(global_weights), "trw-class": self.removed}
-        if self._step == 0:
+        if self._step == 0 or self.similarity is None:
             return {**cfg, "trw-phase": "estimate"}
-        assert self.similarity is not None
         return {**cfg, "trw-phase": "tilt", "trw-similarity": [float(v) for v in self.similarity]}
 
-    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]) -> "dict[str, np.ndarray]":
+    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate],
+                  departing: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:
         """Round 1: the similarity from the reported sums (model unchanged); round 2: FedAvg of the clients' models."""
         if not departing:
             raise ValueError("TRW needs the forgetting clients' replies")
-        assert self.removed is not None
+        if self.removed is None:
+            raise RuntimeError("trw was not told which class to remove")
         if self._step == 0:
             sums = [u.metrics["trw-prob-sum"] for u in departing]
             self.similarity = similarity(sums, [u.num_examples for u in departing], self.removed)

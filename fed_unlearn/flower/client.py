@@ -1,0 +1,459 @@
+"""Client helpers: the unlearning side of the protocol added to your own ClientApp in one call.
+
+::
+
+    from flwr.clientapp import ClientApp
+    from fed_unlearn.flower import add_unlearning
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context): ...          # your own training, unchanged
+
+    @app.evaluate()
+    def evaluate(msg, context): ...       # your own evaluation, unchanged
+
+    add_unlearning(app, model_fn=lambda context: Net(),
+                   data_fn=lambda context: load_data(context.node_config["partition-id"],
+                                                     context.node_config["num-partitions"]))
+
+``add_unlearning`` registers every handler of :mod:`fed_unlearn.protocol` except your
+``train`` and ``evaluate``: ``query.identify``, ``query.info``, ``query.forget`` (the
+deletion request: which samples to forget, chosen on the node), ``train.retain``
+(training without the deleted samples), ``train.unlearn`` (the methods' local routines:
+SRAGU, gradient ascent, PGA, IEU, AMUN, TRW), ``query.relearn``, ``evaluate.audit`` (the
+leakage measurements) and ``query.erasure`` (a deployed site's inbox). The data never
+leaves the node: replies carry models, counts and digests only.
+
+``model_fn(context)`` returns a fresh torch model of your architecture; ``data_fn(context)``
+returns ``(train, held_out)``, each an :class:`~fed_unlearn.data.ArrayDataset`, an
+``(x, y)`` pair of arrays or tensors, a torch ``Dataset`` or a ``DataLoader`` (items
+``(x, y)`` or dicts such as ``{"img": ..., "label": ...}``). Training on retained data
+uses ``train_fn`` (default: minibatch SGD with the run config's ``local-epochs``,
+``batch-size``, ``lr``, ``momentum``, ``weight-decay``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from .. import protocol as P
+from ..data import ArrayDataset
+from ..deletion import DeletionRequest, forget_mask, mask_digest
+from ..evaluation import measure_client
+from ..training import TrainSettings, client_seed, relearn_steps, train_local
+from ..unlearning import METHODS, RoutineInput, client_routine, config_from_run_config
+
+#: Node-state keys the helpers use (the node's own state, persisted by Flower between messages).
+MASK_KEY = "fed-unlearn.forget-mask"
+REQUEST_KEY = "fed-unlearn.request"
+LAST_LOCAL_KEY = "fed-unlearn.last-local"
+LAST_LOCAL_N_KEY = "fed-unlearn.last-local-n"
+
+ModelFn = Callable[[Context], torch.nn.Module]
+DataFn = Callable[[Context], tuple[Any, Any]]
+#: ``train_fn(model, data, instruction, context) -> metrics``: trains ``model`` in place on ``data``.
+TrainFn = Callable[[torch.nn.Module, ArrayDataset, Mapping[str, Any], Context], Mapping[str, Any]]
+
+_X_KEYS = ("img", "image", "images", "x", "input", "inputs", "features", "pixel_values")
+_Y_KEYS = ("label", "labels", "y", "target", "targets", "fine_label")
+
+
+# -- data -------------------------------------------------------------------------------------
+def _np(v: Any) -> np.ndarray:
+    return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+
+
+def _pair(item: Any, source: str) -> tuple[Any, Any]:
+    if isinstance(item, Mapping):
+        xk = next((k for k in _X_KEYS if k in item), None)
+        yk = next((k for k in _Y_KEYS if k in item), None)
+        if xk is None or yk is None:
+            raise ValueError(f"{source}: items are dicts with keys {sorted(item)}; expected an input key "
+                             f"({', '.join(_X_KEYS)}) and a label key ({', '.join(_Y_KEYS)})")
+        return item[xk], item[yk]
+    if isinstance(item, (tuple, list)) and len(item) >= 2:
+        return item[0], item[1]
+    raise ValueError(f"{source}: expected (x, y) items or dicts, got {type(item).__name__}")
+
+
+def as_dataset(obj: Any, source: str = "data") -> ArrayDataset:
+    """Materialise a client's data as an :class:`ArrayDataset` (float32 inputs, int64 labels).
+
+    Accepts an ArrayDataset, an ``(x, y)`` pair, a torch ``Dataset`` or an iterable of
+    batches (a ``DataLoader``) yielding ``(x, y)`` or dicts.
+
+    Raises
+    ------
+    ValueError
+        If the labels are not integers >= 0 or the shapes do not match, naming ``source``.
+    """
+    if isinstance(obj, ArrayDataset):
+        return obj
+    if isinstance(obj, (tuple, list)) and len(obj) == 2 and not isinstance(obj[0], (tuple, list, Mapping)):
+        x, y = _np(obj[0]), _np(obj[1])
+    elif isinstance(obj, torch.utils.data.DataLoader) or (hasattr(obj, "__iter__") and not hasattr(obj, "__getitem__")):
+        xs, ys = [], []
+        for batch in obj:
+            bx, by = _pair(batch, source)
+            xs.append(_np(bx))
+            ys.append(_np(by).reshape(-1))
+        if not xs:
+            raise ValueError(f"{source} is empty")
+        x, y = np.concatenate(xs), np.concatenate(ys)
+    elif hasattr(obj, "__getitem__") and hasattr(obj, "__len__"):
+        items = [_pair(obj[i], source) for i in range(len(obj))]
+        if not items:
+            raise ValueError(f"{source} is empty")
+        x = np.stack([_np(a) for a, _ in items])
+        y = np.asarray([int(_np(b)) for _, b in items])
+    else:
+        raise ValueError(f"{source}: cannot read {type(obj).__name__} (give arrays, a Dataset or a DataLoader)")
+    if len(x) != len(y):
+        raise ValueError(f"{source}: {len(x)} inputs but {len(y)} labels")
+    if len(y) and (not np.issubdtype(y.dtype, np.integer) and not np.all(np.mod(y, 1) == 0) or y.min() < 0):
+        raise ValueError(f"{source}: labels must be integers >= 0")
+    y = y.astype(np.int64)
+    return ArrayDataset(np.ascontiguousarray(x, dtype=np.float32), y, int(y.max()) + 1 if len(y) else 0, source)
+
+
+# -- run-config helpers --------------------------------------------------------------------------
+def train_settings(run_config: Mapping[str, Any], instruction: Mapping[str, Any] | None = None) -> TrainSettings:
+    """Local SGD settings from the run config (``local-epochs``, ``batch-size``, ``lr``, ``momentum``, ``weight-decay``).
+
+    ``local-epochs-ratio`` in the instruction runs ``max(1, round(r E))`` epochs (FedEraser's calibration).
+    """
+    d = TrainSettings()
+    epochs = int(run_config.get("local-epochs", d.epochs))
+    if instruction is not None and P.LOCAL_EPOCHS_RATIO in instruction:
+        epochs = max(1, int(np.floor(float(instruction[P.LOCAL_EPOCHS_RATIO]) * epochs + 0.5)))
+    return TrainSettings(epochs, int(run_config.get("batch-size", d.batch_size)), float(run_config.get("lr", d.lr)),
+                         float(run_config.get("momentum", d.momentum)), float(run_config.get("weight-decay", d.weight_decay)))
+
+
+def node_client_id(context: Context) -> int:
+    """This node's client id: its ``partition-id`` node-config value, else its node id."""
+    value = context.node_config.get("partition-id", context.node_id)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return int(context.node_id)
+
+
+def default_train(model: torch.nn.Module, data: ArrayDataset, instruction: Mapping[str, Any], context: Context) -> dict[str, Any]:
+    """Minibatch SGD on ``data`` (the project's local training), seeded by run seed, round and client.
+
+    Honours the protocol's optional keys: ``local-epochs-ratio``, ``seed-round`` (replay the
+    minibatch order of another round), ``augment`` (from the server; off when replaying),
+    and the run config's ``fastclip.bound`` / ``fastclip.every``.
+    """
+    rc = context.run_config
+    replay = P.SEED_ROUND in instruction
+    rnd = int(instruction.get(P.SEED_ROUND, instruction.get(P.SERVER_ROUND, 0)))
+    augment = "none" if replay else str(instruction.get(P.AUGMENT, "none"))
+    stats = train_local(model, data.x, data.y, train_settings(rc, instruction),
+                        seed=client_seed(int(rc.get("seed", 0)), rnd, node_client_id(context)), augment=augment,
+                        clip_bound=float(rc.get("fastclip.bound", 0.0)), clip_every=int(rc.get("fastclip.every", 50)))
+    return {"train-loss": stats.mean_loss, "train-steps": stats.steps}
+
+
+# -- handlers ----------------------------------------------------------------------------------
+class _Helper:
+    """The handlers of one ClientApp (bound to its model and data functions)."""
+
+    def __init__(self, model_fn: ModelFn, data_fn: DataFn, train_fn: TrainFn, handlers: list[str]) -> None:
+        self.model_fn, self.data_fn, self.train_fn = model_fn, data_fn, train_fn
+        self.handlers = handlers
+
+    # data and model ------------------------------------------------------------------------
+    def data(self, context: Context) -> tuple[ArrayDataset, ArrayDataset]:
+        got = self.data_fn(context)
+        if not isinstance(got, (tuple, list)) or len(got) != 2:
+            raise ValueError("data_fn must return (train, held_out)")
+        return as_dataset(got[0], "train data"), as_dataset(got[1], "held-out data")
+
+    def model(self, record: ArrayRecord | None = None, context: Context | None = None) -> torch.nn.Module:
+        if context is None:
+            raise ValueError("no context")
+        model = self.model_fn(context)
+        if record is not None:
+            model.load_state_dict(record.to_torch_state_dict())
+        return model
+
+    @staticmethod
+    def arrays(msg: Message, key: str | None = None) -> ArrayRecord:
+        recs = msg.content.array_records
+        if key is not None:
+            return recs[key]
+        if P.ROLE_KEYS["retain"][0] in recs:
+            return recs[P.ROLE_KEYS["retain"][0]]
+        if len(recs) != 1:
+            raise ValueError(f"expected one model in the message, got {sorted(recs)}")
+        return next(iter(recs.values()))
+
+    @staticmethod
+    def array_key(msg: Message) -> str:
+        recs = [k for k in msg.content.array_records if k != "reference"]
+        return recs[0] if recs else P.ROLE_KEYS["retain"][0]
+
+    @staticmethod
+    def config(msg: Message) -> Mapping[str, Any]:
+        recs = msg.content.config_records
+        return dict(recs[P.CONFIG_RECORD]) if P.CONFIG_RECORD in recs else (dict(next(iter(recs.values()))) if recs else {})
+
+    @staticmethod
+    def mask(context: Context, data: ArrayDataset, instruction: Mapping[str, Any]) -> np.ndarray | None:
+        """This node's deletion mask: all ``True`` for ``forget-all``, else the one ``query.forget`` recorded."""
+        if bool(instruction.get(P.FORGET_ALL, False)):
+            return np.ones(len(data), bool)
+        if MASK_KEY in context.state.array_records:
+            mask = context.state[MASK_KEY]["mask"].numpy().astype(bool)
+            if mask.shape == (len(data),):
+                return mask
+            raise ValueError(f"the stored deletion mask covers {len(mask)} samples but the node has {len(data)}: "
+                             "its data changed since the deletion request")
+        return None
+
+    @staticmethod
+    def removed_classes(context: Context) -> tuple[int, ...]:
+        if REQUEST_KEY in context.state.config_records:
+            req = context.state[REQUEST_KEY]
+            if req.get("scenario") == "class":
+                return (int(req["class"]),)
+        return ()
+
+    def part(self, context: Context, data: ArrayDataset, which: str, instruction: Mapping[str, Any]) -> ArrayDataset:
+        if which == "all":
+            return data
+        mask = self.mask(context, data, instruction)
+        if mask is None:
+            raise RuntimeError(f"'{which}' data asked before a deletion request ({P.FORGET}) reached this node")
+        idx = np.flatnonzero(mask if which == "forget" else ~mask)
+        if len(idx) == 0:
+            raise ValueError(f"this node's '{which}' part is empty")
+        return data.subset(idx)
+
+    def _train(self, model: torch.nn.Module, data: ArrayDataset, instruction: Mapping[str, Any],
+               context: Context) -> MetricRecord:
+        t0 = time.perf_counter()
+        values = dict(self.train_fn(model, data, instruction, context))
+        values.setdefault("train-seconds", time.perf_counter() - t0)
+        return MetricRecord({**{k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                             P.NUM_EXAMPLES: len(data)})
+
+    def _keep_last(self, context: Context, model: torch.nn.Module, n: int) -> None:
+        context.state[LAST_LOCAL_KEY] = ArrayRecord(model.state_dict())
+        context.state[LAST_LOCAL_N_KEY] = MetricRecord({P.NUM_EXAMPLES: int(n)})
+
+    # handlers ------------------------------------------------------------------------------
+    def identify(self, msg: Message, context: Context) -> Message:
+        keys = [str(k) for k in self.config(msg).get(P.KEYS, [])]
+        ident = ConfigRecord({k: context.node_config[k] for k in keys if k in context.node_config})
+        caps = ConfigRecord({"protocol": P.VERSION, "handlers": list(self.handlers),
+                             "routines": sorted(n for n, c in METHODS.items() if c.client_routine is not None)})
+        return Message(RecordDict({P.IDENTITY_RECORD: ident, P.CAPABILITIES_RECORD: caps}), reply_to=msg)
+
+    def info(self, msg: Message, context: Context) -> Message:
+        train, heldout = self.data(context)
+        model = self.model_fn(context)
+        with torch.no_grad():
+            model.eval()
+            out = model(torch.from_numpy(train.x[:1]))
+        check = "ok"
+        if msg.content.array_records:
+            check = architecture_mismatch(model, self.arrays(msg)) or "ok"
+        metrics = MetricRecord({"train-n": len(train), "heldout-n": len(heldout), "num-classes": int(out.shape[1]),
+                                "input-shape": [int(s) for s in train.input_shape]})
+        return Message(RecordDict({"info": metrics, "check": ConfigRecord({"architecture": check})}), reply_to=msg)
+
+    def forget(self, msg: Message, context: Context) -> Message:
+        cfg = self.config(msg)
+        request = DeletionRequest(scenario=str(cfg.get("scenario", "client")), selection=str(cfg.get("selection", "random")),
+                                  fraction=float(cfg.get("fraction", 0.1)), forget_class=int(cfg.get("class", 0)))
+        train, heldout = self.data(context)
+        model = self.model(self.arrays(msg), context) if msg.content.array_records else None
+        mask = forget_mask(request, node_client_id(context), train.x, train.y, int(cfg.get("seed", context.run_config.get("seed", 0))),
+                           model=model, heldout=(heldout.x, heldout.y))
+        context.state[MASK_KEY] = ArrayRecord({"mask": Array(mask.astype(np.uint8))})
+        context.state[REQUEST_KEY] = ConfigRecord({"scenario": request.scenario, "class": request.forget_class})
+        metrics = MetricRecord({"forget-n": int(mask.sum()), "retain-n": int((~mask).sum())})
+        return Message(RecordDict({"metrics": metrics, "receipt": ConfigRecord({"digest": mask_digest(mask)})}), reply_to=msg)
+
+    def train_all(self, msg: Message, context: Context) -> Message:
+        return self._train_reply(msg, context, "all")
+
+    def train_retain(self, msg: Message, context: Context) -> Message:
+        return self._train_reply(msg, context, "retain")
+
+    def _train_reply(self, msg: Message, context: Context, which: str) -> Message:
+        cfg = self.config(msg)
+        train, _ = self.data(context)
+        data = self.part(context, train, which, cfg)
+        model = self.model(self.arrays(msg), context)
+        metrics = self._train(model, data, cfg, context)
+        if bool(cfg.get(P.KEEP_LAST_LOCAL, False)):
+            self._keep_last(context, model, len(data))
+        return Message(RecordDict({self.array_key(msg): ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
+
+    def unlearn(self, msg: Message, context: Context) -> Message:
+        cfg = self.config(msg)
+        roles = [r.strip() for r in str(cfg.get(P.ROLES_KEY, "forget")).split(",") if r.strip()]
+        bad = sorted(set(roles) - set(P.ROLES))
+        if bad or not roles:
+            raise ValueError(f"unknown role(s) {bad or roles}; valid: {', '.join(P.ROLES)}")
+        train, heldout_all = self.data(context)
+        record = self.arrays(msg)
+        out: dict[str, Any] = {}
+        for role in roles:
+            akey, mkey = P.ROLE_KEYS[role]
+            if role == "retain":
+                model = self.model(record, context)
+                metrics = self._train(model, self.part(context, train, "retain", cfg), cfg, context)
+            else:
+                model, metrics = self._forget_role(record, train, heldout_all, cfg, context)
+            out[akey], out[mkey] = ArrayRecord(model.state_dict()), metrics
+        return Message(RecordDict(out), reply_to=msg)
+
+    def _forget_role(self, record: ArrayRecord, train: ArrayDataset, heldout_all: ArrayDataset, cfg: Mapping[str, Any],
+                     context: Context) -> tuple[torch.nn.Module, MetricRecord]:
+        forget = self.part(context, train, "forget", cfg)
+        model = self.model(record, context)
+        name = str(cfg.get(P.METHOD, ""))
+        if name not in METHODS or METHODS[name].client_routine is None:
+            # a method without a client routine (PUF for samples): ordinary training on the forget set
+            return model, self._train(model, forget, cfg, context)
+        routine = client_routine(name)
+        settings = config_from_run_config(METHODS[name].config_class, cfg, name)
+        mask = self.mask(context, train, cfg)
+        retain = train.subset(np.flatnonzero(~mask)) if mask is not None and (~mask).any() else None
+        # the held-out samples of the forgotten classes: the routines' reference for "unseen"
+        heldout = heldout_all.subset(np.flatnonzero(np.isin(heldout_all.y, np.unique(forget.y))))
+        last = None
+        last_n = 0
+        if LAST_LOCAL_KEY in context.state.array_records:
+            last = {k: v.numpy() for k, v in context.state[LAST_LOCAL_KEY].items()}
+            last_n = int(context.state.metric_records[LAST_LOCAL_N_KEY][P.NUM_EXAMPLES])
+        rc = context.run_config
+        seed = client_seed(int(rc.get("seed", 0)), int(cfg.get(P.SERVER_ROUND, 0)), node_client_id(context))
+        t0 = time.perf_counter()
+        values = routine(RoutineInput(model, (forget.x, forget.y), (heldout.x, heldout.y), settings, cfg, seed,
+                                      retain=(retain.x, retain.y) if retain is not None else None, last_local=last,
+                                      last_local_n=last_n, augment=str(cfg.get(P.AUGMENT, "none"))))
+        metrics = {k: v for k, v in values.items() if not isinstance(v, bool)}
+        metrics.update({P.NUM_EXAMPLES: len(forget), "train-loss": float(values.get("forget-loss-end", 0.0)),
+                        "train-seconds": time.perf_counter() - t0})
+        return model, MetricRecord(metrics)
+
+    def relearn(self, msg: Message, context: Context) -> Message:
+        cfg = self.config(msg)
+        train, _ = self.data(context)
+        data = self.part(context, train, "forget", cfg)
+        model = self.model(self.arrays(msg), context)
+        rc = context.run_config
+        res = relearn_steps(model, data.x, data.y, float(cfg["target-accuracy"]), train_settings(rc),
+                            max_steps=int(cfg["max-steps"]), seed=client_seed(int(rc.get("seed", 0)), 10_000, node_client_id(context)))
+        return Message(RecordDict({"metrics": MetricRecord({
+            "relearn-steps": res.steps, "relearn-reached": int(res.reached), "relearn-start-acc": res.start_accuracy,
+            "relearn-final-acc": res.final_accuracy,
+        })}), reply_to=msg)
+
+    def audit(self, msg: Message, context: Context) -> Message:
+        return self._measure(msg, context, audit=True)
+
+    def evaluate(self, msg: Message, context: Context) -> Message:
+        return self._measure(msg, context, audit=False)
+
+    def _measure(self, msg: Message, context: Context, audit: bool) -> Message:
+        cfg = self.config(msg)
+        train, heldout = self.data(context)
+        recs = msg.content.array_records
+        model = self.model(recs[self.array_key(msg)] if self.array_key(msg) in recs else self.arrays(msg), context)
+        reference = self.model(recs["reference"], context) if audit and "reference" in recs else None
+        values = measure_client(model, train, heldout, forget=self.mask(context, train, cfg),
+                                removed_classes=self.removed_classes(context), reference=reference,
+                                mia=audit and bool(cfg.get("mia", False)))
+        return Message(RecordDict({"metrics": MetricRecord({**values, P.NUM_EXAMPLES: len(heldout)})}), reply_to=msg)
+
+    def erasure(self, msg: Message, context: Context) -> Message:
+        from ..erasure import erasure_poll
+
+        inbox = context.node_config.get("erasure-inbox")
+        site = str(context.node_config.get("site", f"site-{node_client_id(context)}"))
+        return Message(RecordDict({"erasure": ConfigRecord(erasure_poll(str(inbox) if inbox else None, site,
+                                                                        self.config(msg)))}), reply_to=msg)
+
+
+def architecture_mismatch(model: torch.nn.Module, record: ArrayRecord) -> str:
+    """What keeps ``record`` from loading into ``model`` (missing/unexpected arrays, shapes); empty if it loads."""
+    state = model.state_dict()
+    problems = []
+    missing, extra = sorted(set(state) - set(record)), sorted(set(record) - set(state))
+    if missing:
+        problems.append(f"missing arrays {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if extra:
+        problems.append(f"unexpected arrays {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    for k in sorted(set(state) & set(record)):
+        shape = tuple(record[k].shape)
+        if shape != tuple(state[k].shape):
+            problems.append(f"'{k}' has shape {shape}, the model expects {tuple(state[k].shape)}")
+    return "; ".join(problems)
+
+
+def _register(app: ClientApp, category: str, action: str | None, fn: Callable[[Message, Context], Message],
+              done: list[str]) -> None:
+    """Register ``fn`` unless the app already has a handler for that message type."""
+    decorator = getattr(app, category)
+    try:
+        (decorator(action) if action else decorator())(fn)
+    except ValueError as exc:
+        if "already registered" not in str(exc):
+            raise
+    done.append(f"{category}.{action}" if action else category)
+
+
+def add_identity(app: ClientApp) -> None:
+    """Register only :data:`~fed_unlearn.protocol.IDENTIFY` (lets the server name clients by a node-config key)."""
+    helper = _Helper(lambda c: torch.nn.Identity(), lambda c: ((), ()), default_train, [P.IDENTIFY])
+    _register(app, "query", "identify", helper.identify, [])
+
+
+def add_unlearning(app: ClientApp, model_fn: ModelFn, data_fn: DataFn, *, train_fn: TrainFn | None = None,
+                   default_handlers: bool = False) -> None:
+    """Add the client side of federated unlearning to ``app`` (see the module docstring).
+
+    Parameters
+    ----------
+    app : ClientApp
+        Your ClientApp; your own handlers stay as they are.
+    model_fn : callable
+        ``model_fn(context) -> torch.nn.Module``: a fresh model of your architecture.
+    data_fn : callable
+        ``data_fn(context) -> (train, held_out)`` of this node.
+    train_fn : callable, optional
+        ``train_fn(model, data, instruction, context) -> metrics``: local training in place
+        (used on retained data after a deletion, and on the forget set for PUF when the
+        client stays); default :func:`default_train`.
+    default_handlers : bool
+        Also register ``train`` (``train_fn`` on all data) and ``evaluate`` (the per-part
+        measurements) for an app that has none of its own.
+    """
+    handlers: list[str] = []
+    helper = _Helper(model_fn, data_fn, train_fn or default_train, handlers)
+    _register(app, "query", "identify", helper.identify, handlers)
+    _register(app, "query", "info", helper.info, handlers)
+    _register(app, "query", "forget", helper.forget, handlers)
+    _register(app, "train", "retain", helper.train_retain, handlers)
+    _register(app, "train", "unlearn", helper.unlearn, handlers)
+    _register(app, "query", "relearn", helper.relearn, handlers)
+    _register(app, "evaluate", "audit", helper.audit, handlers)
+    _register(app, "query", "erasure", helper.erasure, handlers)
+    if default_handlers:
+        _register(app, "train", None, helper.train_all, handlers)
+        _register(app, "evaluate", None, helper.evaluate, handlers)
