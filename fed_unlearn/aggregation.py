@@ -41,8 +41,20 @@ class ClientUpdate:
     metrics: Mapping[str, Any] = field(default_factory=dict)
 
 
+def compatible_dtype(got: np.dtype, want: np.dtype) -> bool:
+    """Whether an array of dtype ``got`` may stand for one of dtype ``want``.
+
+    Floats must arrive as floats of at least 32 bits (a float32 client of a float64 global
+    model is fine; int8, bool or float16 in place of float weights are not); any other
+    dtype must match exactly.
+    """
+    if np.issubdtype(want, np.floating):
+        return bool(np.issubdtype(got, np.floating) and np.dtype(got).itemsize >= 4)
+    return bool(np.dtype(got) == np.dtype(want))
+
+
 def validate_update(update: Weights, reference: Weights, source: str) -> None:
-    """Check that ``update`` has exactly the reference's names, shapes and dtypes, and finite values.
+    """Check that ``update`` has exactly the reference's names and shapes, compatible dtypes and finite values.
 
     Raises
     ------
@@ -59,7 +71,7 @@ def validate_update(update: Weights, reference: Weights, source: str) -> None:
         arr = np.asarray(update[name])
         if arr.shape != np.shape(ref):
             raise InvalidUpdateError(f"{source}: array '{name}' has shape {arr.shape}, expected {np.shape(ref)}")
-        if arr.dtype != np.asarray(ref).dtype:
+        if not compatible_dtype(arr.dtype, np.asarray(ref).dtype):
             raise InvalidUpdateError(f"{source}: array '{name}' has dtype {arr.dtype}, expected {np.asarray(ref).dtype}")
         if np.issubdtype(arr.dtype, np.number) and not np.all(np.isfinite(arr)):
             bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))

@@ -338,7 +338,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
     forgetting = sorted(c for c in involved if request[c]["forget-n"] > 0)
     strategy.request_unlearning(*(node_of[c] for c in forgetting), key=None, round=cfg.departure_round,
                                 leave=cfg.deletion.clients_leave, deletion=cfg.deletion,
-                                joint=cfg.deletion.scenario == "class")
+                                joint=cfg.deletion.scenario == "class", send_request=False)
     gold_arrays, gold_meta = gold_federation(grid, cfg, clients, initial, request, architecture)
     gold_history = {int(r): h for r, h in gold_meta["history"].items()}
     gold_final = gold_history[max(gold_history)]

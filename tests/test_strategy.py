@@ -218,7 +218,7 @@ def test_not_sends_the_negated_model_and_reports_motion_from_the_round_start():
 
 def test_sample_deletion_round_asks_both_roles_and_the_client_stays_on_retained_data():
     s = strategy(make_method("puf", {"puf.scale": 2.0}))
-    s.request_unlearning(2, round=2, leave=False, deletion=DeletionRequest("samples"))
+    s.request_unlearning(2, round=2, leave=False, deletion=DeletionRequest("samples"), send_request=False)
     start_round(s, 1)
     s.aggregate_train(1, [reply(c, GLOBAL, 1) for c in NODES])
     msgs = by_node(start_round(s, 2))

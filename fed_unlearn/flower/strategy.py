@@ -90,6 +90,11 @@ class UnlearningRequest:
         Serve this request with another method than the strategy's (a service's fallback).
     extra_config : Mapping
         Sent with every forget-role instruction of the request.
+    send_request : bool
+        For a deletion where the clients stay (``leave=False`` with ``deletion``): send them
+        the deletion request (:data:`~fed_unlearn.protocol.FORGET`) with the current model
+        when the request starts, so that each selects the samples to forget on its own data.
+        ``False`` when it already reached them.
     """
 
     clients: tuple[Any, ...]
@@ -100,6 +105,7 @@ class UnlearningRequest:
     joint: bool = False
     method: UnlearningMethod | None = None
     extra_config: Mapping[str, Any] = field(default_factory=dict)
+    send_request: bool = True
 
 
 class ReproducibleFedAvg(FedAvg):
@@ -187,6 +193,8 @@ class Unlearning(Strategy):
         also settable with :meth:`declare_examples`.
     diagnostics : bool
         Record per-layer spectra and motion shares of every unlearning round.
+    query_timeout : float
+        Seconds to wait for the replies of the strategy's own queries (identify, deletion request).
 
     Raises
     ------
@@ -209,6 +217,7 @@ class Unlearning(Strategy):
         max_strikes: int = 3,
         declared_examples: Mapping[int, int] | None = None,
         diagnostics: bool = True,
+        query_timeout: float = 600.0,
     ) -> None:
         if isinstance(strategy, Unlearning):
             raise ValueError("the strategy is already wrapped for unlearning")
@@ -233,6 +242,7 @@ class Unlearning(Strategy):
         self.reset_server_momentum = reset_server_momentum
         self.max_strikes = max_strikes
         self.diagnostics = diagnostics
+        self.identify_timeout = query_timeout
         self.arrayrecord_key: str = getattr(strategy, "arrayrecord_key", "arrays")
         self.configrecord_key: str = getattr(strategy, "configrecord_key", "config")
         self.weighted_by_key: str = getattr(strategy, "weighted_by_key", P.NUM_EXAMPLES)
@@ -257,6 +267,8 @@ class Unlearning(Strategy):
         self._method: UnlearningMethod | None = None
         #: Requests whose last unlearning attempt failed because a client did not reply.
         self.failed: tuple[int, ...] = ()
+        #: node id -> what its deletion request selected (``forget-n``, ``retain-n``, ``digest``).
+        self.receipts: dict[int, dict[str, Any]] = {}
         self.departure_round: int | None = None
         self.current_round = 0
         self.unlearning_rounds_run = 0
@@ -298,7 +310,8 @@ class Unlearning(Strategy):
     # -- requests --------------------------------------------------------------------------
     def request_unlearning(self, *clients: Any, key: str | None | type = ..., round: int | None = None,  # noqa: A002
                            leave: bool = True, deletion: DeletionRequest | None = None, joint: bool = False,
-                           method: UnlearningMethod | None = None, extra_config: Mapping[str, Any] | None = None) -> None:
+                           method: UnlearningMethod | None = None, extra_config: Mapping[str, Any] | None = None,
+                           send_request: bool = True) -> None:
         """Ask for the influence of ``clients`` to be removed (served from ``round``, default the next one).
 
         ``clients`` are values of the node-config key ``key`` (default :attr:`client_key`),
@@ -317,8 +330,10 @@ class Unlearning(Strategy):
         elif self.method is None:
             raise ValueError("this strategy has no unlearning method: pass method= to the request or the strategy")
         use_key = self.client_key if key is ... else key
+        if not leave and deletion is not None and deletion.scenario == "client":
+            raise ValueError("a client-level deletion means the clients leave: use leave=True")
         self.queue.append(UnlearningRequest(tuple(clients), use_key if isinstance(use_key, str) else None, round, leave,
-                                            deletion, joint, method, dict(extra_config or {})))
+                                            deletion, joint, method, dict(extra_config or {}), send_request))
 
     def exclude(self, *node_ids: int) -> None:
         """Leave these nodes out of training from now on (a gold federation's left-out clients)."""
@@ -373,7 +388,7 @@ class Unlearning(Strategy):
                 "excluded": sorted(self.excluded)}
 
     # -- identification ----------------------------------------------------------------------
-    def identify(self, grid: Grid, node_ids: Iterable[int], keys: Sequence[str] = (), timeout: float = 60.0) -> dict[int, str]:
+    def identify(self, grid: Grid, node_ids: Iterable[int], keys: Sequence[str] = (), timeout: float | None = None) -> dict[int, str]:
         """Ask ``node_ids`` (those not identified yet) for their node-config ``keys``; returns node -> problem.
 
         One :data:`~fed_unlearn.protocol.IDENTIFY` message per node; results land in
@@ -387,6 +402,7 @@ class Unlearning(Strategy):
         cfg = ConfigRecord({P.KEYS: keys})
         msgs = [Message(RecordDict({P.CONFIG_RECORD: cfg}), n, P.IDENTIFY) for n in todo]
         answered = set()
+        timeout = self.identify_timeout if timeout is None else timeout
         for reply in grid.send_and_receive(msgs, timeout=timeout):
             node = reply.metadata.src_node_id
             answered.add(node)
@@ -399,8 +415,9 @@ class Unlearning(Strategy):
                 continue
             ident = dict(content.config_records[P.IDENTITY_RECORD])
             self.identities[node] = {**self.identities.get(node, {}), **ident}
-            if P.CAPABILITIES_RECORD in content.config_records:
-                self.capabilities[node] = dict(content.config_records[P.CAPABILITIES_RECORD])
+            # no capabilities record: a hand-written identify handler, no fed-unlearn helpers
+            self.capabilities[node] = (dict(content.config_records[P.CAPABILITIES_RECORD])
+                                       if P.CAPABILITIES_RECORD in content.config_records else {})
         for node in set(todo) - answered:
             problems[node] = f"did not answer {P.IDENTIFY} within {timeout:.0f} s"
         return problems
@@ -428,7 +445,53 @@ class Unlearning(Strategy):
                 nodes.append(found[0])
         return nodes, out
 
-    def _start_due_requests(self, server_round: int, grid: Grid) -> None:
+    def _missing_handlers(self, req: UnlearningRequest, nodes: Sequence[int]) -> list[str]:
+        """What the request needs from its nodes that their ``query.identify`` reply says they lack.
+
+        A node that answered this strategy's ``query.identify`` without capabilities runs no
+        fed-unlearn helpers; a node it never asked (named by node id) is not judged here.
+        """
+        method = req.method or self.method
+        need = []
+        if method is not None and method.departing_clients_train and method.departing_task != "train":
+            need.append(P.TRAIN_UNLEARN)
+        if not req.leave:
+            need += [P.FORGET, P.TRAIN_RETAIN, P.TRAIN_UNLEARN] if req.send_request else [P.TRAIN_RETAIN, P.TRAIN_UNLEARN]
+        out = []
+        for node in nodes:
+            if not need or node not in self.capabilities:
+                continue
+            have = list(self.capabilities.get(node, {}).get("handlers", []))
+            missing = [h for h in dict.fromkeys(need) if h not in have]
+            if missing:
+                what = f"{method.name}'s client routine" if method is not None and P.TRAIN_UNLEARN in missing else "this request"
+                out.append(f"node {node} cannot serve {what}: its ClientApp does not answer {missing} "
+                           "(add them with fed_unlearn.flower.add_unlearning)")
+        return out
+
+    def _deliver(self, grid: Grid, nodes: list[int], deletion: DeletionRequest, arrays: ArrayRecord) -> list[str]:
+        """Send the deletion request to ``nodes`` with the current model; record their receipts; returns problems."""
+        spec = ConfigRecord({"scenario": deletion.scenario, "selection": deletion.selection, "fraction": deletion.fraction,
+                             "class": deletion.forget_class})
+        msgs = [Message(RecordDict({self.arrayrecord_key: arrays, P.CONFIG_RECORD: spec}), n, P.FORGET) for n in nodes]
+        problems, answered = [], set()
+        for reply in grid.send_and_receive(msgs, timeout=self.identify_timeout):
+            node = reply.metadata.src_node_id
+            answered.add(node)
+            if reply.has_error():
+                problems.append(f"node {node} cannot process the deletion request ({P.FORGET}): "
+                                f"{_first_line(reply.error.reason)}")
+                continue
+            try:
+                m = reply.content["metrics"]
+                self.receipts[node] = {"forget-n": int(m["forget-n"]), "retain-n": int(m["retain-n"]),  # type: ignore[call-overload]
+                                       "digest": str(reply.content["receipt"]["digest"])}
+            except (KeyError, TypeError, ValueError) as exc:
+                problems.append(f"node {node}: malformed {P.FORGET} reply ({exc})")
+        problems += [f"node {n} did not answer the deletion request" for n in nodes if n not in answered]
+        return problems
+
+    def _start_due_requests(self, server_round: int, grid: Grid, arrays: ArrayRecord | None = None) -> None:
         """Move the requests due by ``server_round`` from the queue into one batch."""
         if self.requests_fn is not None:
             self.queue.extend(self.requests_fn(server_round))
@@ -446,6 +509,15 @@ class Unlearning(Strategy):
         gone = sorted(set(nodes) & (self.departed | self.excluded))
         if gone:
             problems.append(f"node(s) {gone} have already left")
+        problems += self._missing_handlers(first, nodes)
+        if not problems and not first.leave and first.deletion is not None and first.send_request and arrays is not None:
+            problems += self._deliver(grid, sorted(set(nodes)), first.deletion, arrays)
+            nothing = [n for n in nodes if self.receipts.get(n, {}).get("forget-n", 1) == 0]
+            if nothing:
+                log(INFO, "node(s) %s have nothing to forget under this request", nothing)
+                nodes = [n for n in nodes if n not in nothing]
+                if not nodes and not problems:
+                    problems.append("the deletion request selects no sample on any node")
         if problems and self.on_missing == "raise":
             raise ValueError("cannot serve the unlearning request: " + "; ".join(problems))
         for r in batch:
@@ -511,7 +583,7 @@ class Unlearning(Strategy):
         self._asked, self._sent = {}, {}
         self.failed = ()
         if not self.pending:
-            self._start_due_requests(server_round, grid)
+            self._start_due_requests(server_round, grid, arrays)
         self._adjust_minimums()
         active = ActiveNodesGrid(grid, self._hidden)
         keep_last = self.method is not None and self.method.client_keeps_last_local
@@ -558,7 +630,9 @@ class Unlearning(Strategy):
         elif not batch.leave:
             pass  # clients that stay get their retain role with the forget role below
         if method.departing_clients_train:
-            forget_extra = {**batch.extra_config, **method.departing_config(self._global)}
+            # a client that leaves forgets all its data: say so (it needs no deletion request of its own)
+            forget_extra = {**({P.FORGET_ALL: True} if batch.leave else {}), **batch.extra_config,
+                            **method.departing_config(self._global)}
             for node in sorted(pending):
                 if node not in connected:
                     continue  # no reply: handled as missing in aggregate_train
@@ -619,16 +693,22 @@ class Unlearning(Strategy):
                 n = cap
                 metrics = MetricRecord({**dict(metrics), self.weighted_by_key: n})
             try:
-                weights = to_weights(content.array_records[akey])
+                record = content.array_records[akey]
+                weights = to_weights(record)
                 validate_update(weights, self._global, f"node {node}")
+                wider = [k for k, w in weights.items() if w.dtype.itemsize > np.asarray(self._global[k]).dtype.itemsize
+                         and np.issubdtype(w.dtype, np.floating)]
+                if wider:  # never let a reply change the global model's dtype
+                    weights = {k: (w.astype(np.asarray(self._global[k]).dtype) if k in wider else w)
+                               for k, w in weights.items()}
+                    record = to_record(weights)
             except InvalidUpdateError as exc:
                 return None, str(exc)
             except Exception as exc:  # noqa: BLE001  (undecodable arrays are the client's fault, not the round's)
                 return None, f"its arrays cannot be read: {type(exc).__name__}: {exc}"
             update = ClientUpdate(cid, weights, n, dict(metrics))
             if role == "retain":
-                out.retain = Message(metadata=reply.metadata,
-                                     content=RecordDict({akey: content.array_records[akey], mkey: metrics}))
+                out.retain = Message(metadata=reply.metadata, content=RecordDict({akey: record, mkey: metrics}))
                 out.retain_update = update
             else:
                 out.forget_update = update

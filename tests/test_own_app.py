@@ -1,0 +1,132 @@
+"""fed-unlearn in a Flower app of someone else's (tests/own_app): its own model, data split and metric names.
+
+The ClientApp of tests/own_app imports nothing from fed-unlearn; its ServerApp wraps a stock
+Flower strategy with :class:`fed_unlearn.flower.Unlearning` and runs Flower's own
+``Strategy.start()``. In process here (seconds); through ``flwr run`` on Ray in the slow tier.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedProx
+
+from fed_unlearn.flower import InProcessGrid, Unlearning
+
+APP = Path(__file__).resolve().parent / "own_app"
+sys.path.insert(0, str(APP))
+
+from ownapp import client_app as plain  # noqa: E402
+from ownapp import client_app_helper as helped  # noqa: E402
+from ownapp.server_app import main as own_server  # noqa: E402
+from ownapp.task import Net  # noqa: E402
+
+NODES = 4
+CONFIG = {"num-server-rounds": 8, "local-epochs": 2, "lr": 0.05, "departure-round": 4, "departing": 0, "method": "puf",
+          "scenario": "client", "strategy": "fedavg"}
+
+
+class OrderedGrid(InProcessGrid):
+    """Replies in node order (so a bare strategy and a wrapped one sum the same replies in the same order)."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return sorted(super().send_and_receive(messages, timeout=timeout), key=lambda m: m.metadata.src_node_id)
+
+
+def run(tmp_path: Path, app, **overrides) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    rc = {**CONFIG, **overrides, "results": str(tmp_path / "out.json")}
+    grid = OrderedGrid(app, NODES, rc)
+    own_server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
+    return json.loads((tmp_path / "out.json").read_text())
+
+
+def check_departure(res: dict, tolerance: float = 0.01) -> None:
+    orig, unl, gold = res["original"], res["unlearned"], res["gold"]
+    # the departed partition's training data: the original memorised it; the unlearning round pulls it down
+    assert orig["forget-acc"] - gold["forget-acc"] > 0.01 and unl["forget-acc"] < orig["forget-acc"]
+    # at the end, against a gold and a federation without the request trained as long: closer to the gold
+    rec, gold_end, kept = res["recovered"], res["gold-end"], res["kept-end"]
+    assert kept["forget-acc"] - gold_end["forget-acc"] > 0.01
+    assert abs(rec["forget-acc"] - gold_end["forget-acc"]) < abs(kept["forget-acc"] - gold_end["forget-acc"])
+    # the others recover: test accuracy within the tolerance of the gold's
+    assert rec["test-acc"] >= gold_end["test-acc"] - tolerance
+    # the departed node is sent nothing after its unlearning round, neither training nor evaluation
+    node, d = res["departing-node"], CONFIG["departure-round"]
+    after = [(t, r) for t, n, r in res["sent"] if n == node and r > d]
+    assert not after, after
+    assert any(n == node and r == d for _, n, r in res["sent"])  # it did take part in its unlearning round
+    assert res["departed"] == [node]
+
+
+def test_a_plain_app_departs_a_client_named_by_its_node_config_with_puf(tmp_path):
+    res = run(tmp_path, plain.app)
+    check_departure(res)
+    # the user's own metric names come back aggregated, every round
+    for r in range(1, CONFIG["num-server-rounds"] + 1):
+        assert "train_loss" in res["train-metrics"][str(r)] and "train-loss" not in res["train-metrics"][str(r)]
+        assert {"eval_acc", "eval_loss"} <= set(res["evaluate-metrics"][str(r)])
+    assert 0.5 < res["evaluate-metrics"][str(CONFIG["num-server-rounds"])]["eval_acc"] <= 1.0
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
+def test_the_wrapper_around_fedprox_and_fedadam(tmp_path, strategy):
+    res = run(tmp_path, plain.app, strategy=strategy)
+    # PUF's negated pseudo-gradient went through the wrapped aggregation (and FedAdam's optimizer): the departed
+    # client's forget accuracy moves down, toward the gold's (the reference scale may overshoot it)
+    orig, unl, gold = res["original"], res["unlearned"], res["gold"]
+    assert orig["forget-acc"] > gold["forget-acc"] and unl["forget-acc"] < orig["forget-acc"] - 0.01
+    assert not [r for _, n, r in res["sent"] if n == res["departing-node"] and r > CONFIG["departure-round"]]
+
+
+@pytest.mark.parametrize("make", [lambda: FedProx(proximal_mu=0.01, min_available_nodes=NODES),
+                                  lambda: FedAdam(eta=0.01, eta_l=0.05, min_available_nodes=NODES)])
+def test_ordinary_rounds_of_a_wrapped_strategy_are_the_bare_strategy_bit_for_bit(make):
+    import random
+
+    import torch
+
+    torch.manual_seed(0)
+    initial = ArrayRecord(Net().state_dict())
+    out = []
+    for wrap in (False, True):
+        random.seed(0)
+        grid = OrderedGrid(plain.app, NODES, CONFIG)
+        strategy = make()
+        if wrap:
+            strategy = Unlearning(strategy, "puf")
+            strategy.request_unlearning(0, round=99)  # a request that is not due yet changes nothing either
+        result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=3, train_config=ConfigRecord(),
+                                evaluate_config=ConfigRecord())
+        out.append({k: v.numpy() for k, v in result.arrays.items()})
+    for k in out[0]:
+        np.testing.assert_array_equal(out[0][k], out[1][k])
+
+
+def test_the_helpers_run_sragu_and_sample_deletion(tmp_path):
+    res = run(tmp_path / "sragu", helped.app, method="sragu")
+    orig, unl, gold = res["original"], res["unlearned"], res["gold"]
+    assert orig["forget-acc"] > gold["forget-acc"] and unl["forget-acc"] < orig["forget-acc"] - 0.01  # SRAGU ascended
+    assert res["recovered"]["test-acc"] >= res["gold-end"]["test-acc"] - 0.01
+    node = res["departing-node"]
+    assert ("train.unlearn", node, CONFIG["departure-round"]) in [tuple(s) for s in res["sent"]]
+    smp = run(tmp_path / "samples", helped.app, scenario="samples")
+    node = smp["departing-node"]
+    d = CONFIG["departure-round"]
+    sent = [tuple(s) for s in smp["sent"]]
+    # the deletion request reaches the node, it plays both roles in the unlearning round, then trains on what it keeps
+    assert ("query.forget", node, 0) in sent and ("train.unlearn", node, d) in sent
+    assert all(("train.retain", node, r) in sent for r in range(d + 1, CONFIG["num-server-rounds"] + 1))
+    assert smp["departed"] == [] and smp["retain-only"] == [node]
+    # the user's metric names still come back in the rounds where the helper trains that node
+    assert "train_loss" in smp["train-metrics"][str(CONFIG["num-server-rounds"])]
+
+
+def test_a_plain_client_is_refused_a_method_that_needs_a_client_routine_before_its_round(tmp_path):
+    with pytest.raises(ValueError, match=r"cannot serve sragu's client routine.*train\.unlearn.*add_unlearning"):
+        run(tmp_path, plain.app, method="sragu")
