@@ -135,7 +135,7 @@ def _describe(grid: Grid, nodes: list[int], timeout: float, check: ArrayRecord |
         ident = dict(reply.content[P.IDENTITY_RECORD]) if P.IDENTITY_RECORD in reply.content.config_records else {}
         caps = dict(reply.content[P.CAPABILITIES_RECORD]) if P.CAPABILITIES_RECORD in reply.content.config_records else {}
         missing_keys = [k for k in ("partition-id", "num-partitions") if k not in ident]
-        missing = [h for h in handlers if h not in list(caps.get("handlers", []))]
+        missing = [h for h in handlers if h != P.IDENTIFY and h not in list(caps.get("handlers", []))]
         if missing_keys or missing:
             problems[node] = "; ".join(
                 ([f"node config lacks {missing_keys}"] if missing_keys else [])

@@ -1,4 +1,4 @@
-"""Run the fed-unlearn Flower app with ``flwr run`` on a private local simulation SuperLink.
+"""Run a Flower app (by default this repository's) with ``flwr run`` on a private local simulation SuperLink.
 
 What it does, so that one command works on a fresh machine with no network:
 
@@ -18,6 +18,7 @@ Usage::
     python -m simulations.run_experiment                       # the default experiment
     python -m simulations.run_experiment --num-clients 10 \\
         --run-config "unlearn.departing='0,3' puf.variant='special'"
+    python -m simulations.run_experiment --app examples/quickstart-unlearning --num-clients 3   # another app
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-clients", type=int, default=5, help="SuperNodes in the simulation (default 5)")
     ap.add_argument("--cpus-per-client", type=int, default=1, help="Ray CPUs per client (default 1; Flower takes integers)")
     ap.add_argument("--run-config", default="", help="run-config overrides, e.g. \"unlearn.departing='0,3'\"")
+    ap.add_argument("--app", default=str(PROJECT_ROOT), help="the Flower app to run (default: this repository's)")
     ap.add_argument("--results-dir", default=str(PROJECT_ROOT / "results"), help="where results go (default ./results)")
     ap.add_argument("--flwr-home", default="", help="FLWR_HOME to use (default: a fresh one under results-dir)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is abandoned")
@@ -155,18 +157,24 @@ def main(argv: list[str] | None = None) -> int:
     env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
     (flwr_home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
 
-    overrides = f"results-dir='{results}'"
-    if "gold-cache-dir" not in args.run_config:  # the caller may share a cache between runs
-        overrides += f" gold-cache-dir='{results / 'gold-cache'}'"
+    app = Path(args.app).resolve()
+    if not (app / "pyproject.toml").is_file():
+        ap.error(f"--app {app}: no pyproject.toml there (a Flower app needs one)")
+    overrides = ""
+    if app == PROJECT_ROOT:  # this repository's app writes its results where asked
+        overrides = f"results-dir='{results}'"
+        if "gold-cache-dir" not in args.run_config:  # the caller may share a cache between runs
+            overrides += f" gold-cache-dir='{results / 'gold-cache'}'"
     if args.run_config.strip():
-        overrides += " " + args.run_config.strip()
+        overrides = f"{overrides} {args.run_config.strip()}".strip()
     federation = f"num-supernodes={args.num_clients} client-resources-num-cpus={args.cpus_per_client}"
 
     superlink = None
     try:
         superlink = start_superlink(env, flwr_home)
-        cmd = [_bin("flwr"), "run", str(PROJECT_ROOT), "local", "--format", "json",
-               "--run-config", overrides, "--federation-config", federation]
+        cmd = [_bin("flwr"), "run", str(app), "local", "--format", "json", "--federation-config", federation]
+        if overrides:
+            cmd += ["--run-config", overrides]
         print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
         sub = subprocess.run(cmd, env=env, cwd=str(PROJECT_ROOT), capture_output=True, text=True, timeout=120)
         try:

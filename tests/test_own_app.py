@@ -8,16 +8,19 @@ Flower strategy with :class:`fed_unlearn.flower.Unlearning` and runs Flower's ow
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAdam, FedProx
 
 from fed_unlearn.flower import InProcessGrid, Unlearning
 
+ROOT = Path(__file__).resolve().parents[1]
 APP = Path(__file__).resolve().parent / "own_app"
 sys.path.insert(0, str(APP))
 
@@ -130,3 +133,98 @@ def test_the_helpers_run_sragu_and_sample_deletion(tmp_path):
 def test_a_plain_client_is_refused_a_method_that_needs_a_client_routine_before_its_round(tmp_path):
     with pytest.raises(ValueError, match=r"cannot serve sragu's client routine.*train\.unlearn.*add_unlearning"):
         run(tmp_path, plain.app, method="sragu")
+
+
+# -- the project's own experiment on someone else's model and data ------------------------------
+TASK = '''
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 40), nn.Tanh(), nn.Linear(40, 24), nn.Tanh())
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def load_data(partition_id, num_partitions):
+    d = load_digits()
+    x, y = (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
+    idx = np.array_split(np.arange(len(y)), num_partitions)[partition_id]
+    cut = int(0.75 * len(idx))
+    return (x[idx[:cut]], y[idx[:cut]]), (torch.from_numpy(x[idx[cut:]]), torch.from_numpy(y[idx[cut:]]))
+'''
+
+
+def test_the_experiment_and_the_harness_run_on_a_task_module_from_outside_the_repo(tmp_path, monkeypatch):
+    from simulations.harness import main as harness
+    from simulations.inprocess import run_inprocess
+
+    pkg = tmp_path / "pkgs" / "mytask"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "task.py").write_text(TASK)
+    monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
+    rc = (f"task='mytask.task' unlearn.round=3 num-server-rounds=4 unlearn.recovery='fixed' relearn-max-steps=20 "
+          f"results-dir='{tmp_path / 'exp'}' gold-cache-dir='{tmp_path / 'gold'}'")
+    res = run_inprocess(str(ROOT), 3, rc)
+    assert res["config"]["task"] == "mytask.task"
+    weights = json.loads(next((tmp_path / "exp").glob("mytask-task_*/results.json")).read_text())
+    assert weights["report"]["gold"]["kl-forget"] == 0.0 and weights["unlearning"]["method"] == "puf"
+    layers = {layer["layer"] for layer in res["unlearning"]["layers"]}
+    assert layers == {"body.1", "body.3", "head"}  # the user's architecture, not the project's MLP
+    code = harness(["--engine", "inprocess", "--methods", "puf", "fine-tune", "--scenarios", "client", "--seeds", "0",
+                    "--num-clients", "3", "--results-dir", str(tmp_path / "h"),
+                    "--run-config", "task='mytask.task' unlearn.round=3 num-server-rounds=4 unlearn.recovery='fixed' "
+                                    "relearn-max-steps=0"])
+    assert code == 0 and "puf" in (tmp_path / "h" / "harness" / "harness.md").read_text()
+
+
+def test_the_project_server_refuses_a_plain_client_before_any_training(tmp_path):
+    from server.experiment import ClientProtocolError
+    from server.server_app import main as project_server
+    from simulations.inprocess import fused_run_config
+
+    bare = ClientApp()
+    bare.train()(plain.train)
+    bare.evaluate()(plain.evaluate)
+    for app, expect in ((plain.app, r"missing handlers \['query.info', 'query.forget', 'train.retain'"),
+                        (bare, r"no query.identify handler")):
+        rc = fused_run_config(str(ROOT), f"dataset='digits' results-dir='{tmp_path / 'r'}'")
+        grid = InProcessGrid(app, 3, rc)
+        with pytest.raises(ClientProtocolError, match=expect) as err:
+            project_server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
+        assert "3 client(s) cannot take part" in str(err.value) and "add_unlearning" in str(err.value)
+        assert not any(t.startswith("train") for t in grid.sent)
+
+
+# -- through flwr run on Flower's Ray engine ---------------------------------------------------
+def launch(app: Path, tmp_path: Path, clients: int, run_config: str = "") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "simulations.run_experiment", "--app", str(app), "--num-clients", str(clients),
+           "--results-dir", str(tmp_path), "--timeout", "900"]
+    return subprocess.run(cmd + (["--run-config", run_config] if run_config else []), cwd=ROOT, capture_output=True,
+                          text=True, timeout=1200)
+
+
+@pytest.mark.slow
+def test_the_plain_app_departs_a_client_through_flwr_run_on_ray(tmp_path):
+    out = tmp_path / "out.json"
+    proc = launch(APP, tmp_path, NODES, f"results='{out}'")
+    assert proc.returncode == 0 and "finished:completed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    check_departure(res)
+    for r in range(1, CONFIG["num-server-rounds"] + 1):
+        assert "train_loss" in res["train-metrics"][str(r)] and "eval_acc" in res["evaluate-metrics"][str(r)]
+
+
+@pytest.mark.slow
+def test_the_quickstart_example_runs(tmp_path):
+    proc = launch(ROOT / "examples" / "quickstart-unlearning", tmp_path, 3)
+    assert proc.returncode == 0 and "finished:completed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "forgot nodes [" in proc.stdout
