@@ -5,7 +5,8 @@
 
 The inbox is the folder named by the SuperNode's node-config ``erasure-inbox``. At its
 next poll the server journals the request (on disk) and acknowledges it; the file then
-moves from ``pending/`` to ``acknowledged/`` (or ``refused/``). Exit code 2 on bad input.
+moves from ``pending/`` to ``acknowledged/`` (or ``refused/``). Any error is one line on
+stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -15,7 +16,22 @@ import json
 import sys
 from pathlib import Path
 
-from fed_unlearn.erasure import RequestError, new_request, submit_to_inbox
+from fed_unlearn.erasure import MAX_REQUEST_BYTES, RequestError, new_request, parse_request, submit_to_inbox
+
+
+def status(inbox: Path) -> list[str]:
+    """One line per file in the inbox's folders; unreadable or malformed files are said so, not fatal."""
+    lines = []
+    for folder in ("pending", "acknowledged", "refused"):
+        for f in sorted((inbox / folder).glob("*.json")):
+            try:
+                if not f.is_file() or f.stat().st_size > MAX_REQUEST_BYTES:
+                    raise RequestError("not a request file (a folder, or too large)")
+                req = parse_request(f.read_bytes().decode("utf-8"))
+                lines.append(f"{folder:12s} {req.id} site={req.site} reason={req.reason!r}")
+            except (RequestError, UnicodeDecodeError, OSError) as exc:
+                lines.append(f"{folder:12s} {f.name}: unreadable ({exc})")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,22 +41,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--site", help="this site's name, as registered")
     ap.add_argument("--reason", default="", help="free text for the audit trail")
     ap.add_argument("--status", action="store_true", help="list the requests in the inbox and exit")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
     inbox = Path(args.inbox)
-    if args.status:
-        for folder in ("pending", "acknowledged", "refused"):
-            for f in sorted((inbox / folder).glob("*.json")):
-                body = json.loads(f.read_text())
-                print(f"{folder:12s} {body['id']} site={body['site']} reason={body.get('reason', '')!r}")
-        return 0
-    if not args.site:
-        ap.error("--site is required to make a request")
     try:
+        if inbox.exists() and not inbox.is_dir():
+            raise ValueError(f"--inbox {inbox} is a file, not a folder")
+        if args.status:
+            print("\n".join(status(inbox)) if inbox.is_dir() else f"no inbox at {inbox} yet")
+            return 0
+        if not args.site:
+            raise ValueError("--site is required to make a request")
         req = new_request(args.site, args.reason)
-    except RequestError as exc:
+        path = submit_to_inbox(inbox, req)
+    except (RequestError, ValueError, OSError) as exc:
+        if args.debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    path = submit_to_inbox(inbox, req)
     print(json.dumps({"id": req.id, "site": req.site, "file": str(path)}))
     return 0
 

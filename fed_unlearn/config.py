@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -135,6 +136,7 @@ class ExperimentConfig:
     round_timeout: float = 600.0
 
     def __post_init__(self) -> None:
+        self._check_numbers()
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset '{self.dataset}'; valid: {', '.join(sorted(DATASETS))}")
         if self.model not in MODELS:
@@ -170,6 +172,27 @@ class ExperimentConfig:
         if self.client_threads < 1:
             raise ValueError(f"client-threads must be >= 1, got {self.client_threads}")
 
+    def _check_numbers(self) -> None:
+        """Every number finite and in range, naming its run-config key."""
+        t = self.train
+        checks = [
+            ("lr", t.lr, lambda v: v > 0, "> 0"), ("momentum", t.momentum, lambda v: v >= 0, ">= 0"),
+            ("weight-decay", t.weight_decay, lambda v: v >= 0, ">= 0"),
+            ("local-epochs", t.epochs, lambda v: v >= 1, ">= 1"), ("batch-size", t.batch_size, lambda v: v >= 1, ">= 1"),
+            ("dirichlet-alpha", self.dirichlet_alpha, lambda v: v > 0, "> 0"),
+            ("holdout-fraction", self.holdout_fraction, lambda v: 0 < v < 1, "in (0, 1)"),
+            ("fastclip.bound", self.fastclip_bound, lambda v: v >= 0, ">= 0"),
+            ("fastclip.every", self.fastclip_every, lambda v: v >= 1, ">= 1"),
+            ("node-wait-seconds", self.node_wait_seconds, lambda v: v > 0, "> 0"),
+            ("round-timeout", self.round_timeout, lambda v: v > 0, "> 0"),
+            ("unlearn.recovery-tolerance", self.recovery_tolerance, lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("relearn-max-steps", self.relearn_max_steps, lambda v: v >= 0, ">= 0"),
+            ("client-threads", self.client_threads, lambda v: v >= 1, ">= 1"),
+        ]
+        for key, value, ok, want in checks:
+            if not math.isfinite(value) or not ok(value):
+                raise ValueError(f"run-config '{key}' must be a finite number {want}, got {value!r}")
+
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> "ExperimentConfig":
         """Read the experiment settings from a Flower run config; missing keys keep defaults.
@@ -184,6 +207,9 @@ class ExperimentConfig:
 
         def get(key: str, default: Any) -> Any:
             value = rc.get(key, default)
+            if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) \
+                    and value.is_integer():
+                value = int(value)  # "3.0" where a count is expected
             if isinstance(default, bool) or isinstance(value, bool):
                 ok = isinstance(value, bool) and isinstance(default, bool)
             elif isinstance(default, float):
@@ -317,6 +343,9 @@ class ServiceConfig:
     audit_gold : bool
         Train a gold federation (retrain without the site from the initial model) for
         the audit report; otherwise the audit is the leakage audit alone.
+    max_strikes : int
+        Invalid training replies (NaN/inf, wrong shapes or dtypes, records not asked for)
+        after which a site is excluded from the federation (0 = never); each one is journaled.
     """
 
     state_dir: str = "results/service"
@@ -326,12 +355,13 @@ class ServiceConfig:
     fallback: str = "wait"
     fallback_after: int = 2
     audit_gold: bool = False
+    max_strikes: int = 3
 
     def __post_init__(self) -> None:
         if self.fallback not in FALLBACKS:
             raise ValueError(f"service.fallback must be one of {', '.join(FALLBACKS)}, got '{self.fallback}'")
-        if self.recovery_rounds < 0 or self.fallback_after < 1:
-            raise ValueError(f"service needs recovery-rounds >= 0 and fallback-after >= 1; got {self}")
+        if self.recovery_rounds < 0 or self.fallback_after < 1 or self.max_strikes < 0:
+            raise ValueError(f"service needs recovery-rounds >= 0, fallback-after >= 1 and max-strikes >= 0; got {self}")
         if not self.state_dir:
             raise ValueError("service.state-dir must name a folder")
 

@@ -21,6 +21,7 @@ names in ``query.info`` is taken as its identity, and the README says so.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -30,12 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-SITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-ID_RE = re.compile(r"^[0-9a-f]{32}$")
+SITE_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+ID_RE = re.compile(r"\A[0-9a-f]{32}\Z")
 #: Names of request files the server may tell a site to file away (no path separators).
-FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+FILE_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
 SCOPES = ("site",)
 MAX_REASON = 500
+#: Largest request file a site reads (a request is well under 1 KiB).
+MAX_REQUEST_BYTES = 64 * 1024
+#: Latest accepted ``created`` time, relative to now (clocks differ; a request is not from the future).
+MAX_CLOCK_SKEW = 86_400.0
 
 
 class RequestError(ValueError):
@@ -85,10 +90,14 @@ def parse_request(payload: Any) -> ErasureRequest:
         scope or reason.
     """
     if isinstance(payload, (str, bytes)):
+        if len(payload) > MAX_REQUEST_BYTES:
+            raise RequestError(f"request is larger than {MAX_REQUEST_BYTES} bytes")
         try:
             payload = json.loads(payload)
         except json.JSONDecodeError as exc:
             raise RequestError(f"request is not valid JSON: {exc.msg}") from None
+        except (ValueError, RecursionError) as exc:  # huge numbers, deep nesting, bad encodings
+            raise RequestError(f"request cannot be parsed: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(payload, Mapping):
         raise RequestError(f"request must be a JSON object, got {type(payload).__name__}")
     unknown = sorted(set(payload) - {"id", "site", "scope", "reason", "created"})
@@ -108,7 +117,13 @@ def parse_request(payload: Any) -> ErasureRequest:
     created = payload.get("created", 0.0)
     if isinstance(created, bool) or not isinstance(created, (int, float)):
         raise RequestError(f"request 'created' must be a number, got {created!r}")
-    return ErasureRequest(rid, site, scope, reason, float(created))
+    try:
+        when = float(created)
+    except OverflowError:
+        raise RequestError("request 'created' is out of range") from None
+    if not math.isfinite(when) or not 0.0 <= when <= time.time() + MAX_CLOCK_SKEW:
+        raise RequestError(f"request 'created' must be a Unix time between 0 and now, got {when!r}")
+    return ErasureRequest(rid, site, scope, reason, when)
 
 
 # -- the site's inbox ----------------------------------------------------------------------
@@ -139,13 +154,52 @@ def submit_to_inbox(inbox: str | Path, request: ErasureRequest) -> Path:
     return path
 
 
-def pending_in_inbox(inbox: str | Path) -> list[tuple[str, str]]:
-    """``(file stem, raw text)`` of every pending request file, oldest first (validated by the server)."""
+@dataclass(frozen=True)
+class InboxEntry:
+    """A file in ``<inbox>/pending/``: its name, its text, or why it cannot be read."""
+
+    name: str
+    text: str
+    problem: str = ""
+
+
+def _read_entry(path: Path) -> InboxEntry:
+    """One pending file, read defensively: never more than the size cap, never a crash."""
+    try:
+        if not path.is_file():
+            return InboxEntry(path.stem, "", "not a regular file")
+        size = path.stat().st_size
+        if size > MAX_REQUEST_BYTES:
+            return InboxEntry(path.stem, "", f"{size} bytes, more than the {MAX_REQUEST_BYTES} a request may have")
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_REQUEST_BYTES + 1)
+        if len(raw) > MAX_REQUEST_BYTES:
+            return InboxEntry(path.stem, "", f"more than the {MAX_REQUEST_BYTES} bytes a request may have")
+        return InboxEntry(path.stem, raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return InboxEntry(path.stem, "", f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+    except OSError as exc:
+        return InboxEntry(path.stem, "", f"cannot be read ({exc.strerror or exc})")
+
+
+def inbox_entries(inbox: str | Path) -> list[InboxEntry]:
+    """Every pending request file, oldest first; unreadable ones carry their problem (the server refuses them)."""
     folder = Path(inbox) / "pending"
     if not folder.is_dir():
         return []
-    files = sorted(folder.glob("*.json"), key=lambda p: (p.stat().st_mtime, p.name))
-    return [(p.stem, p.read_text()) for p in files]
+
+    def key(p: Path) -> tuple[float, str]:
+        try:
+            return (p.stat().st_mtime, p.name)
+        except OSError:
+            return (0.0, p.name)
+
+    return [_read_entry(p) for p in sorted(folder.glob("*.json"), key=key) if FILE_RE.match(p.stem)]
+
+
+def pending_in_inbox(inbox: str | Path) -> list[tuple[str, str]]:
+    """``(file stem, raw text)`` of every readable pending request file, oldest first (validated by the server)."""
+    return [(e.name, e.text) for e in inbox_entries(inbox) if not e.problem]
 
 
 def acknowledge_in_inbox(inbox: str | Path, request_ids: list[str], folder: str = "acknowledged") -> list[str]:
@@ -163,8 +217,11 @@ def acknowledge_in_inbox(inbox: str | Path, request_ids: list[str], folder: str 
         if not FILE_RE.match(str(rid)):
             continue
         src = Path(inbox) / "pending" / f"{rid}.json"
-        if src.exists():
-            os.replace(src, done / src.name)
+        if src.exists() or src.is_symlink():
+            dest = done / src.name
+            if dest.exists() and dest.is_dir():  # a directory named like a request was filed before
+                dest = done / f"{src.stem}-{uuid.uuid4().hex[:8]}.json"
+            os.replace(src, dest)
             moved.append(rid)
     return moved
 
@@ -181,11 +238,12 @@ def erasure_poll(inbox: str | None, site: str, verdicts: Mapping[str, Any]) -> d
     refused = [str(a) for a in verdicts.get("refused", [])] if isinstance(verdicts.get("refused"), list) else []
     moved = acknowledge_in_inbox(inbox, acks) if inbox and acks else []
     moved_refused = acknowledge_in_inbox(inbox, refused, "refused") if inbox and refused else []
-    pending = pending_in_inbox(inbox) if inbox else []
+    pending = inbox_entries(inbox) if inbox else []
     out: dict[str, Any] = {"site": site, "count": len(pending), "acknowledged": len(moved), "refused": len(moved_refused)}
     if pending:
-        out["requests"] = [text for _, text in pending]
-        out["files"] = [stem for stem, _ in pending]
+        out["requests"] = [e.text for e in pending]
+        out["files"] = [e.name for e in pending]
+        out["problems"] = [e.problem for e in pending]
     return out
 
 
@@ -194,7 +252,8 @@ def erasure_poll(inbox: str | None, site: str, verdicts: Mapping[str, Any]) -> d
 class SiteRegistry:
     """Site name -> authenticated Flower node id (and the partition the site's data is).
 
-    ``sites``: ``{name: {"node-id": int, "partition-id": int}}``.
+    ``sites``: ``{name: {"node-id": int, "partition-id": int}}``, optionally ``"num-examples"``:
+    the most training examples the site may claim in a reply (larger claims are capped).
     """
 
     sites: Mapping[str, Mapping[str, int]]
@@ -221,6 +280,9 @@ class SiteRegistry:
                 raise ValueError(f"site registry {path}: bad site name {name!r}")
             if not isinstance(entry, Mapping) or not all(isinstance(entry.get(k), int) for k in ("node-id", "partition-id")):
                 raise ValueError(f"site registry {path}: site {name!r} needs integer 'node-id' and 'partition-id'")
+            n = entry.get("num-examples")
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+                raise ValueError(f"site registry {path}: site {name!r}: 'num-examples' must be a positive integer")
             if entry["node-id"] in seen:
                 raise ValueError(f"site registry {path}: node {entry['node-id']} is bound to {seen[entry['node-id']]!r} and {name!r}")
             seen[entry["node-id"]] = name

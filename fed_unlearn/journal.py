@@ -63,6 +63,10 @@ CREATE TABLE IF NOT EXISTS refusals (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, server_round INTEGER, source TEXT NOT NULL,
     named_site TEXT, reason TEXT NOT NULL, payload TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, server_round INTEGER, source TEXT NOT NULL,
+    kind TEXT NOT NULL, detail TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS checkpoint (
     id INTEGER PRIMARY KEY CHECK (id = 1), server_round INTEGER NOT NULL, weights BLOB NOT NULL,
     state TEXT NOT NULL, digest TEXT NOT NULL, saved_at REAL NOT NULL
@@ -134,15 +138,29 @@ class Journal:
     Parameters
     ----------
     path : str or Path
-        The SQLite file (created with its folder if missing).
+        The SQLite file.
+    create : bool
+        Create it (and its folder) if missing; otherwise a missing journal is an error
+        (an operator's mistyped state directory must not start a new, unread journal).
+
+    Raises
+    ------
+    JournalError
+        If the file is missing (``create=False``) or is not a readable journal.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, create: bool = True) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
-        self._db.execute("PRAGMA synchronous=FULL")  # a committed transaction is on disk
-        self._db.executescript(_SCHEMA)
+        if not create and not self.path.is_file():
+            raise JournalError(f"no journal at {self.path}")
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
+            self._db.execute("PRAGMA synchronous=FULL")  # a committed transaction is on disk
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"{self.path} is not a readable journal ({exc})") from None
 
     def close(self) -> None:
         """Close the connection."""
@@ -197,6 +215,18 @@ class Journal:
         self._transaction(lambda: self._db.execute(
             "INSERT INTO refusals (at, server_round, source, named_site, reason, payload) VALUES (?, ?, ?, ?, ?, ?)",
             (time.time(), server_round, source, named_site, reason, body)))
+
+    def event(self, server_round: int | None, source: str, kind: str, detail: str) -> None:
+        """Record something the service did not use or did to a site (a rejected update, an exclusion, a failed poll)."""
+        self._transaction(lambda: self._db.execute(
+            "INSERT INTO events (at, server_round, source, kind, detail) VALUES (?, ?, ?, ?, ?)",
+            (time.time(), server_round, source, kind, detail[:2000])))
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Recorded events (optionally of one kind), oldest first."""
+        sql = "SELECT seq, at, server_round, source, kind, detail FROM events"
+        cur = self._db.execute(sql + (" WHERE kind = ? ORDER BY seq" if kind else " ORDER BY seq"), (kind,) if kind else ())
+        return [dict(zip(("seq", "at", "server-round", "source", "kind", "detail"), row)) for row in cur]
 
     def refusals(self) -> list[dict[str, Any]]:
         """Every refused request, oldest first."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,10 +36,12 @@ class TrainSettings:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
-        if not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0:
-            raise ValueError(f"need lr > 0, momentum >= 0, weight_decay >= 0; got {self.lr}, {self.momentum}, {self.weight_decay}")
+        for key, value, ok, want in (("local-epochs", self.epochs, self.epochs >= 1, ">= 1"),
+                                     ("batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
+                                     ("lr", self.lr, self.lr > 0, "> 0"), ("momentum", self.momentum, self.momentum >= 0, ">= 0"),
+                                     ("weight-decay", self.weight_decay, self.weight_decay >= 0, ">= 0")):
+            if not (math.isfinite(value) and ok):
+                raise ValueError(f"run-config '{key}' must be a finite number {want}, got {value!r}")
 
 
 @dataclass(frozen=True)

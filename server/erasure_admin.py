@@ -4,9 +4,11 @@
     python -m server.erasure_admin status --state-dir results/service
 
 ``request`` journals an erasure on a site's behalf (``requested_by = operator``); the
-running service serves it at its next round. The site must exist: in the site registry
-(``--sites-file``) or, without one, in the federation the journal's checkpoint records.
-A bad request changes nothing and exits with code 2.
+running service serves it at its next round. The state directory must hold the service's
+journal (``--init`` creates one for a federation that has not run yet, which then needs
+``--sites-file``). The site must exist (in the site registry, or in the federation the
+journal's checkpoint records) and must not have been erased already. Any error is one
+line on stderr and exit code 2; nothing is changed.
 """
 
 from __future__ import annotations
@@ -16,50 +18,64 @@ import sys
 from pathlib import Path
 
 from fed_unlearn.erasure import RequestError, SiteRegistry, new_request
-from fed_unlearn.journal import Journal
+from fed_unlearn.journal import Journal, JournalError
+
+
+def _request(args: argparse.Namespace) -> str:
+    db = Path(args.state_dir) / "journal.sqlite"
+    request = new_request(args.site, args.reason)
+    if not db.is_file() and not args.init:
+        raise ValueError(f"no journal at {db}: is --state-dir the service's state-dir? (--init creates one)")
+    if args.sites_file:
+        known = set(SiteRegistry.from_file(args.sites_file).sites)
+    elif not db.is_file():
+        raise ValueError("a new journal needs --sites-file (the federation has not run yet)")
+    else:
+        with Journal(db, create=False) as j:
+            ck = j.checkpoint()
+        if ck is None:
+            raise ValueError("the journal has no checkpoint yet: pass --sites-file")
+        known = set(ck.state.get("sites", {}))
+    if request.site not in known:
+        raise ValueError(f"unknown site {request.site!r}; the federation has {sorted(known)}")
+    with Journal(db, create=args.init) as j:
+        ck = j.checkpoint()
+        gone = set(ck.state.get("departed-sites", [])) if ck else set()
+        if request.site in gone:
+            raise ValueError(f"site {request.site!r} has already been erased (its data left the model in an earlier round)")
+        open_ = [r.id for r in j.requests() if r.site == request.site and r.state in ("pending", "unlearning")]
+        if open_:
+            raise ValueError(f"site {request.site!r} already has an open request ({open_[0]})")
+        j.add(request.id, request.site, "operator", -1, request.reason)
+    return f"journaled {request.id}: erase site {request.site!r} (pending)"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = ap.add_subparsers(dest="cmd", required=True)
     req = sub.add_parser("request", help="journal an erasure request on a site's behalf")
     req.add_argument("--state-dir", required=True)
     req.add_argument("--site", required=True)
     req.add_argument("--reason", default="")
     req.add_argument("--sites-file", default="", help="the site registry (default: the sites of the last checkpoint)")
-    st = sub.add_parser("status", help="print the checkpoint, every request and every refusal")
+    req.add_argument("--init", action="store_true", help="create the journal if the state directory has none")
+    st = sub.add_parser("status", help="print the checkpoint, every request, refusal and event")
     st.add_argument("--state-dir", required=True)
     args = ap.parse_args(argv)
-    db = Path(args.state_dir) / "journal.sqlite"
-    if args.cmd == "status":
-        from .service import describe
-
-        if not db.exists():
-            print(f"error: no journal at {db}", file=sys.stderr)
-            return 2
-        print(describe(args.state_dir), end="")
-        return 0
     try:
-        request = new_request(args.site, args.reason)
-        if args.sites_file:
-            known = set(SiteRegistry.from_file(args.sites_file).sites)
+        if args.cmd == "status":
+            from .service import describe
+
+            print(describe(args.state_dir), end="")
         else:
-            if not db.exists():
-                raise ValueError(f"no journal at {db}: start the service once or pass --sites-file")
-            with Journal(db) as j:
-                ck = j.checkpoint()
-            if ck is None:
-                raise ValueError("the journal has no checkpoint yet: pass --sites-file")
-            known = set(ck.state.get("sites", {}))
-        if request.site not in known:
-            raise ValueError(f"unknown site {request.site!r}; the federation has {sorted(known)}")
-    except (RequestError, ValueError) as exc:
+            print(_request(args))
+    except (RequestError, JournalError, ValueError, OSError) as exc:
+        if args.debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    with Journal(db) as j:
-        j.add(request.id, request.site, "operator", -1, request.reason)
-    print(f"journaled {request.id}: erase site {request.site!r} (pending)")
     return 0
 
 

@@ -105,11 +105,7 @@ def discover_clients(grid: Grid, wait_seconds: float, timeout: float, required: 
             seen |= set(new)
             problems = _describe(grid, new, timeout, check, handlers, infos)
             if problems:
-                lines = "\n".join(f"  node {n}: {p}" for n, p in sorted(problems.items()))
-                raise ClientProtocolError(
-                    f"{len(problems)} client(s) cannot take part in the experiment:\n{lines}\n"
-                    f"Every client needs Flower's train and evaluate handlers and {', '.join(handlers)}: add them with "
-                    "fed_unlearn.flower.add_unlearning(app, model_fn=..., data_fn=...) (docs/own-app.md).")
+                raise ClientProtocolError(describe_problems(problems, handlers))
         expected = max((i.num_partitions for i in infos.values()), default=None)
         if expected is not None and len(infos) >= expected:
             return infos
@@ -118,6 +114,20 @@ def discover_clients(grid: Grid, wait_seconds: float, timeout: float, required: 
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {len(infos)} of {expected or '?'} clients connected within {wait_seconds:.0f}s")
         time.sleep(0.5)
+
+
+def describe_problems(problems: Mapping[int, str], handlers: Sequence[str]) -> str:
+    """One message for every client that cannot take part (the same problem on several nodes said once)."""
+    by_problem: dict[str, list[int]] = {}
+    for node, problem in sorted(problems.items()):
+        by_problem.setdefault(problem, []).append(node)
+    lines = [f"  {'node ' + str(nodes[0]) if len(nodes) == 1 else f'{len(nodes)} nodes {nodes}'}: {problem}"
+             for problem, nodes in by_problem.items()]
+    text = f"{len(problems)} client(s) cannot take part in the experiment:\n" + "\n".join(lines)
+    if any("handler" in p for p in problems.values()):
+        text += (f"\nEvery client needs Flower's train and evaluate handlers and {', '.join(handlers)}: add them with "
+                 "fed_unlearn.flower.add_unlearning(app, model_fn=..., data_fn=...) (docs/own-app.md).")
+    return text
 
 
 def _describe(grid: Grid, nodes: list[int], timeout: float, check: ArrayRecord | None, handlers: Sequence[str],
@@ -130,7 +140,7 @@ def _describe(grid: Grid, nodes: list[int], timeout: float, check: ArrayRecord |
     for reply in grid.send_and_receive(msgs, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            problems[node] = f"no {P.IDENTIFY} handler ({_last_line(reply.error.reason)})"
+            problems[node] = f"no {P.IDENTIFY} handler ({last_line(reply.error.reason)})"
             continue
         ident = dict(reply.content[P.IDENTITY_RECORD]) if P.IDENTITY_RECORD in reply.content.config_records else {}
         caps = dict(reply.content[P.CAPABILITIES_RECORD]) if P.CAPABILITIES_RECORD in reply.content.config_records else {}
@@ -148,7 +158,7 @@ def _describe(grid: Grid, nodes: list[int], timeout: float, check: ArrayRecord |
     for reply in grid.send_and_receive(info_msgs, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            problems[node] = f"{P.INFO} failed: {_last_line(reply.error.reason)}"
+            problems[node] = f"{P.INFO} failed: {last_line(reply.error.reason)}"
             continue
         arch = str(reply.content["check"]["architecture"]) if "check" in reply.content.config_records else "ok"
         if arch != "ok":
@@ -169,7 +179,8 @@ def _describe(grid: Grid, nodes: list[int], timeout: float, check: ArrayRecord |
     return problems
 
 
-def _last_line(text: str) -> str:
+def last_line(text: str) -> str:
+    """The last non-empty line of a client's error (its exception), or the text itself."""
     lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
     return lines[-1] if lines else str(text)
 
@@ -323,6 +334,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
 
     strategy = new_strategy(method, len(clients), evaluate_departed=True)
     strategy.identities = {i.node_id: {"partition-id": c} for c, i in clients.items()}
+    for i in clients.values():  # a reply may not weigh more than the data the client described
+        strategy.declare_examples(i.node_id, i.train_n)
     if not cfg.deletion.needs_model:
         # the forget set does not depend on the model: clients know it from the start, so every
         # round's evaluation can report forget accuracy

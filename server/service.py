@@ -55,8 +55,10 @@ from fed_unlearn.report import write_json
 from fed_unlearn.task import load_task
 from fed_unlearn.unlearning import make_method, method_class, online_methods
 
-from .experiment import ClientInfo, discover_clients, gold_federation, initial_model, measure, new_strategy
+from .experiment import ClientInfo, discover_clients, gold_federation, initial_model, last_line, measure, new_strategy
 
+#: Requests taken from one site's poll per round (the rest wait for the next poll).
+MAX_REQUESTS_PER_POLL = 50
 #: What the leakage audit keeps of a site's measurements.
 AUDIT_KEYS = ("forget-acc", "forget-heldout-acc", "forget-loss", "mia-auc", "mia-entropy-auc")
 
@@ -143,8 +145,21 @@ class ErasureService:
         self.stale = self.journal.reconcile()
         # every connected site each round (none is waited for: a site that is down just misses the round)
         self.strategy = new_strategy(None, 1, evaluate_departed=False, on_missing="skip")
+        self.strategy.max_strikes = svc.max_strikes
         self.strategy.identities = {i.node_id: {"partition-id": c} for c, i in self.clients.items()}
         self.strategy.exclude(*departed)
+        # a site's replies may not weigh more than its registered size, or than what it described when it
+        # first joined (kept in the checkpoint: a restarted node cannot raise it)
+        self.declared: dict[str, int] = dict(ck.state.get("declared", {})) if ck else {}
+        for site, cid in self.sites.items():
+            if cid not in self.clients:
+                continue
+            registered = registry.sites[site].get("num-examples") if registry is not None else None
+            self.declared[site] = int(registered) if registered else self.declared.get(site, self.clients[cid].train_n)
+            self.strategy.declare_examples(self.node_of[cid], self.declared[site])
+        self.excluded_sites = set(ck.state.get("excluded-sites", [])) if ck else set()
+        self.strategy.excluded |= {self.node_of[self.sites[s]] for s in self.excluded_sites
+                                   if self.sites.get(s) in self.node_of}
         self.in_flight: list[str] = []
         self.verdicts: dict[int, dict[str, list[str]]] = {}  # node -> {"acks": [...], "refused": [...]}
         self.history: dict[int, dict[str, float]] = {}
@@ -169,24 +184,47 @@ class ErasureService:
         connected = set(self.grid.get_node_ids())  # a node that is down would make the poll wait for its timeout
         asked = sorted(c for c in set(self.active) | {client_of[n] for n in self.verdicts} if self.node_of[c] in connected)
         msgs = []
+        owed: dict[int, dict[str, list[str]]] = {}
         for cid in asked:
-            v = self.verdicts.pop(self.node_of[cid], {})
+            v = owed[self.node_of[cid]] = self.verdicts.pop(self.node_of[cid], {})
             cfg = ConfigRecord({"server-round": rnd, **({"acks": v["acks"]} if v.get("acks") else {}),
                                 **({"refused": v["refused"]} if v.get("refused") else {})})
             msgs.append(Message(RecordDict({"config": cfg}), self.node_of[cid], P.ERASURE))
+        answered: set[int] = set()
         for reply in self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
             nid = reply.metadata.src_node_id
-            if reply.has_error() or "erasure" not in reply.content.config_records:
+            if nid not in client_of or nid not in owed:
                 continue
+            sender = self.site_of[client_of[nid]]
+            if reply.has_error() or "erasure" not in reply.content.config_records:
+                why = last_line(reply.error.reason) if reply.has_error() else "no 'erasure' record in its reply"
+                log(WARNING, "round %d: the erasure poll of site %r failed (%s); retried next round", rnd, sender, why)
+                self.journal.event(rnd, f"site:{sender}", "poll-failed", why)
+                continue
+            answered.add(nid)
             record = reply.content["erasure"]
-            texts = record.get("requests", [])
-            files = record.get("files", [])
+            texts, files, problems = (record.get(k, []) for k in ("requests", "files", "problems"))
             texts = texts if isinstance(texts, list) else []
             files = files if isinstance(files, list) and len(files) == len(texts) else [""] * len(texts)
-            sender = self.site_of[client_of[nid]]
+            problems = problems if isinstance(problems, list) and len(problems) == len(texts) else [""] * len(texts)
             verdict = self.verdicts.setdefault(nid, {"acks": [], "refused": []})
-            for text, name in zip(texts, files):
-                self._intake(str(text), str(name), sender, nid, rnd, verdict)
+            for text, name, problem in list(zip(texts, files, problems))[:MAX_REQUESTS_PER_POLL]:
+                if problem:
+                    self._refuse_file(str(name), sender, nid, rnd, str(problem)[:500], verdict)
+                else:
+                    self._intake(str(text), str(name), sender, nid, rnd, verdict)
+        for nid, v in owed.items():  # verdicts a site did not receive are sent again with the next poll
+            if nid not in answered and (v.get("acks") or v.get("refused")):
+                mine = self.verdicts.setdefault(nid, {"acks": [], "refused": []})
+                mine["acks"] = list(dict.fromkeys(v.get("acks", []) + mine["acks"]))
+                mine["refused"] = list(dict.fromkeys(v.get("refused", []) + mine["refused"]))
+
+    def _refuse_file(self, name: str, sender: str, nid: int, rnd: int, problem: str, verdict: dict[str, list[str]]) -> None:
+        """A file in a site's inbox that is not a request at all (unreadable, too large, a folder)."""
+        self.journal.refuse(f"node {nid} ({sender})", None, f"unreadable inbox file {name!r}: {problem}", "", rnd)
+        if name:
+            verdict["refused"].append(name)
+        log(WARNING, "refused inbox file %r of site %r: %s", name, sender, problem)
 
     def _intake(self, text: str, name: str, sender: str, nid: int, rnd: int, verdict: dict[str, list[str]]) -> None:
         try:
@@ -320,6 +358,7 @@ class ErasureService:
             serving[:] = self.in_flight
 
         def after(rnd: int, arrays: ArrayRecord, summary: dict[str, float]) -> None:
+            self._journal_problems(rnd)
             served: list[str] = []
             if serving and self.strategy.failed:
                 self.journal.back_to_pending(serving, rnd, "a site to forget did not reply")
@@ -335,7 +374,8 @@ class ErasureService:
                 recovered += served
             self.gone_sites |= {self.site_of[c] for c in self.departed_clients}
             state = {"sites": self.sites, "departed-sites": sorted(self.gone_sites),
-                     "departed": sorted(self.departed_clients)}
+                     "departed": sorted(self.departed_clients), "declared": self.declared,
+                     "excluded-sites": sorted(self.excluded_sites)}
             self.journal.commit_round(rnd, weights, state, served=served, recovered=recovered,
                                       details={rid: {"model-after-unlearning": digest} for rid in served})
             log(INFO, "[service] round %d committed: test-acc %.4f, %d sites, served %s, recovered %s", rnd,
@@ -348,6 +388,22 @@ class ErasureService:
                    before_round=before, after_round=after, fail_on_empty=False)
         return self.summary()
 
+    def _journal_problems(self, rnd: int) -> None:
+        """Journal the replies the round did not use, and the sites excluded for them."""
+        client_of = {n: c for c, n in self.node_of.items()}
+        for node, problem in sorted(self.strategy.last_round_problems.items()):
+            if problem == "ok" or node not in client_of:
+                continue
+            site = self.site_of[client_of[node]]
+            self.journal.event(rnd, f"site:{site}", "failed" if problem.startswith("failed") else "rejected-update", problem)
+        for node in sorted(self.strategy.excluded):
+            site = self.site_of.get(client_of.get(node, -1))
+            if site is not None and site not in self.excluded_sites:
+                self.excluded_sites.add(site)
+                self.journal.event(rnd, f"site:{site}", "excluded",
+                                   f"{self.strategy.strikes[node]} invalid replies: no longer part of the federation")
+                log(WARNING, "site %r is excluded after %d invalid replies", site, self.strategy.strikes[node])
+
     def summary(self) -> dict[str, Any]:
         """``service.json``: rounds of this run, every request and refusal."""
         out = {
@@ -355,6 +411,8 @@ class ErasureService:
             "history": {str(r): h for r, h in self.history.items()},
             "requests": [{**r.__dict__} for r in self.journal.requests()],
             "refusals": self.journal.refusals(),
+            "events": self.journal.events(),
+            "excluded-sites": sorted(self.excluded_sites),
             "open-requests": [r.id for r in self.journal.requests() if r.state in ("pending", "unlearning")],
         }
         write_json(self.state_dir / "service.json", out)
@@ -377,9 +435,10 @@ def run_service(grid: Grid, cfg: ExperimentConfig, svc: ServiceConfig, run_confi
 
 def describe(state_dir: str | Path) -> str:
     """A short text status of a service's journal (for operators and logs)."""
-    with Journal(Path(state_dir) / "journal.sqlite") as j:
+    with Journal(Path(state_dir) / "journal.sqlite", create=False) as j:
         ck = j.checkpoint()
         lines = [f"checkpoint: round {ck.server_round} ({ck.digest[:12]})" if ck else "checkpoint: none"]
         lines += [f"{r.id} {r.site} {r.state} attempts={r.attempts} by={r.requested_by}" for r in j.requests()]
         lines += [f"refused: {x['named-site']} from {x['source']}: {x['reason']}" for x in j.refusals()]
+        lines += [f"event round {x['server-round']}: {x['kind']} {x['source']}: {x['detail']}" for x in j.events()]
         return "\n".join(lines) + "\n" + json.dumps({"open": [r.id for r in j.requests() if r.state != "verified"]})

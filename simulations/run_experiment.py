@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -133,6 +134,71 @@ def run_status(env: dict[str, str], run_id: str) -> str:
     return str(runs[0].get("status", "unknown")) if runs else "unknown"
 
 
+def preflight(overrides: str, num_clients: int) -> None:
+    """Check this repository's run config and data before anything starts (one line on failure).
+
+    Raises
+    ------
+    ValueError
+        Naming the key, file or client that is wrong.
+    """
+    from fed_unlearn.config import ExperimentConfig, ServiceConfig, mode_of
+    from fed_unlearn.flower import as_dataset
+    from fed_unlearn.task import load_task
+    from fed_unlearn.unlearning import config_from_run_config, make_method
+
+    from .inprocess import fused_run_config
+
+    try:
+        rc = fused_run_config(str(PROJECT_ROOT), overrides)
+    except (ValueError, KeyError, TypeError) as exc:  # Flower's own parser: unknown keys, bad syntax
+        raise ValueError(f"--run-config: {exc}") from None
+    mode = mode_of(rc)
+    cfg = ExperimentConfig.from_run_config(rc)
+    make_method(cfg.method, rc)
+    if mode == "service":
+        config_from_run_config(ServiceConfig, rc, "service")
+        return
+    unknown = sorted(c for c in cfg.departing if c >= num_clients)
+    if unknown:
+        raise ValueError(f"run-config 'unlearn.departing' names client(s) {unknown}, but there are {num_clients} "
+                         f"(ids 0..{num_clients - 1})")
+    task = load_task(cfg.task)
+    for pid in range(num_clients):  # the clients will load the same data: fail here, naming the file or key
+        try:
+            train, held = (as_dataset(d, f"client {pid} {part}") for d, part in zip(task.data(pid, num_clients, rc),
+                                                                                   ("train data", "held-out data")))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"client {pid}'s data: {exc}") from None
+        classes = max(train.num_classes, held.num_classes)
+        if (cfg.deletion.scenario == "class" or cfg.deletion.selection == "class") and cfg.deletion.forget_class >= classes \
+                and task.builtin:
+            raise ValueError(f"run-config 'unlearn.class' is {cfg.deletion.forget_class}, but the data has {classes} classes")
+
+
+class LogFilter:
+    """Print a run's log lines as they come; keep tracebacks out of sight (``--debug`` shows them)."""
+
+    def __init__(self, debug: bool) -> None:
+        self.debug = debug
+        self.in_traceback = False
+        self.error = ""
+
+    def __call__(self, line: str) -> None:
+        text = line.rstrip("\n")
+        if "Traceback (most recent call last)" in text:
+            self.in_traceback = True
+        elif self.in_traceback and text and not text.startswith((" ", "\t")) and ":" in text \
+                and not text.lstrip().startswith("File "):
+            self.in_traceback = False
+            self.error = text.split("  ", 1)[-1].strip()  # the exception line ends the traceback
+            if not self.debug:
+                print(f"error: {self.error}", flush=True)
+                return
+        if self.debug or not self.in_traceback:
+            print(text, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -143,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results-dir", default=str(PROJECT_ROOT / "results"), help="where results go (default ./results)")
     ap.add_argument("--flwr-home", default="", help="FLWR_HOME to use (default: a fresh one under results-dir)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is abandoned")
+    ap.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = ap.parse_args(argv)
     if args.num_clients < 2:
         ap.error("--num-clients must be >= 2 (one departs, at least one remains)")
@@ -160,6 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     app = Path(args.app).resolve()
     if not (app / "pyproject.toml").is_file():
         ap.error(f"--app {app}: no pyproject.toml there (a Flower app needs one)")
+    if app == PROJECT_ROOT:
+        try:
+            preflight(args.run_config, args.num_clients)
+        except Exception as exc:  # noqa: BLE001  (one line for the user; --debug shows where)
+            if args.debug:
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     overrides = ""
     if app == PROJECT_ROOT:  # this repository's app writes its results where asked
         overrides = f"results-dir='{results}'"
@@ -183,7 +258,11 @@ def main(argv: list[str] | None = None) -> int:
             print(sub.stdout, sub.stderr, file=sys.stderr)
             return 2
         print(f"run {run_id} submitted; streaming its log", flush=True)
-        stream = subprocess.Popen([_bin("flwr"), "log", str(run_id), "local", "--stream"], env=env, cwd=str(PROJECT_ROOT))
+        stream = subprocess.Popen([_bin("flwr"), "log", str(run_id), "local", "--stream"], env=env, cwd=str(PROJECT_ROOT),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        shown = LogFilter(args.debug)
+        reader = threading.Thread(target=lambda: [shown(line) for line in stream.stdout or []], daemon=True)
+        reader.start()
         deadline = time.monotonic() + args.timeout
         status = run_status(env, run_id)
         while not status.startswith("finished") and time.monotonic() < deadline:
@@ -191,9 +270,12 @@ def main(argv: list[str] | None = None) -> int:
             status = run_status(env, run_id)
         time.sleep(1.0)  # let the log stream print the last lines
         stop_process(stream, grace=3.0) if stream.poll() is None else None
+        reader.join(timeout=5.0)
         print(f"run {run_id}: {status}", flush=True)
         if status != "finished:completed":
-            print(f"the run did not complete; SuperLink log: {flwr_home / 'local-superlink' / 'superlink.log'}", file=sys.stderr)
+            why = f": {shown.error}" if shown.error else ""
+            print(f"the run did not complete{why} (SuperLink log: {flwr_home / 'local-superlink' / 'superlink.log'}; "
+                  "--debug shows tracebacks)", file=sys.stderr)
             return 1
         print(f"results in {results}")
         return 0

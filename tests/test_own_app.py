@@ -201,6 +201,7 @@ def test_the_project_server_refuses_a_plain_client_before_any_training(tmp_path)
         with pytest.raises(ClientProtocolError, match=expect) as err:
             project_server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
         assert "3 client(s) cannot take part" in str(err.value) and "add_unlearning" in str(err.value)
+        assert str(err.value).count("missing handlers") + str(err.value).count("no query.identify") == 1  # said once
         assert not any(t.startswith("train") for t in grid.sent)
 
 

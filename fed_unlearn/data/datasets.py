@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import zipfile
 import importlib.metadata
 import io
 from dataclasses import dataclass
@@ -130,12 +131,18 @@ def load_fashion_mnist(data_dir: str | Path = DEFAULT_FASHION_MNIST_DIR) -> Arra
         ``/usr/share/datasets/fashion-mnist``.
     """
     root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Fashion-MNIST folder {root} does not exist (set data-dir; on Debian: "
+                                "apt-get install dataset-fashion-mnist)")
     parts = []
     for split in ("train", "t10k"):
         images = read_idx(_find_idx(root, f"{split}-images-idx3-ubyte"))
         labels = read_idx(_find_idx(root, f"{split}-labels-idx1-ubyte"))
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise ValueError(f"{root}: {split} images {images.shape} / labels {labels.shape}")
+        if len(labels) and (labels.min() < 0 or labels.max() >= 10):
+            raise ValueError(f"{_find_idx(root, f'{split}-labels-idx1-ubyte')}: labels must be in [0, 10), "
+                             f"found {int(labels.min())}..{int(labels.max())}")
         parts.append((images, labels))
     x = np.concatenate([p[0] for p in parts]).astype(np.float32)[:, None] / 255.0
     y = np.concatenate([p[1] for p in parts]).astype(np.int64)
@@ -176,16 +183,24 @@ def load_uci_adult(data_dir: str | Path) -> ArrayDataset:
         labels 1 for ``>50K``.
     """
     root = Path(data_dir)
+    if not str(data_dir) or not root.is_dir():
+        raise FileNotFoundError(f"UCI Adult folder {str(data_dir)!r} does not exist (set data-dir to the folder "
+                                "with adult.data and adult.test)")
     rows: list[list[str]] = []
+    where: list[tuple[Path, int]] = []
     for stem in ("adult.data", "adult.test"):
         path = next((root / n for n in (stem, stem + ".gz") if (root / n).is_file()), None)
         if path is None:
             raise FileNotFoundError(f"UCI Adult file {stem}[.gz] not found in {root}")
         opener: Callable[..., io.TextIOBase] = gzip.open if path.suffix == ".gz" else open  # type: ignore[assignment]
-        with opener(path, "rt") as fh:
-            for rec in csv.reader(fh, skipinitialspace=True):
-                if len(rec) == len(_ADULT_COLUMNS):  # skips blank lines and the test file's comment
-                    rows.append([v.strip() for v in rec])
+        try:
+            with opener(path, "rt") as fh:
+                for line, rec in enumerate(csv.reader(fh, skipinitialspace=True), start=1):
+                    if len(rec) == len(_ADULT_COLUMNS):  # skips blank lines and the test file's comment
+                        rows.append([v.strip() for v in rec])
+                        where.append((path, line))
+        except (EOFError, OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise ValueError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
     if not rows:
         raise ValueError(f"no UCI Adult rows read from {root}")
     cols = list(zip(*rows))
@@ -193,7 +208,15 @@ def load_uci_adult(data_dir: str | Path) -> ArrayDataset:
     feats = []
     for name, values in zip(_ADULT_COLUMNS[:-1], cols[:-1]):
         if name in _ADULT_NUMERIC:
-            v = np.asarray(values, dtype=np.float64)
+            try:
+                v = np.asarray(values, dtype=np.float64)
+            except ValueError:
+                i = next(i for i, val in enumerate(values) if not _is_number(val))
+                raise ValueError(f"{where[i][0]} line {where[i][1]}: column '{name}' must be a number, "
+                                 f"got {values[i]!r}") from None
+            if not np.all(np.isfinite(v)):
+                i = int(np.flatnonzero(~np.isfinite(v))[0])
+                raise ValueError(f"{where[i][0]} line {where[i][1]}: column '{name}' must be finite, got {values[i]!r}")
             feats.append(((v - v.mean()) / (v.std() + 1e-12))[:, None])
         else:
             cats = sorted(set(values))
@@ -203,6 +226,14 @@ def load_uci_adult(data_dir: str | Path) -> ArrayDataset:
             feats.append(onehot)
     x = np.concatenate(feats, axis=1).astype(np.float32)
     return ArrayDataset(x, y, 2, "uci-adult")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _load_torchvision(kind: str, data_dir: str | Path) -> ArrayDataset:
@@ -286,11 +317,18 @@ def load_site_file(path: str | Path) -> ArrayDataset:
     ValueError
         On missing arrays, mismatched lengths or labels outside ``[0, num_classes)``.
     """
-    with np.load(Path(path)) as z:
-        missing = sorted({"x", "y", "num_classes"} - set(z.files))
-        if missing:
-            raise ValueError(f"site data {path}: missing array(s) {missing} (need x, y, num_classes)")
-        x, y, k = z["x"].astype(np.float32), z["y"].astype(np.int64), int(z["num_classes"])
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"site data {path} does not exist (node-config data-file)")
+    try:
+        with np.load(Path(path), allow_pickle=False) as z:
+            missing = sorted({"x", "y", "num_classes"} - set(z.files))
+            if missing:
+                raise ValueError(f"site data {path}: missing array(s) {missing} (need x, y, num_classes)")
+            x, y, k = z["x"].astype(np.float32), z["y"].astype(np.int64), int(z["num_classes"])
+    except (OSError, EOFError, zipfile.BadZipFile, TypeError) as exc:
+        raise ValueError(f"site data {path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"site data {path}: x holds NaN or infinite values")
     if len(x) != len(y) or y.ndim != 1:
         raise ValueError(f"site data {path}: x has {len(x)} rows, y has shape {y.shape}")
     if len(y) and (y.min() < 0 or y.max() >= k):

@@ -7,6 +7,7 @@ big-endian uint32 per dimension, then the data in C order, big-endian.
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -58,5 +59,8 @@ def parse_idx(buf: bytes, source: str = "<bytes>") -> np.ndarray:
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file, gzipped (``.gz``) or not."""
     path = Path(path)
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise ValueError(f"{path}: corrupt or truncated gzip file ({exc})") from None
     return parse_idx(raw, str(path))

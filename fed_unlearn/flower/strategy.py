@@ -195,6 +195,15 @@ class Unlearning(Strategy):
         Record per-layer spectra and motion shares of every unlearning round.
     query_timeout : float
         Seconds to wait for the replies of the strategy's own queries (identify, deletion request).
+    max_update_norm : float, optional
+        Clip every reply's pseudo-gradient ``w_k - w`` to this L2 norm before aggregation
+        (off by default: exact FedAvg).
+    departing_step_bound : float, optional
+        In an unlearning round driven by the departing clients' replies, the step they cause
+        (the new model minus the remaining clients' plain average) is scaled down to at most
+        this many times the remaining clients' mean update norm (this round's, or the last
+        ordinary round's), so a malicious departing client cannot throw the model anywhere.
+        ``None`` turns the bound off.
 
     Raises
     ------
@@ -218,6 +227,8 @@ class Unlearning(Strategy):
         declared_examples: Mapping[int, int] | None = None,
         diagnostics: bool = True,
         query_timeout: float = 600.0,
+        max_update_norm: float | None = None,
+        departing_step_bound: float | None = 10.0,
     ) -> None:
         if isinstance(strategy, Unlearning):
             raise ValueError("the strategy is already wrapped for unlearning")
@@ -230,6 +241,9 @@ class Unlearning(Strategy):
             raise ValueError(f"composition must be one of {', '.join(COMPOSITIONS)}, got {composition!r}")
         if max_strikes < 0:
             raise ValueError(f"max_strikes must be >= 0, got {max_strikes}")
+        for name, bound in (("max_update_norm", max_update_norm), ("departing_step_bound", departing_step_bound)):
+            if bound is not None and not (np.isfinite(bound) and bound > 0):
+                raise ValueError(f"{name} must be a positive finite number or None, got {bound!r}")
         self.strategy = strategy
         self.method = make_method(method) if isinstance(method, str) else method
         if self.method is not None:
@@ -243,6 +257,10 @@ class Unlearning(Strategy):
         self.max_strikes = max_strikes
         self.diagnostics = diagnostics
         self.identify_timeout = query_timeout
+        self.max_update_norm = max_update_norm
+        self.departing_step_bound = departing_step_bound
+        #: Mean L2 norm of the clients' pseudo-gradients in the last ordinary round (one number, not history).
+        self.last_update_norm: float | None = None
         self.arrayrecord_key: str = getattr(strategy, "arrayrecord_key", "arrays")
         self.configrecord_key: str = getattr(strategy, "configrecord_key", "config")
         self.weighted_by_key: str = getattr(strategy, "weighted_by_key", P.NUM_EXAMPLES)
@@ -702,6 +720,10 @@ class Unlearning(Strategy):
                     weights = {k: (w.astype(np.asarray(self._global[k]).dtype) if k in wider else w)
                                for k, w in weights.items()}
                     record = to_record(weights)
+                if self.max_update_norm is not None:
+                    clipped = clip_update(weights, self._global, self.max_update_norm)
+                    if clipped is not weights:
+                        weights, record = clipped, to_record(clipped)
             except InvalidUpdateError as exc:
                 return None, str(exc)
             except Exception as exc:  # noqa: BLE001  (undecodable arrays are the client's fault, not the round's)
@@ -782,6 +804,7 @@ class Unlearning(Strategy):
                 return None, rollup
             if self.method is not None and self._round_start is not None:
                 self.method.observe(server_round, self._round_start, retain_updates)
+            self.last_update_norm = _mean_update_norm(retain_updates, self._global)
             arrays, metrics = self.strategy.aggregate_train(server_round, retain_msgs)
             return arrays, _merge(metrics, rollup)
         method = self._method
@@ -804,12 +827,13 @@ class Unlearning(Strategy):
                                "unlearned")
         new = method.aggregate(self._global, retain_updates, forget_updates)
         validate_update(new, self._global, f"method {method.name}")  # the method itself must not emit NaN
+        new, step = self._bound_departing_step(new, retain_updates, forget_updates)
         arrays, metrics = self._compose(server_round, new, retain_msgs, retain_updates, forget_updates)
         self.unlearning_rounds_run += 1
         if self.unlearning_rounds_run >= method.num_rounds:
             batch = self._batch
             if self.diagnostics:
-                self.unlearning_report = self._diagnose(server_round, new, parsed)
+                self.unlearning_report = {**self._diagnose(server_round, new, parsed), **step}
             if batch is not None and batch.leave:
                 self.departed |= set(self.pending)
             else:
@@ -817,6 +841,29 @@ class Unlearning(Strategy):
             log(INFO, "aggregate_train: %s served the requests of nodes %s", method.name, list(self.pending))
             self.pending, self._batch = (), None
         return arrays, _merge(metrics, rollup)
+
+    def _bound_departing_step(self, new: dict[str, np.ndarray], retain: list[ClientUpdate],
+                              forget: list[ClientUpdate]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Scale the departing clients' step down to ``departing_step_bound`` x the remaining clients' update norm."""
+        if self._global is None or not forget:
+            return new, {}
+        base = fedavg(retain) if retain else self._global
+        step = {k: np.asarray(new[k], np.float64) - np.asarray(base[k], np.float64) for k in self._global}
+        norm = float(np.sqrt(sum(float(np.sum(v ** 2)) for v in step.values())))
+        ref = _mean_update_norm(retain, self._global) if retain else self.last_update_norm
+        info: dict[str, Any] = {"departing-step-norm": norm, "reference-update-norm": ref}
+        if self.departing_step_bound is None or not ref or not np.isfinite(norm):
+            return new, info
+        info["departing-step-ratio"] = norm / ref
+        limit = self.departing_step_bound * ref
+        if norm <= limit:
+            return new, {**info, "departing-step-bounded": 0}
+        log(WARNING, "the departing clients' step (%.3g) exceeds %.3g x the remaining clients' update norm (%.3g): "
+            "scaled down to the bound", norm, self.departing_step_bound, ref)
+        scale = limit / norm
+        out = {k: (np.asarray(base[k], np.float64) + scale * step[k]).astype(np.asarray(g).dtype)
+               for k, g in self._global.items()}
+        return out, {**info, "departing-step-bounded": 1}
 
     def _compose(self, server_round: int, new: dict[str, np.ndarray], retain_msgs: list[Message],
                  retain_updates: list[ClientUpdate], forget_updates: list[ClientUpdate]) -> tuple[ArrayRecord, MetricRecord | None]:
@@ -985,6 +1032,27 @@ class UnlearningFedAvg(Unlearning):
                     weighted_by_key=weighted_by_key, arrayrecord_key=arrayrecord_key, configrecord_key=configrecord_key,
                     train_metrics_aggr_fn=train_metrics_aggr_fn, evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn)
         super().__init__(inner, method, **unlearning)
+
+
+def _mean_update_norm(updates: Sequence[ClientUpdate], start: Mapping[str, np.ndarray]) -> float | None:
+    """Mean L2 norm of the updates' pseudo-gradients against ``start`` (``None`` without updates)."""
+    if not updates:
+        return None
+    norms = [float(np.sqrt(sum(float(np.sum((np.asarray(u.weights[k], np.float64) - np.asarray(g, np.float64)) ** 2))
+                               for k, g in start.items() if np.issubdtype(np.asarray(g).dtype, np.floating))))
+             for u in updates]
+    return float(np.mean(norms))
+
+
+def clip_update(weights: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray], bound: float) -> Mapping[str, np.ndarray]:
+    """``start + (w - start) * min(1, bound / ||w - start||)`` (the same mapping when already within the bound)."""
+    delta = {k: np.asarray(weights[k], np.float64) - np.asarray(g, np.float64) for k, g in start.items()
+             if np.issubdtype(np.asarray(g).dtype, np.floating)}
+    norm = float(np.sqrt(sum(float(np.sum(d ** 2)) for d in delta.values())))
+    if norm <= bound:
+        return weights
+    return {k: ((np.asarray(start[k], np.float64) + delta[k] * (bound / norm)).astype(np.asarray(w).dtype)
+                if k in delta else w) for k, w in weights.items()}
 
 
 def _merge(first: MetricRecord | None, extra: MetricRecord | None) -> MetricRecord | None:
