@@ -77,8 +77,8 @@ def test_a_plain_app_departs_a_client_named_by_its_node_config_with_puf(tmp_path
     assert 0.5 < res["evaluate-metrics"][str(CONFIG["num-server-rounds"])]["eval_acc"] <= 1.0
 
 
-@pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
-def test_the_wrapper_around_fedprox_and_fedadam(tmp_path, strategy):
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "fedtrimmedavg"])
+def test_the_wrapper_around_fedprox_fedadam_and_a_robust_aggregator(tmp_path, strategy):
     res = run(tmp_path, plain.app, strategy=strategy)
     # PUF's negated pseudo-gradient went through the wrapped aggregation (and FedAdam's optimizer): the departed
     # client's forget accuracy moves down, toward the gold's (the reference scale may overshoot it)

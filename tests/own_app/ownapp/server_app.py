@@ -47,7 +47,7 @@ def wrapped(name: str, num_nodes: int) -> Any:
     if name == "fedadam":
         return FedAdam(eta=0.01, eta_l=0.05, tau=1e-3, **kw)
     if name == "fedtrimmedavg":
-        return FedTrimmedAvg(beta=0.2, **kw)
+        return FedTrimmedAvg(beta=0.25, **kw)
     return FedAvg(**kw)
 
 
