@@ -158,6 +158,9 @@ class ErasureService:
             self.declared[site] = int(registered) if registered else self.declared.get(site, self.clients[cid].train_n)
             self.strategy.declare_examples(self.node_of[cid], self.declared[site])
         self.excluded_sites = set(ck.state.get("excluded-sites", [])) if ck else set()
+        for site, n in (ck.state.get("strikes", {}) if ck else {}).items():  # a restart forgives nothing
+            if self.sites.get(site) in self.node_of:
+                self.strategy.strikes[self.node_of[self.sites[site]]] = int(n)
         self.strategy.excluded |= {self.node_of[self.sites[s]] for s in self.excluded_sites
                                    if self.sites.get(s) in self.node_of}
         self.in_flight: list[str] = []
@@ -353,6 +356,7 @@ class ErasureService:
         serving: list[str] = []
 
         def before(rnd: int, arrays: ArrayRecord) -> None:
+            self.journal.event(rnd, "server", "round-start", f"round {rnd}")
             self.poll(rnd)
             self.maybe_serve(rnd, arrays)
             serving[:] = self.in_flight
@@ -375,7 +379,9 @@ class ErasureService:
             self.gone_sites |= {self.site_of[c] for c in self.departed_clients}
             state = {"sites": self.sites, "departed-sites": sorted(self.gone_sites),
                      "departed": sorted(self.departed_clients), "declared": self.declared,
-                     "excluded-sites": sorted(self.excluded_sites)}
+                     "excluded-sites": sorted(self.excluded_sites),
+                     "strikes": {self.site_of[c]: int(self.strategy.strikes[n]) for c, n in self.node_of.items()
+                                 if self.strategy.strikes[n]}}
             self.journal.commit_round(rnd, weights, state, served=served, recovered=recovered,
                                       details={rid: {"model-after-unlearning": digest} for rid in served})
             log(INFO, "[service] round %d committed: test-acc %.4f, %d sites, served %s, recovered %s", rnd,
@@ -440,5 +446,6 @@ def describe(state_dir: str | Path) -> str:
         lines = [f"checkpoint: round {ck.server_round} ({ck.digest[:12]})" if ck else "checkpoint: none"]
         lines += [f"{r.id} {r.site} {r.state} attempts={r.attempts} by={r.requested_by}" for r in j.requests()]
         lines += [f"refused: {x['named-site']} from {x['source']}: {x['reason']}" for x in j.refusals()]
-        lines += [f"event round {x['server-round']}: {x['kind']} {x['source']}: {x['detail']}" for x in j.events()]
+        lines += [f"event round {x['server-round']}: {x['kind']} {x['source']}: {x['detail']}" for x in j.events()
+                  if x["kind"] != "round-start"]
         return "\n".join(lines) + "\n" + json.dumps({"open": [r.id for r in j.requests() if r.state != "verified"]})

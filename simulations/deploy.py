@@ -141,6 +141,10 @@ class Deployment:
     node_ids: dict[str, int] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     data_files: dict[str, str] = field(default_factory=dict)
+    #: Extra node-config entries per site (``key='value'`` strings).
+    node_extra: dict[str, str] = field(default_factory=dict)
+    #: The Flower app to run (default: this repository's).
+    app: str = ""
 
     # paths
     @property
@@ -226,6 +230,8 @@ class Deployment:
         parts = [f"partition-id={i}", f"num-partitions={len(self.sites)}", f"site='{site}'", f"erasure-inbox='{self.inbox(site)}'"]
         if site in self.data_files:
             parts.append(f"data-file='{self.data_files[site]}'")
+        if site in self.node_extra:
+            parts.append(self.node_extra[site])
         return " ".join(parts)
 
     def supernode_cmd(self, site: str, clientappio_port: int) -> list[str]:
@@ -288,7 +294,7 @@ class Deployment:
 
     def submit(self, run_config: str) -> int:
         """``flwr run . deploy --run-config ...``; returns the run id."""
-        cmd = ["run", str(PROJECT_ROOT), FEDERATION, "--format", "json", "--run-config", run_config]
+        cmd = ["run", self.app or str(PROJECT_ROOT), FEDERATION, "--format", "json", "--run-config", run_config]
         print("$ flwr", " ".join(shlex.quote(c) for c in cmd), flush=True)
         out = self.flwr(*cmd)
         try:
