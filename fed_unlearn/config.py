@@ -17,7 +17,7 @@ from .deletion import DeletionRequest, request_from_run_config
 from .models import MODELS
 from .training import TrainSettings
 
-RECOVERY_MODES = ("fixed", "until-gold")
+RECOVERY_MODES = ("validation", "fixed", "until-gold")
 
 #: Bumped when the gold federation's procedure changes, so stale caches are not reused.
 GOLD_FORMAT_VERSION = 1
@@ -83,9 +83,17 @@ class ExperimentConfig:
         unlearns, rounds ``d+1..T`` recover over the remaining clients. The gold
         federation trains the original's ``d-1`` rounds from the same initial model
         and seeds, without the departing clients.
-    recovery : {"fixed", "until-gold"}
-        ``fixed`` runs every recovery round; ``until-gold`` stops once the retained
-        clients' held-out accuracy is within ``recovery_tolerance`` of the gold's.
+    recovery : {"validation", "fixed", "until-gold"}
+        When recovery stops. ``validation`` (default, gold-free): once the remaining
+        clients' held-out accuracy is back within ``recovery_tolerance`` of the pre-request
+        model's, or has stopped improving for ``recovery_patience`` rounds; ``fixed``: runs
+        to ``T``; ``until-gold``: an *oracle* for ablations, stops at the gold's accuracy
+        (information no real federation has).
+    recovery_patience : int
+        Rounds without improvement (by more than 0.001) after which ``validation`` stops.
+    calibrate : bool
+        Calibrate the unlearning step on the forgetting clients' own data
+        (:mod:`fed_unlearn.calibration`, ``unlearn.calibrate``).
     recovery_tolerance : float
         Accuracy gap to gold (absolute) counted as recovered.
     augment : str
@@ -123,8 +131,10 @@ class ExperimentConfig:
     departing: tuple[int, ...] = (0,)
     departure_round: int = 6
     deletion: DeletionRequest = field(default_factory=DeletionRequest)
-    recovery: str = "until-gold"
+    recovery: str = "validation"
     recovery_tolerance: float = 0.01
+    recovery_patience: int = 2
+    calibrate: bool = True
     augment: str = "none"
     fastclip_bound: float = 0.0
     fastclip_every: int = 50
@@ -187,6 +197,7 @@ class ExperimentConfig:
             ("round-timeout", self.round_timeout, lambda v: v > 0, "> 0"),
             ("unlearn.recovery-tolerance", self.recovery_tolerance, lambda v: 0 <= v < 1, "in [0, 1)"),
             ("relearn-max-steps", self.relearn_max_steps, lambda v: v >= 0, ">= 0"),
+            ("unlearn.recovery-patience", self.recovery_patience, lambda v: v >= 1, ">= 1"),
             ("client-threads", self.client_threads, lambda v: v >= 1, ">= 1"),
         ]
         for key, value, ok, want in checks:
@@ -249,6 +260,8 @@ class ExperimentConfig:
             deletion=deletion,
             recovery=get("unlearn.recovery", d.recovery),
             recovery_tolerance=get("unlearn.recovery-tolerance", d.recovery_tolerance),
+            recovery_patience=get("unlearn.recovery-patience", d.recovery_patience),
+            calibrate=get("unlearn.calibrate", d.calibrate),
             augment=get("unlearn.augment", d.augment),
             fastclip_bound=get("fastclip.bound", d.fastclip_bound),
             fastclip_every=get("fastclip.every", d.fastclip_every),

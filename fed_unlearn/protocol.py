@@ -21,6 +21,9 @@ What a client needs, by use
   :data:`FORGET` + :data:`TRAIN_RETAIN` + :data:`TRAIN_UNLEARN` for deletions where the
   client stays (some samples, a class). ``fed_unlearn.flower.add_unlearning(app, ...)``
   registers all of them from a model factory and a data loader.
+* **:data:`CALIBRATE`** for the calibrated unlearning step (how far to go, measured on
+  the departing client's own forget and held-out data); without it a method takes its
+  full, uncalibrated step.
 * **:data:`INFO`, :data:`AUDIT`, :data:`RELEARN`** for the experiment and the audit
   (what the gold comparison and the leakage audit measure on the client's own data).
 * **:data:`ERASURE`** for a deployed site that files its own erasure requests.
@@ -75,6 +78,13 @@ Messages
     (``forget``, ``retain``, ``test``, ``fheld``; :mod:`fed_unlearn.evaluation`), ``<part>-n``,
     ``<part>-correct``, ``<part>-loss-sum`` (and ``-kl-sum``, ``-tv-sum``, ``-disagree-sum``
     against the reference), the membership-inference AUCs, and ``num-examples``.
+``query.calibrate`` (:data:`CALIBRATE`)
+    How far to unlearn (:mod:`fed_unlearn.calibration`). ArrayRecords ``base`` and
+    ``direction``; config ``scales`` (list of float) and :data:`FORGET_ALL`. The client
+    measures ``base + c * direction`` for every ``c`` on its forget set and on held-out
+    samples like them; reply MetricRecord ``calibration``: per-scale lists
+    ``forget-loss-sum``, ``forget-correct``, ``heldout-loss-sum``, and ``forget-n``,
+    ``heldout-n``. A departing client without it gets the method's uncalibrated step.
 ``query.erasure`` (:data:`ERASURE`)
     A deployed site's inbox poll (:mod:`fed_unlearn.erasure`). Config ``acks``,
     ``refused``: request ids the server journaled or refused. Reply: ConfigRecord
@@ -100,8 +110,9 @@ TRAIN_UNLEARN = "train.unlearn"
 RELEARN = "query.relearn"
 AUDIT = "evaluate.audit"
 ERASURE = "query.erasure"
+CALIBRATE = "query.calibrate"
 #: Every message type of the protocol.
-MESSAGE_TYPES = (TRAIN, EVALUATE, IDENTIFY, INFO, FORGET, TRAIN_RETAIN, TRAIN_UNLEARN, RELEARN, AUDIT, ERASURE)
+MESSAGE_TYPES = (TRAIN, EVALUATE, IDENTIFY, INFO, FORGET, TRAIN_RETAIN, TRAIN_UNLEARN, RELEARN, AUDIT, ERASURE, CALIBRATE)
 
 # -- records -------------------------------------------------------------------------------
 IDENTITY_RECORD = "identity"
@@ -133,6 +144,7 @@ NEEDS = {
     "name clients by a node-config key": (IDENTIFY,),
     "a method with a client routine": (TRAIN_UNLEARN,),
     "a deletion where the client stays (samples, a class)": (FORGET, TRAIN_RETAIN, TRAIN_UNLEARN),
-    "the experiment and its report": (IDENTIFY, INFO, FORGET, TRAIN_RETAIN, TRAIN_UNLEARN, RELEARN, AUDIT),
+    "a calibrated unlearning step": (CALIBRATE,),
+    "the experiment and its report": (IDENTIFY, INFO, FORGET, TRAIN_RETAIN, TRAIN_UNLEARN, RELEARN, AUDIT, CALIBRATE),
     "a deployed site filing its own requests": (ERASURE,),
 }

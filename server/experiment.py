@@ -298,6 +298,37 @@ def gold_federation(grid: Grid, cfg: ExperimentConfig, clients: dict[int, Client
     return run.arrays, {**meta, "cached": False}
 
 
+class RecoveryRule:
+    """When recovery stops (:class:`~fed_unlearn.config.ExperimentConfig` ``recovery``); ``reason`` says why.
+
+    ``validation``: the remaining clients' held-out accuracy is back within the tolerance of
+    the pre-request model's (``validation_target``), or has not improved by more than 0.001
+    for ``patience`` rounds. ``until-gold``: at ``gold_target`` (an oracle). ``fixed``: never.
+    """
+
+    def __init__(self, mode: str, validation_target: float, gold_target: float, patience: int) -> None:
+        self.mode, self.validation_target, self.gold_target, self.patience = mode, validation_target, gold_target, patience
+        self.best, self.stale = float("-inf"), 0
+        self.reason = "the last round (num-server-rounds)"
+
+    def __call__(self, acc: float) -> bool:
+        """Whether to stop after a recovery round with test accuracy ``acc``."""
+        if self.mode == "until-gold" and acc >= self.gold_target:
+            self.reason = "the gold's test accuracy (oracle)"
+            return True
+        if self.mode != "validation" or not np.isfinite(acc):
+            return False
+        if acc >= self.validation_target:
+            self.reason = "back within the tolerance of the pre-request test accuracy"
+            return True
+        self.stale = 0 if acc > self.best + 1e-3 else self.stale + 1
+        self.best = max(self.best, acc)
+        if self.stale >= self.patience:
+            self.reason = f"no improvement for {self.patience} rounds"
+            return True
+        return False
+
+
 def train_config(cfg: ExperimentConfig) -> Any:
     """Per-round training config: the augmentation, from the deletion request on (the gold trains without it)."""
     def config(rnd: int) -> dict[str, Any]:
@@ -332,7 +363,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
     log(INFO, "clients %s; deletion %s of clients %s in round %d of %d; method %s", sorted(clients), cfg.deletion.to_dict(),
         list(involved), cfg.departure_round, cfg.num_server_rounds, method.name)
 
-    strategy = new_strategy(method, len(clients), evaluate_departed=True)
+    strategy = new_strategy(method, len(clients), evaluate_departed=True, calibrate=cfg.calibrate)
     strategy.identities = {i.node_id: {"partition-id": c} for c, i in clients.items()}
     for i in clients.values():  # a reply may not weigh more than the data the client described
         strategy.declare_examples(i.node_id, i.train_n)
@@ -356,12 +387,14 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
     gold_history = {int(r): h for r, h in gold_meta["history"].items()}
     gold_final = gold_history[max(gold_history)]
     target = gold_final.get("test-acc", float("nan")) - cfg.recovery_tolerance
+    before = run.history.get(cfg.departure_round - 1, {}).get("test-acc", float("nan"))
     finished: list[int] = []
+    rule = RecoveryRule(cfg.recovery, before - cfg.recovery_tolerance, target, cfg.recovery_patience)
 
     def stop(rnd: int, summary: dict[str, float]) -> bool:
         if strategy.unlearning_done and not finished:
             finished.append(rnd)
-        return cfg.recovery == "until-gold" and bool(finished) and summary.get("test-acc", -1.0) >= target
+        return bool(finished) and rule(summary.get("test-acc", float("nan")))
 
     t_unlearn = time.perf_counter()
     run = run_rounds(grid, strategy, run, range(cfg.departure_round, cfg.num_server_rounds + 1), cfg.round_timeout,
@@ -401,7 +434,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
         "deletion": {**cfg.deletion.to_dict(), "clients": {str(c): r for c, r in sorted(request.items())}},
         "report": report,
         "recovery": {
-            "mode": cfg.recovery, "unlearning-rounds": strategy.unlearning_rounds_run,
+            "mode": cfg.recovery, "stop": rule.reason, "pre-request-test-acc": before,
+            "unlearning-rounds": strategy.unlearning_rounds_run,
             "rounds-run": run.rounds_run - end_unlearning,
             "rounds-to-gold": (reached[0] - end_unlearning) if reached else None,
             "gold-test-acc": gold_final.get("test-acc"), "tolerance": cfg.recovery_tolerance,

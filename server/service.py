@@ -144,7 +144,7 @@ class ErasureService:
         departed = [self.node_of[self.sites[s]] for s in self.gone_sites if self.sites[s] in self.node_of]
         self.stale = self.journal.reconcile()
         # every connected site each round (none is waited for: a site that is down just misses the round)
-        self.strategy = new_strategy(None, 1, evaluate_departed=False, on_missing="skip")
+        self.strategy = new_strategy(None, 1, evaluate_departed=False, on_missing="skip", calibrate=cfg.calibrate)
         self.strategy.max_strikes = svc.max_strikes
         self.strategy.identities = {i.node_id: {"partition-id": c} for c, i in self.clients.items()}
         self.strategy.exclude(*departed)

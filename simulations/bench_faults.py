@@ -38,7 +38,7 @@ from .deploy import Deployment, descendants
 from .run_experiment import PROJECT_ROOT
 
 ROUNDS_A, ROUNDS = 6, 12
-RC = "dataset='digits' service.recovery-rounds=1 round-timeout=60.0 node-wait-seconds=300.0 local-epochs=1"
+RC = "dataset='digits' service.recovery-rounds=1 round-timeout=60.0 local-epochs=1"
 SITES = [f"site-{i}" for i in range(5)]
 FAULTY_CLIENT = '''"""The project's ClientApp with a fault injected by node config (benchmark only)."""
 
@@ -99,7 +99,12 @@ def garbage(inbox: Path) -> int:
 
 def journal(dep: Deployment) -> dict[str, Any]:
     """What the journal says now (read-only)."""
-    db = sqlite3.connect(f"file:{dep.state_dir / 'journal.sqlite'}?mode=ro", uri=True, timeout=30)
+    empty: dict[str, Any] = {"round": 0, "digest": "", "state": {}, "requests": [], "transitions": [], "starts": 0,
+                             "refusals": 0, "events": []}
+    try:
+        db = sqlite3.connect(f"file:{dep.state_dir / 'journal.sqlite'}?mode=ro", uri=True, timeout=30)
+    except sqlite3.OperationalError:  # the service has not created it yet
+        return empty
     try:
         ck = db.execute("SELECT server_round, digest, state FROM checkpoint").fetchone()
         reqs = db.execute("SELECT id, site, state, served_round FROM requests").fetchall()
@@ -108,7 +113,7 @@ def journal(dep: Deployment) -> dict[str, Any]:
         refusals = db.execute("SELECT COUNT(*) FROM refusals").fetchone()[0]
         events = db.execute("SELECT kind, source FROM events WHERE kind != 'round-start'").fetchall()
     except sqlite3.OperationalError:
-        return {"round": 0, "digest": "", "requests": [], "transitions": [], "starts": 0, "refusals": 0, "events": []}
+        return empty
     finally:
         db.close()
     return {"round": ck[0] if ck else 0, "digest": ck[1] if ck else "", "state": json.loads(ck[2]) if ck else {},

@@ -134,7 +134,7 @@ def test_baselines_run_in_the_same_harness(default_run_config, tmp_path, method,
 def test_retrain_reproduces_the_gold_exactly(default_run_config, tmp_path, scenario):
     """The harness check: retraining with the gold's seeds lands on the gold's weights."""
     rc = {**default_run_config, "dataset": "digits", "unlearn.method": "retrain", "unlearn.round": 3, "num-server-rounds": 5,
-          **scenario}
+          "unlearn.recovery": "until-gold", **scenario}  # the oracle stop: no recovery round after retraining
     res, _ = run(rc, 3, tmp_path)
     unl = res["report"]["unlearned"]
     assert unl["l2-to-gold"] == 0.0 and unl["average-gap"] == 0.0 and unl["kl-forget"] == 0.0

@@ -66,6 +66,7 @@ def weights(w, b, dtype=np.float32):
 
 
 def strategy(method="puf", **kw) -> Unlearning:
+    kw.setdefault("calibrate", False)  # the methods' own rules; calibration has its own test
     s = Unlearning(ReproducibleFedAvg(min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1),
                    make_method(method) if isinstance(method, str) else method, **kw)
     s.identities = {n: {"partition-id": c} for c, n in NODES.items()}
@@ -287,3 +288,56 @@ def test_unlearning_fedavg_takes_every_fedavg_argument_and_aggregates_user_metri
     content = RecordDict({"model": to_record(GLOBAL), "m": MetricRecord({"n": 5, "train_loss": 0.3})})
     _, metrics = s.aggregate_train(1, [Message(content, reply_to=Message(RecordDict(), node, MessageType.TRAIN))])
     assert agg_calls == [1] and metrics["mine"] == 1.0 and metrics["total-examples"] == 5
+
+
+class CalibratingGrid(StaticGrid):
+    """Answers query.calibrate like a client whose forget loss is ``a + b c`` and held-out loss is ``h`` at scale c."""
+
+    def __init__(self, nodes, a: float, b: float, h: float) -> None:
+        super().__init__(nodes)
+        self.a, self.b, self.h = a, b, h
+        self.asked: list[Message] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for m in messages:
+            self.asked.append(m)
+            scales = list(m.content["config"]["scales"])
+            rec = MetricRecord({"forget-loss-sum": [10 * (self.a + self.b * c) for c in scales],
+                                "forget-correct": [10.0 * (1 - c) for c in scales],
+                                "heldout-loss-sum": [5 * self.h for _ in scales],
+                                "forget-n": [10.0], "heldout-n": [5.0]})
+            out.append(Message(RecordDict({"calibration": rec}), reply_to=m))
+        return out
+
+
+@pytest.mark.parametrize("a, b, h, scale", [(0.1, 0.8, 0.5, 0.5), (0.6, 0.8, 0.5, 0.0), (0.1, 0.2, 0.5, 1.0)])
+def test_calibration_scales_the_step_to_where_the_forget_set_looks_unseen(a, b, h, scale):
+    """Forget loss a + b c, held-out loss h: the step stops at c = (h - a) / b, in [0, 1]; never beyond the full step."""
+    grid = CalibratingGrid(NODES.values(), a, b, h)
+    s = strategy(make_method("puf", {"puf.scale": 2.0}), calibrate=True)
+    s.request_unlearning(2, round=1)
+    start_round(s, 1, grid)
+    rem = [reply(0, weights([2, 2], 0.5), 1), reply(1, weights([1, 2], 0.5), 1)]
+    out, _ = s.aggregate_train(1, [*rem, reply(2, weights([1, 4], 1.5), 2)])
+    full = puf_update(GLOBAL, [ClientUpdate(0, weights([2, 2], 0.5), 1), ClientUpdate(1, weights([1, 2], 0.5), 1)],
+                      [ClientUpdate(2, weights([1, 4], 1.5), 2)], eta=2.0)
+    base = {"w": np.array([1.5, 2.0]), "b": np.array([0.5])}  # the remaining clients' FedAvg step alone
+    for k in GLOBAL:
+        np.testing.assert_allclose(to_weights(out)[k], base[k] + scale * (full[k] - base[k]), atol=1e-6)
+    cal = s.unlearning_report["calibration"]
+    assert cal["used"] and cal["scale"] == pytest.approx(scale) and cal["reached"] == (scale < 1.0)
+    (asked,) = grid.asked  # only the departing node is asked, with the base model and the step
+    assert asked.metadata.dst_node_id == NODES[2] and asked.metadata.message_type == "query.calibrate"
+    np.testing.assert_allclose(to_weights(asked.content["direction"])["w"], full["w"] - base["w"], atol=1e-6)
+
+
+def test_a_client_without_the_helpers_gets_the_full_step():
+    s = strategy(make_method("puf", {"puf.scale": 2.0}), calibrate=True)
+    s.capabilities[NODES[2]] = {}  # it answered query.identify with no capabilities: a plain client
+    s.request_unlearning(2, round=1)
+    start_round(s, 1)
+    out, _ = s.aggregate_train(1, [reply(0, weights([2, 2], 0.5), 1), reply(1, weights([1, 2], 0.5), 1),
+                                   reply(2, weights([1, 4], 1.5), 2)])
+    np.testing.assert_allclose(to_weights(out)["w"], [1.25, 0.0])
+    assert s.unlearning_report["calibration"]["used"] is False

@@ -46,9 +46,10 @@ from flwr.clientapp import ClientApp
 
 from .. import protocol as P
 from ..data import ArrayDataset
-from ..deletion import DeletionRequest, forget_mask, mask_digest
+from ..deletion import MODEL_SELECTIONS, DeletionRequest, forget_mask, mask_digest, selection_scores
 from ..evaluation import measure_client
-from ..training import TrainSettings, client_seed, relearn_steps, train_local
+from ..metrics import cross_entropy
+from ..training import TrainSettings, client_seed, predict_logits, relearn_steps, train_local
 from ..unlearning import METHODS, RoutineInput, client_routine, config_from_run_config
 
 #: Node-state keys the helpers use (the node's own state, persisted by Flower between messages).
@@ -282,7 +283,8 @@ class _Helper:
         mask = forget_mask(request, node_client_id(context), train.x, train.y, int(cfg.get("seed", context.run_config.get("seed", 0))),
                            model=model, heldout=(heldout.x, heldout.y))
         context.state[MASK_KEY] = ArrayRecord({"mask": Array(mask.astype(np.uint8))})
-        context.state[REQUEST_KEY] = ConfigRecord({"scenario": request.scenario, "class": request.forget_class})
+        context.state[REQUEST_KEY] = ConfigRecord({"scenario": request.scenario, "class": request.forget_class,
+                                                   "selection": request.selection, "fraction": request.fraction})
         metrics = MetricRecord({"forget-n": int(mask.sum()), "retain-n": int((~mask).sum())})
         return Message(RecordDict({"metrics": metrics, "receipt": ConfigRecord({"digest": mask_digest(mask)})}), reply_to=msg)
 
@@ -381,6 +383,41 @@ class _Helper:
                                 mia=audit and bool(cfg.get("mia", False)))
         return Message(RecordDict({"metrics": MetricRecord({**values, P.NUM_EXAMPLES: len(heldout)})}), reply_to=msg)
 
+    def calibrate(self, msg: Message, context: Context) -> Message:
+        cfg = self.config(msg)
+        train, heldout = self.data(context)
+        forget = self.part(context, train, "forget", cfg)
+        base = msg.content.array_records["base"]
+        direction = {k: v.numpy().astype(np.float64) for k, v in msg.content.array_records["direction"].items()}
+        model = self.model(base, context)
+        state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+        like = self._heldout_like(model, context, forget, heldout)
+        out: dict[str, list[float]] = {"forget-loss-sum": [], "forget-correct": [], "heldout-loss-sum": []}
+        for c in [float(v) for v in cfg.get("scales", [])]:
+            model.load_state_dict({k: torch.from_numpy((v.astype(np.float64) + c * direction[k]).astype(v.dtype))
+                                   for k, v in state.items()})
+            fl = predict_logits(model, forget.x)
+            hl = predict_logits(model, like.x)
+            out["forget-loss-sum"].append(float(np.sum(cross_entropy(fl, forget.y))))
+            out["forget-correct"].append(float(np.sum(np.argmax(fl, axis=1) == forget.y)))
+            out["heldout-loss-sum"].append(float(np.sum(cross_entropy(hl, like.y))))
+        rec = MetricRecord({**out, "forget-n": [float(len(forget))], "heldout-n": [float(len(like))]})
+        return Message(RecordDict({"calibration": rec}), reply_to=msg)
+
+    def _heldout_like(self, model: torch.nn.Module, context: Context, forget: ArrayDataset,
+                      heldout: ArrayDataset) -> ArrayDataset:
+        """Held-out samples like the forget set: its classes, and for hard samples the ones the same rule ranks highest."""
+        same = heldout.subset(np.flatnonzero(np.isin(heldout.y, np.unique(forget.y))))
+        if len(same) == 0:
+            raise ValueError("no held-out sample of the forgotten classes: calibration needs some")
+        req = context.state[REQUEST_KEY] if REQUEST_KEY in context.state.config_records else {}
+        selection = str(req.get("selection", "random"))
+        if req.get("scenario") != "samples" or selection not in MODEL_SELECTIONS:
+            return same
+        scores = selection_scores(selection, model, same.x, same.y, (same.x, same.y))
+        k = max(1, int(round(float(req.get("fraction", 0.1)) * len(same))))
+        return same.subset(np.argsort(-scores, kind="stable")[:k])
+
     def erasure(self, msg: Message, context: Context) -> Message:
         from ..erasure import erasure_poll
 
@@ -454,6 +491,7 @@ def add_unlearning(app: ClientApp, model_fn: ModelFn, data_fn: DataFn, *, train_
     _register(app, "query", "relearn", helper.relearn, handlers)
     _register(app, "evaluate", "audit", helper.audit, handlers)
     _register(app, "query", "erasure", helper.erasure, handlers)
+    _register(app, "query", "calibrate", helper.calibrate, handlers)
     if default_handlers:
         _register(app, "train", None, helper.train_all, handlers)
         _register(app, "evaluate", None, helper.evaluate, handlers)

@@ -50,6 +50,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from .. import protocol as P
 from ..aggregation import ClientUpdate, InvalidUpdateError, fedavg, validate_update
+from ..calibration import DEFAULT_SCALES, choose_scale, pooled, target_for
 from ..deletion import DeletionRequest
 from ..spectral import analyze, motion_share
 from ..unlearning import UnlearningMethod, make_method
@@ -204,6 +205,15 @@ class Unlearning(Strategy):
         this many times the remaining clients' mean update norm (this round's, or the last
         ordinary round's), so a malicious departing client cannot throw the model anywhere.
         ``None`` turns the bound off.
+    calibrate : bool
+        Scale the unlearning step so that the forget set ends up looking like data the model
+        never saw, as measured by the forgetting clients on their own data
+        (:mod:`fed_unlearn.calibration`; needs ``query.calibrate``, i.e. the client helpers —
+        a client without them gets the method's full step). Never more than the method's step.
+    calibration_scales : sequence of float
+        The candidate fractions of the step, increasing from 0 to at most 1.
+    class_floor : float
+        The forget accuracy that counts as "the class is gone" when a class is deleted.
 
     Raises
     ------
@@ -229,6 +239,9 @@ class Unlearning(Strategy):
         query_timeout: float = 600.0,
         max_update_norm: float | None = None,
         departing_step_bound: float | None = 10.0,
+        calibrate: bool = True,
+        calibration_scales: Sequence[float] = DEFAULT_SCALES,
+        class_floor: float = 0.02,
     ) -> None:
         if isinstance(strategy, Unlearning):
             raise ValueError("the strategy is already wrapped for unlearning")
@@ -259,6 +272,15 @@ class Unlearning(Strategy):
         self.identify_timeout = query_timeout
         self.max_update_norm = max_update_norm
         self.departing_step_bound = departing_step_bound
+        scales = [float(c) for c in calibration_scales]
+        if not scales or scales[0] != 0 or scales[-1] > 1 or any(b <= a for a, b in zip(scales, scales[1:])):
+            raise ValueError(f"calibration_scales must increase from 0 to at most 1, got {scales}")
+        if not 0 <= class_floor < 1:
+            raise ValueError(f"class_floor must be in [0, 1), got {class_floor}")
+        self.calibrate = calibrate
+        self.calibration_scales = tuple(scales)
+        self.class_floor = class_floor
+        self._grid: Grid | None = None
         #: Mean L2 norm of the clients' pseudo-gradients in the last ordinary round (one number, not history).
         self.last_update_norm: float | None = None
         self.arrayrecord_key: str = getattr(strategy, "arrayrecord_key", "arrays")
@@ -597,6 +619,7 @@ class Unlearning(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """The wrapped strategy's round, or the unlearning round of the pending requests."""
         self.current_round = server_round
+        self._grid = grid
         self._global = self._round_start = to_weights(arrays)
         self._asked, self._sent = {}, {}
         self.failed = ()
@@ -828,6 +851,9 @@ class Unlearning(Strategy):
         new = method.aggregate(self._global, retain_updates, forget_updates)
         validate_update(new, self._global, f"method {method.name}")  # the method itself must not emit NaN
         new, step = self._bound_departing_step(new, retain_updates, forget_updates)
+        if self.calibrate and method.calibratable and method.num_rounds == 1 and forget_updates:
+            new, cal = self._calibrate(new, retain_updates, [p.node for p in parsed if p.forget_update is not None])
+            step = {**step, "calibration": cal}
         arrays, metrics = self._compose(server_round, new, retain_msgs, retain_updates, forget_updates)
         self.unlearning_rounds_run += 1
         if self.unlearning_rounds_run >= method.num_rounds:
@@ -841,6 +867,47 @@ class Unlearning(Strategy):
             log(INFO, "aggregate_train: %s served the requests of nodes %s", method.name, list(self.pending))
             self.pending, self._batch = (), None
         return arrays, _merge(metrics, rollup)
+
+    def _calibrate(self, new: dict[str, np.ndarray], retain: list[ClientUpdate],
+                   nodes: list[int]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Ask the forgetting clients how far the unlearning step should go; returns the model and what was decided."""
+        batch, grid, start = self._batch, self._grid, self._global
+        if batch is None or grid is None or start is None:
+            return new, {"used": False, "why": "no request being served"}
+        lacking = [n for n in nodes if n in self.capabilities and P.CALIBRATE not in self.capabilities[n].get("handlers", [])]
+        if lacking:
+            log(WARNING, "node(s) %s cannot calibrate the unlearning step (no %s): the method's full step is used",
+                lacking, P.CALIBRATE)
+            return new, {"used": False, "why": f"nodes {lacking} lack {P.CALIBRATE}"}
+        base = fedavg(retain) if retain else start
+        direction = {k: np.asarray(new[k], np.float64) - np.asarray(base[k], np.float64) for k in start}
+        cfg = ConfigRecord({"scales": list(self.calibration_scales), P.FORGET_ALL: batch.leave,
+                            P.SERVER_ROUND: self.current_round})
+        msgs = [Message(RecordDict({"base": to_record(base), "direction": to_record(direction), P.CONFIG_RECORD: cfg}),
+                        n, P.CALIBRATE) for n in nodes]
+        stats, why = [], []
+        for reply in grid.send_and_receive(msgs, timeout=self.identify_timeout):
+            if reply.has_error() or "calibration" not in reply.content.metric_records:
+                why.append(f"node {reply.metadata.src_node_id}: "
+                           + (_first_line(reply.error.reason) if reply.has_error() else "no calibration record"))
+                continue
+            stats.append(dict(reply.content["calibration"]))
+        scenario = batch.deletion.scenario if batch.deletion is not None else ("client" if batch.leave else "samples")
+        try:
+            if why or len(stats) != len(nodes):
+                raise ValueError("; ".join(why) or "some clients did not answer")
+            m = pooled(stats)
+            cal = choose_scale(self.calibration_scales, m["forget-loss"], m["heldout-loss"], m["forget-acc"],
+                               target_for(scenario), self.class_floor)
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            log(WARNING, "calibration failed (%s): the method's full step is used", exc)
+            return new, {"used": False, "why": str(exc)}
+        out = {k: (np.asarray(base[k], np.float64) + cal.scale * direction[k]).astype(np.asarray(g).dtype)
+               for k, g in start.items()}
+        log(INFO, "calibration (%s): scale %.3f of the unlearning step%s", cal.target, cal.scale,
+            "" if cal.reached else " (the target is not reached even by the full step)")
+        return out, {"used": True, "scale": cal.scale, "reached": cal.reached, "target": cal.target,
+                     "scales": list(self.calibration_scales), "gaps": list(cal.gaps), **m}
 
     def _bound_departing_step(self, new: dict[str, np.ndarray], retain: list[ClientUpdate],
                               forget: list[ClientUpdate]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

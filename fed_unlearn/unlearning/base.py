@@ -103,6 +103,9 @@ class UnlearningMethod(ABC):
     client_routine: ClassVar[ClientRoutine | None] = None
     #: Whether clients keep their own last local model in their node state for the routine.
     client_keeps_last_local: ClassVar[bool] = False
+    #: Whether the strategy may scale the departing clients' unlearning step down to what
+    #: their own data says is enough (:mod:`fed_unlearn.calibration`).
+    calibratable: ClassVar[bool] = True
 
     #: Set by the strategy: the forget-role clients serve ONE request spread over them
     #: (a class removed from every client) rather than one request each (whole clients,

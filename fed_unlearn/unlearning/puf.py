@@ -130,3 +130,11 @@ class PUF(UnlearningMethod):
                   departing: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:  # noqa: D102
         k = len(departing) + (len(remaining) if self.config.variant == "regular" else 0)
         return puf_update(global_weights, remaining, departing, self.config.eta(k), self.config.variant)
+
+
+@register_method
+class FixedPUF(PUF):
+    """The reference PUF: the fixed scale of the paper, never calibrated (for comparison)."""
+
+    name = "puf-fixed"
+    calibratable = False
