@@ -2,6 +2,7 @@
 
 ``mlp``   two hidden ReLU layers over the flattened input (images or tabular rows).
 ``cnn``   two 3x3 conv + max-pool blocks and two linear layers (LeNet-like); for images.
+``linear`` multinomial logistic regression (one affine layer).
 """
 
 from __future__ import annotations
@@ -68,9 +69,25 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class LogisticRegression(nn.Module):
+    """Multinomial logistic regression on the flattened input: one affine layer (a convex model).
+
+    The setting in which ascent-based unlearning can provably end further from the
+    retrained model than the original (Ascent Fails to Forget).
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.net(x)
+
+
 MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
     "mlp": MLP,
     "cnn": SmallCNN,
+    "linear": LogisticRegression,
 }
 
 

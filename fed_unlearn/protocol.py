@@ -136,6 +136,9 @@ LOCAL_EPOCHS_RATIO = "local-epochs-ratio"
 SEED_ROUND = "seed-round"
 AUGMENT = "augment"
 KEEP_LAST_LOCAL = "keep-last-local"
+#: What "forgotten" means for the request (``loss-match`` or ``accuracy-floor``) and the floor.
+TARGET = "unlearn-target"
+FLOOR = "unlearn-floor"
 #: Weight key of every reply (FedAvg's default ``weighted_by_key``).
 NUM_EXAMPLES = "num-examples"
 

@@ -29,6 +29,41 @@ TABLE_ROWS: tuple[tuple[str, str], ...] = (
 )
 
 
+#: Metrics judged by their distance to the gold's value (the gold's is the target).
+GAP_METRICS = ("test-acc", "retain-acc", "forget-acc", "forget-heldout-acc", "mia-auc", "mia-entropy-auc", "mia-nn-auc")
+#: Metrics that already are distances to the gold (0 = the gold).
+DISTANCE_METRICS = ("kl-forget", "tv-forget", "disagree-forget", "kl-test", "disagree-test", "average-gap", "l2-to-gold")
+VERDICT_METRICS = GAP_METRICS + DISTANCE_METRICS
+
+
+def distance_to_gold(model: Mapping[str, float], gold: Mapping[str, float], key: str) -> float:
+    """How far a model's figure is from the gold's: ``|m - g|``, or the figure itself for distance metrics."""
+    v = model.get(key)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return float("nan")
+    if key in DISTANCE_METRICS:
+        return float(v)
+    g = gold.get(key)
+    return float("nan") if g is None or (isinstance(g, float) and math.isnan(g)) else abs(float(v) - float(g))
+
+
+def further_than_original(report: Mapping[str, Mapping[str, float]], model: str = "unlearned",
+                          tolerance: float = 1e-9) -> list[str]:
+    """The metrics on which ``model`` ends further from the gold than the original was (one seed)."""
+    gold, orig, m = report["gold"], report["original"], report[model]
+    out = []
+    for key in VERDICT_METRICS:
+        dm, do = distance_to_gold(m, gold, key), distance_to_gold(orig, gold, key)
+        if math.isfinite(dm) and math.isfinite(do) and dm > do + tolerance:
+            out.append(key)
+    return out
+
+
+def verdict_line(further: Sequence[str]) -> str:
+    """The words a report says about a method that ends further from the gold (empty when it does not)."""
+    return ("further from gold than the original on: " + ", ".join(further)) if further else ""
+
+
 def _fmt(v: Any) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
@@ -38,12 +73,20 @@ def _fmt(v: Any) -> str:
 
 
 def markdown_table(models: Mapping[str, Mapping[str, float]], columns: Sequence[str] = ("original", "unlearned", "gold")) -> str:
-    """Markdown table, one row per metric of :data:`TABLE_ROWS`, one column per model."""
+    """Markdown table, one row per metric of :data:`TABLE_ROWS`, one column per model.
+
+    With ``original`` and ``gold`` among the models, a last row names, per model, the metrics
+    on which it ends further from the gold than the original ("–": none).
+    """
     cols = [c for c in columns if c in models]
     lines = ["| metric | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for key, label in TABLE_ROWS:
         if any(key in models[c] for c in cols):
             lines.append(f"| {label} | " + " | ".join(_fmt(models[c].get(key)) for c in cols) + " |")
+    if "original" in models and "gold" in models:
+        cells = [", ".join(further_than_original(models, c)) or "–" if c not in ("original", "gold") else ""
+                 for c in cols]
+        lines.append("| **further from gold than the original on** | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -364,3 +407,57 @@ def plot_harness_overview(path: str | Path, stats: Mapping[str, Stats], title: s
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
+
+
+def seed_verdicts(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, list[str]]:
+    """Per method, the metrics on which it ends further from the gold than the original, beyond the seed spread.
+
+    For every seed the paired difference ``d(method, gold) - d(original, gold)`` is taken
+    (:func:`distance_to_gold`); a metric is named when the mean difference is positive and
+    larger than one standard deviation of the differences (with one seed: when positive).
+    """
+    import numpy as np
+
+    out: dict[str, list[str]] = {}
+    for method, results in runs.items():
+        named = []
+        for key in VERDICT_METRICS:
+            diffs = []
+            for r in results:
+                rep = r["report"]
+                dm, do = distance_to_gold(rep["unlearned"], rep["gold"], key), distance_to_gold(rep["original"], rep["gold"], key)
+                if math.isfinite(dm) and math.isfinite(do):
+                    diffs.append(dm - do)
+            if not diffs:
+                continue
+            d = np.asarray(diffs)
+            spread = float(d.std(ddof=1)) if len(d) > 1 else 0.0
+            if d.mean() > 1e-9 and d.mean() > spread:
+                named.append(key)
+        out[method] = named
+    return out
+
+
+#: The measures a harness ranking uses together (one headline must not hide the others).
+RANKING_KEYS = ("average-gap", "kl-forget", "disagree-forget", "disagree-test")
+
+
+def ranking_table(stats: Mapping[str, Stats], keys: Sequence[str] = RANKING_KEYS) -> str:
+    """Methods ranked by their mean rank over scenarios and ``keys`` (lower = closer to the gold).
+
+    The original is ranked with them: a method ranked below it is, on average, further from
+    the gold than doing nothing.
+    """
+    import numpy as np
+
+    ranks: dict[str, list[float]] = {}
+    for st in stats.values():
+        cols = [c for c in st if c != "gold"]
+        for key in keys:
+            vals = {c: st[c][key][0] for c in cols if key in st[c] and np.isfinite(st[c][key][0])}
+            for i, c in enumerate(sorted(vals, key=lambda c: vals[c])):
+                ranks.setdefault(c, []).append(float(i + 1))
+    rows = sorted(ranks, key=lambda c: float(np.mean(ranks[c])))
+    lines = [f"| model | mean rank ({', '.join(keys)}, every scenario) | ranked |", "|---|---:|---:|"]
+    lines += [f"| {c} | {np.mean(ranks[c]):.2f} | {len(ranks[c])} |" for c in rows]
+    return "\n".join(lines)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from fed_unlearn.flower import FederationRun, ReproducibleFedAvg, Unlearning, me
 from fed_unlearn.gold_cache import load_gold, save_gold
 from fed_unlearn.metrics import average_gap, weight_distance
 from fed_unlearn.models import get_weights
-from fed_unlearn.report import markdown_table, plot_accuracy, write_json
+from fed_unlearn.report import further_than_original, markdown_table, plot_accuracy, verdict_line, write_json
 from fed_unlearn.task import Task, load_task
 from fed_unlearn.unlearning import UnlearningMethod
 
@@ -423,6 +423,9 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
         metrics["l2-to-original"] = weight_distance(weights[name], weights["original"])
     table = markdown_table(report)
     log(INFO, "\n%s", table)
+    further = further_than_original(report)
+    if further:
+        log(WARNING, "%s ended further from the gold than the original on: %s", method.name, ", ".join(further))
 
     unlearn_cost = run.compute(first_round=cfg.departure_round)
     gold_cost = gold_meta["compute"]
@@ -433,6 +436,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
         "clients": {str(c): {"train-n": i.train_n, "heldout-n": i.heldout_n} for c, i in sorted(clients.items())},
         "deletion": {**cfg.deletion.to_dict(), "clients": {str(c): r for c, r in sorted(request.items())}},
         "report": report,
+        "verdict": {"further-from-gold-than-original": further, "text": verdict_line(further)},
         "recovery": {
             "mode": cfg.recovery, "stop": rule.reason, "pre-request-test-acc": before,
             "unlearning-rounds": strategy.unlearning_rounds_run,

@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fed_unlearn.report import (overview_table, plot_harness_overview, plot_harness_scenario, seed_statistics,
-                                statistics_table, write_json, write_statistics_csv)
+from fed_unlearn.report import (overview_table, plot_harness_overview, plot_harness_scenario, ranking_table,
+                                seed_statistics, seed_verdicts, statistics_table, write_json, write_statistics_csv)
 from fed_unlearn.unlearning import METHODS
 
 from .run_experiment import PROJECT_ROOT
@@ -134,21 +134,35 @@ def main(argv: list[str] | None = None) -> int:
     cfg = first["config"]
     setup = (f"{cfg['dataset']}, {cfg['model']}, {args.num_clients} clients ({cfg['partitioner']}), request in round "
              f"{cfg['departure_round']} of {cfg['num_server_rounds']}; mean ± std over seeds {args.seeds}; engine {args.engine}")
-    sections = [f"# fed-unlearn harness\n\n{setup}\n\n## Average Gap to gold (lower is better)\n\n{overview_table(stats)}"]
+    verdicts = {sc: seed_verdicts(r) for sc, r in runs.items() if r}
+    further = [f"| {m} | " + " | ".join(", ".join(verdicts[sc].get(m, [])) or "–" if m in verdicts[sc] else ""
+                                       for sc in verdicts) + " |"
+               for m in dict.fromkeys(m for v in verdicts.values() for m in v)]
+    sections = [f"# fed-unlearn harness\n\n{setup}\n\n## Ranking: Average Gap, KL and disagreement to gold together\n\n"
+                f"{ranking_table(stats)}\n\n## Average Gap to gold (lower is better)\n\n{overview_table(stats)}\n\n"
+                "## Further from the gold than the original (mean over seeds, beyond one std)\n\n"
+                f"| method | {' | '.join(verdicts)} |\n|---|{'---|' * len(verdicts)}\n" + "\n".join(further)]
     for sc in stats:
         desc = next(iter(runs[sc].values()))[0]["deletion"]
-        sections.append(f"## {sc}: {json.dumps({k: v for k, v in desc.items() if k != 'clients'})}\n\n{statistics_table(stats[sc])}")
+        row = "| **further from gold than the original on** | – | " + " | ".join(
+            ", ".join(verdicts[sc].get(m, [])) or "–" for m in runs[sc]) + " | |"
+        sections.append(f"## {sc}: {json.dumps({k: v for k, v in desc.items() if k != 'clients'})}\n\n"
+                        f"{statistics_table(stats[sc])}\n{row}")
+        for m, named in verdicts[sc].items():
+            if named:
+                print(f"warning: {sc} / {m}: further from the gold than the original on {', '.join(named)}", file=sys.stderr)
         plot_harness_scenario(dest / f"harness_{sc}.png", stats[sc], {m: r[0] for m, r in runs[sc].items()}, title=f"{sc}: {setup}")
     (dest / "harness.md").write_text("\n\n".join(sections) + "\n")
     write_statistics_csv(dest / "harness.csv", stats)
     write_json(dest / "harness.json", {
         "seeds": args.seeds, "methods": args.methods, "scenarios": args.scenarios, "engine": args.engine,
         "run-config": args.run_config,
+        "further-from-gold-than-original": verdicts,
         "statistics": {sc: {c: {k: {"mean": v[0], "std": v[1], "n": v[2]} for k, v in m.items()} for c, m in st.items()}
                        for sc, st in stats.items()},
     })
     plot_harness_overview(dest / "harness.png", stats, title=setup)
-    print(f"\n{overview_table(stats)}\n\nwritten to {dest}")
+    print(f"\n{ranking_table(stats)}\n\n{overview_table(stats)}\n\nwritten to {dest}")
     return 0
 
 

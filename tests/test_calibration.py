@@ -40,3 +40,64 @@ def test_pooled_means_are_example_weighted_and_bad_inputs_are_refused():
         choose_scale((0.5, 1.0), [0, 0], [0, 0], [0, 0])
     with pytest.raises(ValueError, match="unknown calibration target"):
         choose_scale(S, [0] * 5, [0] * 5, [0] * 5, "gold")
+
+
+def test_on_logistic_regression_fixed_ascent_overshoots_the_gold_and_the_calibrated_step_does_not():
+    """Ascent Fails to Forget's setting: a convex model, an IID departing client; the verdict names the overshoot."""
+    import numpy as np
+
+    from fed_unlearn.aggregation import ClientUpdate, fedavg
+    from fed_unlearn.metrics import cross_entropy, kl_divergence, weight_distance
+    from fed_unlearn.models import build_model, get_weights, set_weights
+    from fed_unlearn.report import further_than_original
+    from fed_unlearn.training import TrainSettings, predict_logits, train_local
+    from fed_unlearn.unlearning.puf import puf_update
+
+    rng = np.random.default_rng(0)
+    k, n, d = 4, 120, 10
+
+    def blob(m):
+        y = rng.integers(0, 2, m)
+        return (rng.normal(size=(m, d)) + 0.6 * (2 * y - 1)[:, None]).astype(np.float32), y.astype(np.int64)
+
+    clients, held = [blob(n) for _ in range(k)], blob(60)
+    settings = TrainSettings(epochs=10, batch_size=8, lr=0.5, momentum=0.0)
+
+    def local(w, c, rnd):
+        m = build_model("linear", (d,), 2, 0)
+        set_weights(m, w)
+        train_local(m, *clients[c], settings, seed=1000 * rnd + c)
+        return ClientUpdate(c, get_weights(m), n)
+
+    def federation(ids, rounds=5):
+        w = get_weights(build_model("linear", (d,), 2, 0))
+        for r in range(1, rounds + 1):
+            w = dict(fedavg([local(w, c, r) for c in ids]))
+        return w
+
+    def logits(w, x):
+        m = build_model("linear", (d,), 2, 0)
+        set_weights(m, w)
+        return predict_logits(m, x)
+
+    original, gold = federation(range(k)), federation(range(1, k))
+    ups = [local(original, c, 6) for c in range(k)]
+    fixed = puf_update(original, ups[1:], ups[:1], eta=2 * k)  # PUF's reference step
+    base = dict(fedavg(ups[1:]))
+    step = {key: fixed[key].astype(np.float64) - base[key] for key in base}
+    scales = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+    cands = [{key: (base[key] + c * step[key]).astype(np.float32) for key in base} for c in scales]
+    fl = [float(np.mean(cross_entropy(logits(w, clients[0][0]), clients[0][1]))) for w in cands]
+    hl = [float(np.mean(cross_entropy(logits(w, held[0]), held[1]))) for w in cands]
+    fa = [float(np.mean(logits(w, clients[0][0]).argmax(1) == clients[0][1])) for w in cands]
+    cal = choose_scale(scales, fl, hl, fa)
+    calibrated = {key: (base[key] + cal.scale * step[key]).astype(np.float32) for key in base}
+    gl = logits(gold, clients[0][0])
+
+    def figures(w):
+        return {"l2-to-gold": weight_distance(w, gold), "kl-forget": kl_divergence(gl, logits(w, clients[0][0]))}
+
+    report = {"original": figures(original), "fixed": figures(fixed), "calibrated": figures(calibrated), "gold": {}}
+    assert further_than_original(report, "fixed") == ["kl-forget", "l2-to-gold"]
+    assert further_than_original(report, "calibrated") == []
+    assert cal.scale < 0.5

@@ -83,5 +83,5 @@ def test_bad_settings_name_the_key(rc, msg):
 
 
 def test_unknown_method_lists_valid_names():
-    with pytest.raises(ValueError, match="valid: amun, federaser, fine-tune, gradient-ascent, ieu, mpru, not, pga, puf, puf-fixed, retrain, spectral-puf, sragu, trw"):
+    with pytest.raises(ValueError, match="valid: agu, amun, federaser, fine-tune, gradient-ascent, ieu, mpru, not, pga, puf, puf-fixed, retrain, spectral-puf, sragu, trw"):
         make_method("eraser")

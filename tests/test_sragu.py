@@ -83,9 +83,11 @@ def test_drift_stop_triggers():
 def test_divergence_stop_uses_heldout_loss():
     model, (x, y) = twin_model(), data()
     hx, hy = data(32, seed=9)
-    res = sragu_unlearn(model, x, y, {}, SRAGUConfig(max_steps=500, lr=0.05, drift_tol=0.0, target_ratio=1.5), seed=0, heldout=(hx, hy))
-    assert res.stop_reason == "divergence" and res.steps < 500
-    assert np.isfinite(res.reference_loss)
+    res = sragu_unlearn(model, x, y, {}, SRAGUConfig(max_steps=500, lr=0.05, drift_tol=0.0, target_ratio=1.0), seed=0, heldout=(hx, hy))
+    assert res.stop_reason == "divergence" and res.steps < 500 and res.steps % 5 == 0
+    with torch.no_grad():  # stopped where the forget set's loss caught up with the held-out loss
+        held = nn.functional.cross_entropy(model(torch.from_numpy(hx)), torch.from_numpy(hy))
+    assert res.forget_loss_end >= float(held) and np.isfinite(res.reference_loss)
 
 
 @pytest.mark.parametrize("nu", [{"a": 1.5}, {"a": float("nan")}, {"b": -0.1}])
@@ -138,3 +140,44 @@ def test_sragu_sends_stability_weights_computed_from_the_global_model():
     nu = dict(zip(cfg["sragu.layers"], cfg["sragu.nu"]))
     assert set(nu) == {"h", "o"} and all(0.1 <= v <= 1.0 for v in nu.values())
     assert nu["o"] < nu["h"]  # the random-like (Gaussian) layer is damped more
+
+
+def test_the_stop_is_not_triggered_by_one_noisy_minibatch():
+    """A first minibatch holding a mislabelled sample has a loss above the held-out loss; the whole forget set does not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 64), nn.ReLU(), nn.Linear(64, 3))
+    (x, y), (hx, hy) = data(32), data(64, seed=5)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(500):  # overfit the forget set: tiny loss on it, a larger one on unseen data
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+        opt.step()
+    first = np.random.default_rng(0).permutation(32)[:4]  # the first minibatch of batch 4, seed 0
+    y = y.copy()
+    with torch.no_grad():  # one of its samples gets the label the model finds least likely
+        y[first[0]] = int(model(torch.from_numpy(x[first[:1]])).argmin(1))
+    ce = nn.functional.cross_entropy
+    with torch.no_grad():
+        batch_loss = float(ce(model(torch.from_numpy(x[first])), torch.from_numpy(y[first])))
+        whole = float(ce(model(torch.from_numpy(x)), torch.from_numpy(y)))
+        held = float(ce(model(torch.from_numpy(hx)), torch.from_numpy(hy)))
+    assert batch_loss > held > whole  # one minibatch says "done", the whole set does not
+    cfg = SRAGUConfig(max_steps=12, batch_size=4, lr=1e-7, lr_decay=0.0, drift_tol=0.0, target_ratio=1.0, check_every=5)
+    res = sragu_unlearn(model, x, y, {}, cfg, seed=0, heldout=(hx, hy))
+    assert res.stop_reason == "cap" and res.steps == 12
+
+
+def test_a_class_is_unlearned_until_its_accuracy_reaches_the_floor():
+    model, (x, y) = twin_model(), data(64)
+    keep = y == 1
+    res = sragu_unlearn(model, x[keep], y[keep], {}, SRAGUConfig(max_steps=400, lr=0.05, drift_tol=0.0), seed=0,
+                        target="accuracy-floor", floor=0.05)
+    acc = float(np.mean(model(torch.from_numpy(x[keep])).argmax(1).numpy() == 1))
+    assert res.stop_reason == "floor" and acc <= 0.05 and res.steps % 5 == 0
+
+
+def test_agu_is_sragu_with_unit_weights():
+    g = {"a.weight": np.random.default_rng(0).normal(size=(40, 30)).astype(np.float32), "a.bias": np.zeros(40, np.float32)}
+    cfg = make_method("agu").departing_config(g)
+    assert cfg["unlearn-method"] == "agu" and cfg["sragu.layers"] == ["a"] and cfg["sragu.nu"] == [1.0]
+    assert make_method("agu").client_routine is make_method("sragu").client_routine

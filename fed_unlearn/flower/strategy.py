@@ -672,8 +672,9 @@ class Unlearning(Strategy):
             pass  # clients that stay get their retain role with the forget role below
         if method.departing_clients_train:
             # a client that leaves forgets all its data: say so (it needs no deletion request of its own)
-            forget_extra = {**({P.FORGET_ALL: True} if batch.leave else {}), **batch.extra_config,
-                            **method.departing_config(self._global)}
+            scenario = batch.deletion.scenario if batch.deletion is not None else ("client" if batch.leave else "samples")
+            forget_extra = {**({P.FORGET_ALL: True} if batch.leave else {}), P.TARGET: target_for(scenario),
+                            P.FLOOR: self.class_floor, **batch.extra_config, **method.departing_config(self._global)}
             for node in sorted(pending):
                 if node not in connected:
                     continue  # no reply: handled as missing in aggregate_train

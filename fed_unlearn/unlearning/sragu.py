@@ -29,10 +29,12 @@ the per-layer stability weights ``nu_l`` computed by the server from ``theta_0``
 5. stop when
    * the drift per step ``||theta_{t+1} - theta_t|| / ||theta_t||`` falls below ``delta``
      (the motion has died down: ``"drift"``), or
-   * the prediction-divergence target is reached: the forget minibatch loss
-     ``CE(theta_t; B_t)`` reaches ``rho * L_ref``, with ``L_ref`` the mean loss of ``theta_0``
-     on the client's own held-out data, i.e. the loss of points the model never saw
-     (``"divergence"``; off when ``rho = 0`` or without held-out data), or
+   * the target is reached, checked on a stable estimate (the whole forget set, before the
+     first step and every ``check_every`` steps, never one minibatch): for a client or samples,
+     the mean forget loss reaches ``rho`` times the mean loss of the current model on the
+     client's held-out samples of the same classes — points it never saw (``"divergence"``;
+     off when ``rho = 0`` or without held-out data); for a class, the forget accuracy falls
+     to the floor a model that never saw the class shows (``"floor"``), or
    * ``t + 1 = T_max`` (``"cap"``).
 
 Readings where the papers leave details open: the sensitivity is normalised by its
@@ -76,7 +78,7 @@ from .base import RoutineInput, UnlearningMethod, apply_departing_motion
 from .puf import PUF_VARIANTS, PUFConfig, puf_update
 from .registry import register_method
 
-STOP_REASONS = ("drift", "divergence", "cap")
+STOP_REASONS = ("drift", "divergence", "cap", "floor")
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,8 @@ class SRAGUConfig(GateConfig):
         ``rho`` of the divergence stop (0 disables it).
     remaining_train : bool
         Whether the remaining clients also train in the unlearning round.
+    check_every : int
+        Steps between two checks of the target on the whole forget set.
     """
 
     lr: float = 0.01
@@ -123,13 +127,15 @@ class SRAGUConfig(GateConfig):
     drift_tol: float = 1e-5
     target_ratio: float = 1.0
     remaining_train: bool = False
+    check_every: int = 5
 
     def __post_init__(self) -> None:
         self.gate()  # validates the gate settings
         if not self.lr > 0 or self.lr_decay < 0:
             raise ValueError(f"sragu.lr must be > 0 and sragu.lr-decay >= 0, got {self.lr}, {self.lr_decay}")
-        if self.batch_size < 1 or self.max_steps < 1:
-            raise ValueError(f"sragu.batch-size and sragu.max-steps must be >= 1, got {self.batch_size}, {self.max_steps}")
+        if self.batch_size < 1 or self.max_steps < 1 or self.check_every < 1:
+            raise ValueError(f"sragu.batch-size, max-steps and check-every must be >= 1, got {self.batch_size}, "
+                             f"{self.max_steps}, {self.check_every}")
         if self.drift_tol < 0 or self.target_ratio < 0:
             raise ValueError(f"sragu.drift-tol and sragu.target-ratio must be >= 0, got {self.drift_tol}, {self.target_ratio}")
 
@@ -169,6 +175,8 @@ def sragu_unlearn(
     cfg: SRAGUConfig,
     seed: int,
     heldout: tuple[np.ndarray, np.ndarray] | None = None,
+    target: str = "loss-match",
+    floor: float = 0.02,
 ) -> SRAGUResult:
     """Run SRAGU (module docstring) on ``model`` in place.
 
@@ -184,7 +192,11 @@ def sragu_unlearn(
     seed : int
         Seeds the minibatch order.
     heldout : (x, y), optional
-        The client's own held-out data, for the divergence target ``L_ref``.
+        The client's own held-out samples like the forget set, for the ``loss-match`` target.
+    target : {"loss-match", "accuracy-floor"}
+        What "forgotten" means (:func:`fed_unlearn.calibration.target_for`).
+    floor : float
+        The forget accuracy of ``accuracy-floor``.
 
     Raises
     ------
@@ -199,13 +211,26 @@ def sragu_unlearn(
     params = [p for _, p in model.named_parameters()]
     scale = parameter_weights(model, nu, default=cfg.nu_unfit)
     weights = [scale[name] for name, _ in model.named_parameters()]
-    ref = _mean_loss(model, *heldout) if heldout is not None and len(heldout[0]) else float("nan")
-    target = cfg.target_ratio * ref if cfg.target_ratio > 0 and np.isfinite(ref) else float("inf")
+    has_heldout = heldout is not None and len(heldout[0]) > 0
+    ref = _mean_loss(model, *heldout) if has_heldout and heldout is not None else float("nan")
     start_loss = _mean_loss(model, forget_x, forget_y)
+
+    def reached() -> str | None:
+        """The stop reason if the target is met on the whole forget set (a stable estimate)."""
+        if target == "accuracy-floor":
+            acc = float(np.mean(np.argmax(predict_logits(model, forget_x), axis=1) == forget_y))
+            return "floor" if acc <= floor else None
+        if cfg.target_ratio <= 0 or not has_heldout or heldout is None:
+            return None
+        return "divergence" if _mean_loss(model, forget_x, forget_y) >= cfg.target_ratio * _mean_loss(model, *heldout) else None
+
     xt, yt = torch.from_numpy(np.ascontiguousarray(forget_x)), torch.from_numpy(np.ascontiguousarray(forget_y))
     rng = np.random.default_rng(seed)
     order, pos = rng.permutation(len(xt)), 0
     drift, reason, step = float("nan"), "cap", 0
+    early = reached()
+    if early is not None:  # nothing to undo: the forget set already looks unseen
+        return SRAGUResult(0, early, start_loss, start_loss, ref, 0.0)
     model.train()
     for step in range(1, cfg.max_steps + 1):
         if pos >= len(order):
@@ -224,9 +249,12 @@ def sragu_unlearn(
                 p.add_(delta)
                 moved += float((delta.double() ** 2).sum())
         drift = float(np.sqrt(moved) / (float(before) + 1e-12))
-        if float(loss.detach()) >= target:
-            reason = "divergence"
-            break
+        if step % cfg.check_every == 0:
+            hit = reached()
+            model.train()
+            if hit is not None:
+                reason = hit
+                break
         if drift < cfg.drift_tol:
             reason = "drift"
             break
@@ -238,7 +266,9 @@ def client_unlearn(inp: RoutineInput) -> dict[str, Any]:
     layers, nu = list(inp.instruction.get("sragu.layers", [])), list(inp.instruction.get("sragu.nu", []))
     if len(layers) != len(nu):
         raise ValueError(f"sragu.layers has {len(layers)} names but sragu.nu {len(nu)} weights")
-    res = sragu_unlearn(inp.model, *inp.forget, dict(zip(layers, nu)), inp.settings, seed=inp.seed, heldout=inp.heldout)
+    res = sragu_unlearn(inp.model, *inp.forget, dict(zip(layers, nu)), inp.settings, seed=inp.seed, heldout=inp.heldout,
+                        target=str(inp.instruction.get("unlearn-target", "loss-match")),
+                        floor=float(inp.instruction.get("unlearn-floor", 0.02)))
     return {"train-steps": res.steps, "unlearn-stop": STOP_REASONS.index(res.stop_reason),
             "forget-loss-start": res.forget_loss_start, "forget-loss-end": res.forget_loss_end,
             "reference-loss": res.reference_loss, "last-drift": res.last_drift}
@@ -271,6 +301,18 @@ class SRAGU(UnlearningMethod):
                   departing: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:
         """``w + sum_U (theta_u - w)`` (+ FedAvg step of the remaining clients if they trained)."""
         return apply_departing_motion(global_weights, remaining if self.config.remaining_train else [], departing, self.joint_request)
+
+
+@register_method
+class AGU(SRAGU):
+    """AGU: SRAGU's update with every layer's stability weight 1 (the ablation of the spectral gate)."""
+
+    name = "agu"
+
+    def departing_config(self, global_weights: Weights) -> dict[str, Any]:
+        """Unit stability weights for every weight layer."""
+        nu = {k: 1.0 for k in layer_weights(analyze(global_weights, self.gate))}
+        return {"unlearn-method": self.name, **self.settings(), "sragu.layers": list(nu), "sragu.nu": list(nu.values())}
 
 
 @dataclass(frozen=True)
