@@ -304,10 +304,12 @@ class ExperimentConfig:
         exact deleted samples when they were chosen with the model (sample deletion);
         ``architecture`` is the task's model fingerprint (a task module of your own).
         """
+        from .gold_cache import code_fingerprint
+
         payload: dict[str, Any] = {
             "version": GOLD_FORMAT_VERSION, **self.data_key(), "model": self.model,
             "rounds": self.gold_rounds, "train": asdict(self.train),
-            "excluded": list(self.leaving), "num_clients": num_clients,
+            "excluded": list(self.leaving), "num_clients": num_clients, "code": code_fingerprint(),
         }
         if self.task != "fed_unlearn.task":
             payload["architecture"] = architecture
@@ -317,6 +319,19 @@ class ExperimentConfig:
             payload["deletion"] = self.deletion.to_dict()
             payload["forget"] = {str(c): d for c, d in sorted((forget_digests or {}).items())}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def original_key(self, num_clients: int, architecture: str = "") -> str:
+        """Hash of everything the original federation (rounds ``1..d-1`` with everyone) depends on.
+
+        The same for every method and every deletion of a (data, model, seed) setting: the
+        methods that need nothing from those rounds share one cached run.
+        """
+        from .gold_cache import code_fingerprint
+
+        payload: dict[str, Any] = {"kind": "original", **self.data_key(), "model": self.model, "rounds": self.gold_rounds,
+                                   "train": asdict(self.train), "num_clients": num_clients, "code": code_fingerprint(),
+                                   "architecture": architecture, "fastclip": [self.fastclip_bound, self.fastclip_every]}
+        return "original-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view of the settings."""

@@ -1,21 +1,43 @@
-"""On-disk cache of gold federations (retrained from scratch without the departing clients).
+"""On-disk cache of federations: the gold (retrained without the deleted data) and the original.
 
-One folder per key (see :meth:`fed_unlearn.config.ExperimentConfig.gold_key`) with
-``weights.npz`` (the final gold model) and ``meta.json`` (per-round history, cost, config).
-Writes go to a temporary folder renamed into place, so a crash never leaves a
-half-written entry that a later run would trust.
+One folder per key (see :meth:`fed_unlearn.config.ExperimentConfig.gold_key` and
+``original_key``) with ``weights.npz`` (the final model) and ``meta.json`` (per-round
+history, cost, config). Writes go to a temporary folder renamed into place, so a crash
+never leaves a half-written entry that a later run would trust. Every key includes
+:func:`code_fingerprint`: a change of the code never reuses a stale entry.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+
+@lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """Digest of the code that produces cached results: this package's sources and the app's (``server``, ``clients``).
+
+    Computed once per process (the files do not change under a running process).
+    """
+    root = Path(__file__).resolve().parent
+    files = sorted(root.rglob("*.py"))
+    for sibling in ("server", "clients"):
+        folder = root.parent / sibling
+        if folder.is_dir():
+            files += sorted(folder.rglob("*.py"))
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(root.parent)).encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def load_gold(cache_dir: str | Path, key: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:

@@ -90,6 +90,23 @@ def markdown_table(models: Mapping[str, Mapping[str, float]], columns: Sequence[
     return "\n".join(lines)
 
 
+def current_results(folder: str | Path) -> Path | None:
+    """The ``results.json`` under ``folder`` produced by the code as it is now (``None``: absent or stale).
+
+    A result written by other code (another fingerprint, :func:`fed_unlearn.gold_cache.code_fingerprint`)
+    is stale: finished runs are reused only while the code that produced them is unchanged.
+    """
+    from .gold_cache import code_fingerprint
+
+    for f in sorted(Path(folder).glob("*/results.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            if json.loads(f.read_text()).get("code") == code_fingerprint():
+                return f
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
     """Write ``payload`` as indented JSON (NaN written as null)."""
     def clean(v: Any) -> Any:

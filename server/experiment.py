@@ -37,7 +37,7 @@ from fed_unlearn import protocol as P
 from fed_unlearn.config import ExperimentConfig
 from fed_unlearn.evaluation import summarise
 from fed_unlearn.flower import FederationRun, ReproducibleFedAvg, Unlearning, metric_dict, run_rounds, to_record, to_weights
-from fed_unlearn.gold_cache import load_gold, save_gold
+from fed_unlearn.gold_cache import code_fingerprint, load_gold, save_gold
 from fed_unlearn.metrics import average_gap, weight_distance
 from fed_unlearn.models import get_weights
 from fed_unlearn.report import further_than_original, markdown_table, plot_accuracy, verdict_line, write_json
@@ -329,6 +329,39 @@ class RecoveryRule:
         return False
 
 
+def uses_ordinary_rounds(method: UnlearningMethod) -> bool:
+    """Whether a method keeps something from the rounds before the request (history, a model, client state)."""
+    return type(method).observe is not UnlearningMethod.observe or method.client_keeps_last_local
+
+
+def original_federation(grid: Grid, cfg: ExperimentConfig, strategy: Unlearning, method: UnlearningMethod,
+                        num_clients: int, initial: ArrayRecord, architecture: str) -> tuple[FederationRun, bool]:
+    """Rounds ``1..d-1`` with everyone: from the cache when the method needs nothing of them, else trained (and cached).
+
+    Every method of a (data, model, seed) setting starts from the same original; methods that
+    keep history (FedEraser), the initial model (retrain) or client state (PGA) run the rounds
+    themselves.
+    """
+    key = cfg.original_key(num_clients, architecture)
+    if not uses_ordinary_rounds(method):
+        cached = load_gold(cfg.gold_cache_dir, key)
+        if cached is not None:
+            weights, meta = cached
+            log(INFO, "original federation (rounds 1..%d) loaded from cache %s", cfg.gold_rounds, key)
+            strategy.last_update_norm = meta.get("last-update-norm")
+            run = FederationRun(history={int(r): h for r, h in meta["history"].items()},
+                                train={int(r): h for r, h in meta["train"].items()}, arrays=to_record(weights),
+                                rounds_run=cfg.gold_rounds)
+            return run, True
+    run = run_rounds(grid, strategy, FederationRun(arrays=initial), range(1, cfg.departure_round), cfg.round_timeout,
+                     method.name, train_config=train_config(cfg))
+    if run.arrays is not None:
+        save_gold(cfg.gold_cache_dir, key, to_weights(run.arrays), {
+            "history": {str(r): h for r, h in run.history.items()}, "train": {str(r): h for r, h in run.train.items()},
+            "wall-seconds": run.wall_seconds, "last-update-norm": strategy.last_update_norm, "config": cfg.to_dict()})
+    return run, False
+
+
 def train_config(cfg: ExperimentConfig) -> Any:
     """Per-round training config: the augmentation, from the deletion request on (the gold trains without it)."""
     def config(rnd: int) -> dict[str, Any]:
@@ -372,8 +405,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
         # round's evaluation can report forget accuracy
         request_deletion(grid, node_of, involved, initial, cfg, cfg.round_timeout)
     # rounds 1..d-1 with everyone on all its data: the original model
-    run = run_rounds(grid, strategy, FederationRun(arrays=initial), range(1, cfg.departure_round), cfg.round_timeout,
-                     method.name, train_config=train_config(cfg))
+    run, original_cached = original_federation(grid, cfg, strategy, method, len(clients), initial, architecture)
     original = run.arrays
     if original is None:
         raise RuntimeError("the original federation produced no model")
@@ -456,8 +488,10 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
         "server-history-bytes": method.history_bytes(),
         "timings": {"federation-wall-seconds": run.wall_seconds, "gold-wall-seconds": gold_meta.get("wall-seconds"),
                     "unlearning+recovery-wall-seconds": unlearn_wall,
-                    "gold-cached": gold_meta["cached"], "total-seconds": time.perf_counter() - t_start},
+                    "gold-cached": gold_meta["cached"], "original-cached": original_cached,
+                    "total-seconds": time.perf_counter() - t_start},
         "gold-key": gold_meta.get("key"),
+        "code": code_fingerprint(),
         "table-markdown": table,
     }
     out_dir = Path(cfg.results_dir) / experiment_name(cfg, method)

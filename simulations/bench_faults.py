@@ -43,7 +43,7 @@ SITES = [f"site-{i}" for i in range(5)]
 FAULTY_CLIENT = '''"""The project's ClientApp with a fault injected by node config (benchmark only)."""
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.client_app import data_fn, model_fn
@@ -58,7 +58,7 @@ def corrupt(msg, context, call_next):
     records = {}
     for key, rec in reply.content.array_records.items():
         if fault == "nan":
-            rec = ArrayRecord({k: np.full_like(v.numpy(), np.nan) for k, v in rec.items()})
+            rec = ArrayRecord({k: Array(np.full_like(v.numpy(), np.nan)) for k, v in rec.items()})
         records[key] = rec
     for key, rec in reply.content.metric_records.items():
         records[key] = MetricRecord({**dict(rec), **({"num-examples": 10**12} if fault == "huge-claim" else {})})

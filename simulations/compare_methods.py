@@ -24,7 +24,7 @@ import re
 import sys
 from pathlib import Path
 
-from fed_unlearn.report import (
+from fed_unlearn.report import (current_results, 
     comparison_table,
     layer_table,
     plot_comparison,
@@ -59,12 +59,15 @@ def main(argv: list[str] | None = None) -> int:
         out = results_dir / "comparison" / method
         # one gold federation for all methods: a shared cache
         rc = f"unlearn.method='{method}' gold-cache-dir='{results_dir / 'gold-cache'}' " + args.run_config
-        if not sorted(out.glob("*/results.json")):
+        if current_results(out) is None:  # a result of older code is rerun
             code = run_one(["--num-clients", str(args.num_clients), "--results-dir", str(out), "--run-config", rc])
             if code != 0:
                 print(f"{method}: run failed (exit {code})", file=sys.stderr)
                 return code
-        res_file = max(out.glob("*/results.json"), key=lambda f: f.stat().st_mtime)
+        res_file = current_results(out)
+        if res_file is None:
+            print(f"{method}: no results written", file=sys.stderr)
+            return 1
         results[method] = json.loads(res_file.read_text())
     cfg = next(iter(results.values()))["config"]
     title = (f"{cfg['dataset']}, {args.num_clients} clients: client(s) {cfg['departing']} leave in round "

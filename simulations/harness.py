@@ -1,16 +1,17 @@
 """The comparison harness: methods x deletion scenarios x seeds, summarised against the gold.
 
-    python -m simulations.harness                       # every method x 4 scenarios x seeds 0 1 2 (flwr run, Ray)
-    python -m simulations.harness --engine inprocess    # the same grid without SuperLink/Ray (same numbers, faster)
+    python -m simulations.harness                       # every method x 4 scenarios x seeds 0 1 2 (in-process engine)
+    python -m simulations.harness --engine ray          # the same grid through flwr run on Ray (same numbers, slower)
     python -m simulations.harness --methods puf sragu --scenarios client class --seeds 0 1
     python -m simulations.harness --methods fine-tune amun --run-config "unlearn.augment='trivial'" --name harness-trivial
 
-Each cell (scenario, method, seed) is one experiment: by default a ``flwr run``
-simulation on Flower's Ray engine through :mod:`simulations.run_experiment`; with
-``--engine inprocess`` the same ServerApp and ClientApp code on an in-process Grid.
-Cells write ``<results-dir>/harness/<scenario>/<method>/seed<k>/*/results.json``; a
-rerun skips cells whose results exist (resumable). The gold federation of each
-(scenario, seed) is trained once and shared by every method through the cache.
+Each cell (scenario, method, seed) is one experiment: by default the ServerApp and
+ClientApp code on an in-process Grid; with ``--engine ray`` a ``flwr run`` simulation on
+Flower's Ray engine through :mod:`simulations.run_experiment` (same numbers). Cells write
+``<results-dir>/harness/<scenario>/<method>/seed<k>/*/results.json``; a rerun skips cells
+whose results the current code wrote (resumable; a code change reruns them). The gold
+federation of each (scenario, seed), and the original rounds before the request, are
+trained once and shared by every method through the cache.
 
 Outputs in ``<results-dir>/harness/``:
 
@@ -26,17 +27,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from fed_unlearn.report import (overview_table, plot_harness_overview, plot_harness_scenario, ranking_table,
+from fed_unlearn.report import (current_results, overview_table, plot_harness_overview, plot_harness_scenario, ranking_table,
                                 seed_statistics, seed_verdicts, statistics_table, write_json, write_statistics_csv)
 from fed_unlearn.unlearning import METHODS
 
 from .run_experiment import PROJECT_ROOT
 from .run_experiment import main as run_one
+
+#: Where the UCI Adult files are expected (the adult-linear scenario); ``FED_UNLEARN_ADULT_DIR`` overrides it.
+ADULT_DIR = os.environ.get("FED_UNLEARN_ADULT_DIR", str(PROJECT_ROOT.parent / "shared" / "data" / "uci-adult"))
 
 #: Named deletion scenarios: run-config overrides (``unlearn.departing`` is ignored for ``class``).
 SCENARIOS: dict[str, str] = {
@@ -48,13 +54,27 @@ SCENARIOS: dict[str, str] = {
     "samples-influence": "unlearn.scenario='samples' unlearn.selection='influence' unlearn.departing='0'",
     "samples-class": "unlearn.scenario='samples' unlearn.selection='class' unlearn.departing='0'",
     "class": "unlearn.scenario='class'",
+    # a non-IID federation (Dirichlet 0.2) whose departing client holds a skewed, distinctive share of the classes
+    "noniid-client": "unlearn.scenario='client' unlearn.departing='0' partitioner='dirichlet' dirichlet-alpha=0.2",
+    # logistic regression on UCI Adult: the convex setting where ascent can end further from the retrained model
+    "adult-linear": (f"unlearn.scenario='client' unlearn.departing='0' dataset='uci-adult' data-dir='{ADULT_DIR}' "
+                     "model='linear' local-epochs=1 lr=0.05"),
+    # the hard deletions at a large fraction
+    **{f"hard30-{sel}": f"unlearn.scenario='samples' unlearn.selection='{sel}' unlearn.fraction=0.3 unlearn.departing='0'"
+       for sel in ("high-loss", "low-margin", "high-grad-norm", "influence")},
 }
 DEFAULT_SCENARIOS = ("client", "samples-random", "samples-high-loss", "class")
 
 
+def deletion_scenario(name: str) -> str:
+    """The deletion scenario (``client``, ``samples``, ``class``) of a harness scenario."""
+    return re.search(r"unlearn\.scenario='(\w+)'", SCENARIOS[name]).group(1)  # type: ignore[union-attr]
+
+
 def serves(method: str, scenario: str) -> bool:
     """Whether ``method`` serves the harness scenario (its registry entry lists the deletion scenarios)."""
-    return scenario.split("-")[0] in METHODS[method].scenarios
+    return deletion_scenario(scenario) in METHODS[method].scenarios if scenario in SCENARIOS else \
+        scenario in METHODS[method].scenarios
 
 #: Keys the harness sets itself per cell.
 OWNED_KEYS = ("seed=", "unlearn.method=", "unlearn.scenario=")
@@ -90,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", nargs="+", default=list(DEFAULT_SCENARIOS), help=f"of {', '.join(SCENARIOS)}")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--num-clients", type=int, default=5)
-    ap.add_argument("--engine", choices=("ray", "inprocess"), default="ray",
+    ap.add_argument("--engine", choices=("ray", "inprocess"), default="inprocess",
                     help="ray: flwr run on the Ray simulation engine; inprocess: same apps, no SuperLink/Ray")
     ap.add_argument("--run-config", default="", help="overrides shared by every cell")
     ap.add_argument("--results-dir", default=str(PROJECT_ROOT / "results"))
@@ -113,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     for i, (scenario, method, seed) in enumerate(cells):
         out = dest / scenario / method / f"seed{seed}"
-        found = sorted(out.glob("*/results.json"))
-        if not found:
+        found = current_results(out)
+        if found is None:
             progress(i, len(cells), f"running {scenario} / {method} / seed {seed}", started)
             rc = (f"seed={seed} unlearn.method='{method}' gold-cache-dir='{root / 'gold-cache'}' "
                   f"{SCENARIOS[scenario]} {args.run_config}").strip()
@@ -123,11 +143,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{scenario} / {method} / seed {seed}: run failed (exit {code}); finished cells are kept, "
                       "rerun to resume", file=sys.stderr)
                 return code
-            found = sorted(out.glob("*/results.json"))
+            found = current_results(out)
+            if found is None:
+                print(f"{scenario} / {method} / seed {seed}: no results written", file=sys.stderr)
+                return 1
         else:
             progress(i, len(cells), f"{scenario} / {method} / seed {seed} already done, skipped", started)
-        runs[scenario][method].append(json.loads(found[0].read_text()))
+        runs[scenario][method].append(json.loads(found.read_text()))
     progress(len(cells), len(cells), "done", started)
+    grid_minutes = (time.monotonic() - started) / 60
+    print(f"grid time: {grid_minutes:.1f} min for {len(cells)} cells (engine {args.engine})", flush=True)
 
     stats = {sc: seed_statistics(r) for sc, r in runs.items() if r}
     first = next(iter(next(iter(runs.values())).values()))[0]

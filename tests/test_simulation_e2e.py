@@ -67,7 +67,7 @@ def test_harness_grid_is_summarised_resumable_and_engine_independent(tmp_path):
     """2 methods x 1 scenario (sample deletion) x 2 seeds through flwr run on Ray; in-process gives the same numbers."""
     grid = ["--methods", "puf", "retrain", "--scenarios", "samples-random", "--seeds", "0", "1", "--num-clients", "3",
             "--run-config", "dataset='digits' num-server-rounds=5 unlearn.round=3 unlearn.recovery='until-gold'"]
-    cmd = [sys.executable, "-m", "simulations.harness", *grid, "--results-dir", str(tmp_path / "ray")]
+    cmd = [sys.executable, "-m", "simulations.harness", *grid, "--engine", "ray", "--results-dir", str(tmp_path / "ray")]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     out = tmp_path / "ray" / "harness"
@@ -79,7 +79,9 @@ def test_harness_grid_is_summarised_resumable_and_engine_independent(tmp_path):
     assert stats["retrain"]["l2-to-gold"]["mean"] == 0.0 and stats["retrain"]["recovery-rounds"]["mean"] == 0.0
     for f in ("harness.png", "harness_samples-random.png", "harness.csv", "harness.md"):
         assert (out / f).is_file()
-    assert len(list((tmp_path / "ray" / "gold-cache").iterdir())) == 2  # one gold per seed, shared by both methods
+    cached = [p.name for p in (tmp_path / "ray" / "gold-cache").iterdir()]
+    # one gold and one original federation per seed, shared by both methods
+    assert sum(not n.startswith("original-") for n in cached) == 2 and sum(n.startswith("original-") for n in cached) == 2
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("already done, skipped") == 4
     local = subprocess.run([sys.executable, "-m", "simulations.harness", *grid, "--engine", "inprocess",
