@@ -7,8 +7,9 @@ Flower ``ArrayRecord`` of a torch ``state_dict`` carries.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,7 +73,9 @@ def validate_update(update: Weights, reference: Weights, source: str) -> None:
         if arr.shape != np.shape(ref):
             raise InvalidUpdateError(f"{source}: array '{name}' has shape {arr.shape}, expected {np.shape(ref)}")
         if not compatible_dtype(arr.dtype, np.asarray(ref).dtype):
-            raise InvalidUpdateError(f"{source}: array '{name}' has dtype {arr.dtype}, expected {np.asarray(ref).dtype}")
+            raise InvalidUpdateError(
+                f"{source}: array '{name}' has dtype {arr.dtype}, expected {np.asarray(ref).dtype}"
+            )
         if np.issubdtype(arr.dtype, np.number) and not np.all(np.isfinite(arr)):
             bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
             raise InvalidUpdateError(f"{source}: array '{name}' contains {bad} NaN/inf values")
@@ -82,7 +85,9 @@ def validate_updates(updates: Sequence[ClientUpdate], reference: Weights) -> Non
     """Validate every update against the global model, and its example count."""
     for u in updates:
         if not (isinstance(u.num_examples, (int, np.integer)) and u.num_examples > 0):
-            raise InvalidUpdateError(f"client {u.client_id}: num-examples must be a positive integer, got {u.num_examples!r}")
+            raise InvalidUpdateError(
+                f"client {u.client_id}: num-examples must be a positive integer, got {u.num_examples!r}"
+            )
         validate_update(u.weights, reference, f"client {u.client_id}")
 
 
@@ -90,18 +95,18 @@ def _is_float(a: np.ndarray) -> bool:
     return np.issubdtype(np.asarray(a).dtype, np.floating)
 
 
-def weighted_sum(arrays: Sequence[Weights], coefs: Sequence[float], template: Weights) -> "OrderedDict[str, np.ndarray]":
+def weighted_sum(arrays: Sequence[Weights], coefs: Sequence[float], template: Weights) -> OrderedDict[str, np.ndarray]:
     """``sum_i coefs[i] * arrays[i]`` per name, accumulated in float64, cast to the template's dtypes."""
     out: OrderedDict[str, np.ndarray] = OrderedDict()
     for name, ref in template.items():
         acc = np.zeros(np.shape(ref), dtype=np.float64)
-        for a, c in zip(arrays, coefs):
+        for a, c in zip(arrays, coefs, strict=False):
             acc += c * np.asarray(a[name], dtype=np.float64)
         out[name] = acc.astype(np.asarray(ref).dtype)
     return out
 
 
-def fedavg(updates: Sequence[ClientUpdate]) -> "OrderedDict[str, np.ndarray]":
+def fedavg(updates: Sequence[ClientUpdate]) -> OrderedDict[str, np.ndarray]:
     """FedAvg (McMahan et al. 2017): ``sum_k (n_k / N) w_k`` with ``N = sum_k n_k``.
 
     Updates are summed in ``client_id`` order so the result does not depend on the
@@ -114,7 +119,7 @@ def fedavg(updates: Sequence[ClientUpdate]) -> "OrderedDict[str, np.ndarray]":
     return weighted_sum([u.weights for u in ordered], [u.num_examples / total for u in ordered], ordered[0].weights)
 
 
-def pseudo_gradient(local: Weights, global_weights: Weights) -> "OrderedDict[str, np.ndarray]":
+def pseudo_gradient(local: Weights, global_weights: Weights) -> OrderedDict[str, np.ndarray]:
     """``Delta = w_local - w_global`` per name (float64; non-float arrays give zeros)."""
     return OrderedDict(
         (k, (np.asarray(local[k], np.float64) - np.asarray(g, np.float64)) if _is_float(g) else np.zeros(np.shape(g)))
@@ -122,7 +127,9 @@ def pseudo_gradient(local: Weights, global_weights: Weights) -> "OrderedDict[str
     )
 
 
-def weighted_delta_sum(locals_: Sequence[Weights], coefs: Sequence[float], global_weights: Weights) -> "OrderedDict[str, np.ndarray]":
+def weighted_delta_sum(
+    locals_: Sequence[Weights], coefs: Sequence[float], global_weights: Weights
+) -> OrderedDict[str, np.ndarray]:
     """``sum_i coefs[i] * (locals_[i] - w)`` per name in float64, streamed.
 
     Equal to ``weighted_sum([pseudo_gradient(l, w) for l in locals_], coefs, ...)`` but holds one
@@ -134,7 +141,7 @@ def weighted_delta_sum(locals_: Sequence[Weights], coefs: Sequence[float], globa
         acc = np.zeros(np.shape(g), dtype=np.float64)
         if _is_float(g):
             g64 = np.asarray(g, np.float64)
-            for local, c in zip(locals_, coefs):
+            for local, c in zip(locals_, coefs, strict=False):
                 acc += c * (np.asarray(local[name], np.float64) - g64)
         out[name] = acc
     return out

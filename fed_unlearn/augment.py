@@ -48,7 +48,7 @@ def augment_batch(x: torch.Tensor, mode: str, seed: int) -> torch.Tensor:
         padded = F.pad(x, (r, r, r, r))
         dy = torch.randint(0, 2 * r + 1, (n,), generator=gen)
         dx = torch.randint(0, 2 * r + 1, (n,), generator=gen)
-        return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+        return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
     from torchvision.transforms import v2
 
     op = v2.TrivialAugmentWide()

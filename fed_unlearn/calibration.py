@@ -59,8 +59,14 @@ class Calibration:
     gaps: tuple[float, ...]
 
 
-def choose_scale(scales: Sequence[float], forget_loss: Sequence[float], heldout_loss: Sequence[float],
-                 forget_acc: Sequence[float], target: str = "loss-match", floor: float = 0.02) -> Calibration:
+def choose_scale(
+    scales: Sequence[float],
+    forget_loss: Sequence[float],
+    heldout_loss: Sequence[float],
+    forget_acc: Sequence[float],
+    target: str = "loss-match",
+    floor: float = 0.02,
+) -> Calibration:
     """The smallest scale reaching the target, linearly interpolated between candidates.
 
     Parameters
@@ -113,7 +119,7 @@ def pooled(stats: Sequence[dict[str, Sequence[float]]]) -> dict[str, list[float]
     if fn <= 0 or hn <= 0:
         raise ValueError("calibration needs forget and held-out samples")
     k = len(stats[0]["forget-loss-sum"])
-    out = {"forget-loss": [], "heldout-loss": [], "forget-acc": []}
+    out: dict[str, list[float]] = {"forget-loss": [], "heldout-loss": [], "forget-acc": []}
     for j in range(k):
         out["forget-loss"].append(sum(float(st["forget-loss-sum"][j]) for st in stats) / fn)
         out["heldout-loss"].append(sum(float(st["heldout-loss-sum"][j]) for st in stats) / hn)

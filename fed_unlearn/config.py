@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from .data import DATASETS, PARTITIONERS
 from .deletion import DeletionRequest, request_from_run_config
@@ -156,23 +157,27 @@ class ExperimentConfig:
         if self.num_server_rounds < 1:
             raise ValueError(f"num-server-rounds must be >= 1, got {self.num_server_rounds}")
         if self.deletion.scenario == "class" and self.departing:
-            raise ValueError("the class scenario removes a class from every client: unlearn.departing must be empty "
-                             f"(got {list(self.departing)})")
+            raise ValueError(
+                "the class scenario removes a class from every client: unlearn.departing must be empty "
+                f"(got {list(self.departing)})"
+            )
         if self.deletion.scenario == "samples" and not self.departing:
             raise ValueError("sample deletion needs the requesting client ids in unlearn.departing")
-        if self.departing or self.deletion.scenario == "class":
-            if not 2 <= self.departure_round <= self.num_server_rounds:
-                raise ValueError(
-                    f"unlearn.round {self.departure_round} is impossible: it must be in "
-                    f"[2, num-server-rounds={self.num_server_rounds}] (round 1 has nothing to unlearn; "
-                    "a departure after the last round never happens)"
-                )
+        round_ok = 2 <= self.departure_round <= self.num_server_rounds
+        if (self.departing or self.deletion.scenario == "class") and not round_ok:
+            raise ValueError(
+                f"unlearn.round {self.departure_round} is impossible: it must be in "
+                f"[2, num-server-rounds={self.num_server_rounds}] (round 1 has nothing to unlearn; "
+                "a departure after the last round never happens)"
+            )
         from .augment import MODES as AUGMENT_MODES
 
         if self.augment not in AUGMENT_MODES:
             raise ValueError(f"unlearn.augment must be one of {', '.join(AUGMENT_MODES)}, got '{self.augment}'")
         if self.fastclip_bound < 0 or self.fastclip_every < 1:
-            raise ValueError(f"fastclip needs bound >= 0 and every >= 1, got {self.fastclip_bound}, {self.fastclip_every}")
+            raise ValueError(
+                f"fastclip needs bound >= 0 and every >= 1, got {self.fastclip_bound}, {self.fastclip_every}"
+            )
         if self.recovery not in RECOVERY_MODES:
             raise ValueError(f"unlearn.recovery must be one of {', '.join(RECOVERY_MODES)}, got '{self.recovery}'")
         if not 0 <= self.recovery_tolerance < 1:
@@ -186,9 +191,11 @@ class ExperimentConfig:
         """Every number finite and in range, naming its run-config key."""
         t = self.train
         checks = [
-            ("lr", t.lr, lambda v: v > 0, "> 0"), ("momentum", t.momentum, lambda v: v >= 0, ">= 0"),
+            ("lr", t.lr, lambda v: v > 0, "> 0"),
+            ("momentum", t.momentum, lambda v: v >= 0, ">= 0"),
             ("weight-decay", t.weight_decay, lambda v: v >= 0, ">= 0"),
-            ("local-epochs", t.epochs, lambda v: v >= 1, ">= 1"), ("batch-size", t.batch_size, lambda v: v >= 1, ">= 1"),
+            ("local-epochs", t.epochs, lambda v: v >= 1, ">= 1"),
+            ("batch-size", t.batch_size, lambda v: v >= 1, ">= 1"),
             ("dirichlet-alpha", self.dirichlet_alpha, lambda v: v > 0, "> 0"),
             ("holdout-fraction", self.holdout_fraction, lambda v: 0 < v < 1, "in (0, 1)"),
             ("fastclip.bound", self.fastclip_bound, lambda v: v >= 0, ">= 0"),
@@ -205,7 +212,7 @@ class ExperimentConfig:
                 raise ValueError(f"run-config '{key}' must be a finite number {want}, got {value!r}")
 
     @classmethod
-    def from_run_config(cls, rc: Mapping[str, Any]) -> "ExperimentConfig":
+    def from_run_config(cls, rc: Mapping[str, Any]) -> ExperimentConfig:
         """Read the experiment settings from a Flower run config; missing keys keep defaults.
 
         Raises
@@ -218,8 +225,12 @@ class ExperimentConfig:
 
         def get(key: str, default: Any) -> Any:
             value = rc.get(key, default)
-            if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) \
-                    and value.is_integer():
+            if (
+                isinstance(default, int)
+                and not isinstance(default, bool)
+                and isinstance(value, float)
+                and value.is_integer()
+            ):
                 value = int(value)  # "3.0" where a count is expected
             if isinstance(default, bool) or isinstance(value, bool):
                 ok = isinstance(value, bool) and isinstance(default, bool)
@@ -278,7 +289,7 @@ class ExperimentConfig:
         """Rounds of the gold federation: the original model's ``d - 1``."""
         return self.departure_round - 1
 
-    def involved(self, clients: "Iterable[int]") -> tuple[int, ...]:
+    def involved(self, clients: Iterable[int]) -> tuple[int, ...]:
         """The clients that hold data to forget: the departing/requesting ones, or all (class scenario)."""
         return tuple(sorted(clients)) if self.deletion.scenario == "class" else tuple(self.departing)
 
@@ -290,14 +301,26 @@ class ExperimentConfig:
     def data_key(self) -> dict[str, Any]:
         """Settings that determine every client's data."""
         if self.task != "fed_unlearn.task":
-            return {"task": self.task, "seed": self.seed, "data_dir": self.data_dir, "partitioner": self.partitioner,
-                    "dirichlet_alpha": self.dirichlet_alpha, "holdout_fraction": self.holdout_fraction}
+            return {
+                "task": self.task,
+                "seed": self.seed,
+                "data_dir": self.data_dir,
+                "partitioner": self.partitioner,
+                "dirichlet_alpha": self.dirichlet_alpha,
+                "holdout_fraction": self.holdout_fraction,
+            }
         return {
-            "dataset": self.dataset, "data_dir": self.data_dir, "partitioner": self.partitioner,
-            "dirichlet_alpha": self.dirichlet_alpha, "holdout_fraction": self.holdout_fraction, "seed": self.seed,
+            "dataset": self.dataset,
+            "data_dir": self.data_dir,
+            "partitioner": self.partitioner,
+            "dirichlet_alpha": self.dirichlet_alpha,
+            "holdout_fraction": self.holdout_fraction,
+            "seed": self.seed,
         }
 
-    def gold_key(self, num_clients: int, forget_digests: Mapping[int, str] | None = None, architecture: str = "") -> str:
+    def gold_key(
+        self, num_clients: int, forget_digests: Mapping[int, str] | None = None, architecture: str = ""
+    ) -> str:
         """Hash of everything the gold federation depends on (cache key).
 
         ``forget_digests`` (client id -> :func:`~fed_unlearn.deletion.mask_digest`) pin the
@@ -307,9 +330,14 @@ class ExperimentConfig:
         from .gold_cache import code_fingerprint
 
         payload: dict[str, Any] = {
-            "version": GOLD_FORMAT_VERSION, **self.data_key(), "model": self.model,
-            "rounds": self.gold_rounds, "train": asdict(self.train),
-            "excluded": list(self.leaving), "num_clients": num_clients, "code": code_fingerprint(),
+            "version": GOLD_FORMAT_VERSION,
+            **self.data_key(),
+            "model": self.model,
+            "rounds": self.gold_rounds,
+            "train": asdict(self.train),
+            "excluded": list(self.leaving),
+            "num_clients": num_clients,
+            "code": code_fingerprint(),
         }
         if self.task != "fed_unlearn.task":
             payload["architecture"] = architecture
@@ -328,9 +356,17 @@ class ExperimentConfig:
         """
         from .gold_cache import code_fingerprint
 
-        payload: dict[str, Any] = {"kind": "original", **self.data_key(), "model": self.model, "rounds": self.gold_rounds,
-                                   "train": asdict(self.train), "num_clients": num_clients, "code": code_fingerprint(),
-                                   "architecture": architecture, "fastclip": [self.fastclip_bound, self.fastclip_every]}
+        payload: dict[str, Any] = {
+            "kind": "original",
+            **self.data_key(),
+            "model": self.model,
+            "rounds": self.gold_rounds,
+            "train": asdict(self.train),
+            "num_clients": num_clients,
+            "code": code_fingerprint(),
+            "architecture": architecture,
+            "fastclip": [self.fastclip_bound, self.fastclip_every],
+        }
         return "original-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -389,7 +425,9 @@ class ServiceConfig:
         if self.fallback not in FALLBACKS:
             raise ValueError(f"service.fallback must be one of {', '.join(FALLBACKS)}, got '{self.fallback}'")
         if self.recovery_rounds < 0 or self.fallback_after < 1 or self.max_strikes < 0:
-            raise ValueError(f"service needs recovery-rounds >= 0, fallback-after >= 1 and max-strikes >= 0; got {self}")
+            raise ValueError(
+                f"service needs recovery-rounds >= 0, fallback-after >= 1 and max-strikes >= 0; got {self}"
+            )
         if not self.state_dir:
             raise ValueError("service.state-dir must name a folder")
 

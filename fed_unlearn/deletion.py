@@ -33,8 +33,9 @@ here is pure NumPy/PyTorch: the client computes its own mask; the mask never lea
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -142,7 +143,7 @@ def per_example_grads(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
     rows = []
     for s in range(0, len(x), batch_size):
-        gs = g(params, xt[s:s + batch_size], yt[s:s + batch_size])
+        gs = g(params, xt[s : s + batch_size], yt[s : s + batch_size])
         rows.append(torch.cat([gs[k].reshape(gs[k].shape[0], -1) for k in params], dim=1).double())
     return torch.cat(rows).numpy() if rows else np.zeros((0, sum(p.numel() for p in params.values())))
 
@@ -156,8 +157,9 @@ def mean_grad(model: nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return torch.cat([g.reshape(-1) for g in grads]).double().numpy()
 
 
-def selection_scores(selection: str, model: nn.Module, x: np.ndarray, y: np.ndarray,
-                     heldout: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+def selection_scores(
+    selection: str, model: nn.Module, x: np.ndarray, y: np.ndarray, heldout: tuple[np.ndarray, np.ndarray] | None = None
+) -> np.ndarray:
     """Score of every sample under a model-based selection (higher = selected first).
 
     Raises

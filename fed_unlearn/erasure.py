@@ -27,9 +27,10 @@ import re
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 SITE_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 ID_RE = re.compile(r"\A[0-9a-f]{32}\Z")
@@ -77,7 +78,9 @@ class ErasureRequest:
 
 def new_request(site: str, reason: str = "") -> ErasureRequest:
     """A fresh, valid request for ``site`` (validated like any incoming one)."""
-    return parse_request({"id": uuid.uuid4().hex, "site": site, "scope": "site", "reason": reason, "created": time.time()})
+    return parse_request(
+        {"id": uuid.uuid4().hex, "site": site, "scope": "site", "reason": reason, "created": time.time()}
+    )
 
 
 def parse_request(payload: Any) -> ErasureRequest:
@@ -239,7 +242,12 @@ def erasure_poll(inbox: str | None, site: str, verdicts: Mapping[str, Any]) -> d
     moved = acknowledge_in_inbox(inbox, acks) if inbox and acks else []
     moved_refused = acknowledge_in_inbox(inbox, refused, "refused") if inbox and refused else []
     pending = inbox_entries(inbox) if inbox else []
-    out: dict[str, Any] = {"site": site, "count": len(pending), "acknowledged": len(moved), "refused": len(moved_refused)}
+    out: dict[str, Any] = {
+        "site": site,
+        "count": len(pending),
+        "acknowledged": len(moved),
+        "refused": len(moved_refused),
+    }
     if pending:
         out["requests"] = [e.text for e in pending]
         out["files"] = [e.name for e in pending]
@@ -259,7 +267,7 @@ class SiteRegistry:
     sites: Mapping[str, Mapping[str, int]]
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "SiteRegistry":
+    def from_file(cls, path: str | Path) -> SiteRegistry:
         """Read and validate ``{"sites": {name: {"node-id": ..., "partition-id": ...}}}``.
 
         Raises
@@ -278,13 +286,17 @@ class SiteRegistry:
         for name, entry in sites.items():
             if not SITE_RE.match(name):
                 raise ValueError(f"site registry {path}: bad site name {name!r}")
-            if not isinstance(entry, Mapping) or not all(isinstance(entry.get(k), int) for k in ("node-id", "partition-id")):
+            if not isinstance(entry, Mapping) or not all(
+                isinstance(entry.get(k), int) for k in ("node-id", "partition-id")
+            ):
                 raise ValueError(f"site registry {path}: site {name!r} needs integer 'node-id' and 'partition-id'")
             n = entry.get("num-examples")
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
                 raise ValueError(f"site registry {path}: site {name!r}: 'num-examples' must be a positive integer")
             if entry["node-id"] in seen:
-                raise ValueError(f"site registry {path}: node {entry['node-id']} is bound to {seen[entry['node-id']]!r} and {name!r}")
+                raise ValueError(
+                    f"site registry {path}: node {entry['node-id']} is bound to {seen[entry['node-id']]!r} and {name!r}"
+                )
             seen[entry["node-id"]] = name
         return cls({n: dict(e) for n, e in sites.items()})
 
@@ -294,5 +306,7 @@ class SiteRegistry:
 
     def write(self, path: str | Path) -> Path:
         """Write the registry as JSON (atomically)."""
-        _atomic_write(Path(path), json.dumps({"sites": {n: dict(e) for n, e in self.sites.items()}}, indent=2, sort_keys=True))
+        _atomic_write(
+            Path(path), json.dumps({"sites": {n: dict(e) for n, e in self.sites.items()}}, indent=2, sort_keys=True)
+        )
         return Path(path)

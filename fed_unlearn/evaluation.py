@@ -15,7 +15,7 @@ data by its deletion mask (see :mod:`fed_unlearn.deletion`):
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from torch import nn
@@ -27,8 +27,9 @@ from .training import predict_logits
 PARTS = ("forget", "retain", "test", "fheld")
 
 
-def split_parts(train: ArrayDataset, heldout: ArrayDataset, forget: np.ndarray | None,
-                removed_classes: Sequence[int] = ()) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def split_parts(
+    train: ArrayDataset, heldout: ArrayDataset, forget: np.ndarray | None, removed_classes: Sequence[int] = ()
+) -> dict[str, tuple[str, np.ndarray]]:
     """Index sets of the four parts: ``part -> (source "train"|"heldout", indices)``."""
     mask = np.zeros(len(train), bool) if forget is None else np.asarray(forget, bool)
     if mask.shape != (len(train),):
@@ -37,7 +38,12 @@ def split_parts(train: ArrayDataset, heldout: ArrayDataset, forget: np.ndarray |
     h = np.arange(len(heldout))
     test_idx = h[~np.isin(heldout.y, list(removed_classes))] if len(retain_idx) else h[:0]
     fheld_idx = h[np.isin(heldout.y, np.unique(train.y[forget_idx]))] if len(forget_idx) else h[:0]
-    return {"forget": ("train", forget_idx), "retain": ("train", retain_idx), "test": ("heldout", test_idx), "fheld": ("heldout", fheld_idx)}
+    return {
+        "forget": ("train", forget_idx),
+        "retain": ("train", retain_idx),
+        "test": ("heldout", test_idx),
+        "fheld": ("heldout", fheld_idx),
+    }
 
 
 def measure_client(
@@ -75,7 +81,11 @@ def measure_client(
     """
     logits = {"train": predict_logits(model, train.x), "heldout": predict_logits(model, heldout.x)}
     labels = {"train": train.y, "heldout": heldout.y}
-    ref = {k: predict_logits(reference, d.x) for k, d in (("train", train), ("heldout", heldout))} if reference is not None else None
+    ref = (
+        {k: predict_logits(reference, d.x) for k, d in (("train", train), ("heldout", heldout))}
+        if reference is not None
+        else None
+    )
     out: dict[str, float] = {}
     parts = split_parts(train, heldout, forget, removed_classes)
     for part, (src, idx) in parts.items():
@@ -109,12 +119,20 @@ def _ratio(evals: Sequence[Mapping[str, float]], num: str, den: str) -> float:
 
 #: Report key -> (part, measurement).
 SUMMARY_KEYS = {
-    "test-acc": ("test", "correct"), "test-loss": ("test", "loss-sum"), "retain-acc": ("retain", "correct"),
-    "forget-acc": ("forget", "correct"), "forget-loss": ("forget", "loss-sum"), "forget-heldout-acc": ("fheld", "correct"),
+    "test-acc": ("test", "correct"),
+    "test-loss": ("test", "loss-sum"),
+    "retain-acc": ("retain", "correct"),
+    "forget-acc": ("forget", "correct"),
+    "forget-loss": ("forget", "loss-sum"),
+    "forget-heldout-acc": ("fheld", "correct"),
 }
 FIDELITY_KEYS = {
-    "kl-forget": ("forget", "kl-sum"), "disagree-forget": ("forget", "disagree-sum"), "tv-forget": ("forget", "tv-sum"),
-    "kl-test": ("test", "kl-sum"), "disagree-test": ("test", "disagree-sum"), "tv-test": ("test", "tv-sum"),
+    "kl-forget": ("forget", "kl-sum"),
+    "disagree-forget": ("forget", "disagree-sum"),
+    "tv-forget": ("forget", "tv-sum"),
+    "kl-test": ("test", "kl-sum"),
+    "disagree-test": ("test", "disagree-sum"),
+    "tv-test": ("test", "tv-sum"),
 }
 MIA_KEYS = ("mia-auc", "mia-entropy-auc", "mia-nn-auc")
 

@@ -21,7 +21,7 @@ model every ``fastclip.every`` local steps and at the end of its local training.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -39,8 +39,9 @@ def clip_singular_values(w: torch.Tensor, bound: float) -> torch.Tensor:
     return (u @ torch.diag(torch.clamp(s, max=bound)) @ vh).to(w.dtype)
 
 
-def conv_operator_norm(conv: nn.Conv2d, input_shape: Sequence[int], iters: int = 500, seed: int = 0,
-                       tol: float = 1e-10) -> float:
+def conv_operator_norm(
+    conv: nn.Conv2d, input_shape: Sequence[int], iters: int = 500, seed: int = 0, tol: float = 1e-10
+) -> float:
     """Largest singular value of the linear map ``x -> conv(x)`` (no bias) on inputs of ``input_shape``.
 
     ``input_shape`` is ``(C, H, W)`` of one input. Power iteration on ``A^T A``.
@@ -55,7 +56,7 @@ def conv_operator_norm(conv: nn.Conv2d, input_shape: Sequence[int], iters: int =
     v /= torch.linalg.norm(v)
     sigma = 0.0
     for _ in range(iters):
-        out, vjp = torch.func.vjp(op, v)
+        out, vjp = torch.func.vjp(op, v)[:2]
         (back,) = vjp(out)
         norm = torch.linalg.norm(back)
         if norm == 0:
@@ -71,8 +72,11 @@ def conv_operator_norm(conv: nn.Conv2d, input_shape: Sequence[int], iters: int =
 def layer_input_shapes(model: nn.Module, input_shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
     """The per-example input shape every ``nn.Conv2d`` of ``model`` sees (one dummy forward pass)."""
     shapes: dict[str, tuple[int, ...]] = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: shapes.__setitem__(name, tuple(inp[0].shape[1:])))
-             for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, name=name: shapes.__setitem__(name, tuple(inp[0].shape[1:])))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    ]
     try:
         with torch.no_grad():
             model(torch.zeros((1, *input_shape)))
@@ -83,7 +87,9 @@ def layer_input_shapes(model: nn.Module, input_shape: Sequence[int]) -> dict[str
 
 
 @torch.no_grad()
-def clip_model(model: nn.Module, bound: float, input_shape: Sequence[int], conv_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, float]:
+def clip_model(
+    model: nn.Module, bound: float, input_shape: Sequence[int], conv_shapes: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, float]:
     """Clip every Linear (exact SVD) and Conv2d (operator-norm scaling) of ``model`` at ``bound``, in place.
 
     Returns the largest singular value of each layer *before* clipping.

@@ -14,9 +14,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -60,7 +61,8 @@ def save_gold(cache_dir: str | Path, key: str, weights: Mapping[str, np.ndarray]
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
     try:
         names = list(weights)
-        np.savez(tmp / "weights.npz", **{f"a{i}": np.asarray(weights[n]) for i, n in enumerate(names)})
+        arrays = {f"a{i}": np.asarray(weights[n]) for i, n in enumerate(names)}
+        np.savez(tmp / "weights.npz", **arrays)  # type: ignore[arg-type]
         (tmp / "meta.json").write_text(json.dumps({**meta, "array_names": names}, indent=2))
         if entry.exists():
             shutil.rmtree(entry)

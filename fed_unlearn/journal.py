@@ -29,15 +29,21 @@ import io
 import json
 import sqlite3
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
 STATES = ("pending", "unlearning", "recovered", "verified")
 #: Allowed transitions (``unlearning -> pending``: the attempt failed or was never committed).
-TRANSITIONS = {("pending", "unlearning"), ("unlearning", "pending"), ("unlearning", "recovered"), ("recovered", "verified")}
+TRANSITIONS = {
+    ("pending", "unlearning"),
+    ("unlearning", "pending"),
+    ("unlearning", "recovered"),
+    ("recovered", "verified"),
+}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -123,7 +129,7 @@ def weights_digest(weights: Mapping[str, np.ndarray]) -> str:
 
 def _to_blob(weights: Mapping[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in weights.items()})
+    np.savez(buf, **{k: np.asarray(v) for k, v in weights.items()})  # type: ignore[arg-type]
     return buf.getvalue()
 
 
@@ -166,7 +172,7 @@ class Journal:
         """Close the connection."""
         self._db.close()
 
-    def __enter__(self) -> "Journal":
+    def __enter__(self) -> Journal:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -202,36 +208,63 @@ class Journal:
             if self._db.execute("SELECT 1 FROM requests WHERE id = ?", (request_id,)).fetchone():
                 return False
             now = time.time()
-            self._db.execute("INSERT INTO requests (id, site, requested_by, reason, state, received_at, received_round) "
-                             "VALUES (?, ?, ?, ?, 'pending', ?, ?)", (request_id, site, requested_by, reason, now, server_round))
-            self._db.execute("INSERT INTO transitions VALUES (?, ?, ?, NULL, 'pending', ?)", (request_id, now, server_round, requested_by))
+            self._db.execute(
+                "INSERT INTO requests (id, site, requested_by, reason, state, received_at, received_round) "
+                "VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+                (request_id, site, requested_by, reason, now, server_round),
+            )
+            self._db.execute(
+                "INSERT INTO transitions VALUES (?, ?, ?, NULL, 'pending', ?)",
+                (request_id, now, server_round, requested_by),
+            )
             return True
 
         return bool(self._transaction(write))
 
-    def refuse(self, source: str, named_site: str | None, reason: str, payload: Mapping[str, Any] | str, server_round: int | None) -> None:
+    def refuse(
+        self,
+        source: str,
+        named_site: str | None,
+        reason: str,
+        payload: Mapping[str, Any] | str,
+        server_round: int | None,
+    ) -> None:
         """Record a refused request (who sent it, what it named, why)."""
         body = payload if isinstance(payload, str) else json.dumps(payload, sort_keys=True, default=str)
-        self._transaction(lambda: self._db.execute(
-            "INSERT INTO refusals (at, server_round, source, named_site, reason, payload) VALUES (?, ?, ?, ?, ?, ?)",
-            (time.time(), server_round, source, named_site, reason, body)))
+        self._transaction(
+            lambda: self._db.execute(
+                "INSERT INTO refusals (at, server_round, source, named_site, reason, payload) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (time.time(), server_round, source, named_site, reason, body),
+            )
+        )
 
     def event(self, server_round: int | None, source: str, kind: str, detail: str) -> None:
-        """Record something the service did not use or did to a site (a rejected update, an exclusion, a failed poll)."""
-        self._transaction(lambda: self._db.execute(
-            "INSERT INTO events (at, server_round, source, kind, detail) VALUES (?, ?, ?, ?, ?)",
-            (time.time(), server_round, source, kind, detail[:2000])))
+        """Record what the service did not use or did to a site (a rejected update, an exclusion, a failed poll)."""
+        self._transaction(
+            lambda: self._db.execute(
+                "INSERT INTO events (at, server_round, source, kind, detail) VALUES (?, ?, ?, ?, ?)",
+                (time.time(), server_round, source, kind, detail[:2000]),
+            )
+        )
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         """Recorded events (optionally of one kind), oldest first."""
         sql = "SELECT seq, at, server_round, source, kind, detail FROM events"
-        cur = self._db.execute(sql + (" WHERE kind = ? ORDER BY seq" if kind else " ORDER BY seq"), (kind,) if kind else ())
-        return [dict(zip(("seq", "at", "server-round", "source", "kind", "detail"), row)) for row in cur]
+        cur = self._db.execute(
+            sql + (" WHERE kind = ? ORDER BY seq" if kind else " ORDER BY seq"), (kind,) if kind else ()
+        )
+        return [dict(zip(("seq", "at", "server-round", "source", "kind", "detail"), row, strict=False)) for row in cur]
 
     def refusals(self) -> list[dict[str, Any]]:
         """Every refused request, oldest first."""
-        cur = self._db.execute("SELECT seq, at, server_round, source, named_site, reason, payload FROM refusals ORDER BY seq")
-        return [dict(zip(("seq", "at", "server-round", "source", "named-site", "reason", "payload"), row)) for row in cur]
+        cur = self._db.execute(
+            "SELECT seq, at, server_round, source, named_site, reason, payload FROM refusals ORDER BY seq"
+        )
+        return [
+            dict(zip(("seq", "at", "server-round", "source", "named-site", "reason", "payload"), row, strict=True))
+            for row in cur
+        ]
 
     def get(self, request_id: str) -> Request:
         """One request.
@@ -253,21 +286,36 @@ class Journal:
         return self._select("WHERE state = ?", (state,)) if state else self._select("", ())
 
     def _select(self, where: str, args: tuple) -> list[Request]:
-        cols = ("id", "site", "requested_by", "state", "received_round", "reason", "attempts", "unlearning_round",
-                "served_round", "recovered_round", "method", "details", "report")
+        cols = (
+            "id",
+            "site",
+            "requested_by",
+            "state",
+            "received_round",
+            "reason",
+            "attempts",
+            "unlearning_round",
+            "served_round",
+            "recovered_round",
+            "method",
+            "details",
+            "report",
+        )
         cur = self._db.execute(f"SELECT {', '.join(cols)} FROM requests {where} ORDER BY received_at, id", args)
         out = []
         for row in cur:
-            d = dict(zip(cols, row))
+            d = dict(zip(cols, row, strict=False))
             d["details"] = json.loads(d["details"])
             out.append(Request(**d))
         return out
 
     def history(self, request_id: str) -> list[dict[str, Any]]:
         """The transitions of one request, oldest first."""
-        cur = self._db.execute("SELECT at, server_round, old, new, note FROM transitions WHERE request_id = ? ORDER BY rowid",
-                               (request_id,))
-        return [dict(zip(("at", "server-round", "old", "new", "note"), r)) for r in cur]
+        cur = self._db.execute(
+            "SELECT at, server_round, old, new, note FROM transitions WHERE request_id = ? ORDER BY rowid",
+            (request_id,),
+        )
+        return [dict(zip(("at", "server-round", "old", "new", "note"), r, strict=False)) for r in cur]
 
     def _move(self, request_id: str, new: str, server_round: int | None, note: str = "", **columns: Any) -> None:
         row = self._db.execute("SELECT state, details FROM requests WHERE id = ?", (request_id,)).fetchone()
@@ -281,27 +329,45 @@ class Journal:
             columns["details"] = json.dumps(merged, sort_keys=True, default=str)
         sets = ", ".join(["state = ?", *(f"{k} = ?" for k in columns)])
         self._db.execute(f"UPDATE requests SET {sets} WHERE id = ?", (new, *columns.values(), request_id))
-        self._db.execute("INSERT INTO transitions VALUES (?, ?, ?, ?, ?, ?)", (request_id, time.time(), server_round, old, new, note))
+        self._db.execute(
+            "INSERT INTO transitions VALUES (?, ?, ?, ?, ?, ?)", (request_id, time.time(), server_round, old, new, note)
+        )
 
-    def start_unlearning(self, ids: Iterable[str], server_round: int, method: str, details: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    def start_unlearning(
+        self, ids: Iterable[str], server_round: int, method: str, details: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> None:
         """``pending -> unlearning`` for ``ids`` in ``server_round`` (one transaction; counts the attempt)."""
+
         def write() -> None:
             for rid in ids:
                 attempts = self._db.execute("SELECT attempts FROM requests WHERE id = ?", (rid,)).fetchone()
-                self._move(rid, "unlearning", server_round, method, unlearning_round=server_round, method=method,
-                           attempts=(attempts[0] if attempts else 0) + 1, details=dict((details or {}).get(rid, {})))
+                self._move(
+                    rid,
+                    "unlearning",
+                    server_round,
+                    method,
+                    unlearning_round=server_round,
+                    method=method,
+                    attempts=(attempts[0] if attempts else 0) + 1,
+                    details=dict((details or {}).get(rid, {})),
+                )
+
         self._transaction(write)
 
-    def back_to_pending(self, ids: Iterable[str], server_round: int | None, note: str, count_attempt: bool = True) -> None:
+    def back_to_pending(
+        self, ids: Iterable[str], server_round: int | None, note: str, count_attempt: bool = True
+    ) -> None:
         """``unlearning -> pending`` (the attempt failed, or was never committed).
 
         ``count_attempt = False``: the attempt was not the site's fault (the server stopped)
         and does not count towards the fallback.
         """
+
         def write() -> None:
             for rid in ids:
                 extra = {} if count_attempt else {"attempts": max(0, self.get(rid).attempts - 1)}
                 self._move(rid, "pending", server_round, note, unlearning_round=None, **extra)
+
         self._transaction(write)
 
     def set_verified(self, request_id: str, report: str, server_round: int | None = None) -> None:
@@ -309,9 +375,15 @@ class Journal:
         self._transaction(lambda: self._move(request_id, "verified", server_round, "audit written", report=report))
 
     # -- checkpoint -------------------------------------------------------------------
-    def commit_round(self, server_round: int, weights: Mapping[str, np.ndarray], state: Mapping[str, Any],
-                     served: Iterable[str] = (), recovered: Iterable[str] = (),
-                     details: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    def commit_round(
+        self,
+        server_round: int,
+        weights: Mapping[str, np.ndarray],
+        state: Mapping[str, Any],
+        served: Iterable[str] = (),
+        recovered: Iterable[str] = (),
+        details: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> str:
         """Checkpoint the round's model and state together with its request transitions (one transaction).
 
         ``served``: requests whose unlearning round this is (``served_round`` set);
@@ -324,13 +396,27 @@ class Journal:
 
         def write() -> None:
             for rid in served:
-                self._move(rid, "unlearning", server_round, "unlearning round committed", served_round=server_round,
-                           details=dict(extra.get(rid, {})))
+                self._move(
+                    rid,
+                    "unlearning",
+                    server_round,
+                    "unlearning round committed",
+                    served_round=server_round,
+                    details=dict(extra.get(rid, {})),
+                )
             for rid in recovered:
-                self._move(rid, "recovered", server_round, "recovery done", recovered_round=server_round,
-                           details=dict(extra.get(rid, {})))
-            self._db.execute("INSERT OR REPLACE INTO checkpoint VALUES (1, ?, ?, ?, ?, ?)",
-                             (server_round, blob, json.dumps(dict(state), sort_keys=True), digest, time.time()))
+                self._move(
+                    rid,
+                    "recovered",
+                    server_round,
+                    "recovery done",
+                    recovered_round=server_round,
+                    details=dict(extra.get(rid, {})),
+                )
+            self._db.execute(
+                "INSERT OR REPLACE INTO checkpoint VALUES (1, ?, ?, ?, ?, ?)",
+                (server_round, blob, json.dumps(dict(state), sort_keys=True), digest, time.time()),
+            )
 
         self._transaction(write)
         return digest
@@ -372,13 +458,13 @@ class StateDirLock:
         self.timeout, self.poll = timeout, poll
         self._fh: io.TextIOWrapper | None = None
 
-    def acquire(self) -> "StateDirLock":
+    def acquire(self) -> StateDirLock:
         """Take the lock (waiting up to ``timeout``); raises :class:`StateDirBusy` if it stays held."""
         import fcntl
         import os
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")
+        fh = open(self.path, "a+")  # noqa: SIM115  (held open for the lock's lifetime, closed in release())
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -389,8 +475,10 @@ class StateDirLock:
                     fh.seek(0)
                     holder = fh.read().strip() or "unknown"
                     fh.close()
-                    raise StateDirBusy(f"{self.path.parent} is in use by another service process (pid {holder}); "
-                                       f"waited {self.timeout:.0f}s") from None
+                    raise StateDirBusy(
+                        f"{self.path.parent} is in use by another service process (pid {holder}); "
+                        f"waited {self.timeout:.0f}s"
+                    ) from None
                 time.sleep(self.poll)
         fh.seek(0)
         fh.truncate()
@@ -405,7 +493,7 @@ class StateDirLock:
             self._fh.close()
             self._fh = None
 
-    def __enter__(self) -> "StateDirLock":
+    def __enter__(self) -> StateDirLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:

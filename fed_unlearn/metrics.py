@@ -6,7 +6,7 @@ and take logits so that a client computes everything from one forward pass.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from scipy.special import log_softmax
@@ -84,7 +84,9 @@ def modified_entropy(logits: np.ndarray, y: np.ndarray, eps: float = 1e-30) -> n
     return -(1.0 - py) * np.log(np.clip(py, eps, None)) + others.sum(axis=1)
 
 
-def entropy_mia_auc(member_logits: np.ndarray, member_y: np.ndarray, nonmember_logits: np.ndarray, nonmember_y: np.ndarray) -> float:
+def entropy_mia_auc(
+    member_logits: np.ndarray, member_y: np.ndarray, nonmember_logits: np.ndarray, nonmember_y: np.ndarray
+) -> float:
     """ROC-AUC of the modified-entropy membership-inference attack (members have lower Mentr).
 
     Chosen as the stronger attack of the suite: Song & Mittal show it dominates the
@@ -101,7 +103,9 @@ def tv_distance(ref_logits: np.ndarray, logits: np.ndarray) -> float:
         raise ValueError(f"logit shapes differ: {ref_logits.shape} vs {logits.shape}")
     if len(logits) == 0:
         return float("nan")
-    return float(np.mean(0.5 * np.abs(np.exp(log_softmax(ref_logits, axis=1)) - np.exp(log_softmax(logits, axis=1))).sum(axis=1)))
+    return float(
+        np.mean(0.5 * np.abs(np.exp(log_softmax(ref_logits, axis=1)) - np.exp(log_softmax(logits, axis=1))).sum(axis=1))
+    )
 
 
 def remaining_class_probs(logits: np.ndarray, removed: tuple[int, ...] | list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +156,9 @@ def weight_distance(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) ->
 AVERAGE_GAP_KEYS = ("retain-acc", "forget-acc", "test-acc", "mia-auc")
 
 
-def average_gap(model: Mapping[str, float], gold: Mapping[str, float], keys: tuple[str, ...] = AVERAGE_GAP_KEYS) -> float:
+def average_gap(
+    model: Mapping[str, float], gold: Mapping[str, float], keys: tuple[str, ...] = AVERAGE_GAP_KEYS
+) -> float:
     """Average Gap: mean absolute difference to the gold over ``keys`` (0 = indistinguishable on them)."""
     missing = [k for k in keys if k not in model or k not in gold]
     if missing:

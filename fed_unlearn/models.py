@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ class MLP(nn.Module):
         super().__init__()
         dims = [int(np.prod(input_shape)), *hidden]
         layers: list[nn.Module] = [nn.Flatten()]
-        for a, b in zip(dims[:-1], dims[1:]):
+        for a, b in zip(dims[:-1], dims[1:], strict=False):
             layers += [nn.Linear(a, b), nn.ReLU()]
         layers.append(nn.Linear(dims[-1], num_classes))
         self.net = nn.Sequential(*layers)
@@ -58,8 +58,12 @@ class SmallCNN(nn.Module):
             raise ValueError(f"cnn needs (C, H, W) input with H, W divisible by 4, got {input_shape}")
         c, h, w = input_shape
         self.features = nn.Sequential(
-            nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(32 * (h // 4) * (w // 4), 64), nn.ReLU(), nn.Linear(64, num_classes)
@@ -109,12 +113,12 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed:
         torch.random.set_rng_state(gen_state)
 
 
-def get_weights(model: nn.Module) -> "OrderedDict[str, np.ndarray]":
+def get_weights(model: nn.Module) -> OrderedDict[str, np.ndarray]:
     """Copy a model's state dict into numpy arrays (float32, contiguous)."""
     return OrderedDict((k, v.detach().cpu().numpy().copy()) for k, v in model.state_dict().items())
 
 
-def set_weights(model: nn.Module, weights: "OrderedDict[str, np.ndarray] | dict[str, np.ndarray]") -> None:
+def set_weights(model: nn.Module, weights: OrderedDict[str, np.ndarray] | dict[str, np.ndarray]) -> None:
     """Load numpy arrays into a model; names and shapes must match exactly."""
     state = model.state_dict()
     if set(weights) != set(state):

@@ -112,7 +112,19 @@ AUDIT = "evaluate.audit"
 ERASURE = "query.erasure"
 CALIBRATE = "query.calibrate"
 #: Every message type of the protocol.
-MESSAGE_TYPES = (TRAIN, EVALUATE, IDENTIFY, INFO, FORGET, TRAIN_RETAIN, TRAIN_UNLEARN, RELEARN, AUDIT, ERASURE, CALIBRATE)
+MESSAGE_TYPES = (
+    TRAIN,
+    EVALUATE,
+    IDENTIFY,
+    INFO,
+    FORGET,
+    TRAIN_RETAIN,
+    TRAIN_UNLEARN,
+    RELEARN,
+    AUDIT,
+    ERASURE,
+    CALIBRATE,
+)
 
 # -- records -------------------------------------------------------------------------------
 IDENTITY_RECORD = "identity"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 #: Rows of the comparison table: (metric key, label). Order = the README table's order.
 TABLE_ROWS: tuple[tuple[str, str], ...] = (
@@ -32,7 +33,15 @@ TABLE_ROWS: tuple[tuple[str, str], ...] = (
 #: Metrics judged by their distance to the gold's value (the gold's is the target).
 GAP_METRICS = ("test-acc", "retain-acc", "forget-acc", "forget-heldout-acc", "mia-auc", "mia-entropy-auc", "mia-nn-auc")
 #: Metrics that already are distances to the gold (0 = the gold).
-DISTANCE_METRICS = ("kl-forget", "tv-forget", "disagree-forget", "kl-test", "disagree-test", "average-gap", "l2-to-gold")
+DISTANCE_METRICS = (
+    "kl-forget",
+    "tv-forget",
+    "disagree-forget",
+    "kl-test",
+    "disagree-test",
+    "average-gap",
+    "l2-to-gold",
+)
 VERDICT_METRICS = GAP_METRICS + DISTANCE_METRICS
 
 
@@ -47,8 +56,9 @@ def distance_to_gold(model: Mapping[str, float], gold: Mapping[str, float], key:
     return float("nan") if g is None or (isinstance(g, float) and math.isnan(g)) else abs(float(v) - float(g))
 
 
-def further_than_original(report: Mapping[str, Mapping[str, float]], model: str = "unlearned",
-                          tolerance: float = 1e-9) -> list[str]:
+def further_than_original(
+    report: Mapping[str, Mapping[str, float]], model: str = "unlearned", tolerance: float = 1e-9
+) -> list[str]:
     """The metrics on which ``model`` ends further from the gold than the original was (one seed)."""
     gold, orig, m = report["gold"], report["original"], report[model]
     out = []
@@ -72,7 +82,9 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def markdown_table(models: Mapping[str, Mapping[str, float]], columns: Sequence[str] = ("original", "unlearned", "gold")) -> str:
+def markdown_table(
+    models: Mapping[str, Mapping[str, float]], columns: Sequence[str] = ("original", "unlearned", "gold")
+) -> str:
     """Markdown table, one row per metric of :data:`TABLE_ROWS`, one column per model.
 
     With ``original`` and ``gold`` among the models, a last row names, per model, the metrics
@@ -84,8 +96,9 @@ def markdown_table(models: Mapping[str, Mapping[str, float]], columns: Sequence[
         if any(key in models[c] for c in cols):
             lines.append(f"| {label} | " + " | ".join(_fmt(models[c].get(key)) for c in cols) + " |")
     if "original" in models and "gold" in models:
-        cells = [", ".join(further_than_original(models, c)) or "–" if c not in ("original", "gold") else ""
-                 for c in cols]
+        cells = [
+            ", ".join(further_than_original(models, c)) or "–" if c not in ("original", "gold") else "" for c in cols
+        ]
         lines.append("| **further from gold than the original on** | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -109,6 +122,7 @@ def current_results(folder: str | Path) -> Path | None:
 
 def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
     """Write ``payload`` as indented JSON (NaN written as null)."""
+
     def clean(v: Any) -> Any:
         if isinstance(v, float) and not math.isfinite(v):
             return None
@@ -158,7 +172,10 @@ def plot_accuracy(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    series = (("test-acc", "retained clients (held-out)", "tab:blue"), ("forget-acc", "forget set (deleted data)", "tab:red"))
+    series = (
+        ("test-acc", "retained clients (held-out)", "tab:blue"),
+        ("forget-acc", "forget set (deleted data)", "tab:red"),
+    )
     for key, label, color in series:
         rounds = sorted(r for r in history if key in history[r])
         ax.plot(rounds, [history[r][key] for r in rounds], marker="o", ms=3, color=color, label=label)
@@ -169,8 +186,14 @@ def plot_accuracy(
                 ax.axhline(gold_history[g[-1]][key], ls="--", color=color, alpha=0.8, lw=1, label=f"gold: {label}")
     if departure_round is not None:
         ax.axvline(departure_round, color="k", ls=":", lw=1)
-        ax.annotate("unlearning round", (departure_round, 1.0), xycoords=("data", "axes fraction"),
-                    xytext=(3, -12), textcoords="offset points", fontsize=8)
+        ax.annotate(
+            "unlearning round",
+            (departure_round, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -12),
+            textcoords="offset points",
+            fontsize=8,
+        )
     ax.set_xlabel("server round")
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=10)
@@ -188,12 +211,19 @@ def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     """
     names = list(results)
     first = results[names[0]]["report"]
-    models = {"original": first["original"], **{m: results[m]["report"]["unlearned"] for m in names}, "gold": first["gold"]}
+    models = {
+        "original": first["original"],
+        **{m: results[m]["report"]["unlearned"] for m in names},
+        "gold": first["gold"],
+    }
     table = markdown_table(models, columns=["original", *names, "gold"])
     extra = [
-        "| recovery rounds to gold accuracy | – | " + " | ".join(_fmt(results[m]["recovery"]["rounds-to-gold"]) for m in names) + " | – |",
-        "| client-compute, fraction of gold retraining | – | " + " | ".join(
-            _fmt(results[m]["client-compute"]["fraction-of-gold-steps"]) for m in names) + " | 1.0000 |",
+        "| recovery rounds to gold accuracy | – | "
+        + " | ".join(_fmt(results[m]["recovery"]["rounds-to-gold"]) for m in names)
+        + " | – |",
+        "| client-compute, fraction of gold retraining | – | "
+        + " | ".join(_fmt(results[m]["client-compute"]["fraction-of-gold-steps"]) for m in names)
+        + " | 1.0000 |",
     ]
     return table + "\n" + "\n".join(extra)
 
@@ -203,15 +233,21 @@ def layer_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     names = [m for m in results if results[m].get("unlearning")]
     if not names:
         return ""
-    base = {l["layer"]: l for l in results[names[0]]["unlearning"]["layers"]}
-    lines = ["| layer | shape | alpha | nu | " + " | ".join(f"motion share ({m})" for m in names) + " |",
-             "|---|---|---:|---:|" + "---:|" * len(names)]
+    base = {row["layer"]: row for row in results[names[0]]["unlearning"]["layers"]}
+    lines = [
+        "| layer | shape | alpha | nu | " + " | ".join(f"motion share ({m})" for m in names) + " |",
+        "|---|---|---:|---:|" + "---:|" * len(names),
+    ]
     for layer, info in base.items():
         shares = []
         for m in names:
-            row = next((l for l in results[m]["unlearning"]["layers"] if l["layer"] == layer), {})
+            row: Mapping[str, Any] = next((r for r in results[m]["unlearning"]["layers"] if r["layer"] == layer), {})
             shares.append(_fmt(row.get("motion-share")))
-        lines.append(f"| {layer} | {tuple(info.get('shape', ()))} | {_fmt(info.get('alpha'))} | {_fmt(info.get('nu'))} | " + " | ".join(shares) + " |")
+        lines.append(
+            f"| {layer} | {tuple(info.get('shape', ()))} | {_fmt(info.get('alpha'))} | {_fmt(info.get('nu'))} | "
+            + " | ".join(shares)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -226,8 +262,10 @@ def plot_comparison(path: str | Path, results: Mapping[str, Mapping[str, Any]], 
     first = next(iter(results.values()))
     gold_hist = {int(r): h for r, h in first["gold-history"].items()}
     d = first["config"]["departure_round"]
-    for ax, key, label in ((axes[0], "test-acc", "held-out test accuracy"),
-                           (axes[1], "forget-acc", "forget-set accuracy (deleted data)")):
+    for ax, key, label in (
+        (axes[0], "test-acc", "held-out test accuracy"),
+        (axes[1], "forget-acc", "forget-set accuracy (deleted data)"),
+    ):
         for i, (name, res) in enumerate(results.items()):
             hist = {int(r): h for r, h in res["history"].items()}
             rounds = sorted(r for r in hist if key in hist[r])
@@ -252,7 +290,11 @@ HARNESS_METRICS = tuple(k for k, _ in TABLE_ROWS)
 EXTRA_ROWS: tuple[tuple[str, str, Any], ...] = (
     ("unlearning-rounds", "unlearning rounds", lambda r: r["recovery"].get("unlearning-rounds")),
     ("recovery-rounds", "recovery rounds to gold accuracy", lambda r: r["recovery"]["rounds-to-gold"]),
-    ("compute-fraction", "client-compute, fraction of gold retraining", lambda r: r["client-compute"]["fraction-of-gold-steps"]),
+    (
+        "compute-fraction",
+        "client-compute, fraction of gold retraining",
+        lambda r: r["client-compute"]["fraction-of-gold-steps"],
+    ),
     ("history-mb", "server-side per-client history, MB", lambda r: r.get("server-history-bytes", 0) / 1e6),
 )
 
@@ -292,7 +334,7 @@ def seed_statistics(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str
     return out
 
 
-def _cell(stat: "tuple[float, float, int]") -> str:
+def _cell(stat: tuple[float, float, int]) -> str:
     mean, std, n = stat
     return "–" if n == 0 else f"{mean:.4f} ± {std:.4f}"
 
@@ -305,7 +347,9 @@ def statistics_table(stats: Stats) -> str:
     for key, label in labels.items():
         if not any(stats[c].get(key, (0, 0, 0))[2] for c in cols):
             continue
-        lines.append(f"| {label} | " + " | ".join(_cell(stats[c].get(key, (float("nan"), float("nan"), 0))) for c in cols) + " |")
+        lines.append(
+            f"| {label} | " + " | ".join(_cell(stats[c].get(key, (float("nan"), float("nan"), 0))) for c in cols) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -318,7 +362,9 @@ def overview_table(stats: Mapping[str, Stats], key: str = "average-gap") -> str:
     cols.append("gold")
     lines = ["| model | " + " | ".join(scenarios) + " |", "|---|" + "---:|" * len(scenarios)]
     for c in cols:
-        lines.append(f"| {c} | " + " | ".join(_cell(stats[sc][c][key]) if c in stats[sc] else "–" for sc in scenarios) + " |")
+        lines.append(
+            f"| {c} | " + " | ".join(_cell(stats[sc][c][key]) if c in stats[sc] else "–" for sc in scenarios) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -348,7 +394,13 @@ def _color(i: int) -> Any:
 def _bars(ax: Any, stats: Stats, cols: Sequence[str], key: str, label: str, gold_line: bool) -> None:
     means = [stats[c][key][0] for c in cols]
     stds = [stats[c][key][1] for c in cols]
-    ax.bar(range(len(cols)), means, yerr=stds, capsize=3, color=["0.6" if c == "original" else _color(i - 1) for i, c in enumerate(cols)])
+    ax.bar(
+        range(len(cols)),
+        means,
+        yerr=stds,
+        capsize=3,
+        color=["0.6" if c == "original" else _color(i - 1) for i, c in enumerate(cols)],
+    )
     ax.set_xticks(range(len(cols)), cols, rotation=35, ha="right", fontsize=8)
     ax.set_title(label, fontsize=10)
     ax.grid(alpha=0.3, axis="y")
@@ -358,12 +410,14 @@ def _bars(ax: Any, stats: Stats, cols: Sequence[str], key: str, label: str, gold
         g = stats["gold"][key][0]
         ax.axhline(g, color="k", ls="--", lw=1, label=f"gold {g:.3f}")
         vals = [m for m in means if not math.isnan(m)] + [g]
-        lo = min(m - s for m, s in zip(means, stds) if not math.isnan(m)) if means else g
+        lo = min(m - s for m, s in zip(means, stds, strict=False) if not math.isnan(m)) if means else g
         ax.set_ylim(min(lo, g) - 0.02, max(vals) + max(stds + [0]) + 0.02)
         ax.legend(fontsize=8)
 
 
-def plot_harness_scenario(path: str | Path, stats: Stats, seed0: Mapping[str, Mapping[str, Any]], title: str = "") -> Path:
+def plot_harness_scenario(
+    path: str | Path, stats: Stats, seed0: Mapping[str, Mapping[str, Any]], title: str = ""
+) -> Path:
     """One scenario: per-round test and forget accuracy (seed 0), Average Gap bars, MIA AUC bars vs gold."""
     import matplotlib
 
@@ -375,8 +429,10 @@ def plot_harness_scenario(path: str | Path, stats: Stats, seed0: Mapping[str, Ma
     first = next(iter(seed0.values()))
     gold_hist = {int(r): h for r, h in first["gold-history"].items()}
     d = first["config"]["departure_round"]
-    for ax, key, label in ((axes[0, 0], "test-acc", "held-out test accuracy (seed 0)"),
-                           (axes[0, 1], "forget-acc", "forget-set accuracy (seed 0)")):
+    for ax, key, label in (
+        (axes[0, 0], "test-acc", "held-out test accuracy (seed 0)"),
+        (axes[0, 1], "forget-acc", "forget-set accuracy (seed 0)"),
+    ):
         for i, (name, res) in enumerate(seed0.items()):
             hist = {int(r): h for r, h in res["history"].items()}
             rounds = sorted(r for r in hist if key in hist[r])
@@ -384,8 +440,14 @@ def plot_harness_scenario(path: str | Path, stats: Stats, seed0: Mapping[str, Ma
         if gold_hist and key in gold_hist[max(gold_hist)]:
             ax.axhline(gold_hist[max(gold_hist)][key], color="k", ls="--", lw=1, label="gold (final)")
         ax.axvline(d, color="k", ls=":", lw=1)
-        ax.annotate("request / unlearning", (d, 0.02), xycoords=("data", "axes fraction"), xytext=(3, 0),
-                    textcoords="offset points", fontsize=7)
+        ax.annotate(
+            "request / unlearning",
+            (d, 0.02),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, 0),
+            textcoords="offset points",
+            fontsize=7,
+        )
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("server round")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -442,7 +504,10 @@ def seed_verdicts(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, 
             diffs = []
             for r in results:
                 rep = r["report"]
-                dm, do = distance_to_gold(rep["unlearned"], rep["gold"], key), distance_to_gold(rep["original"], rep["gold"], key)
+                dm, do = (
+                    distance_to_gold(rep["unlearned"], rep["gold"], key),
+                    distance_to_gold(rep["original"], rep["gold"], key),
+                )
                 if math.isfinite(dm) and math.isfinite(do):
                     diffs.append(dm - do)
             if not diffs:

@@ -47,9 +47,9 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -112,8 +112,8 @@ def fit_power_law(values: np.ndarray, block: int = 512) -> PowerLawFit:
     alphas = 1.0 + m / (suffix[starts] - m * logx[starts])
     best = (np.inf, 0)
     for lo in range(0, len(starts), block):
-        i = starts[lo:lo + block, None]  # (b, 1) candidate x_min indices
-        a = alphas[lo:lo + block, None]
+        i = starts[lo : lo + block, None]  # (b, 1) candidate x_min indices
+        a = alphas[lo : lo + block, None]
         j0 = int(i[0, 0])  # only points at or after the smallest x_min of the block matter
         j = np.arange(j0, n)[None, :]
         mi = (n - i).astype(np.float64)
@@ -236,8 +236,18 @@ def analyze(weights: Mapping[str, np.ndarray], gate: StabilityGate | None = None
             fit = PowerLawFit(float("nan"), float("nan"), float("nan"), float("nan"), 0)
         else:
             fit = fit_power_law(ev)
-        out.append(LayerSpectrum(layer_of(name), tuple(arr.shape), len(ev), fit.alpha, fit.xmin,
-                                 fit.ks_distance, fit.sigma, float(gate(fit.alpha))))
+        out.append(
+            LayerSpectrum(
+                layer_of(name),
+                tuple(arr.shape),
+                len(ev),
+                fit.alpha,
+                fit.xmin,
+                fit.ks_distance,
+                fit.sigma,
+                float(gate(fit.alpha)),
+            )
+        )
     return out
 
 
@@ -259,8 +269,10 @@ def format_table(spectra: Iterable[LayerSpectrum]) -> str:
     """Fixed-width per-layer table: layer, shape, #eigenvalues, alpha, x_min, KS distance, nu."""
     rows = [f"{'layer':<28} {'shape':<18} {'#ev':>6} {'alpha':>7} {'x_min':>10} {'KS D':>7} {'nu':>6}"]
     for s in spectra:
-        rows.append(f"{s.layer:<28} {str(s.shape):<18} {s.num_eigenvalues:>6} {s.alpha:>7.3f} {s.xmin:>10.4g} "
-                    f"{s.ks_distance:>7.4f} {s.nu:>6.3f}")
+        rows.append(
+            f"{s.layer:<28} {str(s.shape):<18} {s.num_eigenvalues:>6} {s.alpha:>7.3f} {s.xmin:>10.4g} "
+            f"{s.ks_distance:>7.4f} {s.nu:>6.3f}"
+        )
     return "\n".join(rows)
 
 

@@ -48,8 +48,9 @@ class TaskError(ValueError):
 
 
 # -- the built-in task -----------------------------------------------------------------------------
-def load_model(run_config: Mapping[str, Any], input_shape: tuple[int, ...] | None = None,
-               num_classes: int | None = None) -> torch.nn.Module:
+def load_model(
+    run_config: Mapping[str, Any], input_shape: tuple[int, ...] | None = None, num_classes: int | None = None
+) -> torch.nn.Module:
     """The project's model ``model`` (``mlp`` | ``cnn``) for the ``dataset``'s inputs, initialised from ``seed``.
 
     ``input_shape`` / ``num_classes`` default to those of the dataset.
@@ -57,16 +58,21 @@ def load_model(run_config: Mapping[str, Any], input_shape: tuple[int, ...] | Non
     if input_shape is None or num_classes is None:
         ds = load_dataset(str(run_config.get("dataset", "mnist-5k")), str(run_config.get("data-dir", "")))
         input_shape, num_classes = ds.input_shape, ds.num_classes
-    return build_model(str(run_config.get("model", "mlp")), tuple(input_shape), int(num_classes),
-                       seed=int(run_config.get("seed", 0)))
+    return build_model(
+        str(run_config.get("model", "mlp")), tuple(input_shape), int(num_classes), seed=int(run_config.get("seed", 0))
+    )
 
 
 def load_data(partition_id: int, num_partitions: int, run_config: Mapping[str, Any]) -> tuple[Any, Any]:
     """Partition ``partition_id`` of the built-in ``dataset``: (train, held-out)."""
     return client_datasets(
-        str(run_config.get("dataset", "mnist-5k")), partition_id, num_partitions,
-        data_dir=str(run_config.get("data-dir", "")), partitioner=str(run_config.get("partitioner", "iid")),
-        alpha=float(run_config.get("dirichlet-alpha", 0.5)), holdout_fraction=float(run_config.get("holdout-fraction", 0.2)),
+        str(run_config.get("dataset", "mnist-5k")),
+        partition_id,
+        num_partitions,
+        data_dir=str(run_config.get("data-dir", "")),
+        partitioner=str(run_config.get("partitioner", "iid")),
+        alpha=float(run_config.get("dirichlet-alpha", 0.5)),
+        holdout_fraction=float(run_config.get("holdout-fraction", 0.2)),
         seed=int(run_config.get("seed", 0)),
     )
 
@@ -75,16 +81,22 @@ def load_site_data(path: str, run_config: Mapping[str, Any], partition_id: int =
     """A deployed site's own ``.npz`` file (``x``, ``y``, ``num_classes``), split into train and held-out."""
     ds = load_site_file(path)
     seed = int(run_config.get("seed", 0))
-    train_idx, hold_idx = train_holdout_split(np.arange(len(ds)), float(run_config.get("holdout-fraction", 0.2)),
-                                              seed * 1_000_003 + partition_id)
+    train_idx, hold_idx = train_holdout_split(
+        np.arange(len(ds)), float(run_config.get("holdout-fraction", 0.2)), seed * 1_000_003 + partition_id
+    )
     return ds.subset(train_idx), ds.subset(hold_idx)
 
 
 # -- loading any task --------------------------------------------------------------------------------
 def _arity(fn: Callable[..., Any]) -> int:
     try:
-        return len([p for p in inspect.signature(fn).parameters.values()
-                    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
+        return len(
+            [
+                p
+                for p in inspect.signature(fn).parameters.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
+        )
     except (TypeError, ValueError):
         return 1
 
@@ -101,8 +113,9 @@ class Task:
         """Whether this is the project's own task."""
         return self.name == BUILTIN
 
-    def model(self, run_config: Mapping[str, Any], input_shape: tuple[int, ...] | None = None,
-              num_classes: int | None = None) -> torch.nn.Module:
+    def model(
+        self, run_config: Mapping[str, Any], input_shape: tuple[int, ...] | None = None, num_classes: int | None = None
+    ) -> torch.nn.Module:
         """A freshly initialised model (seeded by the run config's ``seed``)."""
         if self.builtin:
             return load_model(run_config, input_shape, num_classes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,10 +37,13 @@ class TrainSettings:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        for key, value, ok, want in (("local-epochs", self.epochs, self.epochs >= 1, ">= 1"),
-                                     ("batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
-                                     ("lr", self.lr, self.lr > 0, "> 0"), ("momentum", self.momentum, self.momentum >= 0, ">= 0"),
-                                     ("weight-decay", self.weight_decay, self.weight_decay >= 0, ">= 0")):
+        for key, value, ok, want in (
+            ("local-epochs", self.epochs, self.epochs >= 1, ">= 1"),
+            ("batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
+            ("lr", self.lr, self.lr > 0, "> 0"),
+            ("momentum", self.momentum, self.momentum >= 0, ">= 0"),
+            ("weight-decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+        ):
             if not (math.isfinite(value) and ok):
                 raise ValueError(f"run-config '{key}' must be a finite number {want}, got {value!r}")
 
@@ -53,8 +57,98 @@ class TrainStats:
     mean_loss: float
 
 
-def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainSettings, seed: int,
-                augment: str = "none", clip_bound: float = 0.0, clip_every: int = 50) -> TrainStats:
+class Minibatches:
+    """An endless stream of minibatch indices: consecutive seeded permutations of ``range(n)``.
+
+    ``ceil(n / batch_size)`` batches make one epoch (the last one may be smaller); the next
+    permutation is drawn when the previous one is used up. The first is drawn at once, so
+    two streams on one generator draw in the order they are created.
+    """
+
+    def __init__(self, n: int, batch_size: int, rng: np.random.Generator) -> None:
+        if n < 1 or batch_size < 1:
+            raise ValueError(f"need n >= 1 and batch_size >= 1, got {n}, {batch_size}")
+        self.n, self.batch_size, self.rng = n, batch_size, rng
+        self.order, self.pos = rng.permutation(n), 0
+
+    @property
+    def per_epoch(self) -> int:
+        """Batches in one pass over the data."""
+        return -(-self.n // self.batch_size)
+
+    def next(self) -> torch.Tensor:
+        """The next minibatch's indices."""
+        if self.pos >= self.n:
+            self.order, self.pos = self.rng.permutation(self.n), 0
+        idx = self.order[self.pos : self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return torch.from_numpy(idx)
+
+
+#: ``update(params, grads, step)``: a hand-written parameter update (ascent, sign steps, ...), under no_grad.
+Update = Callable[[list[torch.Tensor], tuple[torch.Tensor, ...], int], None]
+
+
+def local_steps(
+    model: nn.Module,
+    batches: Minibatches,
+    steps: int,
+    objective: Callable[[torch.Tensor, int], torch.Tensor],
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    update: Update | None = None,
+    clip_norm: float = 0.0,
+    after_step: Callable[[int, float], bool] | None = None,
+) -> TrainStats:
+    """The one minibatch loop of the library: every local training and unlearning routine runs on it.
+
+    For ``t = 1..steps``: the next minibatch ``idx``, the loss ``objective(idx, t)`` (descent,
+    ascent, a KL to a target, ...), then either ``optimizer`` (zero_grad, backward, optional
+    gradient-norm clip at ``clip_norm``, step) or the hand-written ``update(params, grads, t)``;
+    ``after_step(t, loss)`` (projections, clipping, stopping rules) ends the loop early by
+    returning ``True``.
+
+    Raises
+    ------
+    ValueError
+        Without exactly one of ``optimizer`` and ``update``.
+    """
+    if (optimizer is None) == (update is None):
+        raise ValueError("local_steps needs exactly one of optimizer and update")
+    params: list[torch.Tensor] = list(model.parameters())
+    done, seen, loss_sum = 0, 0, 0.0
+    for t in range(1, steps + 1):
+        idx = batches.next()
+        model.train()
+        loss = objective(idx, t)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, clip_norm)
+            optimizer.step()
+        elif update is not None:
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                update(params, grads, t)
+        done, seen = t, seen + len(idx)
+        value = float(loss.detach())
+        loss_sum += value * len(idx)
+        if after_step is not None and after_step(t, value):
+            break
+    return TrainStats(steps=done, examples_seen=seen, mean_loss=loss_sum / seen if seen else float("nan"))
+
+
+def train_local(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    settings: TrainSettings,
+    seed: int,
+    augment: str = "none",
+    clip_bound: float = 0.0,
+    clip_every: int = 50,
+) -> TrainStats:
     """Run minibatch SGD on ``(x, y)`` in place; deterministic given ``seed``.
 
     Parameters
@@ -82,10 +176,11 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
     if len(x) == 0:
         raise ValueError("cannot train on an empty dataset")
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
-    rng = np.random.default_rng(seed)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
+    batches = Minibatches(len(x), settings.batch_size, np.random.default_rng(seed))
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
-    steps, seen, loss_sum = 0, 0, 0.0
     clip = None
     if clip_bound > 0:
         from .fastclip import clip_model, layer_input_shapes
@@ -94,23 +189,20 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
         clip = lambda: clip_model(model, clip_bound, x.shape[1:], shapes)  # noqa: E731
     if augment != "none":
         from .augment import augment_batch
-    for _ in range(settings.epochs):
-        order = torch.from_numpy(rng.permutation(len(x)))
-        for start in range(0, len(x), settings.batch_size):
-            idx = order[start:start + settings.batch_size]
-            xb = augment_batch(xt[idx], augment, seed * 1_000_033 + steps) if augment != "none" else xt[idx]
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xb), yt[idx])
-            loss.backward()
-            opt.step()
-            steps += 1
-            seen += len(idx)
-            loss_sum += float(loss.detach()) * len(idx)
-            if clip is not None and steps % clip_every == 0:
-                clip()
+
+    def objective(idx: torch.Tensor, t: int) -> torch.Tensor:
+        xb = augment_batch(xt[idx], augment, seed * 1_000_033 + t - 1) if augment != "none" else xt[idx]
+        return F.cross_entropy(model(xb), yt[idx])
+
+    def after(t: int, loss: float) -> bool:
+        if clip is not None and t % clip_every == 0:
+            clip()
+        return False
+
+    stats = local_steps(model, batches, settings.epochs * batches.per_epoch, objective, optimizer=opt, after_step=after)
     if clip is not None:
         clip()
-    return TrainStats(steps=steps, examples_seen=seen, mean_loss=loss_sum / seen)
+    return stats
 
 
 @torch.no_grad()
@@ -118,7 +210,7 @@ def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> n
     """Logits of ``model`` on ``x``, computed in batches, as float64 numpy."""
     model.eval()
     xt = torch.from_numpy(np.ascontiguousarray(x))
-    outs = [model(xt[i:i + batch_size]).double() for i in range(0, len(x), batch_size)]
+    outs = [model(xt[i : i + batch_size]).double() for i in range(0, len(x), batch_size)]
     return torch.cat(outs).numpy() if outs else np.zeros((0, 0))
 
 
@@ -141,8 +233,15 @@ class RelearnResult:
     final_accuracy: float
 
 
-def relearn_steps(model: nn.Module, x: np.ndarray, y: np.ndarray, target_accuracy: float, settings: TrainSettings,
-                  max_steps: int, seed: int) -> RelearnResult:
+def relearn_steps(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    target_accuracy: float,
+    settings: TrainSettings,
+    max_steps: int,
+    seed: int,
+) -> RelearnResult:
     """Fine-tune ``model`` on ``(x, y)`` until its accuracy there reaches ``target_accuracy``.
 
     The relearning-convergence-delay probe: a model that still holds the forgotten data
@@ -164,19 +263,25 @@ def relearn_steps(model: nn.Module, x: np.ndarray, y: np.ndarray, target_accurac
         return float(np.mean(np.argmax(predict_logits(model, x), axis=1) == y))
 
     start = current = acc()
-    opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    if current >= target_accuracy or max_steps == 0:
+        return RelearnResult(0, current >= target_accuracy, start, current)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
-    rng = np.random.default_rng(seed)
-    order, pos, steps = rng.permutation(len(x)), 0, 0
-    while current < target_accuracy and steps < max_steps:
-        if pos >= len(order):
-            order, pos = rng.permutation(len(x)), 0
-        idx = torch.from_numpy(order[pos:pos + settings.batch_size])
-        pos += settings.batch_size
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(xt[idx]), yt[idx]).backward()
-        opt.step()
-        steps += 1
-        current = acc()
-    return RelearnResult(steps, current >= target_accuracy, start, current)
+    batches = Minibatches(len(x), settings.batch_size, np.random.default_rng(seed))
+    reached = [current]
+
+    def after(t: int, loss: float) -> bool:
+        reached[0] = acc()
+        return reached[0] >= target_accuracy
+
+    stats = local_steps(
+        model,
+        batches,
+        max_steps,
+        lambda idx, t: F.cross_entropy(model(xt[idx]), yt[idx]),
+        optimizer=opt,
+        after_step=after,
+    )
+    return RelearnResult(stats.steps, reached[0] >= target_accuracy, start, reached[0])

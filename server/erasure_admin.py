@@ -42,7 +42,9 @@ def _request(args: argparse.Namespace) -> str:
         ck = j.checkpoint()
         gone = set(ck.state.get("departed-sites", [])) if ck else set()
         if request.site in gone:
-            raise ValueError(f"site {request.site!r} has already been erased (its data left the model in an earlier round)")
+            raise ValueError(
+                f"site {request.site!r} has already been erased (its data left the model in an earlier round)"
+            )
         open_ = [r.id for r in j.requests() if r.site == request.site and r.state in ("pending", "unlearning")]
         if open_:
             raise ValueError(f"site {request.site!r} already has an open request ({open_[0]})")

@@ -36,7 +36,15 @@ from flwr.serverapp import Grid
 from fed_unlearn import protocol as P
 from fed_unlearn.config import ExperimentConfig
 from fed_unlearn.evaluation import summarise
-from fed_unlearn.flower import FederationRun, ReproducibleFedAvg, Unlearning, metric_dict, run_rounds, to_record, to_weights
+from fed_unlearn.flower import (
+    FederationRun,
+    ReproducibleFedAvg,
+    Unlearning,
+    metric_dict,
+    run_rounds,
+    to_record,
+    to_weights,
+)
 from fed_unlearn.gold_cache import code_fingerprint, load_gold, save_gold
 from fed_unlearn.metrics import average_gap, weight_distance
 from fed_unlearn.models import get_weights
@@ -73,13 +81,25 @@ def _no_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
 
 def new_strategy(method: UnlearningMethod | None, num_clients: int, **kwargs: Any) -> Unlearning:
     """The experiment's strategy: every client each round, reproducible FedAvg, unlearning wrapper."""
-    inner = ReproducibleFedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
-                               min_available_nodes=num_clients, evaluate_metrics_aggr_fn=_no_metrics)
-    return Unlearning(inner, method, max_strikes=0, **kwargs)
+    inner = ReproducibleFedAvg(
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=num_clients,
+        evaluate_metrics_aggr_fn=_no_metrics,
+    )
+    return Unlearning(inner, method, **{"max_strikes": 0, **kwargs})
 
 
-def discover_clients(grid: Grid, wait_seconds: float, timeout: float, required: Collection[int] | None = None,
-                     check: ArrayRecord | None = None, handlers: Sequence[str] = EXPERIMENT_HANDLERS) -> dict[int, ClientInfo]:
+def discover_clients(
+    grid: Grid,
+    wait_seconds: float,
+    timeout: float,
+    required: Collection[int] | None = None,
+    check: ArrayRecord | None = None,
+    handlers: Sequence[str] = EXPERIMENT_HANDLERS,
+) -> dict[int, ClientInfo]:
     """Ask every connected node who it is; wait until all ``num-partitions`` clients answered.
 
     Each node is asked :data:`~fed_unlearn.protocol.IDENTIFY` (its ``partition-id``,
@@ -121,17 +141,27 @@ def describe_problems(problems: Mapping[int, str], handlers: Sequence[str]) -> s
     by_problem: dict[str, list[int]] = {}
     for node, problem in sorted(problems.items()):
         by_problem.setdefault(problem, []).append(node)
-    lines = [f"  {'node ' + str(nodes[0]) if len(nodes) == 1 else f'{len(nodes)} nodes {nodes}'}: {problem}"
-             for problem, nodes in by_problem.items()]
+    lines = [
+        f"  {'node ' + str(nodes[0]) if len(nodes) == 1 else f'{len(nodes)} nodes {nodes}'}: {problem}"
+        for problem, nodes in by_problem.items()
+    ]
     text = f"{len(problems)} client(s) cannot take part in the experiment:\n" + "\n".join(lines)
     if any("handler" in p for p in problems.values()):
-        text += (f"\nEvery client needs Flower's train and evaluate handlers and {', '.join(handlers)}: add them with "
-                 "fed_unlearn.flower.add_unlearning(app, model_fn=..., data_fn=...) (docs/own-app.md).")
+        text += (
+            f"\nEvery client needs Flower's train and evaluate handlers and {', '.join(handlers)}: add them with "
+            "fed_unlearn.flower.add_unlearning(app, model_fn=..., data_fn=...) (docs/own-app.md)."
+        )
     return text
 
 
-def _describe(grid: Grid, nodes: list[int], timeout: float, check: ArrayRecord | None, handlers: Sequence[str],
-              infos: dict[int, ClientInfo]) -> dict[int, str]:
+def _describe(
+    grid: Grid,
+    nodes: list[int],
+    timeout: float,
+    check: ArrayRecord | None,
+    handlers: Sequence[str],
+    infos: dict[int, ClientInfo],
+) -> dict[int, str]:
     """Identify and describe ``nodes`` into ``infos``; returns node -> problem."""
     problems: dict[int, str] = {}
     keys = ["partition-id", "num-partitions", "site"]
@@ -143,13 +173,16 @@ def _describe(grid: Grid, nodes: list[int], timeout: float, check: ArrayRecord |
             problems[node] = f"no {P.IDENTIFY} handler ({last_line(reply.error.reason)})"
             continue
         ident = dict(reply.content[P.IDENTITY_RECORD]) if P.IDENTITY_RECORD in reply.content.config_records else {}
-        caps = dict(reply.content[P.CAPABILITIES_RECORD]) if P.CAPABILITIES_RECORD in reply.content.config_records else {}
+        caps = (
+            dict(reply.content[P.CAPABILITIES_RECORD]) if P.CAPABILITIES_RECORD in reply.content.config_records else {}
+        )
         missing_keys = [k for k in ("partition-id", "num-partitions") if k not in ident]
         missing = [h for h in handlers if h != P.IDENTIFY and h not in list(caps.get("handlers", []))]
         if missing_keys or missing:
             problems[node] = "; ".join(
                 ([f"node config lacks {missing_keys}"] if missing_keys else [])
-                + ([f"missing handlers {missing}"] if missing else []))
+                + ([f"missing handlers {missing}"] if missing else [])
+            )
             continue
         identity[node] = ident
     ok = sorted(identity)
@@ -167,12 +200,19 @@ def _describe(grid: Grid, nodes: list[int], timeout: float, check: ArrayRecord |
         m = reply.content["info"]
         ident = identity[node]
         info = ClientInfo(
-            client_id=int(ident["partition-id"]), node_id=node, num_partitions=int(ident["num-partitions"]),
-            train_n=int(m["train-n"]), heldout_n=int(m["heldout-n"]), input_shape=tuple(int(s) for s in m["input-shape"]),  # type: ignore[union-attr]
-            num_classes=int(m["num-classes"]), site=str(ident.get("site", "")),
+            client_id=int(ident["partition-id"]),
+            node_id=node,
+            num_partitions=int(ident["num-partitions"]),
+            train_n=int(m["train-n"]),
+            heldout_n=int(m["heldout-n"]),
+            input_shape=tuple(int(s) for s in m["input-shape"]),  # type: ignore[union-attr]
+            num_classes=int(m["num-classes"]),
+            site=str(ident.get("site", "")),
         )
         if info.client_id in infos:
-            raise RuntimeError(f"nodes {infos[info.client_id].node_id} and {info.node_id} both claim client id {info.client_id}")
+            raise RuntimeError(
+                f"nodes {infos[info.client_id].node_id} and {info.node_id} both claim client id {info.client_id}"
+            )
         infos[info.client_id] = info
     for node in set(ok) - {i.node_id for i in infos.values()} - set(problems):
         problems[node] = f"did not answer {P.INFO} within {timeout:.0f} s"
@@ -187,20 +227,35 @@ def last_line(text: str) -> str:
 
 def initial_model(task: Task, run_config: Mapping[str, Any], first: ClientInfo | None) -> ArrayRecord:
     """The federation's initial model (the built-in task sizes it from the clients' data)."""
-    model = task.model(run_config, first.input_shape, first.num_classes) if task.builtin and first else task.model(run_config)
+    model = (
+        task.model(run_config, first.input_shape, first.num_classes)
+        if task.builtin and first
+        else task.model(run_config)
+    )
     return to_record(get_weights(model))
 
 
-def measure(grid: Grid, node_of: dict[int, int], arrays: ArrayRecord, reference: ArrayRecord | None, timeout: float,
-            forget_all: Sequence[int] = (), allow_missing: bool = False) -> dict[int, dict[str, float]]:
+def measure(
+    grid: Grid,
+    node_of: dict[int, int],
+    arrays: ArrayRecord,
+    reference: ArrayRecord | None,
+    timeout: float,
+    forget_all: Sequence[int] = (),
+    allow_missing: bool = False,
+) -> dict[int, dict[str, float]]:
     """Have every client in ``node_of`` measure ``arrays`` (vs ``reference``, with the MIA) on its own data.
 
     ``forget_all``: clients whose whole train split is the forget set (a site being
     erased). ``allow_missing``: a client that fails or does not answer is left out
     instead of raising (a deployed site may be gone).
     """
+
     def content(cid: int) -> RecordDict:
-        c: dict[str, Any] = {"arrays": arrays, "config": ConfigRecord({"mia": True, P.FORGET_ALL: cid in set(forget_all)})}
+        c: dict[str, Any] = {
+            "arrays": arrays,
+            "config": ConfigRecord({"mia": True, P.FORGET_ALL: cid in set(forget_all)}),
+        }
         if reference is not None:
             c["reference"] = reference
         return RecordDict(c)
@@ -212,16 +267,27 @@ def measure(grid: Grid, node_of: dict[int, int], arrays: ArrayRecord, reference:
         if reply.has_error():
             if allow_missing:
                 continue
-            raise RuntimeError(f"client {client_of.get(reply.metadata.src_node_id)} failed to evaluate: {reply.error.reason}")
+            raise RuntimeError(
+                f"client {client_of.get(reply.metadata.src_node_id)} failed to evaluate: {reply.error.reason}"
+            )
         out[client_of[reply.metadata.src_node_id]] = metric_dict(reply.content["metrics"])
     return out
 
 
-def relearn_time(grid: Grid, node_of: dict[int, int], arrays: ArrayRecord, targets: dict[int, float],
-                 max_steps: int, timeout: float) -> dict[str, float]:
+def relearn_time(
+    grid: Grid, node_of: dict[int, int], arrays: ArrayRecord, targets: dict[int, float], max_steps: int, timeout: float
+) -> dict[str, float]:
     """Relearn time of ``arrays``: mean SGD steps the forgetting clients need to reach their targets."""
-    msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"target-accuracy": float(t), "max-steps": max_steps})}),
-                    node_of[c], P.RELEARN) for c, t in sorted(targets.items())]
+    msgs = [
+        Message(
+            RecordDict(
+                {"arrays": arrays, "config": ConfigRecord({"target-accuracy": float(t), "max-steps": max_steps})}
+            ),
+            node_of[c],
+            P.RELEARN,
+        )
+        for c, t in sorted(targets.items())
+    ]
     steps, reached = [], []
     for reply in grid.send_and_receive(msgs, timeout=timeout):
         if reply.has_error():
@@ -232,8 +298,14 @@ def relearn_time(grid: Grid, node_of: dict[int, int], arrays: ArrayRecord, targe
     return {"relearn-steps": float(np.mean(steps)), "relearn-all-reached": float(min(reached))}
 
 
-def request_deletion(grid: Grid, node_of: dict[int, int], involved: Sequence[int], arrays: ArrayRecord,
-                     cfg: ExperimentConfig, timeout: float) -> dict[int, dict[str, Any]]:
+def request_deletion(
+    grid: Grid,
+    node_of: dict[int, int],
+    involved: Sequence[int],
+    arrays: ArrayRecord,
+    cfg: ExperimentConfig,
+    timeout: float,
+) -> dict[int, dict[str, Any]]:
     """Send the deletion request (``query.forget``) with the current model to the clients it names.
 
     Each selects its samples on its own data and keeps the mask; the server learns only
@@ -245,8 +317,15 @@ def request_deletion(grid: Grid, node_of: dict[int, int], involved: Sequence[int
         If a client fails, or the request selects no sample anywhere.
     """
     d = cfg.deletion
-    spec = ConfigRecord({"scenario": d.scenario, "selection": d.selection, "fraction": d.fraction, "class": d.forget_class,
-                         "seed": cfg.seed})
+    spec = ConfigRecord(
+        {
+            "scenario": d.scenario,
+            "selection": d.selection,
+            "fraction": d.fraction,
+            "class": d.forget_class,
+            "seed": cfg.seed,
+        }
+    )
     msgs = [Message(RecordDict({"arrays": arrays, "config": spec}), node_of[c], P.FORGET) for c in sorted(involved)]
     client_of = {nid: cid for cid, nid in node_of.items()}
     out: dict[int, dict[str, Any]] = {}
@@ -255,8 +334,11 @@ def request_deletion(grid: Grid, node_of: dict[int, int], involved: Sequence[int
         if reply.has_error():
             raise RuntimeError(f"client {cid} failed to process the deletion request: {reply.error.reason}")
         m = reply.content["metrics"]
-        out[cid] = {"forget-n": int(m["forget-n"]), "retain-n": int(m["retain-n"]),  # type: ignore[call-overload]
-                    "digest": str(reply.content["receipt"]["digest"])}
+        out[cid] = {
+            "forget-n": int(m["forget-n"]),
+            "retain-n": int(m["retain-n"]),  # type: ignore[call-overload]
+            "digest": str(reply.content["receipt"]["digest"]),
+        }
     missing = sorted(set(involved) - set(out))
     if missing:
         raise RuntimeError(f"client(s) {missing} did not answer the deletion request")
@@ -265,8 +347,14 @@ def request_deletion(grid: Grid, node_of: dict[int, int], involved: Sequence[int
     return out
 
 
-def gold_federation(grid: Grid, cfg: ExperimentConfig, clients: dict[int, ClientInfo], initial: ArrayRecord,
-                    request: Mapping[int, Mapping[str, Any]], architecture: str = "") -> tuple[ArrayRecord, dict[str, Any]]:
+def gold_federation(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    clients: dict[int, ClientInfo],
+    initial: ArrayRecord,
+    request: Mapping[int, Mapping[str, Any]],
+    architecture: str = "",
+) -> tuple[ArrayRecord, dict[str, Any]]:
     """The gold federation (load it from the cache or train it and cache it).
 
     The original's ``d-1`` rounds from the same initial model and seeds, without exactly
@@ -281,16 +369,27 @@ def gold_federation(grid: Grid, cfg: ExperimentConfig, clients: dict[int, Client
         log(INFO, "gold federation loaded from cache %s", Path(cfg.gold_cache_dir) / key)
         return to_record(weights), {**meta, "cached": True}
     retain_only = [] if cfg.deletion.clients_leave else sorted(request)
-    log(INFO, "gold federation: %d rounds without clients %s, clients %s on their retained data", cfg.gold_rounds,
-        list(cfg.leaving), retain_only)
+    log(
+        INFO,
+        "gold federation: %d rounds without clients %s, clients %s on their retained data",
+        cfg.gold_rounds,
+        list(cfg.leaving),
+        retain_only,
+    )
     strategy = new_strategy(None, len(clients), evaluate_departed=True)
-    strategy.identities = {i.node_id: {"partition-id": c} for c, i in clients.items()}
+    for c, i in clients.items():
+        strategy.set_identity(i.node_id, **{"partition-id": c})
     strategy.exclude(*(clients[c].node_id for c in cfg.leaving))
     strategy.restrict_to_retained(*(clients[c].node_id for c in retain_only))
-    run = run_rounds(grid, strategy, FederationRun(arrays=initial), range(1, cfg.gold_rounds + 1), cfg.round_timeout, "gold")
+    run = run_rounds(
+        grid, strategy, FederationRun(arrays=initial), range(1, cfg.gold_rounds + 1), cfg.round_timeout, "gold"
+    )
     meta = {
-        "key": key, "config": cfg.to_dict(), "history": {str(r): h for r, h in run.history.items()},
-        "compute": run.compute(), "wall-seconds": run.wall_seconds,
+        "key": key,
+        "config": cfg.to_dict(),
+        "history": {str(r): h for r, h in run.history.items()},
+        "compute": run.compute(),
+        "wall-seconds": run.wall_seconds,
     }
     if run.arrays is None:
         raise RuntimeError("the gold federation produced no model")
@@ -307,7 +406,12 @@ class RecoveryRule:
     """
 
     def __init__(self, mode: str, validation_target: float, gold_target: float, patience: int) -> None:
-        self.mode, self.validation_target, self.gold_target, self.patience = mode, validation_target, gold_target, patience
+        self.mode, self.validation_target, self.gold_target, self.patience = (
+            mode,
+            validation_target,
+            gold_target,
+            patience,
+        )
         self.best, self.stale = float("-inf"), 0
         self.reason = "the last round (num-server-rounds)"
 
@@ -334,8 +438,15 @@ def uses_ordinary_rounds(method: UnlearningMethod) -> bool:
     return type(method).observe is not UnlearningMethod.observe or method.client_keeps_last_local
 
 
-def original_federation(grid: Grid, cfg: ExperimentConfig, strategy: Unlearning, method: UnlearningMethod,
-                        num_clients: int, initial: ArrayRecord, architecture: str) -> tuple[FederationRun, bool]:
+def original_federation(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    strategy: Unlearning,
+    method: UnlearningMethod,
+    num_clients: int,
+    initial: ArrayRecord,
+    architecture: str,
+) -> tuple[FederationRun, bool]:
     """Rounds ``1..d-1`` with everyone: from the cache when the method needs nothing of them, else trained (and cached).
 
     Every method of a (data, model, seed) setting starts from the same original; methods that
@@ -348,56 +459,95 @@ def original_federation(grid: Grid, cfg: ExperimentConfig, strategy: Unlearning,
         if cached is not None:
             weights, meta = cached
             log(INFO, "original federation (rounds 1..%d) loaded from cache %s", cfg.gold_rounds, key)
-            strategy.last_update_norm = meta.get("last-update-norm")
-            run = FederationRun(history={int(r): h for r, h in meta["history"].items()},
-                                train={int(r): h for r, h in meta["train"].items()}, arrays=to_record(weights),
-                                rounds_run=cfg.gold_rounds)
+            strategy.restore(last_update_norm=meta.get("last-update-norm"))
+            run = FederationRun(
+                history={int(r): h for r, h in meta["history"].items()},
+                train={int(r): h for r, h in meta["train"].items()},
+                arrays=to_record(weights),
+                rounds_run=cfg.gold_rounds,
+            )
             return run, True
-    run = run_rounds(grid, strategy, FederationRun(arrays=initial), range(1, cfg.departure_round), cfg.round_timeout,
-                     method.name, train_config=train_config(cfg))
+    run = run_rounds(
+        grid,
+        strategy,
+        FederationRun(arrays=initial),
+        range(1, cfg.departure_round),
+        cfg.round_timeout,
+        method.name,
+        train_config=train_config(cfg),
+    )
     if run.arrays is not None:
-        save_gold(cfg.gold_cache_dir, key, to_weights(run.arrays), {
-            "history": {str(r): h for r, h in run.history.items()}, "train": {str(r): h for r, h in run.train.items()},
-            "wall-seconds": run.wall_seconds, "last-update-norm": strategy.last_update_norm, "config": cfg.to_dict()})
+        save_gold(
+            cfg.gold_cache_dir,
+            key,
+            to_weights(run.arrays),
+            {
+                "history": {str(r): h for r, h in run.history.items()},
+                "train": {str(r): h for r, h in run.train.items()},
+                "wall-seconds": run.wall_seconds,
+                "last-update-norm": strategy.last_update_norm,
+                "config": cfg.to_dict(),
+            },
+        )
     return run, False
 
 
 def train_config(cfg: ExperimentConfig) -> Any:
     """Per-round training config: the augmentation, from the deletion request on (the gold trains without it)."""
+
     def config(rnd: int) -> dict[str, Any]:
         return {P.AUGMENT: cfg.augment} if cfg.augment != "none" and rnd >= cfg.departure_round else {}
+
     return config
 
 
-def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, run_config: dict[str, Any]) -> dict[str, Any]:
+def run_experiment(
+    grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, run_config: dict[str, Any]
+) -> dict[str, Any]:
     """Run the original rounds, the deletion request, gold, unlearning + recovery and the report."""
     t_start = time.perf_counter()
     task = load_task(cfg.task)
     if cfg.deletion.scenario not in method.scenarios:
-        raise ValueError(f"{method.name} serves the {', '.join(method.scenarios)} scenario(s), not "
-                         f"unlearn.scenario = '{cfg.deletion.scenario}'")
+        raise ValueError(
+            f"{method.name} serves the {', '.join(method.scenarios)} scenario(s), not "
+            f"unlearn.scenario = '{cfg.deletion.scenario}'"
+        )
     check = None if task.builtin else to_record(get_weights(task.model(run_config)))
     clients = discover_clients(grid, cfg.node_wait_seconds, cfg.round_timeout, check=check)
     unknown = sorted(set(cfg.departing) - set(clients))
     if unknown:
         raise ValueError(f"unknown departing client id(s) {unknown}; the federation has clients {sorted(clients)}")
     first = clients[min(clients)]
-    if cfg.deletion.scenario == "class" or cfg.deletion.selection == "class" and cfg.deletion.scenario == "samples":
-        if cfg.deletion.forget_class >= first.num_classes:
-            raise ValueError(f"unlearn.class {cfg.deletion.forget_class} does not exist: the task has {first.num_classes} classes")
+    d = cfg.deletion
+    by_class = d.scenario == "class" or d.selection == "class" and d.scenario == "samples"
+    if by_class and cfg.deletion.forget_class >= first.num_classes:
+        raise ValueError(
+            f"unlearn.class {cfg.deletion.forget_class} does not exist: the task has {first.num_classes} classes"
+        )
     needed = method.rounds_needed(cfg.gold_rounds)
     if cfg.departure_round + needed - 1 > cfg.num_server_rounds:
-        raise ValueError(f"{method.name} needs {needed} unlearning round(s) from round {cfg.departure_round}: "
-                         f"num-server-rounds must be at least {cfg.departure_round + needed - 1}, got {cfg.num_server_rounds}")
+        raise ValueError(
+            f"{method.name} needs {needed} unlearning round(s) from round {cfg.departure_round}: "
+            f"num-server-rounds must be at least {cfg.departure_round + needed - 1}, got {cfg.num_server_rounds}"
+        )
     initial = check if check is not None else initial_model(task, run_config, first)
     architecture = task.fingerprint(task.model(run_config)) if not task.builtin else ""
     node_of = {c: i.node_id for c, i in clients.items()}
     involved = cfg.involved(clients)
-    log(INFO, "clients %s; deletion %s of clients %s in round %d of %d; method %s", sorted(clients), cfg.deletion.to_dict(),
-        list(involved), cfg.departure_round, cfg.num_server_rounds, method.name)
+    log(
+        INFO,
+        "clients %s; deletion %s of clients %s in round %d of %d; method %s",
+        sorted(clients),
+        cfg.deletion.to_dict(),
+        list(involved),
+        cfg.departure_round,
+        cfg.num_server_rounds,
+        method.name,
+    )
 
     strategy = new_strategy(method, len(clients), evaluate_departed=True, calibrate=cfg.calibrate)
-    strategy.identities = {i.node_id: {"partition-id": c} for c, i in clients.items()}
+    for c, i in clients.items():
+        strategy.set_identity(i.node_id, **{"partition-id": c})
     for i in clients.values():  # a reply may not weigh more than the data the client described
         strategy.declare_examples(i.node_id, i.train_n)
     if not cfg.deletion.needs_model:
@@ -412,9 +562,15 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
     # the deletion request, made with the original model; then the gold without exactly those samples
     request = request_deletion(grid, node_of, involved, original, cfg, cfg.round_timeout)
     forgetting = sorted(c for c in involved if request[c]["forget-n"] > 0)
-    strategy.request_unlearning(*(node_of[c] for c in forgetting), key=None, round=cfg.departure_round,
-                                leave=cfg.deletion.clients_leave, deletion=cfg.deletion,
-                                joint=cfg.deletion.scenario == "class", send_request=False)
+    strategy.request_unlearning(
+        *(node_of[c] for c in forgetting),
+        key=None,
+        round=cfg.departure_round,
+        leave=cfg.deletion.clients_leave,
+        deletion=cfg.deletion,
+        joint=cfg.deletion.scenario == "class",
+        send_request=False,
+    )
     gold_arrays, gold_meta = gold_federation(grid, cfg, clients, initial, request, architecture)
     gold_history = {int(r): h for r, h in gold_meta["history"].items()}
     gold_final = gold_history[max(gold_history)]
@@ -429,8 +585,16 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
         return bool(finished) and rule(summary.get("test-acc", float("nan")))
 
     t_unlearn = time.perf_counter()
-    run = run_rounds(grid, strategy, run, range(cfg.departure_round, cfg.num_server_rounds + 1), cfg.round_timeout,
-                     method.name, stop=stop, train_config=train_config(cfg))
+    run = run_rounds(
+        grid,
+        strategy,
+        run,
+        range(cfg.departure_round, cfg.num_server_rounds + 1),
+        cfg.round_timeout,
+        method.name,
+        stop=stop,
+        train_config=train_config(cfg),
+    )
     unlearn_wall = time.perf_counter() - t_unlearn
     if not strategy.unlearning_done or not finished or run.arrays is None:
         raise RuntimeError(f"{method.name} did not finish unlearning by round {cfg.num_server_rounds}")
@@ -438,11 +602,15 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
     reached = [r for r in sorted(run.history) if r >= end_unlearning and run.history[r].get("test-acc", -1.0) >= target]
 
     models = {"original": original, "unlearned": run.arrays, "gold": gold_arrays}
-    per_client = {name: measure(grid, node_of, arrays, gold_arrays, cfg.round_timeout) for name, arrays in models.items()}
+    per_client = {
+        name: measure(grid, node_of, arrays, gold_arrays, cfg.round_timeout) for name, arrays in models.items()
+    }
     report = {name: summarise(evals) for name, evals in per_client.items()}
     if cfg.relearn_max_steps > 0:
         # target of each client: the original model's accuracy on its forget set
-        targets = {c: per_client["original"][c]["forget-correct"] / per_client["original"][c]["forget-n"] for c in forgetting}
+        targets = {
+            c: per_client["original"][c]["forget-correct"] / per_client["original"][c]["forget-n"] for c in forgetting
+        }
         for name, arrays in models.items():
             report[name].update(relearn_time(grid, node_of, arrays, targets, cfg.relearn_max_steps, cfg.round_timeout))
         gold_steps = report["gold"]["relearn-steps"]
@@ -470,11 +638,14 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
         "report": report,
         "verdict": {"further-from-gold-than-original": further, "text": verdict_line(further)},
         "recovery": {
-            "mode": cfg.recovery, "stop": rule.reason, "pre-request-test-acc": before,
+            "mode": cfg.recovery,
+            "stop": rule.reason,
+            "pre-request-test-acc": before,
             "unlearning-rounds": strategy.unlearning_rounds_run,
             "rounds-run": run.rounds_run - end_unlearning,
             "rounds-to-gold": (reached[0] - end_unlearning) if reached else None,
-            "gold-test-acc": gold_final.get("test-acc"), "tolerance": cfg.recovery_tolerance,
+            "gold-test-acc": gold_final.get("test-acc"),
+            "tolerance": cfg.recovery_tolerance,
         },
         "unlearning": strategy.unlearning_report,
         "history": {str(r): h for r, h in run.history.items()},
@@ -483,21 +654,32 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, method: UnlearningMethod, 
         "client-compute": {
             "unlearning+recovery": unlearn_cost,
             "gold": gold_cost,
-            "fraction-of-gold-steps": unlearn_cost["train-steps"] / gold_cost["train-steps"] if gold_cost["train-steps"] else None,
+            "fraction-of-gold-steps": unlearn_cost["train-steps"] / gold_cost["train-steps"]
+            if gold_cost["train-steps"]
+            else None,
         },
         "server-history-bytes": method.history_bytes(),
-        "timings": {"federation-wall-seconds": run.wall_seconds, "gold-wall-seconds": gold_meta.get("wall-seconds"),
-                    "unlearning+recovery-wall-seconds": unlearn_wall,
-                    "gold-cached": gold_meta["cached"], "original-cached": original_cached,
-                    "total-seconds": time.perf_counter() - t_start},
+        "timings": {
+            "federation-wall-seconds": run.wall_seconds,
+            "gold-wall-seconds": gold_meta.get("wall-seconds"),
+            "unlearning+recovery-wall-seconds": unlearn_wall,
+            "gold-cached": gold_meta["cached"],
+            "original-cached": original_cached,
+            "total-seconds": time.perf_counter() - t_start,
+        },
         "gold-key": gold_meta.get("key"),
         "code": code_fingerprint(),
         "table-markdown": table,
     }
     out_dir = Path(cfg.results_dir) / experiment_name(cfg, method)
     write_json(out_dir / "results.json", results)
-    plot_accuracy(out_dir / "accuracy.png", run.history, gold_history, cfg.departure_round,
-                  title=f"{method.name} on {task_label(cfg)}: {describe_request(cfg)} in round {cfg.departure_round}")
+    plot_accuracy(
+        out_dir / "accuracy.png",
+        run.history,
+        gold_history,
+        cfg.departure_round,
+        title=f"{method.name} on {task_label(cfg)}: {describe_request(cfg)} in round {cfg.departure_round}",
+    )
     (out_dir / "table.md").write_text(table + "\n")
     log(INFO, "results written to %s", out_dir.resolve())
     return results

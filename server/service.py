@@ -84,12 +84,25 @@ def resolve_sites(clients: dict[int, ClientInfo], registry: SiteRegistry | None,
             if name is None:
                 raise RuntimeError(f"node {info.node_id} (says it is {info.site!r}) is not in the site registry")
             if registry.sites[name]["partition-id"] != cid:
-                raise RuntimeError(f"site {name!r} is registered with partition {registry.sites[name]['partition-id']}, "
-                                   f"but its node serves partition {cid}")
+                raise RuntimeError(
+                    f"site {name!r} is registered with partition {registry.sites[name]['partition-id']}, "
+                    f"but its node serves partition {cid}"
+                )
             if info.site and info.site != name:
-                journal.refuse(f"node {info.node_id}", info.site, f"node registered as {name!r} claims to be {info.site!r}",
-                               {"node-id": info.node_id}, None)
-                log(WARNING, "node %s is registered as %r but claims %r; the registry wins", info.node_id, name, info.site)
+                journal.refuse(
+                    f"node {info.node_id}",
+                    info.site,
+                    f"node registered as {name!r} claims to be {info.site!r}",
+                    {"node-id": info.node_id},
+                    None,
+                )
+                log(
+                    WARNING,
+                    "node %s is registered as %r but claims %r; the registry wins",
+                    info.node_id,
+                    name,
+                    info.site,
+                )
         else:
             name = info.site or f"site-{cid}"
         if name in sites:
@@ -109,14 +122,18 @@ class ErasureService:
     def __init__(self, grid: Grid, cfg: ExperimentConfig, svc: ServiceConfig, run_config: dict[str, Any]) -> None:
         usable = service_methods()
         if cfg.method not in usable:
-            raise ValueError(f"unlearn.method '{cfg.method}' cannot serve requests in a long-running federation "
-                             f"(it stores history, retrains or does not erase sites); use one of {', '.join(usable)}")
+            raise ValueError(
+                f"unlearn.method '{cfg.method}' cannot serve requests in a long-running federation "
+                f"(it stores history, retrains or does not erase sites); use one of {', '.join(usable)}"
+            )
         self.grid, self.cfg, self.svc, self.run_config = grid, cfg, svc, run_config
         self.state_dir = Path(svc.state_dir)
         registry = SiteRegistry.from_file(svc.sites_file) if svc.sites_file else None
         unknown = sorted(set(svc.erase_list) - set(registry.sites)) if registry else []
         if unknown:
-            raise ValueError(f"service.erase-sites names unknown site(s) {unknown}; registered: {sorted(registry.sites)}")
+            raise ValueError(
+                f"service.erase-sites names unknown site(s) {unknown}; registered: {sorted(registry.sites)}"
+            )
         self.journal = Journal(self.state_dir / "journal.sqlite")
         ck = self.journal.checkpoint()
         known: dict[str, int] = dict(ck.state.get("sites", {})) if ck else {}
@@ -127,15 +144,22 @@ class ErasureService:
         check = None if task.builtin else to_record(get_weights(task.model(run_config)))
         self.clients = discover_clients(grid, cfg.node_wait_seconds, cfg.round_timeout, required=required, check=check)
         self.sites = resolve_sites(self.clients, registry, self.journal)
-        if ck is not None and any(known.get(s, c) != c for s, c in self.sites.items()) or \
-                ck is not None and set(known) - set(self.sites) - self.gone_sites:
-            raise RuntimeError(f"the checkpoint in {self.state_dir} belongs to another federation "
-                               f"(sites {known}, now {self.sites})")
+        if (
+            ck is not None
+            and any(known.get(s, c) != c for s, c in self.sites.items())
+            or ck is not None
+            and set(known) - set(self.sites) - self.gone_sites
+        ):
+            raise RuntimeError(
+                f"the checkpoint in {self.state_dir} belongs to another federation (sites {known}, now {self.sites})"
+            )
         self.sites = {**known, **self.sites}
         self.site_of = {cid: s for s, cid in self.sites.items()}
         bad = sorted(set(svc.erase_list) - set(self.sites))
         if bad:
-            raise ValueError(f"service.erase-sites names unknown site(s) {bad}; the federation has {sorted(self.sites)}")
+            raise ValueError(
+                f"service.erase-sites names unknown site(s) {bad}; the federation has {sorted(self.sites)}"
+            )
         self.node_of = {c: i.node_id for c, i in self.clients.items()}
         first = self.clients[min(self.clients)]
         self.initial = to_weights(check if check is not None else initial_model(task, run_config, first))
@@ -144,9 +168,11 @@ class ErasureService:
         departed = [self.node_of[self.sites[s]] for s in self.gone_sites if self.sites[s] in self.node_of]
         self.stale = self.journal.reconcile()
         # every connected site each round (none is waited for: a site that is down just misses the round)
-        self.strategy = new_strategy(None, 1, evaluate_departed=False, on_missing="skip", calibrate=cfg.calibrate)
-        self.strategy.max_strikes = svc.max_strikes
-        self.strategy.identities = {i.node_id: {"partition-id": c} for c, i in self.clients.items()}
+        self.strategy = new_strategy(
+            None, 1, evaluate_departed=False, on_missing="skip", calibrate=cfg.calibrate, max_strikes=svc.max_strikes
+        )
+        for c, i in self.clients.items():
+            self.strategy.set_identity(i.node_id, **{"partition-id": c})
         self.strategy.exclude(*departed)
         # a site's replies may not weigh more than its registered size, or than what it described when it
         # first joined (kept in the checkpoint: a restarted node cannot raise it)
@@ -158,11 +184,11 @@ class ErasureService:
             self.declared[site] = int(registered) if registered else self.declared.get(site, self.clients[cid].train_n)
             self.strategy.declare_examples(self.node_of[cid], self.declared[site])
         self.excluded_sites = set(ck.state.get("excluded-sites", [])) if ck else set()
-        for site, n in (ck.state.get("strikes", {}) if ck else {}).items():  # a restart forgives nothing
-            if self.sites.get(site) in self.node_of:
-                self.strategy.strikes[self.node_of[self.sites[site]]] = int(n)
-        self.strategy.excluded |= {self.node_of[self.sites[s]] for s in self.excluded_sites
-                                   if self.sites.get(s) in self.node_of}
+        kept = ck.state.get("strikes", {}) if ck else {}  # a restart forgives nothing
+        self.strategy.restore(
+            strikes={self.node_of[self.sites[s]]: int(n) for s, n in kept.items() if self.sites.get(s) in self.node_of},
+            excluded=[self.node_of[self.sites[s]] for s in self.excluded_sites if self.sites.get(s) in self.node_of],
+        )
         self.in_flight: list[str] = []
         self.verdicts: dict[int, dict[str, list[str]]] = {}  # node -> {"acks": [...], "refused": [...]}
         self.history: dict[int, dict[str, float]] = {}
@@ -185,13 +211,20 @@ class ErasureService:
         """Ask every site in the federation (and any gone site still owed a verdict) for its requests."""
         client_of = {n: c for c, n in self.node_of.items()}
         connected = set(self.grid.get_node_ids())  # a node that is down would make the poll wait for its timeout
-        asked = sorted(c for c in set(self.active) | {client_of[n] for n in self.verdicts} if self.node_of[c] in connected)
+        asked = sorted(
+            c for c in set(self.active) | {client_of[n] for n in self.verdicts} if self.node_of[c] in connected
+        )
         msgs = []
         owed: dict[int, dict[str, list[str]]] = {}
         for cid in asked:
             v = owed[self.node_of[cid]] = self.verdicts.pop(self.node_of[cid], {})
-            cfg = ConfigRecord({"server-round": rnd, **({"acks": v["acks"]} if v.get("acks") else {}),
-                                **({"refused": v["refused"]} if v.get("refused") else {})})
+            cfg = ConfigRecord(
+                {
+                    "server-round": rnd,
+                    **({"acks": v["acks"]} if v.get("acks") else {}),
+                    **({"refused": v["refused"]} if v.get("refused") else {}),
+                }
+            )
             msgs.append(Message(RecordDict({"config": cfg}), self.node_of[cid], P.ERASURE))
         answered: set[int] = set()
         for reply in self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
@@ -211,7 +244,7 @@ class ErasureService:
             files = files if isinstance(files, list) and len(files) == len(texts) else [""] * len(texts)
             problems = problems if isinstance(problems, list) and len(problems) == len(texts) else [""] * len(texts)
             verdict = self.verdicts.setdefault(nid, {"acks": [], "refused": []})
-            for text, name, problem in list(zip(texts, files, problems))[:MAX_REQUESTS_PER_POLL]:
+            for text, name, problem in list(zip(texts, files, problems, strict=False))[:MAX_REQUESTS_PER_POLL]:
                 if problem:
                     self._refuse_file(str(name), sender, nid, rnd, str(problem)[:500], verdict)
                 else:
@@ -222,7 +255,9 @@ class ErasureService:
                 mine["acks"] = list(dict.fromkeys(v.get("acks", []) + mine["acks"]))
                 mine["refused"] = list(dict.fromkeys(v.get("refused", []) + mine["refused"]))
 
-    def _refuse_file(self, name: str, sender: str, nid: int, rnd: int, problem: str, verdict: dict[str, list[str]]) -> None:
+    def _refuse_file(
+        self, name: str, sender: str, nid: int, rnd: int, problem: str, verdict: dict[str, list[str]]
+    ) -> None:
         """A file in a site's inbox that is not a request at all (unreadable, too large, a folder)."""
         self.journal.refuse(f"node {nid} ({sender})", None, f"unreadable inbox file {name!r}: {problem}", "", rnd)
         if name:
@@ -266,7 +301,11 @@ class ErasureService:
         name = self.svc.fallback if late else self.cfg.method
         method = make_method(name, self.run_config)
         connected = set(self.grid.get_node_ids())
-        absent = [r for r in batch if self.node_of[self.sites[r.site]] not in connected] if method.departing_clients_train else []
+        absent = (
+            [r for r in batch if self.node_of[self.sites[r.site]] not in connected]
+            if method.departing_clients_train
+            else []
+        )
         if absent:
             ids = [r.id for r in absent]
             self.journal.start_unlearning(ids, rnd, name)
@@ -282,8 +321,15 @@ class ErasureService:
         cids = [self.sites[s] for s in by_site]
         # the erased sites' data and the others' utility, both with the model before unlearning
         staying = {c: self.node_of[c] for c in self.active if c not in cids and self.node_of[c] in connected}
-        before = measure(self.grid, {**{c: self.node_of[c] for c in cids}, **staying}, arrays, None,
-                         self.cfg.round_timeout, forget_all=cids, allow_missing=True)
+        before = measure(
+            self.grid,
+            {**{c: self.node_of[c] for c in cids}, **staying},
+            arrays,
+            None,
+            self.cfg.round_timeout,
+            forget_all=cids,
+            allow_missing=True,
+        )
         others = {c: before[c] for c in staying if c in before}
         test_before = summarise(others).get("test-acc") if others else None
         digest = weights_digest(to_weights(arrays))
@@ -291,12 +337,22 @@ class ErasureService:
         for site, ids in by_site.items():
             b = before.get(self.sites[site])
             for rid in ids:
-                details[rid] = {"model-before": digest, "fallback": bool(late), "test-acc-before": test_before,
-                                "before": {k: v for k, v in summarise({0: b}).items() if k in AUDIT_KEYS} if b else None}
+                details[rid] = {
+                    "model-before": digest,
+                    "fallback": bool(late),
+                    "test-acc-before": test_before,
+                    "before": {k: v for k, v in summarise({0: b}).items() if k in AUDIT_KEYS} if b else None,
+                }
         self.in_flight = [rid for ids in by_site.values() for rid in ids]
         self.journal.start_unlearning(self.in_flight, rnd, name, details)
-        self.strategy.request_unlearning(*(self.node_of[c] for c in cids), key=None, round=rnd, leave=True, method=method,
-                                         extra_config={P.FORGET_ALL: True})
+        self.strategy.request_unlearning(
+            *(self.node_of[c] for c in cids),
+            key=None,
+            round=rnd,
+            leave=True,
+            method=method,
+            extra_config={P.FORGET_ALL: True},
+        )
         log(INFO, "round %d: serving the erasure of %s with %s", rnd, sorted(by_site), name)
 
     # -- 5. audit ------------------------------------------------------------------------
@@ -305,25 +361,55 @@ class ErasureService:
         for rid in request_ids:
             req = self.journal.get(rid)
             cid = self.sites[req.site]
-            reach = {cid: self.node_of[cid]} if cid in self.node_of and self.node_of[cid] in set(self.grid.get_node_ids()) else {}
-            after_m = measure(self.grid, reach, arrays, None, self.cfg.round_timeout, forget_all=[cid],
-                              allow_missing=True).get(cid) if reach else None
+            reach = (
+                {cid: self.node_of[cid]}
+                if cid in self.node_of and self.node_of[cid] in set(self.grid.get_node_ids())
+                else {}
+            )
+            after_m = (
+                measure(
+                    self.grid, reach, arrays, None, self.cfg.round_timeout, forget_all=[cid], allow_missing=True
+                ).get(cid)
+                if reach
+                else None
+            )
             after = {k: v for k, v in summarise({0: after_m}).items() if k in AUDIT_KEYS} if after_m else None
             report: dict[str, Any] = {
-                "request": {"id": req.id, "site": req.site, "requested-by": req.requested_by, "reason": req.reason,
-                            "attempts": req.attempts},
-                "client-id": cid, "method": req.method, "fallback-used": bool(req.details.get("fallback")),
-                "rounds": {"received": req.received_round, "unlearning": req.unlearning_round, "served": req.served_round,
-                           "recovered": req.recovered_round, "recovery-rounds": self.svc.recovery_rounds},
-                "model-sha256": {"before": req.details.get("model-before"), "after-unlearning": req.details.get("model-after-unlearning"),
-                                 "after-recovery": weights_digest(to_weights(arrays))},
-                "leakage-audit": {
-                    "site-reachable": after is not None, "before": req.details.get("before"), "after": after,
-                    "reading": ("after unlearning the site's training data should look like data the model never saw: "
-                                "forget-acc close to forget-heldout-acc, MIA AUCs close to 0.5 (or to the gold's)"),
+                "request": {
+                    "id": req.id,
+                    "site": req.site,
+                    "requested-by": req.requested_by,
+                    "reason": req.reason,
+                    "attempts": req.attempts,
                 },
-                "utility": {"test-acc-before": req.details.get("test-acc-before"),
-                            "test-acc-after": self.history.get(rnd, {}).get("test-acc")},
+                "client-id": cid,
+                "method": req.method,
+                "fallback-used": bool(req.details.get("fallback")),
+                "rounds": {
+                    "received": req.received_round,
+                    "unlearning": req.unlearning_round,
+                    "served": req.served_round,
+                    "recovered": req.recovered_round,
+                    "recovery-rounds": self.svc.recovery_rounds,
+                },
+                "model-sha256": {
+                    "before": req.details.get("model-before"),
+                    "after-unlearning": req.details.get("model-after-unlearning"),
+                    "after-recovery": weights_digest(to_weights(arrays)),
+                },
+                "leakage-audit": {
+                    "site-reachable": after is not None,
+                    "before": req.details.get("before"),
+                    "after": after,
+                    "reading": (
+                        "after unlearning the site's training data should look like data the model never saw: "
+                        "forget-acc close to forget-heldout-acc, MIA AUCs close to 0.5 (or to the gold's)"
+                    ),
+                },
+                "utility": {
+                    "test-acc-before": req.details.get("test-acc-before"),
+                    "test-acc-after": self.history.get(rnd, {}).get("test-acc"),
+                },
                 "gold": self._gold_audit(req, cid, arrays) if self.svc.audit_gold else None,
                 "journal": self.journal.history(rid),
                 "written-at": time.time(),
@@ -335,14 +421,22 @@ class ErasureService:
     def _gold_audit(self, req: Any, cid: int, arrays: ArrayRecord) -> dict[str, Any]:
         """Retrain without every site erased so far up to the request's round; compare."""
         gone = tuple(sorted(self.departed_clients | {cid}))
-        gcfg = replace(self.cfg, departing=gone, departure_round=int(req.unlearning_round),
-                       gold_cache_dir=str(self.state_dir / "gold-cache"))
+        gcfg = replace(
+            self.cfg,
+            departing=gone,
+            departure_round=int(req.unlearning_round),
+            gold_cache_dir=str(self.state_dir / "gold-cache"),
+        )
         info = {c: {"digest": "site"} for c in gone}
         gold, _ = gold_federation(self.grid, gcfg, self.clients, to_record(self.initial), info)
         everyone = dict(self.node_of)
         models = {"unlearned": arrays, "gold": gold}
-        rep = {k: summarise(measure(self.grid, everyone, a, gold, self.cfg.round_timeout, forget_all=[cid], allow_missing=True))
-               for k, a in models.items()}
+        rep = {
+            k: summarise(
+                measure(self.grid, everyone, a, gold, self.cfg.round_timeout, forget_all=[cid], allow_missing=True)
+            )
+            for k, a in models.items()
+        }
         rep["unlearned"]["average-gap"] = average_gap(rep["unlearned"], rep["gold"])
         return rep
 
@@ -351,8 +445,19 @@ class ErasureService:
         """Rounds ``resumed_from + 1 .. num-server-rounds``; returns the service summary."""
         start = self.resumed_from + 1
         if self.stale:
-            log(WARNING, "restart: requests %s were being unlearned in an uncommitted round; serving them again", self.stale)
-        log(INFO, "service: sites %s, rounds %d..%d, method %s", self.sites, start, self.cfg.num_server_rounds, self.cfg.method)
+            log(
+                WARNING,
+                "restart: requests %s were being unlearned in an uncommitted round; serving them again",
+                self.stale,
+            )
+        log(
+            INFO,
+            "service: sites %s, rounds %d..%d, method %s",
+            self.sites,
+            start,
+            self.cfg.num_server_rounds,
+            self.cfg.method,
+        )
         serving: list[str] = []
 
         def before(rnd: int, arrays: ArrayRecord) -> None:
@@ -377,21 +482,49 @@ class ErasureService:
             if self.svc.recovery_rounds == 0:
                 recovered += served
             self.gone_sites |= {self.site_of[c] for c in self.departed_clients}
-            state = {"sites": self.sites, "departed-sites": sorted(self.gone_sites),
-                     "departed": sorted(self.departed_clients), "declared": self.declared,
-                     "excluded-sites": sorted(self.excluded_sites),
-                     "strikes": {self.site_of[c]: int(self.strategy.strikes[n]) for c, n in self.node_of.items()
-                                 if self.strategy.strikes[n]}}
-            self.journal.commit_round(rnd, weights, state, served=served, recovered=recovered,
-                                      details={rid: {"model-after-unlearning": digest} for rid in served})
-            log(INFO, "[service] round %d committed: test-acc %.4f, %d sites, served %s, recovered %s", rnd,
-                summary.get("test-acc", float("nan")), len(self.active), served, recovered)
+            state = {
+                "sites": self.sites,
+                "departed-sites": sorted(self.gone_sites),
+                "departed": sorted(self.departed_clients),
+                "declared": self.declared,
+                "excluded-sites": sorted(self.excluded_sites),
+                "strikes": {
+                    self.site_of[c]: int(self.strategy.strikes[n])
+                    for c, n in self.node_of.items()
+                    if self.strategy.strikes[n]
+                },
+            }
+            self.journal.commit_round(
+                rnd,
+                weights,
+                state,
+                served=served,
+                recovered=recovered,
+                details={rid: {"model-after-unlearning": digest} for rid in served},
+            )
+            log(
+                INFO,
+                "[service] round %d committed: test-acc %.4f, %d sites, served %s, recovered %s",
+                rnd,
+                summary.get("test-acc", float("nan")),
+                len(self.active),
+                served,
+                recovered,
+            )
             if recovered:
                 self.audit(rnd, arrays, recovered)
 
-        run_rounds(self.grid, self.strategy, FederationRun(arrays=to_record(self.weights)),
-                   range(start, self.cfg.num_server_rounds + 1), self.cfg.round_timeout, "service",
-                   before_round=before, after_round=after, fail_on_empty=False)
+        run_rounds(
+            self.grid,
+            self.strategy,
+            FederationRun(arrays=to_record(self.weights)),
+            range(start, self.cfg.num_server_rounds + 1),
+            self.cfg.round_timeout,
+            "service",
+            before_round=before,
+            after_round=after,
+            fail_on_empty=False,
+        )
         return self.summary()
 
     def _journal_problems(self, rnd: int) -> None:
@@ -401,19 +534,27 @@ class ErasureService:
             if problem == "ok" or node not in client_of:
                 continue
             site = self.site_of[client_of[node]]
-            self.journal.event(rnd, f"site:{site}", "failed" if problem.startswith("failed") else "rejected-update", problem)
+            self.journal.event(
+                rnd, f"site:{site}", "failed" if problem.startswith("failed") else "rejected-update", problem
+            )
         for node in sorted(self.strategy.excluded):
             site = self.site_of.get(client_of.get(node, -1))
             if site is not None and site not in self.excluded_sites:
                 self.excluded_sites.add(site)
-                self.journal.event(rnd, f"site:{site}", "excluded",
-                                   f"{self.strategy.strikes[node]} invalid replies: no longer part of the federation")
+                self.journal.event(
+                    rnd,
+                    f"site:{site}",
+                    "excluded",
+                    f"{self.strategy.strikes[node]} invalid replies: no longer part of the federation",
+                )
                 log(WARNING, "site %r is excluded after %d invalid replies", site, self.strategy.strikes[node])
 
     def summary(self) -> dict[str, Any]:
         """``service.json``: rounds of this run, every request and refusal."""
         out = {
-            "sites": self.sites, "resumed-from-round": self.resumed_from, "re-served-after-restart": self.stale,
+            "sites": self.sites,
+            "resumed-from-round": self.resumed_from,
+            "re-served-after-restart": self.stale,
             "history": {str(r): h for r, h in self.history.items()},
             "requests": [{**r.__dict__} for r in self.journal.requests()],
             "refusals": self.journal.refusals(),
@@ -446,6 +587,9 @@ def describe(state_dir: str | Path) -> str:
         lines = [f"checkpoint: round {ck.server_round} ({ck.digest[:12]})" if ck else "checkpoint: none"]
         lines += [f"{r.id} {r.site} {r.state} attempts={r.attempts} by={r.requested_by}" for r in j.requests()]
         lines += [f"refused: {x['named-site']} from {x['source']}: {x['reason']}" for x in j.refusals()]
-        lines += [f"event round {x['server-round']}: {x['kind']} {x['source']}: {x['detail']}" for x in j.events()
-                  if x["kind"] != "round-start"]
+        lines += [
+            f"event round {x['server-round']}: {x['kind']} {x['source']}: {x['detail']}"
+            for x in j.events()
+            if x["kind"] != "round-start"
+        ]
         return "\n".join(lines) + "\n" + json.dumps({"open": [r.id for r in j.requests() if r.state != "verified"]})

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .deploy import Deployment, descendants
+from .deploy import Deployment
 from .run_experiment import PROJECT_ROOT
 
 ROUNDS_A, ROUNDS = 6, 12
@@ -79,8 +79,9 @@ def faulty_app(folder: Path) -> Path:
         shutil.copytree(PROJECT_ROOT / name, app / name, ignore=shutil.ignore_patterns("__pycache__"))
     (app / "faulty_client.py").write_text(FAULTY_CLIENT)
     text = (PROJECT_ROOT / "pyproject.toml").read_text()
-    (app / "pyproject.toml").write_text(text.replace('clientapp = "clients.client_app:app"',
-                                                     'clientapp = "faulty_client:app"'))
+    (app / "pyproject.toml").write_text(
+        text.replace('clientapp = "clients.client_app:app"', 'clientapp = "faulty_client:app"')
+    )
     return app
 
 
@@ -88,7 +89,8 @@ def garbage(inbox: Path) -> int:
     """Files a clumsy or hostile site could leave in its inbox; returns how many."""
     pending = inbox / "pending"
     pending.mkdir(parents=True, exist_ok=True)
-    (pending / "huge-number.json").write_text('{"id": "%s", "site": "site-0", "created": %s}' % ("a" * 32, "9" * 5000))
+    huge = "9" * 5000
+    (pending / "huge-number.json").write_text(f'{{"id": "{"a" * 32}", "site": "site-0", "created": {huge}}}')
     (pending / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     (pending / "not-utf8.json").write_bytes(b'{"id": "\\xff\\xfe"}')
     (pending / "folder.json").mkdir(exist_ok=True)
@@ -99,8 +101,16 @@ def garbage(inbox: Path) -> int:
 
 def journal(dep: Deployment) -> dict[str, Any]:
     """What the journal says now (read-only)."""
-    empty: dict[str, Any] = {"round": 0, "digest": "", "state": {}, "requests": [], "transitions": [], "starts": 0,
-                             "refusals": 0, "events": []}
+    empty: dict[str, Any] = {
+        "round": 0,
+        "digest": "",
+        "state": {},
+        "requests": [],
+        "transitions": [],
+        "starts": 0,
+        "refusals": 0,
+        "events": [],
+    }
     try:
         db = sqlite3.connect(f"file:{dep.state_dir / 'journal.sqlite'}?mode=ro", uri=True, timeout=30)
     except sqlite3.OperationalError:  # the service has not created it yet
@@ -116,8 +126,16 @@ def journal(dep: Deployment) -> dict[str, Any]:
         return empty
     finally:
         db.close()
-    return {"round": ck[0] if ck else 0, "digest": ck[1] if ck else "", "state": json.loads(ck[2]) if ck else {},
-            "requests": reqs, "transitions": trans, "starts": starts, "refusals": refusals, "events": events}
+    return {
+        "round": ck[0] if ck else 0,
+        "digest": ck[1] if ck else "",
+        "state": json.loads(ck[2]) if ck else {},
+        "requests": reqs,
+        "transitions": trans,
+        "starts": starts,
+        "refusals": refusals,
+        "events": events,
+    }
 
 
 def consistent(j: dict[str, Any], last_round: int) -> list[str]:
@@ -162,8 +180,16 @@ def crash_server(dep: Deployment) -> None:
     dep.start_superlink()
 
 
-def serve(dep: Deployment, rounds: int, rng: random.Random, kills: dict[str, int], budget: int, mixed: bool,
-          unlearning_kill: bool, stats: dict[str, Any]) -> None:
+def serve(
+    dep: Deployment,
+    rounds: int,
+    rng: random.Random,
+    kills: dict[str, int],
+    budget: int,
+    mixed: bool,
+    unlearning_kill: bool,
+    stats: dict[str, Any],
+) -> None:
     """Run the service to ``rounds`` committed rounds, killing things until ``budget`` kills are spent."""
     run = dep.submit(dep.service_config(rounds, RC))
     last = journal(dep)["round"]
@@ -182,8 +208,11 @@ def serve(dep: Deployment, rounds: int, rng: random.Random, kills: dict[str, int
             if journal(dep)["round"] < rounds:
                 run = dep.submit(dep.service_config(rounds, RC))
             continue
-        what = "mid-unlearning" if why == "unlearning" else (
-            rng.choice(["server", "supernode", "disconnect"]) if mixed else "server")
+        what = (
+            "mid-unlearning"
+            if why == "unlearning"
+            else (rng.choice(["server", "supernode", "disconnect"]) if mixed else "server")
+        )
         if what in ("server", "mid-unlearning"):
             crash_server(dep)
             run = dep.submit(dep.service_config(rounds, RC))
@@ -208,9 +237,14 @@ def serve(dep: Deployment, rounds: int, rng: random.Random, kills: dict[str, int
 def scenario(folder: Path, seed: int, budget: int, mixed: bool) -> dict[str, Any]:
     """One deployment through the whole schedule with ``budget`` kills; its figures."""
     rng = random.Random(seed)
-    dep = Deployment(str(folder), list(SITES), tls=True, auth=True,
-                     node_extra={"site-3": "fault='nan'", "site-4": "fault='huge-claim'"},
-                     app=str(faulty_app(folder)))
+    dep = Deployment(
+        str(folder),
+        list(SITES),
+        tls=True,
+        auth=True,
+        node_extra={"site-3": "fault='nan'", "site-4": "fault='huge-claim'"},
+        app=str(faulty_app(folder)),
+    )
     kills: dict[str, int] = {}
     stats: dict[str, Any] = {"problems": []}
     t0 = time.monotonic()
@@ -232,14 +266,19 @@ def scenario(folder: Path, seed: int, budget: int, mixed: bool) -> dict[str, Any
         if (old, new) == ("unlearning", "recovered"):
             served[rid] = served.get(rid, 0) + 1
     return {
-        "kills": kills, "wall-minutes": (time.monotonic() - t0) / 60,
-        "requests-written": 2, "requests-verified": len(verified),
+        "kills": kills,
+        "wall-minutes": (time.monotonic() - t0) / 60,
+        "requests-written": 2,
+        "requests-verified": len(verified),
         "requests-lost": 2 - len({r[1] for r in verified} & {"site-1", "site-2"}),
         "requests-served-twice": sum(1 for n in served.values() if n > 1),
-        "garbage-files": files, "refusals": j["refusals"],
+        "garbage-files": files,
+        "refusals": j["refusals"],
         "excluded-sites": j["state"].get("excluded-sites", []),
         "rejected-updates": sum(1 for k, _ in j["events"] if k == "rejected-update"),
-        "rounds-lost": j["starts"] - j["round"], "final-round": j["round"], "final-digest": j["digest"],
+        "rounds-lost": j["starts"] - j["round"],
+        "final-round": j["round"],
+        "final-digest": j["digest"],
         "journal-problems": stats["problems"],
     }
 
@@ -259,22 +298,33 @@ def main(argv: list[str] | None = None) -> int:
     print(f"phase A: {args.kills // 2} kill -9 of the server side", flush=True)
     a = scenario(root / "phase-a", args.seed, args.kills // 2, mixed=False)
     print(json.dumps(a, indent=1), flush=True)
-    print(f"phase B: {args.kills - args.kills // 2} kill -9 of SuperNodes and the server, a site dropping mid-round",
-          flush=True)
+    print(
+        f"phase B: {args.kills - args.kills // 2} kill -9 of SuperNodes and the server, a site dropping mid-round",
+        flush=True,
+    )
     b = scenario(root / "phase-b", args.seed + 1, args.kills - args.kills // 2, mixed=True)
     print(json.dumps(b, indent=1), flush=True)
     total = {k: a["kills"].get(k, 0) + b["kills"].get(k, 0) for k in set(a["kills"]) | set(b["kills"])}
     print("\nsummary")
     print(f"  kills: {sum(total.values())} ({', '.join(f'{k} {v}' for k, v in sorted(total.items()))})")
-    print(f"  requests lost: {a['requests-lost'] + b['requests-lost']}, served twice: "
-          f"{a['requests-served-twice'] + b['requests-served-twice']}")
+    print(
+        f"  requests lost: {a['requests-lost'] + b['requests-lost']}, served twice: "
+        f"{a['requests-served-twice'] + b['requests-served-twice']}"
+    )
     print(f"  rounds lost (started, not committed): phase A {a['rounds-lost']}, phase B {b['rounds-lost']}")
     print(f"  journal problems after restarts: {len(a['journal-problems']) + len(b['journal-problems'])}")
-    print(f"  garbage inbox files refused: {a['refusals']} / {a['garbage-files']}; NaN site excluded: "
-          f"{'site-3' in a['excluded-sites']}; rejected updates: {a['rejected-updates']}")
+    print(
+        f"  garbage inbox files refused: {a['refusals']} / {a['garbage-files']}; NaN site excluded: "
+        f"{'site-3' in a['excluded-sites']}; rejected updates: {a['rejected-updates']}"
+    )
     same = a["final-digest"] == ref["final-digest"]
-    print(f"  phase A final model = uninterrupted run's: {same} ({a['final-digest'][:12]} vs {ref['final-digest'][:12]})")
-    print(f"  wall time: reference {ref['wall-minutes']:.1f} min, A {a['wall-minutes']:.1f} min, B {b['wall-minutes']:.1f} min")
+    print(
+        f"  phase A final model = uninterrupted run's: {same} ({a['final-digest'][:12]} vs {ref['final-digest'][:12]})"
+    )
+    print(
+        f"  wall time: reference {ref['wall-minutes']:.1f} min, A {a['wall-minutes']:.1f} min, "
+        f"B {b['wall-minutes']:.1f} min"
+    )
     return 0 if same and not a["journal-problems"] and not b["journal-problems"] else 1
 
 

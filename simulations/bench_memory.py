@@ -45,7 +45,8 @@ def child(clients: int, rounds: int, departures: int, method_name: str) -> dict[
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     method = make_method(method_name)
     strategy = Unlearning(ReproducibleFedAvg(min_available_nodes=1, min_train_nodes=1), method)
-    strategy.identities = {n: {"partition-id": c} for c, n in node_of.items()}
+    for c, n in node_of.items():
+        strategy.set_identity(n, **{"partition-id": c})
     if method_name == "federaser":  # FedEraser: one departure after `rounds` ordinary rounds
         strategy.request_unlearning(0, round=rounds + 1)
         schedule: dict[int, int] = {}
@@ -74,15 +75,34 @@ def child(clients: int, rounds: int, departures: int, method_name: str) -> dict[
         arrays = new if new is not None else arrays
         del replies, msgs
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"clients": clients, "rounds": total, "departures": len(strategy.departed), "method": method_name,
-            "peak-rss-mb": peak / 1024, "growth-mb": (peak - rss0) / 1024,
-            "history-mb": method.history_bytes() / 1e6}
+    return {
+        "clients": clients,
+        "rounds": total,
+        "departures": len(strategy.departed),
+        "method": method_name,
+        "peak-rss-mb": peak / 1024,
+        "growth-mb": (peak - rss0) / 1024,
+        "history-mb": method.history_bytes() / 1e6,
+    }
 
 
 def measure(clients: int, rounds: int, departures: int, method: str) -> dict[str, Any]:
     """Run :func:`child` in a fresh process (a clean peak RSS)."""
-    out = subprocess.run([sys.executable, "-m", "simulations.bench_memory", "--child", str(clients), str(rounds),
-                          str(departures), method], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simulations.bench_memory",
+            "--child",
+            str(clients),
+            str(rounds),
+            str(departures),
+            method,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

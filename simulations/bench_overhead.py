@@ -49,8 +49,8 @@ def run_once(kind: str, clients: int, rounds: int, overrides: str) -> dict[str, 
     """``rounds`` ordinary rounds of ``kind`` (``fed-unlearn`` or ``flwr-fedavg``); timings."""
     from clients.client_app import app as client_app
     from fed_unlearn.data import load_dataset
-    from fed_unlearn.models import build_model, get_weights
     from fed_unlearn.flower import ReproducibleFedAvg, Unlearning, to_record
+    from fed_unlearn.models import build_model, get_weights
 
     rc = fused_run_config(str(PROJECT_ROOT), overrides)
     grid = TimedGrid(client_app, clients, rc)
@@ -59,18 +59,41 @@ def run_once(kind: str, clients: int, rounds: int, overrides: str) -> dict[str, 
     model = build_model(str(rc["model"]), ds.input_shape, ds.num_classes, seed=int(rc["seed"]))
     initial = to_record(get_weights(model))
     if kind == "fed-unlearn":
-        strategy = Unlearning(ReproducibleFedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=clients,
-                                                 min_evaluate_nodes=clients, min_available_nodes=clients))
-        strategy.identities = {n: {"partition-id": i} for i, n in enumerate(node_ids)}
+        strategy = Unlearning(
+            ReproducibleFedAvg(
+                fraction_train=1.0,
+                fraction_evaluate=1.0,
+                min_train_nodes=clients,
+                min_evaluate_nodes=clients,
+                min_available_nodes=clients,
+            )
+        )
+        for i, n in enumerate(node_ids):
+            strategy.set_identity(n, **{"partition-id": i})
     else:
-        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=clients,
-                          min_evaluate_nodes=clients, min_available_nodes=clients)
+        strategy = FedAvg(
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+            min_train_nodes=clients,
+            min_evaluate_nodes=clients,
+            min_available_nodes=clients,
+        )
     t0 = time.perf_counter()
-    strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, timeout=600.0, train_config=ConfigRecord(),
-                   evaluate_config=ConfigRecord())
+    strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=rounds,
+        timeout=600.0,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+    )
     wall = time.perf_counter() - t0
-    return {"rounds/s": rounds / wall, "updates/s": rounds * clients / wall,
-            "server-s/round": (wall - grid.client_seconds) / rounds, "wall-s/round": wall / rounds}
+    return {
+        "rounds/s": rounds / wall,
+        "updates/s": rounds * clients / wall,
+        "server-s/round": (wall - grid.client_seconds) / rounds,
+        "wall-s/round": wall / rounds,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,23 +106,30 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, client threads 1; {args.clients} clients, "
-          f"{args.rounds} rounds x {args.repeats} repeats (alternating), run config: {args.run_config!r}")
+    print(
+        f"machine: {os.cpu_count()} cores, torch {torch.__version__}, client threads 1; {args.clients} clients, "
+        f"{args.rounds} rounds x {args.repeats} repeats (alternating), run config: {args.run_config!r}"
+    )
     kinds = ("flwr-fedavg", "fed-unlearn")
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     run_once("fed-unlearn", args.clients, 1, args.run_config)  # warm-up: imports, dataset cache
     for i in range(args.repeats):
-        for kind in (kinds if i % 2 == 0 else kinds[::-1]):
+        for kind in kinds if i % 2 == 0 else kinds[::-1]:
             runs[kind].append(run_once(kind, args.clients, args.rounds, args.run_config))
     med = {k: {m: statistics.median(r[m] for r in runs[k]) for m in runs[k][0]} for k in kinds}
     print(f"{'strategy':14s} {'rounds/s':>9s} {'updates/s':>10s} {'wall s/round':>13s} {'server s/round':>15s}")
     for k in kinds:
         m = med[k]
-        print(f"{k:14s} {m['rounds/s']:9.3f} {m['updates/s']:10.2f} {m['wall-s/round']:13.3f} {m['server-s/round']:15.4f}")
+        print(
+            f"{k:14s} {m['rounds/s']:9.3f} {m['updates/s']:10.2f} {m['wall-s/round']:13.3f} {m['server-s/round']:15.4f}"
+        )
     total = med["fed-unlearn"]["wall-s/round"] / med["flwr-fedavg"]["wall-s/round"] - 1
     server = med["fed-unlearn"]["server-s/round"] - med["flwr-fedavg"]["server-s/round"]
-    print(f"overhead per ordinary round: total {total:+.1%} (target <= 3%), server-side {server * 1000:+.1f} ms "
-          f"({med['fed-unlearn']['server-s/round'] / med['flwr-fedavg']['server-s/round']:.2f}x the stock strategy's own work)")
+    print(
+        f"overhead per ordinary round: total {total:+.1%} (target <= 3%), server-side {server * 1000:+.1f} ms "
+        f"({med['fed-unlearn']['server-s/round'] / med['flwr-fedavg']['server-s/round']:.2f}x "
+        "the stock strategy's own work)"
+    )
     return 0
 
 

@@ -23,8 +23,10 @@ from pathlib import Path
 
 from .run_experiment import main as run_one
 
-SETUP = ("num-server-rounds=3 unlearn.round=3 local-epochs=1 relearn-max-steps=0 unlearn.method='fine-tune' "
-         "unlearn.recovery='fixed'")
+SETUP = (
+    "num-server-rounds=3 unlearn.round=3 local-epochs=1 relearn-max-steps=0 unlearn.method='fine-tune' "
+    "unlearn.recovery='fixed'"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,8 +42,18 @@ def main(argv: list[str] | None = None) -> int:
         for k in args.clients:
             with tempfile.TemporaryDirectory(prefix="fu-scale-") as tmp:
                 t0 = time.perf_counter()
-                code = run_one(["--num-clients", str(k), "--cpus-per-client", str(cpus), "--results-dir", tmp,
-                                "--run-config", f"{SETUP} {args.run_config}".strip()])
+                code = run_one(
+                    [
+                        "--num-clients",
+                        str(k),
+                        "--cpus-per-client",
+                        str(cpus),
+                        "--results-dir",
+                        tmp,
+                        "--run-config",
+                        f"{SETUP} {args.run_config}".strip(),
+                    ]
+                )
                 total = time.perf_counter() - t0
                 if code != 0:
                     print(f"K={k} cpus={cpus}: run failed (exit {code})", file=sys.stderr)

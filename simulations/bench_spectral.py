@@ -59,13 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     for name, model in models.items():
         state = model.state_dict()
-        t_ours, ours = _median_time(lambda: analyze(state), args.repeats)
+        t_ours, ours = _median_time(lambda state=state: analyze(state), args.repeats)
         line = f"{name:<24} {len(ours):>6} {t_ours:>14.3f}"
         if ww is not None:
-            t_ww, details = _median_time(lambda: ww.WeightWatcher(model=model).analyze(), args.repeats)
-            theirs = sorted(a for a, n in zip(details["alpha"], details["num_evals"]) if n >= 50)
+            t_ww, details = _median_time(lambda model=model: ww.WeightWatcher(model=model).analyze(), args.repeats)
+            theirs = sorted(a for a, n in zip(details["alpha"], details["num_evals"], strict=False) if n >= 50)
             mine = sorted(s.alpha for s in ours if s.num_eigenvalues >= 50)
-            diff = max(abs(a - b) for a, b in zip(mine, theirs)) if len(mine) == len(theirs) and mine else float("nan")
+            same_layers = len(mine) == len(theirs) and mine
+            diff = max(abs(a - b) for a, b in zip(mine, theirs, strict=True)) if same_layers else float("nan")
             line += f" {t_ww:>16.3f} {t_ww / t_ours:>8.1f}x {diff:>14.2e}"
         print(line)
     if ww is None:

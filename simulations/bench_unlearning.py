@@ -36,21 +36,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", default="fashion-mnist")
     ap.add_argument("--model", default="cnn")
     ap.add_argument("--num-clients", type=int, default=10)
-    ap.add_argument("--rounds-before", type=int, default=20, help="rounds of training before the request (the gold's length)")
+    ap.add_argument(
+        "--rounds-before", type=int, default=20, help="rounds of training before the request (the gold's length)"
+    )
     ap.add_argument("--max-recovery", type=int, default=10, help="recovery rounds at most")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engine", choices=("ray", "inprocess"), default="ray")
     ap.add_argument("--run-config", default="partitioner='dirichlet' dirichlet-alpha=0.5 local-epochs=1")
     ap.add_argument("--results-dir", default=str(PROJECT_ROOT / "results" / "bench-unlearning"))
     args = ap.parse_args(argv)
-    if args.dataset == "fashion-mnist" and not Path("/usr/share/datasets/fashion-mnist").is_dir() and "data-dir" not in args.run_config:
-        print("Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist (or pass data-dir=...)", file=sys.stderr)
+    if (
+        args.dataset == "fashion-mnist"
+        and not Path("/usr/share/datasets/fashion-mnist").is_dir()
+        and "data-dir" not in args.run_config
+    ):
+        print(
+            "Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist (or pass data-dir=...)",
+            file=sys.stderr,
+        )
         return 2
     root = Path(args.results_dir).resolve()
     d = args.rounds_before + 1
-    base = (f"dataset='{args.dataset}' model='{args.model}' seed={args.seed} unlearn.round={d} "
-            f"num-server-rounds={d + args.max_recovery} unlearn.recovery-tolerance=0.01 "
-            f"gold-cache-dir='{root / 'gold-cache'}' {args.run_config}")
+    base = (
+        f"dataset='{args.dataset}' model='{args.model}' seed={args.seed} unlearn.round={d} "
+        f"num-server-rounds={d + args.max_recovery} unlearn.recovery-tolerance=0.01 "
+        f"gold-cache-dir='{root / 'gold-cache'}' {args.run_config}"
+    )
     results = {}
     for method in args.methods:
         out = root / method
@@ -67,12 +78,20 @@ def main(argv: list[str] | None = None) -> int:
     gold = first["report"]["gold"]
     gcost = first["client-compute"]["gold"]
     gwall = first["timings"]["gold-wall-seconds"]
-    print(f"\nmachine: {os.cpu_count()} cores, torch {torch.__version__}; engine {args.engine}; {args.dataset}, {args.model}, "
-          f"{args.num_clients} clients, {args.run_config}; client 0 leaves after {args.rounds_before} rounds")
-    print(f"gold: test {gold['test-acc']:.4f}, forget {gold['forget-acc']:.4f}, MIA {gold['mia-auc']:.4f}; retraining "
-          f"{gcost['train-steps']:.0f} client steps, {gcost['train-seconds']:.0f} client-s, {gwall:.0f} s wall\n")
-    head = ("| method | test acc | forget acc | MIA AUC | KL forget | steps (frac. of gold) | client-s (frac.) | wall s (frac.) "
-            "| recovery rounds | <= 10 % compute | test within 1 pt | MIA within 0.02 |")
+    print(
+        f"\nmachine: {os.cpu_count()} cores, torch {torch.__version__}; engine {args.engine}; "
+        f"{args.dataset}, {args.model}, "
+        f"{args.num_clients} clients, {args.run_config}; client 0 leaves after {args.rounds_before} rounds"
+    )
+    print(
+        f"gold: test {gold['test-acc']:.4f}, forget {gold['forget-acc']:.4f}, MIA {gold['mia-auc']:.4f}; retraining "
+        f"{gcost['train-steps']:.0f} client steps, {gcost['train-seconds']:.0f} client-s, {gwall:.0f} s wall\n"
+    )
+    head = (
+        "| method | test acc | forget acc | MIA AUC | KL forget | steps (frac. of gold) | client-s (frac.) "
+        "| wall s (frac.) "
+        "| recovery rounds | <= 10 % compute | test within 1 pt | MIA within 0.02 |"
+    )
     lines = [head, "|---|" + "---:|" * 11]
     for m, r in results.items():
         u, cost = r["report"]["unlearned"], r["client-compute"]["unlearning+recovery"]
@@ -80,13 +99,24 @@ def main(argv: list[str] | None = None) -> int:
         wall = r["timings"].get("unlearning+recovery-wall-seconds", float("nan"))
         ok = (frac <= 0.10, abs(u["test-acc"] - gold["test-acc"]) <= 0.01, abs(u["mia-auc"] - gold["mia-auc"]) <= 0.02)
         rec = r["recovery"]["rounds-to-gold"]
-        lines.append(f"| {m} | {u['test-acc']:.4f} | {u['forget-acc']:.4f} | {u['mia-auc']:.4f} | {u['kl-forget']:.4f} | "
-                     f"{cost['train-steps']:.0f} ({frac:.3f}) | {cost['train-seconds']:.0f} ({cost['train-seconds'] / gcost['train-seconds']:.3f}) | "
-                     f"{wall:.0f} ({wall / gwall:.3f}) | {'–' if rec is None else rec} | " + " | ".join("yes" if x else "**no**" for x in ok) + " |")
+        lines.append(
+            f"| {m} | {u['test-acc']:.4f} | {u['forget-acc']:.4f} | {u['mia-auc']:.4f} | {u['kl-forget']:.4f} | "
+            f"{cost['train-steps']:.0f} ({frac:.3f}) | "
+            f"{cost['train-seconds']:.0f} ({cost['train-seconds'] / gcost['train-seconds']:.3f}) | "
+            f"{wall:.0f} ({wall / gwall:.3f}) | {'–' if rec is None else rec} | "
+            + " | ".join("yes" if x else "**no**" for x in ok)
+            + " |"
+        )
     o = first["report"]["original"]
-    lines.append(f"| original | {o['test-acc']:.4f} | {o['forget-acc']:.4f} | {o['mia-auc']:.4f} | {o['kl-forget']:.4f} | – | – | – | – | – | – | – |")
-    lines.append(f"| gold | {gold['test-acc']:.4f} | {gold['forget-acc']:.4f} | {gold['mia-auc']:.4f} | 0 | {gcost['train-steps']:.0f} (1) | "
-                 f"{gcost['train-seconds']:.0f} (1) | {gwall:.0f} (1) | – | – | – | – |")
+    lines.append(
+        f"| original | {o['test-acc']:.4f} | {o['forget-acc']:.4f} | {o['mia-auc']:.4f} | {o['kl-forget']:.4f} | "
+        "– | – | – | – | – | – | – |"
+    )
+    lines.append(
+        f"| gold | {gold['test-acc']:.4f} | {gold['forget-acc']:.4f} | {gold['mia-auc']:.4f} | 0 | "
+        f"{gcost['train-steps']:.0f} (1) | "
+        f"{gcost['train-seconds']:.0f} (1) | {gwall:.0f} (1) | – | – | – | – |"
+    )
     table = "\n".join(lines)
     print(table)
     (root / "bench-unlearning.md").write_text(table + "\n")

@@ -24,8 +24,9 @@ import re
 import sys
 from pathlib import Path
 
-from fed_unlearn.report import (current_results, 
+from fed_unlearn.report import (
     comparison_table,
+    current_results,
     layer_table,
     plot_comparison,
     write_json,
@@ -70,14 +71,21 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         results[method] = json.loads(res_file.read_text())
     cfg = next(iter(results.values()))["config"]
-    title = (f"{cfg['dataset']}, {args.num_clients} clients: client(s) {cfg['departing']} leave in round "
-             f"{cfg['departure_round']}")
+    title = (
+        f"{cfg['dataset']}, {args.num_clients} clients: client(s) {cfg['departing']} leave in round "
+        f"{cfg['departure_round']}"
+    )
     table, layers = comparison_table(results), layer_table(results)
     dest = results_dir / "comparison"
     (dest / "comparison.md").write_text(f"# {title}\n\n{table}\n\n## Per layer\n\n{layers}\n")
     plot_comparison(dest / "comparison.png", results, title=title)
-    write_json(dest / "comparison.json", {m: {k: r[k] for k in ("report", "recovery", "client-compute", "unlearning", "config")}
-                                           for m, r in results.items()})
+    write_json(
+        dest / "comparison.json",
+        {
+            m: {k: r[k] for k in ("report", "recovery", "client-compute", "unlearning", "config")}
+            for m, r in results.items()
+        },
+    )
     print(f"\n{table}\n\n{layers}\n\nwritten to {dest}")
     return 0
 

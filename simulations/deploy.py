@@ -31,22 +31,23 @@ to finish and checks its status with ``flwr list``. PIDs are kept in ``DIR/deplo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import ipaddress
 import json
 import os
 import shlex
 import signal
+import ssl
 import subprocess
 import sys
 import time
 import urllib.request
-import ssl
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .run_experiment import PROJECT_ROOT, _bin, free_port, quiet_env, stop_process
+from .run_experiment import PROJECT_ROOT, _bin, free_port, quiet_env
 
 FEDERATION = "deploy"
 
@@ -88,25 +89,42 @@ def make_tls(folder: Path) -> dict[str, Path]:
         return ec.generate_private_key(ec.SECP384R1())
 
     def write_key(k: Any, path: Path) -> None:
-        path.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                         serialization.NoEncryption()))
+        path.write_bytes(
+            k.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+            )
+        )
         path.chmod(0o600)
 
     ca_key = key()
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fed-unlearn deployment CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-          .not_valid_after(now + dt.timedelta(days=30))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .sign(ca_key, hashes.SHA384()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA384())
+    )
     srv_key = key()
-    srv = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-           .issuer_name(ca_name).public_key(srv_key.public_key()).serial_number(x509.random_serial_number())
-           .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=30))
-           .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                       x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-           .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-           .sign(ca_key, hashes.SHA384()))
+    srv = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(srv_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA384())
+    )
     paths = {"ca": folder / "ca.crt", "cert": folder / "server.crt", "key": folder / "server.key"}
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["cert"].write_bytes(srv.public_bytes(serialization.Encoding.PEM))
@@ -122,7 +140,9 @@ def make_node_keys(folder: Path, site: str) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     k = ec.generate_private_key(ec.SECP384R1())
     priv, pub = folder / f"{site}", folder / f"{site}.pub"
-    priv.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    priv.write_bytes(
+        k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
     priv.chmod(0o600)
     pub.write_bytes(k.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
     return priv, pub
@@ -173,7 +193,7 @@ class Deployment:
         (self.root / "deployment.json").write_text(json.dumps(asdict(self), indent=2))
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Deployment":
+    def load(cls, folder: str | Path) -> Deployment:
         """Read ``deployment.json``."""
         return cls(**json.loads((Path(folder) / "deployment.json").read_text()))
 
@@ -191,12 +211,28 @@ class Deployment:
     # processes
     def superlink_cmd(self) -> list[str]:
         """The SuperLink command line."""
-        cmd = [_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port), "--isolation", "subprocess",
-               "--database", str(self.root / "superlink.db"), "--disable-runtime-dependency-installation"]
+        cmd = [
+            _bin("flower-superlink"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--isolation",
+            "subprocess",
+            "--database",
+            str(self.root / "superlink.db"),
+            "--disable-runtime-dependency-installation",
+        ]
         if self.tls:
             certs = self.root / "certs"
-            cmd += ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.crt"),
-                    "--ssl-keyfile", str(certs / "server.key")]
+            cmd += [
+                "--ssl-ca-certfile",
+                str(certs / "ca.crt"),
+                "--ssl-certfile",
+                str(certs / "server.crt"),
+                "--ssl-keyfile",
+                str(certs / "server.key"),
+            ]
         else:
             cmd += ["--insecure"]
         if self.auth:
@@ -205,8 +241,14 @@ class Deployment:
 
     def start_superlink(self, timeout: float = 90.0) -> int:
         """Start the SuperLink and wait until its API answers; returns its PID."""
-        proc = subprocess.Popen(self.superlink_cmd(), env=self.env(), cwd=str(PROJECT_ROOT), stdout=self._log("superlink"),
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            self.superlink_cmd(),
+            env=self.env(),
+            cwd=str(PROJECT_ROOT),
+            stdout=self._log("superlink"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.pids["superlink"] = proc.pid
         self.save()
         deadline = time.monotonic() + timeout
@@ -227,7 +269,12 @@ class Deployment:
     def node_config(self, site: str) -> str:
         """The ``--node-config`` of a site's SuperNode."""
         i = self.sites.index(site)
-        parts = [f"partition-id={i}", f"num-partitions={len(self.sites)}", f"site='{site}'", f"erasure-inbox='{self.inbox(site)}'"]
+        parts = [
+            f"partition-id={i}",
+            f"num-partitions={len(self.sites)}",
+            f"site='{site}'",
+            f"erasure-inbox='{self.inbox(site)}'",
+        ]
         if site in self.data_files:
             parts.append(f"data-file='{self.data_files[site]}'")
         if site in self.node_extra:
@@ -236,8 +283,17 @@ class Deployment:
 
     def supernode_cmd(self, site: str, clientappio_port: int) -> list[str]:
         """A site's SuperNode command line."""
-        cmd = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--node-config", self.node_config(site),
-               "--port", str(clientappio_port), "--isolation", "subprocess"]
+        cmd = [
+            _bin("flower-supernode"),
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--node-config",
+            self.node_config(site),
+            "--port",
+            str(clientappio_port),
+            "--isolation",
+            "subprocess",
+        ]
         cmd += ["--root-certificates", str(self.root / "certs" / "ca.crt")] if self.tls else ["--insecure"]
         if self.auth:
             cmd += ["--auth-supernode-private-key", str(self.root / "keys" / site)]
@@ -246,30 +302,56 @@ class Deployment:
     def start_supernode(self, site: str) -> int:
         """Start one site's SuperNode; returns its PID."""
         self.inbox(site).mkdir(parents=True, exist_ok=True)
-        proc = subprocess.Popen(self.supernode_cmd(site, free_port()), env=self.env(), cwd=str(PROJECT_ROOT),
-                                stdout=self._log(f"supernode-{site}"), stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            self.supernode_cmd(site, free_port()),
+            env=self.env(),
+            cwd=str(PROJECT_ROOT),
+            stdout=self._log(f"supernode-{site}"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.pids[f"supernode-{site}"] = proc.pid
         self.save()
         return proc.pid
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         """Run the ``flwr`` CLI against this deployment."""
-        return subprocess.run([_bin("flwr"), *args], env=self.env(), cwd=str(PROJECT_ROOT), capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            [_bin("flwr"), *args],
+            env=self.env(),
+            cwd=str(PROJECT_ROOT),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def write_cli_config(self) -> None:
         """``FLWR_HOME/config.toml`` with the ``deploy`` federation."""
         self.flwr_home.mkdir(parents=True, exist_ok=True)
-        lines = ["[superlink]", f'default = "{FEDERATION}"', "", f"[superlink.{FEDERATION}]", f'address = "127.0.0.1:{self.port}"']
+        lines = [
+            "[superlink]",
+            f'default = "{FEDERATION}"',
+            "",
+            f"[superlink.{FEDERATION}]",
+            f'address = "127.0.0.1:{self.port}"',
+        ]
         lines += [f'root-certificates = "{self.root / "certs" / "ca.crt"}"'] if self.tls else ["insecure = true"]
         (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
     def register(self, site: str) -> int:
         """``flwr supernode register`` a site's public key; returns the node id the SuperLink assigned."""
-        out = self.flwr("supernode", "register", str(self.root / "keys" / f"{site}.pub"), FEDERATION, "--name", site,
-                        "--format", "json")
+        out = self.flwr(
+            "supernode",
+            "register",
+            str(self.root / "keys" / f"{site}.pub"),
+            FEDERATION,
+            "--name",
+            site,
+            "--format",
+            "json",
+        )
         try:
-            return int(json.loads(out.stdout[out.stdout.index("{"):])["node-id"])
+            return int(json.loads(out.stdout[out.stdout.index("{") :])["node-id"])
         except (ValueError, KeyError):
             raise RuntimeError(f"registering {site} failed: {out.stdout[-800:]} {out.stderr[-800:]}") from None
 
@@ -287,7 +369,9 @@ class Deployment:
             for site in self.sites:
                 make_node_keys(self.root / "keys", site)
                 self.node_ids[site] = self.register(site)
-            SiteRegistry({s: {"node-id": self.node_ids[s], "partition-id": i} for i, s in enumerate(self.sites)}).write(self.registry)
+            SiteRegistry({s: {"node-id": self.node_ids[s], "partition-id": i} for i, s in enumerate(self.sites)}).write(
+                self.registry
+            )
         for site in self.sites:
             self.start_supernode(site)
         self.save()
@@ -298,7 +382,7 @@ class Deployment:
         print("$ flwr", " ".join(shlex.quote(c) for c in cmd), flush=True)
         out = self.flwr(*cmd)
         try:
-            return int(json.loads(out.stdout[out.stdout.index("{"):])["run-id"])
+            return int(json.loads(out.stdout[out.stdout.index("{") :])["run-id"])
         except (ValueError, KeyError):
             raise RuntimeError(f"flwr run failed: {out.stdout[-1500:]} {out.stderr[-1500:]}") from None
 
@@ -306,7 +390,7 @@ class Deployment:
         """The run's status as ``flwr list`` reports it (``finished:completed`` ...)."""
         out = self.flwr("list", FEDERATION, "--run-id", str(run_id), "--format", "json", timeout=60)
         try:
-            runs = json.loads(out.stdout[out.stdout.index("{"):])["runs"]
+            runs = json.loads(out.stdout[out.stdout.index("{") :])["runs"]
         except (ValueError, KeyError):
             return "unknown"
         return str(runs[0].get("status", "unknown")) if runs else "unknown"
@@ -337,19 +421,15 @@ class Deployment:
         if pid:
             tree = descendants(pid)
             for p in (pid, *tree):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(p, sig) if p == pid else os.kill(p, sig)
-                except ProcessLookupError:
-                    pass
 
     def down(self) -> None:
         """Stop every process by PID (SIGTERM, then SIGKILL), descendants included."""
         for name, pid in list(self.pids.items()):
             for child in descendants(pid):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(child, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:
                     os.killpg(pid, sig)
@@ -387,10 +467,15 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--reason", default="")
     args = ap.parse_args(argv)
     if args.cmd in ("up", "demo"):
-        dep = Deployment(args.dir, [f"site-{i}" for i in range(args.sites)], tls=not args.insecure, auth=not args.no_auth)
+        dep = Deployment(
+            args.dir, [f"site-{i}" for i in range(args.sites)], tls=not args.insecure, auth=not args.no_auth
+        )
         dep.up()
-        print(f"SuperLink on 127.0.0.1:{dep.port} (TLS {'on' if dep.tls else 'off'}, node auth {'on' if dep.auth else 'off'}); "
-              f"sites {dep.node_ids or dep.sites}; state in {dep.root}")
+        print(
+            f"SuperLink on 127.0.0.1:{dep.port} (TLS {'on' if dep.tls else 'off'}, "
+            f"node auth {'on' if dep.auth else 'off'}); "
+            f"sites {dep.node_ids or dep.sites}; state in {dep.root}"
+        )
         if args.cmd == "up":
             return 0
         try:

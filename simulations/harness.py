@@ -3,7 +3,8 @@
     python -m simulations.harness                       # every method x 4 scenarios x seeds 0 1 2 (in-process engine)
     python -m simulations.harness --engine ray          # the same grid through flwr run on Ray (same numbers, slower)
     python -m simulations.harness --methods puf sragu --scenarios client class --seeds 0 1
-    python -m simulations.harness --methods fine-tune amun --run-config "unlearn.augment='trivial'" --name harness-trivial
+    python -m simulations.harness --methods fine-tune amun --run-config "unlearn.augment='trivial'" \\
+        --name harness-trivial
 
 Each cell (scenario, method, seed) is one experiment: by default the ServerApp and
 ClientApp code on an in-process Grid; with ``--engine ray`` a ``flwr run`` simulation on
@@ -34,8 +35,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fed_unlearn.report import (current_results, overview_table, plot_harness_overview, plot_harness_scenario, ranking_table,
-                                seed_statistics, seed_verdicts, statistics_table, write_json, write_statistics_csv)
+from fed_unlearn.report import (
+    current_results,
+    overview_table,
+    plot_harness_overview,
+    plot_harness_scenario,
+    ranking_table,
+    seed_statistics,
+    seed_verdicts,
+    statistics_table,
+    write_json,
+    write_statistics_csv,
+)
 from fed_unlearn.unlearning import METHODS
 
 from .run_experiment import PROJECT_ROOT
@@ -57,11 +68,17 @@ SCENARIOS: dict[str, str] = {
     # a non-IID federation (Dirichlet 0.2) whose departing client holds a skewed, distinctive share of the classes
     "noniid-client": "unlearn.scenario='client' unlearn.departing='0' partitioner='dirichlet' dirichlet-alpha=0.2",
     # logistic regression on UCI Adult: the convex setting where ascent can end further from the retrained model
-    "adult-linear": (f"unlearn.scenario='client' unlearn.departing='0' dataset='uci-adult' data-dir='{ADULT_DIR}' "
-                     "model='linear' local-epochs=1 lr=0.05"),
+    "adult-linear": (
+        f"unlearn.scenario='client' unlearn.departing='0' dataset='uci-adult' data-dir='{ADULT_DIR}' "
+        "model='linear' local-epochs=1 lr=0.05"
+    ),
     # the hard deletions at a large fraction
-    **{f"hard30-{sel}": f"unlearn.scenario='samples' unlearn.selection='{sel}' unlearn.fraction=0.3 unlearn.departing='0'"
-       for sel in ("high-loss", "low-margin", "high-grad-norm", "influence")},
+    **{
+        f"hard30-{sel}": (
+            f"unlearn.scenario='samples' unlearn.selection='{sel}' unlearn.fraction=0.3 unlearn.departing='0'"
+        )
+        for sel in ("high-loss", "low-margin", "high-grad-norm", "influence")
+    },
 }
 DEFAULT_SCENARIOS = ("client", "samples-random", "samples-high-loss", "class")
 
@@ -73,8 +90,12 @@ def deletion_scenario(name: str) -> str:
 
 def serves(method: str, scenario: str) -> bool:
     """Whether ``method`` serves the harness scenario (its registry entry lists the deletion scenarios)."""
-    return deletion_scenario(scenario) in METHODS[method].scenarios if scenario in SCENARIOS else \
-        scenario in METHODS[method].scenarios
+    return (
+        deletion_scenario(scenario) in METHODS[method].scenarios
+        if scenario in SCENARIOS
+        else scenario in METHODS[method].scenarios
+    )
+
 
 #: Keys the harness sets itself per cell.
 OWNED_KEYS = ("seed=", "unlearn.method=", "unlearn.scenario=")
@@ -110,8 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", nargs="+", default=list(DEFAULT_SCENARIOS), help=f"of {', '.join(SCENARIOS)}")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--num-clients", type=int, default=5)
-    ap.add_argument("--engine", choices=("ray", "inprocess"), default="inprocess",
-                    help="ray: flwr run on the Ray simulation engine; inprocess: same apps, no SuperLink/Ray")
+    ap.add_argument(
+        "--engine",
+        choices=("ray", "inprocess"),
+        default="inprocess",
+        help="ray: flwr run on the Ray simulation engine; inprocess: same apps, no SuperLink/Ray",
+    )
     ap.add_argument("--run-config", default="", help="overrides shared by every cell")
     ap.add_argument("--results-dir", default=str(PROJECT_ROOT / "results"))
     ap.add_argument("--name", default="harness", help="output folder under results-dir (the gold cache is shared)")
@@ -123,25 +148,33 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown scenario(s) {bad}; valid: {', '.join(SCENARIOS)}")
     if any(k in args.run_config for k in OWNED_KEYS):
-        ap.error("seed, unlearn.method and unlearn.scenario are set by the harness; use --seeds, --methods, --scenarios")
+        ap.error(
+            "seed, unlearn.method and unlearn.scenario are set by the harness; use --seeds, --methods, --scenarios"
+        )
     root = Path(args.results_dir).resolve()
     dest = root / args.name
     # scenario- and seed-major: the first method of each (scenario, seed) trains the gold, the others reuse it
     cells = [(sc, m, s) for sc in args.scenarios for s in args.seeds for m in args.methods if serves(m, sc)]
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {
-        sc: {m: [] for m in args.methods if serves(m, sc)} for sc in args.scenarios}
+        sc: {m: [] for m in args.methods if serves(m, sc)} for sc in args.scenarios
+    }
     started = time.monotonic()
     for i, (scenario, method, seed) in enumerate(cells):
         out = dest / scenario / method / f"seed{seed}"
         found = current_results(out)
         if found is None:
             progress(i, len(cells), f"running {scenario} / {method} / seed {seed}", started)
-            rc = (f"seed={seed} unlearn.method='{method}' gold-cache-dir='{root / 'gold-cache'}' "
-                  f"{SCENARIOS[scenario]} {args.run_config}").strip()
+            rc = (
+                f"seed={seed} unlearn.method='{method}' gold-cache-dir='{root / 'gold-cache'}' "
+                f"{SCENARIOS[scenario]} {args.run_config}"
+            ).strip()
             code = run_cell(args.engine, out, args.num_clients, rc)
             if code != 0:
-                print(f"{scenario} / {method} / seed {seed}: run failed (exit {code}); finished cells are kept, "
-                      "rerun to resume", file=sys.stderr)
+                print(
+                    f"{scenario} / {method} / seed {seed}: run failed (exit {code}); finished cells are kept, "
+                    "rerun to resume",
+                    file=sys.stderr,
+                )
                 return code
             found = current_results(out)
             if found is None:
@@ -157,35 +190,61 @@ def main(argv: list[str] | None = None) -> int:
     stats = {sc: seed_statistics(r) for sc, r in runs.items() if r}
     first = next(iter(next(iter(runs.values())).values()))[0]
     cfg = first["config"]
-    setup = (f"{cfg['dataset']}, {cfg['model']}, {args.num_clients} clients ({cfg['partitioner']}), request in round "
-             f"{cfg['departure_round']} of {cfg['num_server_rounds']}; mean ± std over seeds {args.seeds}; engine {args.engine}")
+    setup = (
+        f"{cfg['dataset']}, {cfg['model']}, {args.num_clients} clients ({cfg['partitioner']}), request in round "
+        f"{cfg['departure_round']} of {cfg['num_server_rounds']}; mean ± std over seeds {args.seeds}; "
+        f"engine {args.engine}"
+    )
     verdicts = {sc: seed_verdicts(r) for sc, r in runs.items() if r}
-    further = [f"| {m} | " + " | ".join(", ".join(verdicts[sc].get(m, [])) or "–" if m in verdicts[sc] else ""
-                                       for sc in verdicts) + " |"
-               for m in dict.fromkeys(m for v in verdicts.values() for m in v)]
-    sections = [f"# fed-unlearn harness\n\n{setup}\n\n## Ranking: Average Gap, KL and disagreement to gold together\n\n"
-                f"{ranking_table(stats)}\n\n## Average Gap to gold (lower is better)\n\n{overview_table(stats)}\n\n"
-                "## Further from the gold than the original (mean over seeds, beyond one std)\n\n"
-                f"| method | {' | '.join(verdicts)} |\n|---|{'---|' * len(verdicts)}\n" + "\n".join(further)]
+    further = [
+        f"| {m} | "
+        + " | ".join(", ".join(verdicts[sc].get(m, [])) or "–" if m in verdicts[sc] else "" for sc in verdicts)
+        + " |"
+        for m in dict.fromkeys(m for v in verdicts.values() for m in v)
+    ]
+    sections = [
+        f"# fed-unlearn harness\n\n{setup}\n\n## Ranking: Average Gap, KL and disagreement to gold together\n\n"
+        f"{ranking_table(stats)}\n\n## Average Gap to gold (lower is better)\n\n{overview_table(stats)}\n\n"
+        "## Further from the gold than the original (mean over seeds, beyond one std)\n\n"
+        f"| method | {' | '.join(verdicts)} |\n|---|{'---|' * len(verdicts)}\n" + "\n".join(further)
+    ]
     for sc in stats:
         desc = next(iter(runs[sc].values()))[0]["deletion"]
-        row = "| **further from gold than the original on** | – | " + " | ".join(
-            ", ".join(verdicts[sc].get(m, [])) or "–" for m in runs[sc]) + " | |"
-        sections.append(f"## {sc}: {json.dumps({k: v for k, v in desc.items() if k != 'clients'})}\n\n"
-                        f"{statistics_table(stats[sc])}\n{row}")
+        row = (
+            "| **further from gold than the original on** | – | "
+            + " | ".join(", ".join(verdicts[sc].get(m, [])) or "–" for m in runs[sc])
+            + " | |"
+        )
+        sections.append(
+            f"## {sc}: {json.dumps({k: v for k, v in desc.items() if k != 'clients'})}\n\n"
+            f"{statistics_table(stats[sc])}\n{row}"
+        )
         for m, named in verdicts[sc].items():
             if named:
-                print(f"warning: {sc} / {m}: further from the gold than the original on {', '.join(named)}", file=sys.stderr)
-        plot_harness_scenario(dest / f"harness_{sc}.png", stats[sc], {m: r[0] for m, r in runs[sc].items()}, title=f"{sc}: {setup}")
+                print(
+                    f"warning: {sc} / {m}: further from the gold than the original on {', '.join(named)}",
+                    file=sys.stderr,
+                )
+        plot_harness_scenario(
+            dest / f"harness_{sc}.png", stats[sc], {m: r[0] for m, r in runs[sc].items()}, title=f"{sc}: {setup}"
+        )
     (dest / "harness.md").write_text("\n\n".join(sections) + "\n")
     write_statistics_csv(dest / "harness.csv", stats)
-    write_json(dest / "harness.json", {
-        "seeds": args.seeds, "methods": args.methods, "scenarios": args.scenarios, "engine": args.engine,
-        "run-config": args.run_config,
-        "further-from-gold-than-original": verdicts,
-        "statistics": {sc: {c: {k: {"mean": v[0], "std": v[1], "n": v[2]} for k, v in m.items()} for c, m in st.items()}
-                       for sc, st in stats.items()},
-    })
+    write_json(
+        dest / "harness.json",
+        {
+            "seeds": args.seeds,
+            "methods": args.methods,
+            "scenarios": args.scenarios,
+            "engine": args.engine,
+            "run-config": args.run_config,
+            "further-from-gold-than-original": verdicts,
+            "statistics": {
+                sc: {c: {k: {"mean": v[0], "std": v[1], "n": v[2]} for k, v in m.items()} for c, m in st.items()}
+                for sc, st in stats.items()
+            },
+        },
+    )
     plot_harness_overview(dest / "harness.png", stats, title=setup)
     print(f"\n{ranking_table(stats)}\n\n{overview_table(stats)}\n\nwritten to {dest}")
     return 0

@@ -17,7 +17,9 @@ def fused_run_config(project_dir: str, overrides: str) -> dict[str, Any]:
     """
     from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
-    return dict(get_fused_config_from_dir(Path(project_dir), parse_config_args([overrides] if overrides.strip() else [])))
+    return dict(
+        get_fused_config_from_dir(Path(project_dir), parse_config_args([overrides] if overrides.strip() else []))
+    )
 
 
 def run_inprocess(project_dir: str, num_clients: int, overrides: str) -> dict[str, Any]:
@@ -25,7 +27,6 @@ def run_inprocess(project_dir: str, num_clients: int, overrides: str) -> dict[st
 
     The same ServerApp ``main`` and ClientApp functions as ``flwr run``, without SuperLink or Ray.
     """
-    from flwr.app import Context
 
     from clients.client_app import app as client_app
     from server.server_app import main as server_main

@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -50,20 +51,22 @@ def quiet_env(flwr_home: Path, ray_tmp: Path) -> dict[str, str]:
     # An empty Ray bootstrap config stops Ray probing cloud metadata endpoints.
     (home / "ray_bootstrap_config.yaml").write_text("{}\n")
     env = dict(os.environ)
-    env.update({
-        "FLWR_HOME": str(flwr_home),
-        "HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_TMPDIR": str(ray_tmp),
-        "MPLBACKEND": "Agg",
-        "PYTHONUNBUFFERED": "1",
-        # The SuperLink spawns flower-superexec, flwr-serverapp, ... by name: use this env's.
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-    })
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "HOME": str(home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_TMPDIR": str(ray_tmp),
+            "MPLBACKEND": "Agg",
+            "PYTHONUNBUFFERED": "1",
+            # The SuperLink spawns flower-superexec, flwr-serverapp, ... by name: use this env's.
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        }
+    )
     return env
 
 
@@ -88,11 +91,31 @@ def start_superlink(env: dict[str, str], flwr_home: Path, timeout: float = 60.0)
     control = f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}"
     log_file = flwr_home / "local-superlink" / "superlink.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-           "--control-api-address", control, "--host", "127.0.0.1", "--port", http_port,
-           "--database", str(flwr_home / "local-superlink" / "state.db"), "--log-file", str(log_file)]
-    proc = subprocess.Popen(cmd, env=env, cwd=str(PROJECT_ROOT), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [
+        _bin("flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--control-api-address",
+        control,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        http_port,
+        "--database",
+        str(flwr_home / "local-superlink" / "state.db"),
+        "--log-file",
+        str(log_file),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=str(PROJECT_ROOT),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -116,17 +139,21 @@ def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=grace)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout=grace)
 
 
 def run_status(env: dict[str, str], run_id: str) -> str:
     """The status string ``flwr list`` reports for ``run_id`` (e.g. ``finished:completed``)."""
-    out = subprocess.run([_bin("flwr"), "list", "local", "--run-id", run_id, "--format", "json"],
-                         env=env, cwd=str(PROJECT_ROOT), capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [_bin("flwr"), "list", "local", "--run-id", run_id, "--format", "json"],
+        env=env,
+        cwd=str(PROJECT_ROOT),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     try:
         runs = json.loads(out.stdout)["runs"]
     except (ValueError, KeyError):
@@ -161,19 +188,28 @@ def preflight(overrides: str, num_clients: int) -> None:
         return
     unknown = sorted(c for c in cfg.departing if c >= num_clients)
     if unknown:
-        raise ValueError(f"run-config 'unlearn.departing' names client(s) {unknown}, but there are {num_clients} "
-                         f"(ids 0..{num_clients - 1})")
+        raise ValueError(
+            f"run-config 'unlearn.departing' names client(s) {unknown}, but there are {num_clients} "
+            f"(ids 0..{num_clients - 1})"
+        )
     task = load_task(cfg.task)
     for pid in range(num_clients):  # the clients will load the same data: fail here, naming the file or key
         try:
-            train, held = (as_dataset(d, f"client {pid} {part}") for d, part in zip(task.data(pid, num_clients, rc),
-                                                                                   ("train data", "held-out data")))
+            train, held = (
+                as_dataset(d, f"client {pid} {part}")
+                for d, part in zip(task.data(pid, num_clients, rc), ("train data", "held-out data"), strict=False)
+            )
         except (OSError, ValueError) as exc:
             raise ValueError(f"client {pid}'s data: {exc}") from None
         classes = max(train.num_classes, held.num_classes)
-        if (cfg.deletion.scenario == "class" or cfg.deletion.selection == "class") and cfg.deletion.forget_class >= classes \
-                and task.builtin:
-            raise ValueError(f"run-config 'unlearn.class' is {cfg.deletion.forget_class}, but the data has {classes} classes")
+        if (
+            (cfg.deletion.scenario == "class" or cfg.deletion.selection == "class")
+            and cfg.deletion.forget_class >= classes
+            and task.builtin
+        ):
+            raise ValueError(
+                f"run-config 'unlearn.class' is {cfg.deletion.forget_class}, but the data has {classes} classes"
+            )
 
 
 class LogFilter:
@@ -188,8 +224,13 @@ class LogFilter:
         text = line.rstrip("\n")
         if "Traceback (most recent call last)" in text:
             self.in_traceback = True
-        elif self.in_traceback and text and not text.startswith((" ", "\t")) and ":" in text \
-                and not text.lstrip().startswith("File "):
+        elif (
+            self.in_traceback
+            and text
+            and not text.startswith((" ", "\t"))
+            and ":" in text
+            and not text.lstrip().startswith("File ")
+        ):
             self.in_traceback = False
             self.error = text.split("  ", 1)[-1].strip()  # the exception line ends the traceback
             if not self.debug:
@@ -203,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--num-clients", type=int, default=5, help="SuperNodes in the simulation (default 5)")
-    ap.add_argument("--cpus-per-client", type=int, default=1, help="Ray CPUs per client (default 1; Flower takes integers)")
+    ap.add_argument(
+        "--cpus-per-client", type=int, default=1, help="Ray CPUs per client (default 1; Flower takes integers)"
+    )
     ap.add_argument("--run-config", default="", help="run-config overrides, e.g. \"unlearn.departing='0,3'\"")
     ap.add_argument("--app", default=str(PROJECT_ROOT), help="the Flower app to run (default: this repository's)")
     ap.add_argument("--results-dir", default=str(PROJECT_ROOT / "results"), help="where results go (default ./results)")
@@ -253,13 +296,19 @@ def main(argv: list[str] | None = None) -> int:
         print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
         sub = subprocess.run(cmd, env=env, cwd=str(PROJECT_ROOT), capture_output=True, text=True, timeout=120)
         try:
-            run_id = json.loads(sub.stdout[sub.stdout.index("{"):])["run-id"]
+            run_id = json.loads(sub.stdout[sub.stdout.index("{") :])["run-id"]
         except (ValueError, KeyError, TypeError):
             print(sub.stdout, sub.stderr, file=sys.stderr)
             return 2
         print(f"run {run_id} submitted; streaming its log", flush=True)
-        stream = subprocess.Popen([_bin("flwr"), "log", str(run_id), "local", "--stream"], env=env, cwd=str(PROJECT_ROOT),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stream = subprocess.Popen(
+            [_bin("flwr"), "log", str(run_id), "local", "--stream"],
+            env=env,
+            cwd=str(PROJECT_ROOT),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         shown = LogFilter(args.debug)
         reader = threading.Thread(target=lambda: [shown(line) for line in stream.stdout or []], daemon=True)
         reader.start()
@@ -274,8 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {run_id}: {status}", flush=True)
         if status != "finished:completed":
             why = f": {shown.error}" if shown.error else ""
-            print(f"the run did not complete{why} (SuperLink log: {flwr_home / 'local-superlink' / 'superlink.log'}; "
-                  "--debug shows tracebacks)", file=sys.stderr)
+            print(
+                f"the run did not complete{why} (SuperLink log: {flwr_home / 'local-superlink' / 'superlink.log'}; "
+                "--debug shows tracebacks)",
+                file=sys.stderr,
+            )
             return 1
         print(f"results in {results}")
         return 0

@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from fed_unlearn.aggregation import ClientUpdate, InvalidUpdateError, fedavg, pseudo_gradient, validate_update, validate_updates
+from fed_unlearn.aggregation import (
+    ClientUpdate,
+    InvalidUpdateError,
+    fedavg,
+    pseudo_gradient,
+    validate_update,
+    validate_updates,
+)
 
 REF = {"a": np.zeros((2, 2), np.float32), "b": np.zeros(3, np.float32)}
 
@@ -23,13 +30,16 @@ def test_pseudo_gradient_is_local_minus_global():
     np.testing.assert_array_equal(d["b"], [-1.0, 0.0, 1.0])
 
 
-@pytest.mark.parametrize("bad, msg", [
-    ({"a": np.full((2, 2), np.nan, np.float32), "b": np.zeros(3, np.float32)}, "4 NaN/inf"),
-    ({"a": np.zeros((2, 2), np.float32), "b": np.array([0, np.inf, 0], np.float32)}, "'b' contains 1 NaN/inf"),
-    ({"a": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}, r"'a' has shape \(2, 3\)"),
-    ({"a": np.zeros((2, 2), np.float32)}, r"missing \['b'\]"),
-    ({"a": np.zeros((2, 2)), "b": np.zeros(3), "c": np.zeros(1)}, r"unexpected \['c'\]"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        ({"a": np.full((2, 2), np.nan, np.float32), "b": np.zeros(3, np.float32)}, "4 NaN/inf"),
+        ({"a": np.zeros((2, 2), np.float32), "b": np.array([0, np.inf, 0], np.float32)}, "'b' contains 1 NaN/inf"),
+        ({"a": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}, r"'a' has shape \(2, 3\)"),
+        ({"a": np.zeros((2, 2), np.float32)}, r"missing \['b'\]"),
+        ({"a": np.zeros((2, 2)), "b": np.zeros(3), "c": np.zeros(1)}, r"unexpected \['c'\]"),
+    ],
+)
 def test_invalid_updates_are_named(bad, msg):
     with pytest.raises(InvalidUpdateError, match=msg):
         validate_update(bad, REF, "client 7")
@@ -50,7 +60,10 @@ def test_streamed_delta_sum_equals_the_sum_of_pseudo_gradients():
     locs = [{"w": rng.normal(size=(3, 4)).astype(np.float32), "steps": np.array([9], np.int64)} for _ in range(4)]
     coefs = [0.5, -2.0, 0.25, 1.0]
     got = weighted_delta_sum(locs, coefs, g)
-    want = weighted_sum([pseudo_gradient(l, g) for l in locs], coefs, {"w": np.zeros((3, 4)), "steps": np.zeros(1)})
+    want = weighted_sum([pseudo_gradient(loc, g) for loc in locs], coefs, {"w": np.zeros((3, 4)), "steps": np.zeros(1)})
     np.testing.assert_allclose(got["w"], want["w"], rtol=1e-12)
     assert got["w"].dtype == np.float64 and got["steps"].tolist() == [0.0]  # counters never move
-    np.testing.assert_allclose(got["w"][0, 0], sum(c * (float(l["w"][0, 0]) - float(g["w"][0, 0])) for l, c in zip(locs, coefs)))
+    np.testing.assert_allclose(
+        got["w"][0, 0],
+        sum(c * (float(loc["w"][0, 0]) - float(g["w"][0, 0])) for loc, c in zip(locs, coefs, strict=True)),
+    )

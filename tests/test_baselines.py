@@ -11,8 +11,12 @@ from fed_unlearn.unlearning.base import apply_departing_motion
 from fed_unlearn.unlearning.gradient_ascent import GradientAscentConfig, gradient_ascent
 from fed_unlearn.unlearning.negation import negate, negated_layers
 
-G = {"net.1.weight": np.ones((2, 3), np.float32), "net.1.bias": np.full(2, 2.0, np.float32),
-     "net.3.weight": np.full((1, 2), 3.0, np.float32), "net.3.bias": np.zeros(1, np.float32)}
+G = {
+    "net.1.weight": np.ones((2, 3), np.float32),
+    "net.1.bias": np.full(2, 2.0, np.float32),
+    "net.3.weight": np.full((1, 2), 3.0, np.float32),
+    "net.3.bias": np.zeros(1, np.float32),
+}
 
 
 def up(cid, val, n):
@@ -61,7 +65,7 @@ def test_gradient_ascent_first_step_and_loss_rises():
     grads = torch.autograd.grad(loss, list(model.parameters()))
     steps = gradient_ascent(model, x, y, GradientAscentConfig(lr=0.5, batch_size=40), seed=0)
     assert steps == 1
-    for p, p0, g in zip(model.parameters(), w0, grads):
+    for p, p0, g in zip(model.parameters(), w0, grads, strict=False):
         np.testing.assert_allclose((p.detach() - p0).numpy(), (0.5 * g).numpy(), atol=1e-6)
     after = float(nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)).detach())
     assert after > float(loss)
@@ -69,8 +73,9 @@ def test_gradient_ascent_first_step_and_loss_rises():
 
 def test_gradient_ascent_early_stop_at_target():
     model, x, y = small_model_and_data()
-    steps = gradient_ascent(model, x, y, GradientAscentConfig(lr=0.5, epochs=50, batch_size=8, target_ratio=1.0),
-                            seed=0, reference_loss=1.5)
+    steps = gradient_ascent(
+        model, x, y, GradientAscentConfig(lr=0.5, epochs=50, batch_size=8, target_ratio=1.0), seed=0, reference_loss=1.5
+    )
     assert steps < 50 * 5
 
 
@@ -139,7 +144,8 @@ def test_federaser_stores_history_and_reconstructs_by_hand():
     start = m.prepare_global(w2)
     np.testing.assert_allclose(start["a"], [0.5, 1.0])  # w0 + mean((1,0), (0,2)) without client 2
     assert m.remaining_config() == {"local-epochs-ratio": 0.5}
-    # calibration from (0.5, 1): both clients move by (0, +1) -> direction (0, 1); old U_2 = mean((3,0),(0,4)) = (1.5, 2), length 2.5
+    # calibration from (0.5, 1): both clients move by (0, +1) -> direction (0, 1);
+    # old U_2 = mean((3,0),(0,4)) = (1.5, 2), length 2.5
     out = m.aggregate(start, [u(0, [0.5, 2.0], 1), u(1, [0.5, 2.0], 1)], [])
     np.testing.assert_allclose(out["a"], [0.5, 3.5])
     assert m.checkpoints == [] and m.history_bytes() == 64  # history dropped, peak reported
@@ -192,7 +198,9 @@ def test_pga_stops_at_the_accuracy_threshold():
     from fed_unlearn.unlearning.projected_ga import PGAConfig, projected_ascent
 
     model, x, y = small_model_and_data()
-    out = projected_ascent(model, x, y, PGAConfig(lr=0.5, epochs=50, batch_size=8, stop_accuracy=0.3), delta=1e9, seed=0)
+    out = projected_ascent(
+        model, x, y, PGAConfig(lr=0.5, epochs=50, batch_size=8, stop_accuracy=0.3), delta=1e9, seed=0
+    )
     assert out["forget-acc-end"] <= 0.3 and out["train-steps"] < 50 * 5
 
 
@@ -205,16 +213,16 @@ def test_ieu_step_is_decayed_ascent_then_relative_noise():
     loss = nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
     grads = torch.autograd.grad(loss, list(model.parameters()))
     assert ieu_unlearn(model, x, y, IEUConfig(lr=0.5, batch_size=40, weight_decay=0.2, noise=0.0), seed=0) == 1
-    for p, p0, g in zip(model.parameters(), w0, grads):
+    for p, p0, g in zip(model.parameters(), w0, grads, strict=False):
         np.testing.assert_allclose(p.detach().numpy(), ((1 - 0.5 * 0.2) * p0 + 0.5 * g).numpy(), atol=1e-6)
     big = nn.Linear(200, 100)
     before = [p.detach().clone() for p in big.parameters()]
     add_relative_noise(big, 0.1, seed=3)
-    for p, b in zip(big.parameters(), before):
+    for p, b in zip(big.parameters(), before, strict=False):
         rms = float(torch.sqrt(torch.mean(b.double() ** 2)))
         assert float(torch.std((p.detach() - b).double())) == pytest.approx(0.1 * rms, rel=0.1)
     again = nn.Linear(200, 100)
-    again.load_state_dict(dict(zip(["weight", "bias"], before)))
+    again.load_state_dict(dict(zip(["weight", "bias"], before, strict=False)))
     add_relative_noise(again, 0.1, seed=3)
     assert torch.equal(again.weight, big.weight)  # seeded
     with pytest.raises(ValueError, match="decay factor"):

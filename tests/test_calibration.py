@@ -30,10 +30,20 @@ def test_accuracy_floor_for_a_class():
 
 
 def test_pooled_means_are_example_weighted_and_bad_inputs_are_refused():
-    a = {"forget-loss-sum": [1.0, 3.0], "forget-correct": [2.0, 1.0], "heldout-loss-sum": [2.0, 2.0],
-         "forget-n": [2.0], "heldout-n": [4.0]}
-    b = {"forget-loss-sum": [2.0, 3.0], "forget-correct": [2.0, 0.0], "heldout-loss-sum": [0.0, 4.0],
-         "forget-n": [2.0], "heldout-n": [1.0]}
+    a = {
+        "forget-loss-sum": [1.0, 3.0],
+        "forget-correct": [2.0, 1.0],
+        "heldout-loss-sum": [2.0, 2.0],
+        "forget-n": [2.0],
+        "heldout-n": [4.0],
+    }
+    b = {
+        "forget-loss-sum": [2.0, 3.0],
+        "forget-correct": [2.0, 0.0],
+        "heldout-loss-sum": [0.0, 4.0],
+        "forget-n": [2.0],
+        "heldout-n": [1.0],
+    }
     m = pooled([a, b])
     assert m["forget-loss"] == [0.75, 1.5] and m["heldout-loss"] == [0.4, 1.2] and m["forget-acc"] == [1.0, 0.25]
     with pytest.raises(ValueError, match="increase from 0"):

@@ -1,9 +1,9 @@
 """Run-config parsing and the refusal of impossible experiments."""
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from fed_unlearn.config import ExperimentConfig, parse_client_ids
 
@@ -24,7 +24,12 @@ def test_pyproject_defaults_parse_and_match_dataclass_defaults():
     assert cfg.departing == (0,) and cfg.method == "puf" and cfg.dataset == "mnist-5k"
     assert cfg.gold_rounds == cfg.departure_round - 1
     defaults = ExperimentConfig()
-    assert (cfg.model, cfg.train, cfg.num_server_rounds, cfg.recovery) == (defaults.model, defaults.train, defaults.num_server_rounds, defaults.recovery)
+    assert (cfg.model, cfg.train, cfg.num_server_rounds, cfg.recovery) == (
+        defaults.model,
+        defaults.train,
+        defaults.num_server_rounds,
+        defaults.recovery,
+    )
 
 
 @pytest.mark.parametrize("value, ids", [("3", (3,)), ("4, 1,4", (1, 4)), (2, (2,)), ("", ())])
@@ -38,16 +43,19 @@ def test_parse_client_ids_rejects(value):
         parse_client_ids(value)
 
 
-@pytest.mark.parametrize("rc, msg", [
-    ({"unlearn.round": 16, "num-server-rounds": 15}, "after the last round"),
-    ({"unlearn.round": 1}, "round 1 has nothing to unlearn"),
-    ({"unlearn.recovery": "forever"}, "unlearn.recovery"),
-    ({"dataset": "imagenet"}, "unknown dataset"),
-    ({"model": "resnet"}, "unknown model"),
-    ({"lr": "fast"}, "'lr' must be float"),
-    ({"local-epochs": 0}, "epochs"),
-    ({"num-server-rounds": 2.5}, "'num-server-rounds' must be int"),
-])
+@pytest.mark.parametrize(
+    "rc, msg",
+    [
+        ({"unlearn.round": 16, "num-server-rounds": 15}, "after the last round"),
+        ({"unlearn.round": 1}, "round 1 has nothing to unlearn"),
+        ({"unlearn.recovery": "forever"}, "unlearn.recovery"),
+        ({"dataset": "imagenet"}, "unknown dataset"),
+        ({"model": "resnet"}, "unknown model"),
+        ({"lr": "fast"}, "'lr' must be float"),
+        ({"local-epochs": 0}, "epochs"),
+        ({"num-server-rounds": 2.5}, "'num-server-rounds' must be int"),
+    ],
+)
 def test_impossible_configs_are_refused(rc, msg):
     with pytest.raises(ValueError, match=msg):
         ExperimentConfig.from_run_config(rc)

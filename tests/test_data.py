@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 
 from fed_unlearn.data import (
-    client_datasets, load_dataset, load_fashion_mnist, load_mnist_5k, load_uci_adult, parse_idx,
-    partition_indices, read_idx, train_holdout_split,
+    client_datasets,
+    load_dataset,
+    load_fashion_mnist,
+    load_mnist_5k,
+    load_uci_adult,
+    parse_idx,
+    partition_indices,
+    read_idx,
+    train_holdout_split,
 )
 from fed_unlearn.data.datasets import _load_torchvision
 
@@ -29,11 +36,14 @@ def test_idx_roundtrip_uint8_and_int32():
     np.testing.assert_array_equal(parse_idx(idx_bytes(b)), b)
 
 
-@pytest.mark.parametrize("buf, msg", [
-    (b"\x01\x00\x08\x01\x00\x00\x00\x01\x00", "bad magic"),
-    (b"\x00\x00\x07\x01\x00\x00\x00\x01\x00", "type code"),
-    (b"\x00\x00\x08\x01\x00\x00\x00\x05\x00", "payload"),
-])
+@pytest.mark.parametrize(
+    "buf, msg",
+    [
+        (b"\x01\x00\x08\x01\x00\x00\x00\x01\x00", "bad magic"),
+        (b"\x00\x00\x07\x01\x00\x00\x00\x01\x00", "type code"),
+        (b"\x00\x00\x08\x01\x00\x00\x00\x05\x00", "payload"),
+    ],
+)
 def test_idx_rejects_corrupt_files(buf, msg):
     with pytest.raises(ValueError, match=msg):
         parse_idx(buf)
@@ -52,7 +62,7 @@ def test_fashion_mnist_reader_on_small_files(tmp_path):
     write_fake_fashion(tmp_path, 30, 10)
     ds = load_fashion_mnist(tmp_path)
     assert ds.x.shape == (40, 1, 28, 28) and ds.x.dtype == np.float32
-    assert 0.0 <= ds.x.min() and ds.x.max() <= 1.0
+    assert ds.x.min() >= 0.0 and ds.x.max() <= 1.0
     np.testing.assert_array_equal(ds.y[:12], np.r_[np.arange(10), 0, 1])
     raw = read_idx(tmp_path / "train-images-idx3-ubyte.gz")
     np.testing.assert_allclose(ds.x[0, 0], raw[0] / 255.0, atol=1e-7)
@@ -73,11 +83,15 @@ def test_embedded_mnist_is_real_and_balanced():
 
 def test_uci_adult_small_file(tmp_path):
     rows = [
-        "39, State-gov, 77516, Bachelors, 13, Never-married, Adm-clerical, Not-in-family, White, Male, 2174, 0, 40, United-States, <=50K",
-        "50, Self-emp-not-inc, 83311, Bachelors, 13, Married-civ-spouse, Exec-managerial, Husband, White, Male, 0, 0, 13, ?, >50K",
+        "39, State-gov, 77516, Bachelors, 13, Never-married, Adm-clerical, Not-in-family, White, Male, 2174, 0, 40, "
+        "United-States, <=50K",
+        "50, Self-emp-not-inc, 83311, Bachelors, 13, Married-civ-spouse, Exec-managerial, Husband, White, Male, "
+        "0, 0, 13, ?, >50K",
     ]
     (tmp_path / "adult.data").write_text("\n".join(rows) + "\n")
-    (tmp_path / "adult.test.gz").write_bytes(gzip.compress(("|1x3 Cross validator\n" + rows[0].replace("<=50K", ">50K.") + "\n").encode()))
+    (tmp_path / "adult.test.gz").write_bytes(
+        gzip.compress(("|1x3 Cross validator\n" + rows[0].replace("<=50K", ">50K.") + "\n").encode())
+    )
     ds = load_uci_adult(tmp_path)
     np.testing.assert_array_equal(ds.y, [0, 1, 1])
     # 6 numeric columns + one-hot columns; every one-hot block sums to 1 per row
@@ -121,8 +135,8 @@ def test_partitions_are_deterministic_in_seed():
     a = partition_indices(y, 5, "dirichlet", alpha=0.3, seed=1)
     b = partition_indices(y, 5, "dirichlet", alpha=0.3, seed=1)
     c = partition_indices(y, 5, "dirichlet", alpha=0.3, seed=2)
-    assert all(np.array_equal(x, z) for x, z in zip(a, b))
-    assert not all(np.array_equal(x, z) for x, z in zip(a, c))
+    assert all(np.array_equal(x, z) for x, z in zip(a, b, strict=False))
+    assert not all(np.array_equal(x, z) for x, z in zip(a, c, strict=False))
 
 
 def test_iid_shuffles_sorted_labels():
@@ -139,8 +153,10 @@ def label_skew(y, parts):
 
 def test_dirichlet_skew_grows_as_alpha_shrinks():
     y = labels(200)
-    skews = [np.mean([label_skew(y, partition_indices(y, 10, "dirichlet", alpha=a, seed=s)) for s in range(3)])
-             for a in (100.0, 1.0, 0.1)]
+    skews = [
+        np.mean([label_skew(y, partition_indices(y, 10, "dirichlet", alpha=a, seed=s)) for s in range(3)])
+        for a in (100.0, 1.0, 0.1)
+    ]
     assert skews[0] < skews[1] < skews[2]
     assert skews[0] < 0.1 and skews[2] > 0.5
 

@@ -5,8 +5,16 @@ import pytest
 import torch
 from torch import nn
 
-from fed_unlearn.deletion import (DeletionRequest, forget_mask, mask_digest, margins, mean_grad, per_example_grads,
-                                  request_from_run_config, selection_scores)
+from fed_unlearn.deletion import (
+    DeletionRequest,
+    forget_mask,
+    margins,
+    mask_digest,
+    mean_grad,
+    per_example_grads,
+    request_from_run_config,
+    selection_scores,
+)
 
 
 def fixed_linear(weight: np.ndarray) -> nn.Module:
@@ -25,7 +33,10 @@ MODEL = fixed_linear(np.eye(3, dtype=np.float32))
 def test_client_and_class_scenarios():
     assert forget_mask(DeletionRequest("client"), 0, X, Y, seed=0).all()
     np.testing.assert_array_equal(forget_mask(DeletionRequest("class", forget_class=0), 1, X, Y, seed=0), Y == 0)
-    assert DeletionRequest("class", forget_class=2).removed_classes == (2,) and DeletionRequest("samples").removed_classes == ()
+    assert (
+        DeletionRequest("class", forget_class=2).removed_classes == (2,)
+        and DeletionRequest("samples").removed_classes == ()
+    )
     assert DeletionRequest("client").clients_leave and not DeletionRequest("samples").clients_leave
 
 
@@ -35,8 +46,8 @@ def test_random_selection_size_seed_and_client():
     m = forget_mask(req, 3, x, y, seed=0)
     assert m.sum() == 10
     np.testing.assert_array_equal(m, forget_mask(req, 3, x, y, seed=0))  # deterministic
-    assert not np.array_equal(m, forget_mask(req, 4, x, y, seed=0))       # differs per client
-    assert not np.array_equal(m, forget_mask(req, 3, x, y, seed=1))       # and per seed
+    assert not np.array_equal(m, forget_mask(req, 4, x, y, seed=0))  # differs per client
+    assert not np.array_equal(m, forget_mask(req, 3, x, y, seed=1))  # and per seed
     tiny = DeletionRequest("samples", fraction=0.01)
     assert forget_mask(tiny, 0, x, y, seed=0).sum() == 1  # at least one sample
 
@@ -44,7 +55,9 @@ def test_random_selection_size_seed_and_client():
 def test_class_selection_takes_only_that_class():
     m = forget_mask(DeletionRequest("samples", selection="class", fraction=0.34, forget_class=0), 0, X, Y, seed=0)
     assert m.sum() == 2 and set(Y[m]) == {0}  # round(0.34 * 6) = 2 of the 3 class-0 samples
-    all_of_it = forget_mask(DeletionRequest("samples", selection="class", fraction=0.9, forget_class=1), 0, X, Y, seed=0)
+    all_of_it = forget_mask(
+        DeletionRequest("samples", selection="class", fraction=0.9, forget_class=1), 0, X, Y, seed=0
+    )
     np.testing.assert_array_equal(all_of_it, Y == 1)  # fewer than k of the class: all of them
 
 
@@ -53,7 +66,9 @@ def test_high_loss_and_low_margin_pick_the_known_samples():
     req = DeletionRequest("samples", selection="low-margin", fraction=2 / 6)
     np.testing.assert_array_equal(np.flatnonzero(forget_mask(req, 0, X, Y, 0, model=MODEL)), [3, 4])
     req = DeletionRequest("samples", selection="high-loss", fraction=1 / 6)
-    np.testing.assert_array_equal(np.flatnonzero(forget_mask(req, 0, X, Y, 0, model=MODEL)), [4])  # loss of a clearly wrong one
+    np.testing.assert_array_equal(
+        np.flatnonzero(forget_mask(req, 0, X, Y, 0, model=MODEL)), [4]
+    )  # loss of a clearly wrong one
     with pytest.raises(ValueError, match="needs the model"):
         forget_mask(req, 0, X, Y, 0)
 
@@ -64,13 +79,15 @@ def test_per_example_gradients_match_a_loop_of_backward_passes():
     g = per_example_grads(model, X, Y, batch_size=4)
     for i in range(len(X)):
         model.zero_grad()
-        nn.functional.cross_entropy(model(torch.from_numpy(X[i:i + 1])), torch.from_numpy(Y[i:i + 1])).backward()
+        nn.functional.cross_entropy(model(torch.from_numpy(X[i : i + 1])), torch.from_numpy(Y[i : i + 1])).backward()
         ref = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double().numpy()
         np.testing.assert_allclose(g[i], ref, rtol=1e-5, atol=1e-7)
     scores = selection_scores("high-grad-norm", model, X, Y)
     np.testing.assert_allclose(scores, np.linalg.norm(g, axis=1))
     req = DeletionRequest("samples", selection="high-grad-norm", fraction=0.5)
-    np.testing.assert_array_equal(forget_mask(req, 0, X, Y, 0, model=model), np.isin(np.arange(6), np.argsort(-scores)[:3]))
+    np.testing.assert_array_equal(
+        forget_mask(req, 0, X, Y, 0, model=model), np.isin(np.arange(6), np.argsort(-scores)[:3])
+    )
 
 
 def test_influence_is_gradient_alignment_with_the_heldout_loss():
@@ -81,11 +98,15 @@ def test_influence_is_gradient_alignment_with_the_heldout_loss():
     h = mean_grad(model, hx, hy)
     model.zero_grad()
     nn.functional.cross_entropy(model(torch.from_numpy(hx)), torch.from_numpy(hy)).backward()
-    np.testing.assert_allclose(h, torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        h, torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double().numpy(), rtol=1e-6
+    )
     scores = selection_scores("influence", model, X, Y, heldout=(hx, hy))
     np.testing.assert_allclose(scores, g @ h)
     req = DeletionRequest("samples", selection="influence", fraction=1 / 6)
-    assert np.flatnonzero(forget_mask(req, 0, X, Y, 0, model=model, heldout=(hx, hy))).tolist() == [int(np.argmax(g @ h))]
+    assert np.flatnonzero(forget_mask(req, 0, X, Y, 0, model=model, heldout=(hx, hy))).tolist() == [
+        int(np.argmax(g @ h))
+    ]
     with pytest.raises(ValueError, match="held-out"):
         selection_scores("influence", model, X, Y)
 

@@ -36,7 +36,9 @@ def deployment(tmp_path):
 def journal_rows(dep: Deployment) -> list[tuple]:
     db = sqlite3.connect(dep.state_dir / "journal.sqlite")
     try:
-        return db.execute("SELECT id, site, state, attempts, served_round FROM requests ORDER BY received_at").fetchall()
+        return db.execute(
+            "SELECT id, site, state, attempts, served_round FROM requests ORDER BY received_at"
+        ).fetchall()
     finally:
         db.close()
 
@@ -54,21 +56,27 @@ def assert_completed(dep: Deployment, run: int, timeout: float) -> None:
     if status != "finished:completed":
         app_log = dep.flwr("log", str(run), FEDERATION, "--show", timeout=60).stdout
         link_log = (dep.root / "logs" / "superlink.log").read_text(errors="replace")
-        pytest.fail(f"run {run}: {status}\n--- flwr log (tail) ---\n{app_log[-6000:]}\n"
-                    f"--- superlink.log (tail) ---\n{link_log[-2000:]}")
+        pytest.fail(
+            f"run {run}: {status}\n--- flwr log (tail) ---\n{app_log[-6000:]}\n"
+            f"--- superlink.log (tail) ---\n{link_log[-2000:]}"
+        )
 
 
 @pytest.mark.slow
 def test_a_deployed_site_asks_to_be_forgotten_over_tls_with_node_authentication(deployment):
     dep = deployment
-    assert len(dep.node_ids) == 3 and json.loads(dep.registry.read_text())["sites"]["site-1"]["node-id"] == dep.node_ids["site-1"]
+    assert (
+        len(dep.node_ids) == 3
+        and json.loads(dep.registry.read_text())["sites"]["site-1"]["node-id"] == dep.node_ids["site-1"]
+    )
     with pytest.raises(OSError):  # TLS only: plaintext HTTP to the SuperLink is dropped
         urllib.request.urlopen(f"http://127.0.0.1:{dep.port}/health", timeout=5)
     # a SuperNode whose key was never registered cannot join
     make_node_keys(dep.root / "keys", "intruder")
     dep.sites.append("intruder")
-    intruder = subprocess.Popen(dep.supernode_cmd("intruder", free_port()), env=dep.env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+    intruder = subprocess.Popen(
+        dep.supernode_cmd("intruder", free_port()), env=dep.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     dep.sites.remove("intruder")
     try:
         assert intruder.wait(timeout=120) != 0
@@ -88,7 +96,10 @@ def test_a_deployed_site_asks_to_be_forgotten_over_tls_with_node_authentication(
     assert summary["resumed-from-round"] == 2 and summary["sites"] == {"site-0": 0, "site-1": 1, "site-2": 2}
     assert any("may not request the erasure of site 'site-2'" in r["reason"] for r in summary["refusals"])
     report = json.loads(Path(summary["requests"][0]["report"]).read_text())
-    assert report["leakage-audit"]["site-reachable"] and report["model-sha256"]["before"] != report["model-sha256"]["after-recovery"]
+    assert (
+        report["leakage-audit"]["site-reachable"]
+        and report["model-sha256"]["before"] != report["model-sha256"]["after-recovery"]
+    )
     served = rows[0][4]
     assert summary["history"][str(served + 1)]["test-acc"] > 0.5
     # the site left: the checkpoint's membership, and its request file was filed as acknowledged

@@ -25,8 +25,10 @@ def test_every_relative_link_resolves():
             if not dest.exists():
                 broken.append(f"{doc.relative_to(ROOT)}: {target}")
             elif anchor and dest.suffix == ".md":
-                slugs = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-                         for h in re.findall(r"^#+ (.+)$", dest.read_text(), flags=re.M)}
+                slugs = {
+                    re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+                    for h in re.findall(r"^#+ (.+)$", dest.read_text(), flags=re.M)
+                }
                 if anchor not in slugs:
                     broken.append(f"{doc.relative_to(ROOT)}: {target} (no such heading)")
     assert not broken, broken

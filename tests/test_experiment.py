@@ -9,8 +9,8 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from clients.client_app import app as client_app
-from server.server_app import main as server_main
 from fed_unlearn.flower import InProcessGrid
+from server.server_app import main as server_main
 
 
 def run(rc: dict, num_nodes: int, tmp_path: Path) -> tuple[dict, InProcessGrid]:
@@ -27,8 +27,18 @@ def test_default_experiment_moves_toward_gold(default_run_config, tmp_path):
     orig, unl, gold = (res["report"][k] for k in ("original", "unlearned", "gold"))
     # every metric of the report is there, for every model
     for m in (orig, unl, gold):
-        for key in ("test-acc", "retain-acc", "forget-acc", "forget-heldout-acc", "mia-auc", "mia-entropy-auc", "kl-forget",
-                    "disagree-forget", "kl-test", "disagree-test"):
+        for key in (
+            "test-acc",
+            "retain-acc",
+            "forget-acc",
+            "forget-heldout-acc",
+            "mia-auc",
+            "mia-entropy-auc",
+            "kl-forget",
+            "disagree-forget",
+            "kl-test",
+            "disagree-test",
+        ):
             assert key in m and m[key] is not None
     assert gold["kl-forget"] == 0.0 and gold["disagree-forget"] == 0.0
     assert gold["average-gap"] == 0.0 and gold["l2-to-gold"] == 0.0 and orig["l2-to-original"] == 0.0
@@ -63,8 +73,14 @@ def test_same_seed_same_numbers_and_gold_cache_reused(default_run_config, tmp_pa
 
 
 def test_two_clients_leave_in_the_same_round(default_run_config, tmp_path):
-    rc = {**default_run_config, "dataset": "digits", "unlearn.departing": "0,2", "unlearn.round": 3,
-          "num-server-rounds": 4, "unlearn.recovery": "fixed"}
+    rc = {
+        **default_run_config,
+        "dataset": "digits",
+        "unlearn.departing": "0,2",
+        "unlearn.round": 3,
+        "num-server-rounds": 4,
+        "unlearn.recovery": "fixed",
+    }
     res, grid = run(rc, 4, tmp_path)
     assert res["config"]["departing"] == [0, 2]
     assert res["recovery"]["rounds-run"] == 1
@@ -72,11 +88,14 @@ def test_two_clients_leave_in_the_same_round(default_run_config, tmp_path):
     assert res["train-history"]["4"]["clients"] == 2 and res["train-history"]["3"]["clients"] == 4
 
 
-@pytest.mark.parametrize("override, msg", [
-    ({"unlearn.departing": "7"}, r"unknown departing client id\(s\) \[7\]"),
-    ({"unlearn.round": 20}, "after the last round"),
-    ({"unlearn.method": "nope"}, "unknown unlearning method"),
-])
+@pytest.mark.parametrize(
+    "override, msg",
+    [
+        ({"unlearn.departing": "7"}, r"unknown departing client id\(s\) \[7\]"),
+        ({"unlearn.round": 20}, "after the last round"),
+        ({"unlearn.method": "nope"}, "unknown unlearning method"),
+    ],
+)
 def test_bad_requests_fail_before_any_training(default_run_config, tmp_path, override, msg):
     rc = {**default_run_config, "dataset": "digits", **override}
     grid = None
@@ -96,17 +115,24 @@ def test_sragu_experiment_moves_toward_gold_and_reports_layers(default_run_confi
     assert abs(unl["forget-acc"] - gold["forget-acc"]) < abs(orig["forget-acc"] - gold["forget-acc"])
     rep = res["unlearning"]
     assert rep["method"] == "sragu" and rep["departing"] == [0]
-    layers = {l["layer"]: l for l in rep["layers"]}
+    layers = {layer["layer"]: layer for layer in rep["layers"]}
     assert set(layers) == {"net.1", "net.3", "net.5"}
-    assert all(0.1 <= l["nu"] <= 1.0 and l["motion-share"] > 0 for l in layers.values())
+    assert all(0.1 <= layer["nu"] <= 1.0 and layer["motion-share"] > 0 for layer in layers.values())
     client = rep["departing-clients"]["0"]
     assert 0 < client["train-steps"] <= 200 and client["forget-loss-end"] > client["forget-loss-start"]
 
 
 def test_spectral_puf_and_sragu_serve_concurrent_departures(default_run_config, tmp_path):
     for method in ("spectral-puf", "sragu"):
-        rc = {**default_run_config, "dataset": "digits", "unlearn.method": method, "unlearn.departing": "0,2",
-              "unlearn.round": 3, "num-server-rounds": 4, "unlearn.recovery": "fixed"}
+        rc = {
+            **default_run_config,
+            "dataset": "digits",
+            "unlearn.method": method,
+            "unlearn.departing": "0,2",
+            "unlearn.round": 3,
+            "num-server-rounds": 4,
+            "unlearn.recovery": "fixed",
+        }
         res, _ = run(rc, 4, tmp_path / method)
         assert res["unlearning"]["departing"] == [0, 2]
         assert res["train-history"]["4"]["clients"] == 2
@@ -114,11 +140,19 @@ def test_spectral_puf_and_sragu_serve_concurrent_departures(default_run_config, 
             assert set(res["unlearning"]["departing-clients"]) == {"0", "2"}
 
 
-@pytest.mark.parametrize("method, trained_in_unlearning_round", [
-    ("fine-tune", 3), ("not", 3), ("gradient-ascent", 1), ("retrain", 3), ("federaser", 3), ("pga", 1), ("ieu", 1)])
+@pytest.mark.parametrize(
+    "method, trained_in_unlearning_round",
+    [("fine-tune", 3), ("not", 3), ("gradient-ascent", 1), ("retrain", 3), ("federaser", 3), ("pga", 1), ("ieu", 1)],
+)
 def test_baselines_run_in_the_same_harness(default_run_config, tmp_path, method, trained_in_unlearning_round):
-    rc = {**default_run_config, "dataset": "digits", "unlearn.method": method, "unlearn.round": 3,
-          "num-server-rounds": 5, "unlearn.recovery": "fixed"}
+    rc = {
+        **default_run_config,
+        "dataset": "digits",
+        "unlearn.method": method,
+        "unlearn.round": 3,
+        "num-server-rounds": 5,
+        "unlearn.recovery": "fixed",
+    }
     res, grid = run(rc, 4, tmp_path)
     assert res["method"]["name"] == method
     assert res["train-history"]["3"]["clients"] == trained_in_unlearning_round
@@ -130,11 +164,20 @@ def test_baselines_run_in_the_same_harness(default_run_config, tmp_path, method,
         assert res["unlearning"]["departing-clients"]["0"]["pga-reference"] == 1
 
 
-@pytest.mark.parametrize("scenario", [{}, {"unlearn.scenario": "samples", "unlearn.selection": "high-loss", "unlearn.fraction": 0.2}])
+@pytest.mark.parametrize(
+    "scenario", [{}, {"unlearn.scenario": "samples", "unlearn.selection": "high-loss", "unlearn.fraction": 0.2}]
+)
 def test_retrain_reproduces_the_gold_exactly(default_run_config, tmp_path, scenario):
     """The harness check: retraining with the gold's seeds lands on the gold's weights."""
-    rc = {**default_run_config, "dataset": "digits", "unlearn.method": "retrain", "unlearn.round": 3, "num-server-rounds": 5,
-          "unlearn.recovery": "until-gold", **scenario}  # the oracle stop: no recovery round after retraining
+    rc = {
+        **default_run_config,
+        "dataset": "digits",
+        "unlearn.method": "retrain",
+        "unlearn.round": 3,
+        "num-server-rounds": 5,
+        "unlearn.recovery": "until-gold",
+        **scenario,
+    }  # the oracle stop: no recovery round after retraining
     res, _ = run(rc, 3, tmp_path)
     unl = res["report"]["unlearned"]
     assert unl["l2-to-gold"] == 0.0 and unl["average-gap"] == 0.0 and unl["kl-forget"] == 0.0
@@ -143,8 +186,16 @@ def test_retrain_reproduces_the_gold_exactly(default_run_config, tmp_path, scena
 
 
 def test_sample_deletion_selects_with_the_original_model_and_golds_without_those_samples(default_run_config, tmp_path):
-    rc = {**default_run_config, "dataset": "digits", "unlearn.scenario": "samples", "unlearn.selection": "high-loss",
-          "unlearn.fraction": 0.1, "unlearn.departing": "1", "unlearn.round": 3, "num-server-rounds": 6}
+    rc = {
+        **default_run_config,
+        "dataset": "digits",
+        "unlearn.scenario": "samples",
+        "unlearn.selection": "high-loss",
+        "unlearn.fraction": 0.1,
+        "unlearn.departing": "1",
+        "unlearn.round": 3,
+        "num-server-rounds": 6,
+    }
     res, grid = run(rc, 3, tmp_path)
     assert grid.sent.count("query.forget") == 1
     req = res["deletion"]
@@ -163,8 +214,14 @@ def test_sample_deletion_selects_with_the_original_model_and_golds_without_those
 
 
 def test_class_deletion_reports_mia_nn_and_the_gold_never_predicts_the_class(default_run_config, tmp_path):
-    rc = {**default_run_config, "dataset": "digits", "unlearn.scenario": "class", "unlearn.class": 3,
-          "unlearn.round": 3, "num-server-rounds": 6}
+    rc = {
+        **default_run_config,
+        "dataset": "digits",
+        "unlearn.scenario": "class",
+        "unlearn.class": 3,
+        "unlearn.round": 3,
+        "num-server-rounds": 6,
+    }
     res, grid = run(rc, 3, tmp_path)
     # every client is asked: at the start (the class does not depend on the model) and with the original model
     assert res["config"]["departing"] == [] and grid.sent.count("query.forget") == 6
@@ -178,8 +235,14 @@ def test_class_deletion_reports_mia_nn_and_the_gold_never_predicts_the_class(def
 
 
 def test_federaser_reports_its_history_cost(default_run_config, tmp_path):
-    rc = {**default_run_config, "dataset": "digits", "unlearn.method": "federaser", "unlearn.round": 4,
-          "num-server-rounds": 6, "unlearn.recovery": "fixed"}
+    rc = {
+        **default_run_config,
+        "dataset": "digits",
+        "unlearn.method": "federaser",
+        "unlearn.round": 4,
+        "num-server-rounds": 6,
+        "unlearn.recovery": "fixed",
+    }
     res, _ = run(rc, 3, tmp_path)
     model_bytes = 4 * ((64 * 200 + 200) + (200 * 100 + 100) + (100 * 10 + 10))  # MLP on 8x8 digits, float32
     # 3 checkpoints (rounds 1-3) x (start model + 3 client updates)
@@ -188,13 +251,25 @@ def test_federaser_reports_its_history_cost(default_run_config, tmp_path):
     assert res["unlearning"]["history-bytes"] == res["server-history-bytes"]
 
 
-@pytest.mark.parametrize("override, msg", [
-    ({"unlearn.scenario": "class", "unlearn.class": 99}, "does not exist"),
-    ({"unlearn.scenario": "samples", "unlearn.departing": ""}, "needs the requesting client"),
-    ({"unlearn.method": "retrain", "unlearn.round": 8, "num-server-rounds": 10}, "num-server-rounds must be at least 14"),
-])
+@pytest.mark.parametrize(
+    "override, msg",
+    [
+        ({"unlearn.scenario": "class", "unlearn.class": 99}, "does not exist"),
+        ({"unlearn.scenario": "samples", "unlearn.departing": ""}, "needs the requesting client"),
+        (
+            {"unlearn.method": "retrain", "unlearn.round": 8, "num-server-rounds": 10},
+            "num-server-rounds must be at least 14",
+        ),
+    ],
+)
 def test_impossible_deletions_fail_before_any_training(default_run_config, tmp_path, override, msg):
-    rc = {**default_run_config, "dataset": "digits", **override, "results-dir": str(tmp_path / "r"), "gold-cache-dir": str(tmp_path / "g")}
+    rc = {
+        **default_run_config,
+        "dataset": "digits",
+        **override,
+        "results-dir": str(tmp_path / "r"),
+        "gold-cache-dir": str(tmp_path / "g"),
+    }
     grid = InProcessGrid(client_app, 3, rc)
     with pytest.raises(ValueError, match=msg):
         server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
@@ -203,8 +278,14 @@ def test_impossible_deletions_fail_before_any_training(default_run_config, tmp_p
 
 def test_augmentation_only_changes_training_after_the_request(default_run_config, tmp_path):
     """``unlearn.augment`` reaches the clients and acts from the unlearning round on, never before."""
-    rc = {**default_run_config, "dataset": "digits", "unlearn.method": "fine-tune", "unlearn.round": 3,
-          "num-server-rounds": 4, "unlearn.recovery": "fixed"}
+    rc = {
+        **default_run_config,
+        "dataset": "digits",
+        "unlearn.method": "fine-tune",
+        "unlearn.round": 3,
+        "num-server-rounds": 4,
+        "unlearn.recovery": "fixed",
+    }
     plain, _ = run(rc, 3, tmp_path / "plain")
     shifted, _ = run({**rc, "unlearn.augment": "shift"}, 3, tmp_path / "shift")
     assert shifted["config"]["augment"] == "shift"

@@ -35,18 +35,25 @@ class HostileGrid(InProcessGrid):
         for reply in super().send_and_receive(messages, timeout=timeout):
             node = reply.metadata.src_node_id
             if node in self.hostile and reply.metadata.message_type.startswith("train") and not reply.has_error():
-                (akey, arrays), (mkey, metrics) = (next(iter(reply.content.array_records.items())),
-                                                   next(iter(reply.content.metric_records.items())))
+                (akey, arrays), (mkey, metrics) = (
+                    next(iter(reply.content.array_records.items())),
+                    next(iter(reply.content.metric_records.items())),
+                )
                 w = self.forge(to_weights(arrays)) if self.forge else to_weights(arrays)
                 m = {**dict(metrics), **({"num-examples": self.claim} if self.claim is not None else {})}
-                reply = Message(metadata=reply.metadata, content=RecordDict({akey: to_record(w), mkey: MetricRecord(m)}))
+                reply = Message(
+                    metadata=reply.metadata, content=RecordDict({akey: to_record(w), mkey: MetricRecord(m)})
+                )
             out.append(reply)
         return out
 
 
 def start(tmp: Path, rounds: int, extra: str = "", hostile=(), forge=None, claim=None):
-    rc = fused_run_config(str(ROOT), f"mode='service' dataset='digits' num-server-rounds={rounds} "
-                                     f"service.state-dir='{tmp / 'state'}' service.recovery-rounds=1 {extra}")
+    rc = fused_run_config(
+        str(ROOT),
+        f"mode='service' dataset='digits' num-server-rounds={rounds} "
+        f"service.state-dir='{tmp / 'state'}' service.recovery-rounds=1 {extra}",
+    )
     grid = HostileGrid(client_app, 3, rc, node_configs=[{"site": s, "erasure-inbox": str(tmp / s)} for s in SITES])
     ids = list(grid.contexts)
     grid.hostile, grid.forge, grid.claim = frozenset(ids[i] for i in hostile), forge, claim
@@ -59,13 +66,16 @@ def journal(tmp: Path) -> Journal:
     return Journal(tmp / "state" / "journal.sqlite")
 
 
-@pytest.mark.parametrize("name, write", [
-    ("huge-number", lambda p: p.write_text('{"id": "%s", "site": "h0", "created": %s}' % ("a" * 32, "9" * 5000))),
-    ("deep-nesting", lambda p: p.write_text("[" * 100_000 + "]" * 100_000)),
-    ("not-utf8", lambda p: p.write_bytes(b'{"id": "\xff\xfe"}')),
-    ("a-folder", lambda p: p.mkdir()),
-    ("too-large", lambda p: _sparse(p)),
-])
+@pytest.mark.parametrize(
+    "name, write",
+    [
+        ("huge-number", lambda p: p.write_text('{"id": "' + "a" * 32 + '", "created": ' + "9" * 5000 + "}")),
+        ("deep-nesting", lambda p: p.write_text("[" * 100_000 + "]" * 100_000)),
+        ("not-utf8", lambda p: p.write_bytes(b'{"id": "\xff\xfe"}')),
+        ("a-folder", lambda p: p.mkdir()),
+        ("too-large", lambda p: _sparse(p)),
+    ],
+)
 def test_a_poisoned_inbox_file_is_refused_and_another_sites_request_is_served(tmp_path, name, write):
     (tmp_path / "h0" / "pending").mkdir(parents=True)
     bad = tmp_path / "h0" / "pending" / f"{name}.json"
@@ -89,8 +99,13 @@ def _sparse(path: Path) -> str:
 
 
 def test_a_nan_update_costs_its_site_the_round_then_its_place(tmp_path):
-    out, grid = start(tmp_path, 4, extra="service.max-strikes=2", hostile=[1],
-                      forge=lambda w: {k: np.full_like(v, np.nan) for k, v in w.items()})
+    out, grid = start(
+        tmp_path,
+        4,
+        extra="service.max-strikes=2",
+        hostile=[1],
+        forge=lambda w: {k: np.full_like(v, np.nan) for k, v in w.items()},
+    )
     assert set(out["history"]) == {"1", "2", "3", "4"}  # the service kept running
     assert all(out["history"][r]["test-acc"] > 0.5 for r in out["history"])
     with journal(tmp_path) as j:
@@ -106,9 +121,12 @@ def test_a_nan_update_costs_its_site_the_round_then_its_place(tmp_path):
 
 def test_a_huge_num_examples_claim_does_not_take_over_the_model(tmp_path):
     zeros = lambda w: {k: np.zeros_like(v) for k, v in w.items()}  # noqa: E731
+
     def norm(tmp: Path) -> float:
         with journal(tmp) as j:
-            return float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in j.checkpoint().weights.values())))
+            return float(
+                np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in j.checkpoint().weights.values()))
+            )
 
     start(tmp_path / "clean", 1)
     out, _ = start(tmp_path / "attack", 1, hostile=[2], forge=zeros, claim=10**12)
@@ -118,9 +136,18 @@ def test_a_huge_num_examples_claim_does_not_take_over_the_model(tmp_path):
     assert out["history"]["1"]["test-acc"] > 0.3
 
 
-@pytest.mark.parametrize("key, value", [("momentum", "nan"), ("lr", "inf"), ("weight-decay", "inf"),
-                                        ("fastclip.bound", "nan"), ("node-wait-seconds", "nan"),
-                                        ("round-timeout", "-5.0"), ("holdout-fraction", "1.5")])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("momentum", "nan"),
+        ("lr", "inf"),
+        ("weight-decay", "inf"),
+        ("fastclip.bound", "nan"),
+        ("node-wait-seconds", "nan"),
+        ("round-timeout", "-5.0"),
+        ("holdout-fraction", "1.5"),
+    ],
+)
 def test_bad_numbers_fail_before_any_message_naming_the_key(tmp_path, key, value):
     rc = fused_run_config(str(ROOT), f"dataset='digits' results-dir='{tmp_path}' {key}={value}")
     grid = InProcessGrid(client_app, 3, rc)

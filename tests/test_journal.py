@@ -7,8 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fed_unlearn.erasure import (RequestError, SiteRegistry, acknowledge_in_inbox, new_request, parse_request,
-                                 pending_in_inbox, submit_to_inbox)
+from fed_unlearn.erasure import (
+    RequestError,
+    SiteRegistry,
+    acknowledge_in_inbox,
+    new_request,
+    parse_request,
+    pending_in_inbox,
+    submit_to_inbox,
+)
 from fed_unlearn.journal import Journal, JournalError, weights_digest
 
 W = {"a": np.arange(4, dtype=np.float32), "b": np.ones((2, 2), np.float32)}
@@ -85,18 +92,23 @@ def test_weights_digest_identifies_models():
     assert weights_digest(W) != weights_digest({**W, "a": W["a"].astype(np.float64)})
 
 
-@pytest.mark.parametrize("payload, msg", [
-    ("not json", "not valid JSON"),
-    ([1, 2], "JSON object"),
-    ({"id": "x" * 32, "site": "h1"}, "32 lowercase hex"),
-    ({"id": "a" * 32, "site": "../etc"}, "site must match"),
-    ({"id": "a" * 32, "site": "h1", "scope": "samples"}, "scope"),
-    ({"id": "a" * 32, "site": "h1", "reason": "x" * 501}, "reason"),
-    ({"id": "a" * 32, "site": "h1", "admin": True}, "unknown field"),
-])
+@pytest.mark.parametrize(
+    "payload, msg",
+    [
+        ("not json", "not valid JSON"),
+        ([1, 2], "JSON object"),
+        ({"id": "x" * 32, "site": "h1"}, "32 lowercase hex"),
+        ({"id": "a" * 32, "site": "../etc"}, "site must match"),
+        ({"id": "a" * 32, "site": "h1", "scope": "samples"}, "scope"),
+        ({"id": "a" * 32, "site": "h1", "reason": "x" * 501}, "reason"),
+        ({"id": "a" * 32, "site": "h1", "admin": True}, "unknown field"),
+    ],
+)
 def test_malformed_requests_are_refused(payload, msg):
     with pytest.raises(RequestError, match=msg):
-        parse_request(payload if isinstance(payload, str) else json.dumps(payload) if isinstance(payload, dict) else payload)
+        parse_request(
+            payload if isinstance(payload, str) else json.dumps(payload) if isinstance(payload, dict) else payload
+        )
 
 
 def test_inbox_round_trip(tmp_path):
@@ -116,8 +128,9 @@ def test_site_registry(tmp_path):
     path = reg.write(tmp_path / "sites.json")
     back = SiteRegistry.from_file(path)
     assert back.site_of_node(12) == "h1" and back.site_of_node(99) is None
-    (tmp_path / "dup.json").write_text(json.dumps({"sites": {"a": {"node-id": 1, "partition-id": 0},
-                                                             "b": {"node-id": 1, "partition-id": 1}}}))
+    (tmp_path / "dup.json").write_text(
+        json.dumps({"sites": {"a": {"node-id": 1, "partition-id": 0}, "b": {"node-id": 1, "partition-id": 1}}})
+    )
     with pytest.raises(ValueError, match="bound to"):
         SiteRegistry.from_file(tmp_path / "dup.json")
     (tmp_path / "bad.json").write_text(json.dumps({"sites": {"a": {"node-id": "1", "partition-id": 0}}}))
@@ -133,14 +146,21 @@ def test_one_service_process_per_state_dir_and_kill_9_releases_it(tmp_path):
 
     from fed_unlearn.journal import StateDirBusy, StateDirLock
 
-    with StateDirLock(tmp_path):
-        with pytest.raises(StateDirBusy, match=f"pid {os.getpid()}"):
-            StateDirLock(tmp_path, timeout=0.2, poll=0.05).acquire()
+    with StateDirLock(tmp_path), pytest.raises(StateDirBusy, match=f"pid {os.getpid()}"):
+        StateDirLock(tmp_path, timeout=0.2, poll=0.05).acquire()
     StateDirLock(tmp_path).acquire().release()  # released on exit
     # a holder killed with SIGKILL leaves no stale lock behind
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fed_unlearn.journal import StateDirLock; "
-                               f"lock = StateDirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from fed_unlearn.journal import StateDirLock; "
+            f"lock = StateDirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(StateDirBusy, match=f"pid {holder.pid}"):
         StateDirLock(tmp_path, timeout=0.1, poll=0.05).acquire()

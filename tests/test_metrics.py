@@ -53,10 +53,13 @@ def test_summarise_adds_parts_over_clients():
         if auc is not None:
             out["mia-auc"] = auc
         return out
+
     # client 0 left (everything is forget), clients 1, 2 stay (retain + test); client 1 also deletes samples
-    evals = {0: ev({"forget": (10, 10), "retain": (0, 0), "test": (0, 0), "fheld": (5, 4)}, 0.7),
-             1: ev({"forget": (20, 15), "retain": (20, 15), "test": (10, 6), "fheld": (10, 6)}, 0.5),
-             2: ev({"forget": (0, 0), "retain": (30, 15), "test": (10, 9), "fheld": (0, 0)})}
+    evals = {
+        0: ev({"forget": (10, 10), "retain": (0, 0), "test": (0, 0), "fheld": (5, 4)}, 0.7),
+        1: ev({"forget": (20, 15), "retain": (20, 15), "test": (10, 6), "fheld": (10, 6)}, 0.5),
+        2: ev({"forget": (0, 0), "retain": (30, 15), "test": (10, 9), "fheld": (0, 0)}),
+    }
     s = summarise(evals)
     assert s["forget-acc"] == pytest.approx(25 / 30) and s["forget-heldout-acc"] == pytest.approx(10 / 15)
     assert s["retain-acc"] == pytest.approx(30 / 50) and s["test-acc"] == pytest.approx(15 / 20)
@@ -80,8 +83,8 @@ def test_split_parts_and_measure_client_known_answers():
     mask = np.array([False, True, True, False])
     parts = split_parts(train, heldout, mask, removed_classes=(0,))
     assert list(parts["forget"][1]) == [1, 2] and list(parts["retain"][1]) == [0, 3]
-    assert list(parts["test"][1]) == [1, 2]                  # held-out minus removed class 0
-    assert list(parts["fheld"][1]) == [1, 2]                 # held-out samples of classes {1, 2} in the forget set
+    assert list(parts["test"][1]) == [1, 2]  # held-out minus removed class 0
+    assert list(parts["fheld"][1]) == [1, 2]  # held-out samples of classes {1, 2} in the forget set
     m = measure_client(Fixed(), train, heldout, forget=mask, reference=Fixed(), mia=True)
     assert (m["forget-n"], m["forget-correct"], m["retain-n"], m["retain-correct"]) == (2, 2, 2, 1)
     assert m["forget-kl-sum"] == 0.0 and m["forget-disagree-sum"] == 0.0 and m["forget-tv-sum"] == 0.0
@@ -197,9 +200,12 @@ def test_seed_statistics_and_table():
 
     def res(seed_val, unl):
         rep = {"test-acc": seed_val, "mia-auc": 0.5, "average-gap": unl}
-        return {"report": {"original": {**rep, "average-gap": 0.02}, "unlearned": rep, "gold": {**rep, "average-gap": 0.0}},
-                "recovery": {"rounds-to-gold": 1 if seed_val > 0.8 else None},
-                "client-compute": {"fraction-of-gold-steps": 0.5}}
+        return {
+            "report": {"original": {**rep, "average-gap": 0.02}, "unlearned": rep, "gold": {**rep, "average-gap": 0.0}},
+            "recovery": {"rounds-to-gold": 1 if seed_val > 0.8 else None},
+            "client-compute": {"fraction-of-gold-steps": 0.5},
+        }
+
     stats = seed_statistics({"puf": [res(0.9, 0.01), res(0.7, 0.03)], "sragu": [res(0.9, 0.02), res(0.7, 0.02)]})
     assert list(stats) == ["original", "puf", "sragu", "gold"]
     mean, std, n = stats["puf"]["average-gap"]

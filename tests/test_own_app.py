@@ -30,8 +30,16 @@ from ownapp.server_app import main as own_server  # noqa: E402
 from ownapp.task import Net  # noqa: E402
 
 NODES = 4
-CONFIG = {"num-server-rounds": 8, "local-epochs": 2, "lr": 0.05, "departure-round": 4, "departing": 0, "method": "puf",
-          "scenario": "client", "strategy": "fedavg"}
+CONFIG = {
+    "num-server-rounds": 8,
+    "local-epochs": 2,
+    "lr": 0.05,
+    "departure-round": 4,
+    "departing": 0,
+    "method": "puf",
+    "scenario": "client",
+    "strategy": "fedavg",
+}
 
 
 class OrderedGrid(InProcessGrid):
@@ -87,8 +95,13 @@ def test_the_wrapper_around_fedprox_fedadam_and_a_robust_aggregator(tmp_path, st
     assert not [r for _, n, r in res["sent"] if n == res["departing-node"] and r > CONFIG["departure-round"]]
 
 
-@pytest.mark.parametrize("make", [lambda: FedProx(proximal_mu=0.01, min_available_nodes=NODES),
-                                  lambda: FedAdam(eta=0.01, eta_l=0.05, min_available_nodes=NODES)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: FedProx(proximal_mu=0.01, min_available_nodes=NODES),
+        lambda: FedAdam(eta=0.01, eta_l=0.05, min_available_nodes=NODES),
+    ],
+)
 def test_ordinary_rounds_of_a_wrapped_strategy_are_the_bare_strategy_bit_for_bit(make):
     import random
 
@@ -104,8 +117,9 @@ def test_ordinary_rounds_of_a_wrapped_strategy_are_the_bare_strategy_bit_for_bit
         if wrap:
             strategy = Unlearning(strategy, "puf")
             strategy.request_unlearning(0, round=99)  # a request that is not due yet changes nothing either
-        result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=3, train_config=ConfigRecord(),
-                                evaluate_config=ConfigRecord())
+        result = strategy.start(
+            grid=grid, initial_arrays=initial, num_rounds=3, train_config=ConfigRecord(), evaluate_config=ConfigRecord()
+        )
         out.append({k: v.numpy() for k, v in result.arrays.items()})
     for k in out[0]:
         np.testing.assert_array_equal(out[0][k], out[1][k])
@@ -136,7 +150,7 @@ def test_a_plain_client_is_refused_a_method_that_needs_a_client_routine_before_i
 
 
 # -- the project's own experiment on someone else's model and data ------------------------------
-TASK = '''
+TASK = """
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
@@ -159,7 +173,7 @@ def load_data(partition_id, num_partitions):
     idx = np.array_split(np.arange(len(y)), num_partitions)[partition_id]
     cut = int(0.75 * len(idx))
     return (x[idx[:cut]], y[idx[:cut]]), (torch.from_numpy(x[idx[cut:]]), torch.from_numpy(y[idx[cut:]]))
-'''
+"""
 
 
 def test_the_experiment_and_the_harness_run_on_a_task_module_from_outside_the_repo(tmp_path, monkeypatch):
@@ -171,18 +185,35 @@ def test_the_experiment_and_the_harness_run_on_a_task_module_from_outside_the_re
     (pkg / "__init__.py").write_text("")
     (pkg / "task.py").write_text(TASK)
     monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
-    rc = (f"task='mytask.task' unlearn.round=3 num-server-rounds=4 unlearn.recovery='fixed' relearn-max-steps=20 "
-          f"results-dir='{tmp_path / 'exp'}' gold-cache-dir='{tmp_path / 'gold'}'")
+    rc = (
+        f"task='mytask.task' unlearn.round=3 num-server-rounds=4 unlearn.recovery='fixed' relearn-max-steps=20 "
+        f"results-dir='{tmp_path / 'exp'}' gold-cache-dir='{tmp_path / 'gold'}'"
+    )
     res = run_inprocess(str(ROOT), 3, rc)
     assert res["config"]["task"] == "mytask.task"
     weights = json.loads(next((tmp_path / "exp").glob("mytask-task_*/results.json")).read_text())
     assert weights["report"]["gold"]["kl-forget"] == 0.0 and weights["unlearning"]["method"] == "puf"
     layers = {layer["layer"] for layer in res["unlearning"]["layers"]}
     assert layers == {"body.1", "body.3", "head"}  # the user's architecture, not the project's MLP
-    code = harness(["--engine", "inprocess", "--methods", "puf", "fine-tune", "--scenarios", "client", "--seeds", "0",
-                    "--num-clients", "3", "--results-dir", str(tmp_path / "h"),
-                    "--run-config", "task='mytask.task' unlearn.round=3 num-server-rounds=4 unlearn.recovery='fixed' "
-                                    "relearn-max-steps=0"])
+    code = harness(
+        [
+            "--engine",
+            "inprocess",
+            "--methods",
+            "puf",
+            "fine-tune",
+            "--scenarios",
+            "client",
+            "--seeds",
+            "0",
+            "--num-clients",
+            "3",
+            "--results-dir",
+            str(tmp_path / "h"),
+            "--run-config",
+            "task='mytask.task' unlearn.round=3 num-server-rounds=4 unlearn.recovery='fixed' relearn-max-steps=0",
+        ]
+    )
     assert code == 0 and "puf" in (tmp_path / "h" / "harness" / "harness.md").read_text()
 
 
@@ -194,8 +225,10 @@ def test_the_project_server_refuses_a_plain_client_before_any_training(tmp_path)
     bare = ClientApp()
     bare.train()(plain.train)
     bare.evaluate()(plain.evaluate)
-    for app, expect in ((plain.app, r"missing handlers \['query.info', 'query.forget', 'train.retain'"),
-                        (bare, r"no query.identify handler")):
+    for app, expect in (
+        (plain.app, r"missing handlers \['query.info', 'query.forget', 'train.retain'"),
+        (bare, r"no query.identify handler"),
+    ):
         rc = fused_run_config(str(ROOT), f"dataset='digits' results-dir='{tmp_path / 'r'}'")
         grid = InProcessGrid(app, 3, rc)
         with pytest.raises(ClientProtocolError, match=expect) as err:
@@ -207,10 +240,26 @@ def test_the_project_server_refuses_a_plain_client_before_any_training(tmp_path)
 
 # -- through flwr run on Flower's Ray engine ---------------------------------------------------
 def launch(app: Path, tmp_path: Path, clients: int, run_config: str = "") -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "simulations.run_experiment", "--app", str(app), "--num-clients", str(clients),
-           "--results-dir", str(tmp_path), "--timeout", "900"]
-    return subprocess.run(cmd + (["--run-config", run_config] if run_config else []), cwd=ROOT, capture_output=True,
-                          text=True, timeout=1200)
+    cmd = [
+        sys.executable,
+        "-m",
+        "simulations.run_experiment",
+        "--app",
+        str(app),
+        "--num-clients",
+        str(clients),
+        "--results-dir",
+        str(tmp_path),
+        "--timeout",
+        "900",
+    ]
+    return subprocess.run(
+        cmd + (["--run-config", run_config] if run_config else []),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
 
 
 @pytest.mark.slow

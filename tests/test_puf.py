@@ -5,8 +5,7 @@ import pytest
 
 from fed_unlearn.aggregation import ClientUpdate
 from fed_unlearn.unlearning import make_method
-from fed_unlearn.unlearning.puf import PUFConfig, puf_update
-from fed_unlearn.unlearning.puf import PUF
+from fed_unlearn.unlearning.puf import PUF, PUFConfig, puf_update
 
 G = {"w": np.array([1.0, 2.0], dtype=np.float32), "b": np.array([0.5], dtype=np.float32)}
 
@@ -72,16 +71,23 @@ def test_no_departing_client_is_an_error():
         puf_update(G, [upd(1, [1.0, 2.0], 0.5, 1)], [], 2.0)
 
 
-@pytest.mark.parametrize("rc, msg", [
-    ({"puf.variant": "extra"}, "puf.variant"),
-    ({"puf.scale": -1.0}, "puf.scale"),
-    ({"puf.scale": "big"}, "puf.scale"),
-])
+@pytest.mark.parametrize(
+    "rc, msg",
+    [
+        ({"puf.variant": "extra"}, "puf.variant"),
+        ({"puf.scale": -1.0}, "puf.scale"),
+        ({"puf.scale": "big"}, "puf.scale"),
+    ],
+)
 def test_bad_settings_name_the_key(rc, msg):
     with pytest.raises(ValueError, match=msg):
         make_method("puf", rc)
 
 
 def test_unknown_method_lists_valid_names():
-    with pytest.raises(ValueError, match="valid: agu, amun, federaser, fine-tune, gradient-ascent, ieu, mpru, not, pga, puf, puf-fixed, retrain, spectral-puf, sragu, trw"):
+    with pytest.raises(
+        ValueError,
+        match="valid: agu, amun, federaser, fine-tune, gradient-ascent, ieu, mpru, not, pga, puf, puf-fixed, "
+        "retrain, spectral-puf, sragu, trw",
+    ):
         make_method("eraser")

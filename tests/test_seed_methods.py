@@ -39,8 +39,8 @@ def test_pgd_stays_in_the_eps_ball_and_the_domain_and_flips_predictions():
         assert nn.functional.cross_entropy(model(adv), yt) > nn.functional.cross_entropy(model(xt), yt)
     x_adv, y_adv, used = adversarial_examples(model, x, y, AMUNConfig(epsilon=0.04))
     norms = np.linalg.norm((x_adv - x).reshape(len(x), -1), axis=1)
-    assert np.all(norms <= used + 1e-5)              # each within its own (doubled) radius
-    assert np.mean(y_adv != y) == 1.0                # every prediction flipped
+    assert np.all(norms <= used + 1e-5)  # each within its own (doubled) radius
+    assert np.mean(y_adv != y) == 1.0  # every prediction flipped
     with torch.no_grad():
         np.testing.assert_array_equal(model(torch.from_numpy(x_adv)).argmax(1).numpy(), y_adv)  # label = prediction
     assert set(np.round(used / 0.04).astype(int)) <= {1, 2, 4, 8, 16, 32, 64, 128, 256}  # eps only doubled
@@ -85,7 +85,10 @@ def test_conv_power_iteration_finds_the_operator_norm_of_the_actual_map():
     from fed_unlearn.fastclip import clip_model, conv_operator_norm, explicit_conv_matrix, spectral_norms
 
     torch.manual_seed(1)
-    for conv, shape in ((nn.Conv2d(2, 3, 3, padding=1), (2, 6, 6)), (nn.Conv2d(2, 4, 3, stride=2, padding=1), (2, 7, 7))):
+    for conv, shape in (
+        (nn.Conv2d(2, 3, 3, padding=1), (2, 6, 6)),
+        (nn.Conv2d(2, 4, 3, stride=2, padding=1), (2, 7, 7)),
+    ):
         exact = np.linalg.svd(explicit_conv_matrix(conv, shape), compute_uv=False)[0]
         assert conv_operator_norm(conv, shape) == pytest.approx(exact, rel=1e-6)
         # the kernel's own matrix is a different thing: the map's norm must be computed on the map
@@ -118,8 +121,10 @@ def test_trw_target_sums_to_one_puts_no_mass_on_the_removed_class_and_tilts_towa
     q = tilted_target(logits, s, 0, tau=1.0)
     np.testing.assert_allclose(q.sum(axis=1), 1.0)
     assert np.all(q[:, 0] == 0.0)
-    np.testing.assert_allclose(q[0], [0.0, 2 / 3, 1 / 3])     # 0.2*(2/3) : 0.2*(1/3)
-    np.testing.assert_allclose(tilted_target(logits, s, 0, tau=0.0)[1], [0.0, 1 / 3, 2 / 3])  # tau 0: plain renormalisation
+    np.testing.assert_allclose(q[0], [0.0, 2 / 3, 1 / 3])  # 0.2*(2/3) : 0.2*(1/3)
+    np.testing.assert_allclose(
+        tilted_target(logits, s, 0, tau=0.0)[1], [0.0, 1 / 3, 2 / 3]
+    )  # tau 0: plain renormalisation
     with pytest.raises(ValueError):
         similarity([[1.0, 0.0, 0.0]], [1], removed=0)
 
@@ -129,13 +134,20 @@ def test_trw_runs_two_rounds_estimate_then_fedavg():
     m.begin([1, 2], leave=False, request=DeletionRequest(scenario="class", forget_class=0))
     g = {"w": np.ones(2, np.float32)}
     assert m.num_rounds == 2 and m.departing_config(g)["trw-phase"] == "estimate"
-    est = [ClientUpdate(1, g, 10, {"trw-prob-sum": [5.0, 3.0, 2.0]}), ClientUpdate(2, g, 10, {"trw-prob-sum": [5.0, 1.0, 4.0]})]
+    est = [
+        ClientUpdate(1, g, 10, {"trw-prob-sum": [5.0, 3.0, 2.0]}),
+        ClientUpdate(2, g, 10, {"trw-prob-sum": [5.0, 1.0, 4.0]}),
+    ]
     out = m.aggregate(g, [], est)
     np.testing.assert_array_equal(out["w"], g["w"])  # no training in the first round
     np.testing.assert_allclose(m.similarity, [0.0, 0.4, 0.6])
     cfg = m.departing_config(g)
     assert cfg["trw-phase"] == "tilt" and cfg["trw-similarity"] == pytest.approx([0.0, 0.4, 0.6])
-    out = m.aggregate(g, [], [ClientUpdate(1, {"w": np.zeros(2, np.float32)}, 1), ClientUpdate(2, {"w": np.full(2, 4.0, np.float32)}, 3)])
+    out = m.aggregate(
+        g,
+        [],
+        [ClientUpdate(1, {"w": np.zeros(2, np.float32)}, 1), ClientUpdate(2, {"w": np.full(2, 4.0, np.float32)}, 3)],
+    )
     np.testing.assert_allclose(out["w"], 3.0)
     with pytest.raises(ValueError, match="class deletion request"):
         make_method("trw").begin([0], leave=True, request=DeletionRequest())
@@ -151,7 +163,9 @@ def test_mpru_zeroes_the_removed_class_and_keeps_the_order_of_the_others():
     assert np.all(q[:, 2] == 0) and np.allclose(q.sum(axis=1), 1)
     keep = [0, 1, 3, 4]
     np.testing.assert_array_equal(np.argsort(p[:, keep], axis=1), np.argsort(q[:, keep], axis=1))
-    np.testing.assert_allclose(q[:, keep] / q[:, keep].sum(1, keepdims=True), p[:, keep] / p[:, keep].sum(1, keepdims=True))
+    np.testing.assert_allclose(
+        q[:, keep] / q[:, keep].sum(1, keepdims=True), p[:, keep] / p[:, keep].sum(1, keepdims=True)
+    )
 
 
 def test_mpru_as_an_output_layer_edit_is_exactly_the_filter():

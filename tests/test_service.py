@@ -10,9 +10,9 @@ from flwr.app import Context, RecordDict
 
 from clients.client_app import app as client_app
 from fed_unlearn.erasure import SiteRegistry, new_request, submit_to_inbox
+from fed_unlearn.flower import InProcessGrid
 from fed_unlearn.journal import Journal
 from server.server_app import main as server_main
-from fed_unlearn.flower import InProcessGrid
 from simulations.inprocess import fused_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ class Crash(BaseException):
 
 
 class CrashingGrid(InProcessGrid):
-    """Dies when it is asked to send the training messages of ``crash_round``; ``drop`` nodes go offline after discovery."""
+    """Dies when asked to send the training messages of ``crash_round``; ``drop`` nodes go offline after discovery."""
 
     crash_round = -1
     drop: frozenset = frozenset()  # replaced per instance by start()
@@ -33,15 +33,24 @@ class CrashingGrid(InProcessGrid):
         msgs = list(messages)
         if msgs and msgs[0].metadata.message_type not in ("query.info", "query.identify"):  # discovery is over
             self.offline |= self.drop
-        if msgs and msgs[0].metadata.message_type.startswith("train") and msgs[0].content["config"]["server-round"] == self.crash_round:
+        if (
+            msgs
+            and msgs[0].metadata.message_type.startswith("train")
+            and msgs[0].content["config"]["server-round"] == self.crash_round
+        ):
             raise Crash()
         return super().send_and_receive(msgs, timeout=timeout)
 
 
 def start(tmp: Path, rounds: int, extra: str = "", grid_cls=None, crash_round: int = -1, offline=()):
-    rc = fused_run_config(str(ROOT), f"mode='service' dataset='digits' num-server-rounds={rounds} "
-                                     f"service.state-dir='{tmp / 'state'}' service.recovery-rounds=1 {extra}")
-    grid = (grid_cls or CrashingGrid)(client_app, 3, rc, node_configs=[{"site": s, "erasure-inbox": str(tmp / s)} for s in SITES])
+    rc = fused_run_config(
+        str(ROOT),
+        f"mode='service' dataset='digits' num-server-rounds={rounds} "
+        f"service.state-dir='{tmp / 'state'}' service.recovery-rounds=1 {extra}",
+    )
+    grid = (grid_cls or CrashingGrid)(
+        client_app, 3, rc, node_configs=[{"site": s, "erasure-inbox": str(tmp / s)} for s in SITES]
+    )
     grid.crash_round = crash_round
     grid.drop = {list(grid.contexts)[i] for i in offline}  # connected at discovery, then gone
     return server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc)), grid
@@ -59,7 +68,13 @@ def test_a_site_asks_to_be_forgotten_is_served_once_left_out_and_audited(tmp_pat
     assert out["resumed-from-round"] == 3 and set(out["history"]) == {"4", "5", "6"}
     with journal(tmp_path) as j:
         r = j.get(req.id)
-        assert (r.state, r.requested_by, r.attempts, r.served_round, r.recovered_round) == ("verified", "site:h1", 1, 4, 5)
+        assert (r.state, r.requested_by, r.attempts, r.served_round, r.recovered_round) == (
+            "verified",
+            "site:h1",
+            1,
+            4,
+            5,
+        )
         assert j.checkpoint().server_round == 6 and j.checkpoint().state["departed-sites"] == ["h1"]
     report = json.loads(Path(r.report).read_text())
     assert report["request"]["site"] == "h1" and report["method"] == "puf" and not report["fallback-used"]
@@ -69,7 +84,9 @@ def test_a_site_asks_to_be_forgotten_is_served_once_left_out_and_audited(tmp_pat
     assert audit["site-reachable"] and audit["before"]["forget-acc"] > audit["after"]["forget-acc"]
     assert report["utility"]["test-acc-after"] > 0.5 and report["utility"]["test-acc-before"] > 0.5
     # h1's node got no training message after its unlearning round, and its file is filed
-    assert (tmp_path / "h1" / "acknowledged" / f"{req.id}.json").exists() and not list((tmp_path / "h1" / "pending").glob("*"))
+    assert (tmp_path / "h1" / "acknowledged" / f"{req.id}.json").exists() and not list(
+        (tmp_path / "h1" / "pending").glob("*")
+    )
 
 
 def test_a_crash_in_the_unlearning_round_is_resumed_and_the_request_served_exactly_once(tmp_path):
@@ -95,8 +112,8 @@ def test_a_crash_in_the_unlearning_round_is_resumed_and_the_request_served_exact
 
 
 def test_bad_requests_are_refused_and_change_nothing(tmp_path):
-    submit_to_inbox(tmp_path / "h0", new_request("h2", "not mine"))      # a site asking for another
-    submit_to_inbox(tmp_path / "h0", new_request("h9"))                  # an unknown site
+    submit_to_inbox(tmp_path / "h0", new_request("h2", "not mine"))  # a site asking for another
+    submit_to_inbox(tmp_path / "h0", new_request("h9"))  # an unknown site
     (tmp_path / "h1" / "pending").mkdir(parents=True)
     (tmp_path / "h1" / "pending" / "garbage.json").write_text('{"site": "h1"}')  # malformed
     start(tmp_path / "clean", 2)
@@ -151,15 +168,23 @@ def test_operator_requests(tmp_path, capsys):
     assert out["requests"][0]["requested_by"] == "operator:run-config"
     with pytest.raises(ValueError, match=r"unknown site\(s\) \['h8'\]"):
         start(tmp_path / "rc2", 2, extra="service.erase-sites='h8'")
-    assert not (tmp_path / "rc2" / "state" / "journal.sqlite").exists() or Journal(tmp_path / "rc2" / "state" / "journal.sqlite").checkpoint() is None
+    assert (
+        not (tmp_path / "rc2" / "state" / "journal.sqlite").exists()
+        or Journal(tmp_path / "rc2" / "state" / "journal.sqlite").checkpoint() is None
+    )
 
 
 def test_the_site_registry_binds_sites_to_node_ids(tmp_path):
     rc = fused_run_config(str(ROOT), "mode='service' dataset='digits'")
     ids = list(InProcessGrid(client_app, 3, rc).contexts)
     # h0's node is registered as "h1-alias"... i.e. it claims a name it is not registered under
-    reg = SiteRegistry({"alpha": {"node-id": ids[0], "partition-id": 0}, "h1": {"node-id": ids[1], "partition-id": 1},
-                        "h2": {"node-id": ids[2], "partition-id": 2}}).write(tmp_path / "sites.json")
+    reg = SiteRegistry(
+        {
+            "alpha": {"node-id": ids[0], "partition-id": 0},
+            "h1": {"node-id": ids[1], "partition-id": 1},
+            "h2": {"node-id": ids[2], "partition-id": 2},
+        }
+    ).write(tmp_path / "sites.json")
     req = new_request("alpha")
     submit_to_inbox(tmp_path / "h0", req)  # node 0 speaks for site "alpha" in the registry
     out, _ = start(tmp_path, 3, extra=f"service.sites-file='{reg}'")
@@ -180,9 +205,14 @@ def test_methods_that_store_history_cannot_serve(tmp_path):
 def test_a_restart_does_not_wait_for_sites_that_were_erased(tmp_path):
     submit_to_inbox(tmp_path / "h1", new_request("h1"))
     start(tmp_path, 3)  # h1 served in round 1, recovered in 2, audited
-    rc = fused_run_config(str(ROOT), f"mode='service' dataset='digits' num-server-rounds=5 node-wait-seconds=5.0 "
-                                     f"service.state-dir='{tmp_path / 'state'}' service.recovery-rounds=1")
-    grid = InProcessGrid(client_app, 3, rc, node_configs=[{"site": s, "erasure-inbox": str(tmp_path / s)} for s in SITES])
+    rc = fused_run_config(
+        str(ROOT),
+        f"mode='service' dataset='digits' num-server-rounds=5 node-wait-seconds=5.0 "
+        f"service.state-dir='{tmp_path / 'state'}' service.recovery-rounds=1",
+    )
+    grid = InProcessGrid(
+        client_app, 3, rc, node_configs=[{"site": s, "erasure-inbox": str(tmp_path / s)} for s in SITES]
+    )
     grid.offline = {list(grid.contexts)[1]}  # h1 has shut its node down for good
     out = server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
     assert out["resumed-from-round"] == 3 and set(out["history"]) == {"4", "5"} and out["sites"]["h1"] == 1

@@ -20,9 +20,23 @@ SMALL = "dataset='digits' num-server-rounds=4 unlearn.round=3 unlearn.recovery='
 
 def launch(tmp_path: Path, run_config: str, clients: int = 3) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "simulations.run_experiment", "--num-clients", str(clients),
-         "--results-dir", str(tmp_path), "--run-config", run_config, "--timeout", "600"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "simulations.run_experiment",
+            "--num-clients",
+            str(clients),
+            "--results-dir",
+            str(tmp_path),
+            "--run-config",
+            run_config,
+            "--timeout",
+            "600",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
@@ -59,15 +73,36 @@ def test_sragu_through_flwr_run_on_the_embedded_dataset(tmp_path):
     for key in ("test-acc", "forget-acc", "mia-auc", "kl-forget", "disagree-forget", "kl-test", "disagree-test"):
         assert all(key in m for m in (orig, unl, gold))
     assert abs(unl["mia-auc"] - gold["mia-auc"]) < abs(orig["mia-auc"] - gold["mia-auc"])
-    assert {l["layer"] for l in res["unlearning"]["layers"]} == {"net.1", "net.3", "net.5"}
+    assert {layer["layer"] for layer in res["unlearning"]["layers"]} == {"net.1", "net.3", "net.5"}
 
 
 @pytest.mark.slow
 def test_harness_grid_is_summarised_resumable_and_engine_independent(tmp_path):
     """2 methods x 1 scenario (sample deletion) x 2 seeds through flwr run on Ray; in-process gives the same numbers."""
-    grid = ["--methods", "puf", "retrain", "--scenarios", "samples-random", "--seeds", "0", "1", "--num-clients", "3",
-            "--run-config", "dataset='digits' num-server-rounds=5 unlearn.round=3 unlearn.recovery='until-gold'"]
-    cmd = [sys.executable, "-m", "simulations.harness", *grid, "--engine", "ray", "--results-dir", str(tmp_path / "ray")]
+    grid = [
+        "--methods",
+        "puf",
+        "retrain",
+        "--scenarios",
+        "samples-random",
+        "--seeds",
+        "0",
+        "1",
+        "--num-clients",
+        "3",
+        "--run-config",
+        "dataset='digits' num-server-rounds=5 unlearn.round=3 unlearn.recovery='until-gold'",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "simulations.harness",
+        *grid,
+        "--engine",
+        "ray",
+        "--results-dir",
+        str(tmp_path / "ray"),
+    ]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     out = tmp_path / "ray" / "harness"
@@ -81,11 +116,27 @@ def test_harness_grid_is_summarised_resumable_and_engine_independent(tmp_path):
         assert (out / f).is_file()
     cached = [p.name for p in (tmp_path / "ray" / "gold-cache").iterdir()]
     # one gold and one original federation per seed, shared by both methods
-    assert sum(not n.startswith("original-") for n in cached) == 2 and sum(n.startswith("original-") for n in cached) == 2
+    assert (
+        sum(not n.startswith("original-") for n in cached) == 2 and sum(n.startswith("original-") for n in cached) == 2
+    )
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("already done, skipped") == 4
-    local = subprocess.run([sys.executable, "-m", "simulations.harness", *grid, "--engine", "inprocess",
-                            "--results-dir", str(tmp_path / "local")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    local = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simulations.harness",
+            *grid,
+            "--engine",
+            "inprocess",
+            "--results-dir",
+            str(tmp_path / "local"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert local.returncode == 0, local.stderr[-3000:]
     same = json.loads((tmp_path / "local" / "harness" / "harness.json").read_text())["statistics"]["samples-random"]
     for col in stats:
@@ -94,11 +145,14 @@ def test_harness_grid_is_summarised_resumable_and_engine_independent(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, extra", [
-    ("amun", "fastclip.bound=2.0"),  # AMUN's smoothness condition via FastClip (augmentation: test_experiment.py)
-    ("trw", "unlearn.scenario='class' unlearn.class=3"),
-    ("mpru", "unlearn.scenario='class' unlearn.class=3"),
-])
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("amun", "fastclip.bound=2.0"),  # AMUN's smoothness condition via FastClip (augmentation: test_experiment.py)
+        ("trw", "unlearn.scenario='class' unlearn.class=3"),
+        ("mpru", "unlearn.scenario='class' unlearn.class=3"),
+    ],
+)
 def test_seed_methods_through_flwr_run(tmp_path, method, extra):
     proc = launch(tmp_path, f"dataset='digits' num-server-rounds=5 unlearn.round=3 unlearn.method='{method}' {extra}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -40,23 +40,32 @@ def test_eigenvalues_are_squared_singular_values():
     w = np.random.default_rng(3).normal(size=(7, 12))
     np.testing.assert_allclose(eigenvalues(w), np.sort(np.linalg.svd(w, compute_uv=False) ** 2), rtol=1e-9)
     conv = np.random.default_rng(4).normal(size=(8, 5, 3, 3))
-    pooled = np.sort(np.concatenate([np.linalg.svd(conv[:, :, i, j], compute_uv=False) ** 2 for i in range(3) for j in range(3)]))
+    pooled = np.sort(
+        np.concatenate([np.linalg.svd(conv[:, :, i, j], compute_uv=False) ** 2 for i in range(3) for j in range(3)])
+    )
     np.testing.assert_allclose(eigenvalues(conv), pooled, rtol=1e-9)
     assert len(eigenvalues(np.zeros((20, 20)))) == 0  # all below the 1e-5 floor
 
 
 def test_heavy_tailed_matrix_gets_smaller_exponent_than_gaussian():
     rng = np.random.default_rng(5)
-    spectra = analyze({"heavy.weight": rng.standard_t(df=2.5, size=(600, 300)),
-                       "gauss.weight": rng.normal(size=(600, 300)),
-                       "gauss.bias": rng.normal(size=300), "tiny.weight": rng.normal(size=(4, 4))})
+    spectra = analyze(
+        {
+            "heavy.weight": rng.standard_t(df=2.5, size=(600, 300)),
+            "gauss.weight": rng.normal(size=(600, 300)),
+            "gauss.bias": rng.normal(size=300),
+            "tiny.weight": rng.normal(size=(4, 4)),
+        }
+    )
     by = {s.layer: s for s in spectra}
     assert set(by) == {"heavy", "gauss", "tiny"}  # biases are not layers
     assert by["heavy"].alpha < by["gauss"].alpha - 2
     assert np.isnan(by["tiny"].alpha) and by["tiny"].nu == 1.0  # < 10 eigenvalues: no fit
 
 
-@pytest.mark.skipif(importlib.util.find_spec("weightwatcher") is None, reason="weightwatcher not installed (optional cross-check)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("weightwatcher") is None, reason="weightwatcher not installed (optional cross-check)"
+)
 def test_matches_weightwatcher_on_a_conv_net():
     import logging
 
@@ -68,7 +77,7 @@ def test_matches_weightwatcher_on_a_conv_net():
     model = build_model("cnn", (1, 28, 28), 10, seed=0)
     details = ww.WeightWatcher(model=model).analyze()
     # WeightWatcher switches to another fit for small layers ("SMALL N PL FIT"): compare >= 50 eigenvalues
-    theirs = sorted(a for a, n in zip(details["alpha"], details["num_evals"]) if n >= 50)
+    theirs = sorted(a for a, n in zip(details["alpha"], details["num_evals"], strict=False) if n >= 50)
     ours = sorted(s.alpha for s in analyze(model.state_dict()) if s.num_eigenvalues >= 50)
     assert len(ours) == len(theirs) == 2
     np.testing.assert_allclose(ours, theirs, atol=0.05)
@@ -88,7 +97,9 @@ def test_gate_is_bounded_monotone_and_smooth():
     assert gate(float("nan")) == 1.0
 
 
-@pytest.mark.parametrize("kw", [{"alpha_low": 6.0, "alpha_high": 2.0}, {"tau": 0.0}, {"nu_min": 1.0}, {"nu_unfit": 0.05}])
+@pytest.mark.parametrize(
+    "kw", [{"alpha_low": 6.0, "alpha_high": 2.0}, {"tau": 0.0}, {"nu_min": 1.0}, {"nu_unfit": 0.05}]
+)
 def test_gate_rejects_impossible_settings(kw):
     with pytest.raises(ValueError):
         StabilityGate(**kw)

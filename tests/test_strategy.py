@@ -56,8 +56,12 @@ GRID = StaticGrid(NODES.values())
 
 def reply(cid: int, w, n: int, mtype: str = MessageType.TRAIN, extra: dict | None = None) -> Message:
     instr = Message(RecordDict(), NODES[cid], mtype)
-    content = RecordDict({"arrays": ArrayRecord(array_dict={}) if w is None else to_record(w),
-                          "metrics": MetricRecord({"num-examples": n, "train-steps": 3, "train-loss": 0.1, **(extra or {})})})
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(array_dict={}) if w is None else to_record(w),
+            "metrics": MetricRecord({"num-examples": n, "train-steps": 3, "train-loss": 0.1, **(extra or {})}),
+        }
+    )
     return Message(content, reply_to=instr)
 
 
@@ -67,9 +71,13 @@ def weights(w, b, dtype=np.float32):
 
 def strategy(method="puf", **kw) -> Unlearning:
     kw.setdefault("calibrate", False)  # the methods' own rules; calibration has its own test
-    s = Unlearning(ReproducibleFedAvg(min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1),
-                   make_method(method) if isinstance(method, str) else method, **kw)
-    s.identities = {n: {"partition-id": c} for c, n in NODES.items()}
+    s = Unlearning(
+        ReproducibleFedAvg(min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1),
+        make_method(method) if isinstance(method, str) else method,
+        **kw,
+    )
+    for c, n in NODES.items():
+        s.set_identity(n, **{"partition-id": c})
     return s
 
 
@@ -87,8 +95,9 @@ def test_ordinary_round_is_the_wrapped_fedavg_over_every_node():
     msgs = start_round(s, 1)
     assert sorted(m.metadata.dst_node_id for m in msgs) == sorted(NODES.values())  # the departing one still trains
     assert {m.metadata.message_type for m in msgs} == {MessageType.TRAIN}
-    out, metrics = s.aggregate_train(1, [reply(0, weights([3, 2], 0.5), 1), reply(1, weights([1, 4], 1.5), 1),
-                                         reply(2, weights([2, 0], 1.0), 2)])
+    out, metrics = s.aggregate_train(
+        1, [reply(0, weights([3, 2], 0.5), 1), reply(1, weights([1, 4], 1.5), 1), reply(2, weights([2, 0], 1.0), 2)]
+    )
     got = to_weights(out)
     np.testing.assert_allclose(got["w"], [2.0, 1.5])  # (3 + 1 + 2*2)/4, (2 + 4 + 0)/4
     np.testing.assert_allclose(got["b"], [1.0])
@@ -106,8 +115,12 @@ def test_unlearning_round_applies_puf_and_the_departed_node_receives_nothing_aft
     assert {m.metadata.message_type for m in msgs} == {MessageType.TRAIN} and len(msgs) == 3
     rep = [reply(0, weights([2, 2], 0.5), 1), reply(1, weights([1, 2], 0.5), 1), reply(2, weights([1, 4], 1.5), 2)]
     out, _ = s.aggregate_train(2, rep)
-    expected = puf_update(GLOBAL, [ClientUpdate(0, weights([2, 2], 0.5), 1), ClientUpdate(1, weights([1, 2], 0.5), 1)],
-                          [ClientUpdate(2, weights([1, 4], 1.5), 2)], eta=2.0)
+    expected = puf_update(
+        GLOBAL,
+        [ClientUpdate(0, weights([2, 2], 0.5), 1), ClientUpdate(1, weights([1, 2], 0.5), 1)],
+        [ClientUpdate(2, weights([1, 4], 1.5), 2)],
+        eta=2.0,
+    )
     for k in GLOBAL:
         np.testing.assert_allclose(to_weights(out)[k], expected[k])
     np.testing.assert_allclose(to_weights(out)["w"], [1.25, 0.0])  # by hand: w + 1/4 (1,0) - 2 * 2/4 (0,2)
@@ -130,16 +143,21 @@ def test_special_variant_only_asks_departing_clients():
     assert s.departed == {NODES[0], NODES[1]}
 
 
-@pytest.mark.parametrize("bad, problem", [
-    (weights([np.nan, 1.0], 0.5), "NaN/inf"),
-    ({"w": np.zeros(3, np.float32), "b": np.zeros(1, np.float32)}, "shape"),
-    ({"w": np.zeros(2, np.float32)}, "missing"),
-    (weights([1, 2], 0.5, np.int8), "dtype"),
-])
+@pytest.mark.parametrize(
+    "bad, problem",
+    [
+        (weights([np.nan, 1.0], 0.5), "NaN/inf"),
+        ({"w": np.zeros(3, np.float32), "b": np.zeros(1, np.float32)}, "shape"),
+        ({"w": np.zeros(2, np.float32)}, "missing"),
+        (weights([1, 2], 0.5, np.int8), "dtype"),
+    ],
+)
 def test_a_bad_update_costs_its_node_the_round_never_the_round(bad, problem):
     s = strategy(max_strikes=2)
     start_round(s, 1)
-    out, metrics = s.aggregate_train(1, [reply(0, weights([3, 2], 0.5), 1), reply(1, bad, 1), reply(2, weights([1, 2], 0.5), 1)])
+    out, metrics = s.aggregate_train(
+        1, [reply(0, weights([3, 2], 0.5), 1), reply(1, bad, 1), reply(2, weights([1, 2], 0.5), 1)]
+    )
     np.testing.assert_allclose(to_weights(out)["w"], [2.0, 2.0])  # FedAvg over nodes 0 and 2 only
     assert problem in s.last_round_problems[NODES[1]] and metrics["clients"] == 2
     assert s.strikes[NODES[1]] == 1 and not s.excluded
@@ -154,8 +172,14 @@ def test_claimed_examples_are_capped_at_what_the_node_declared():
     for c in NODES:
         s.declare_examples(NODES[c], 10)
     start_round(s, 1)
-    out, _ = s.aggregate_train(1, [reply(0, weights([0, 0], 0.0), 10), reply(1, weights([0, 0], 0.0), 10),
-                                   reply(2, weights([1e6, 1e6], 1e6), 10**12)])
+    out, _ = s.aggregate_train(
+        1,
+        [
+            reply(0, weights([0, 0], 0.0), 10),
+            reply(1, weights([0, 0], 0.0), 10),
+            reply(2, weights([1e6, 1e6], 1e6), 10**12),
+        ],
+    )
     # the attacker weighs what it declared (a third), not 10**12 / (10**12 + 20)
     np.testing.assert_allclose(to_weights(out)["w"], [1e6 / 3] * 2, rtol=1e-6)
 
@@ -201,8 +225,11 @@ def test_fine_tune_round_does_not_contact_departing_clients():
 
 
 def test_not_sends_the_negated_model_and_reports_motion_from_the_round_start():
-    g = {"net.1.weight": np.ones((2, 2), np.float32), "net.1.bias": np.ones(2, np.float32),
-         "net.3.weight": np.ones((1, 2), np.float32)}
+    g = {
+        "net.1.weight": np.ones((2, 2), np.float32),
+        "net.1.bias": np.ones(2, np.float32),
+        "net.3.weight": np.ones((1, 2), np.float32),
+    }
     s = strategy("not")
     s.request_unlearning(2, round=1)
     msgs = list(s.configure_train(1, to_record(g), ConfigRecord(), GRID))
@@ -228,14 +255,30 @@ def test_sample_deletion_round_asks_both_roles_and_the_client_stays_on_retained_
     cfg2 = msgs[NODES[2]].content["config"]
     assert cfg2["roles"] == "retain,forget" and cfg2["unlearn-method"] == "puf" and cfg2["puf.scale"] == 2.0
     assert msgs[NODES[0]].metadata.message_type == MessageType.TRAIN and "roles" not in msgs[NODES[0]].content["config"]
-    both = RecordDict({"arrays": to_record(weights([1, 2], 0.5)), "metrics": MetricRecord({"num-examples": 1}),
-                       "forget-arrays": to_record(weights([1, 4], 1.5)), "forget-metrics": MetricRecord({"num-examples": 2})})
-    rep = [reply(0, weights([2, 2], 0.5), 1), reply(1, weights([1, 2], 0.5), 1),
-           Message(both, reply_to=Message(RecordDict(), NODES[2], "train.unlearn"))]
+    both = RecordDict(
+        {
+            "arrays": to_record(weights([1, 2], 0.5)),
+            "metrics": MetricRecord({"num-examples": 1}),
+            "forget-arrays": to_record(weights([1, 4], 1.5)),
+            "forget-metrics": MetricRecord({"num-examples": 2}),
+        }
+    )
+    rep = [
+        reply(0, weights([2, 2], 0.5), 1),
+        reply(1, weights([1, 2], 0.5), 1),
+        Message(both, reply_to=Message(RecordDict(), NODES[2], "train.unlearn")),
+    ]
     out, metrics = s.aggregate_train(2, rep)
-    expected = puf_update(GLOBAL, [ClientUpdate(0, weights([2, 2], 0.5), 1), ClientUpdate(1, weights([1, 2], 0.5), 1),
-                                   ClientUpdate(2, weights([1, 2], 0.5), 1)],
-                          [ClientUpdate(2, weights([1, 4], 1.5), 2)], eta=2.0)
+    expected = puf_update(
+        GLOBAL,
+        [
+            ClientUpdate(0, weights([2, 2], 0.5), 1),
+            ClientUpdate(1, weights([1, 2], 0.5), 1),
+            ClientUpdate(2, weights([1, 2], 0.5), 1),
+        ],
+        [ClientUpdate(2, weights([1, 4], 1.5), 2)],
+        eta=2.0,
+    )
     for k in GLOBAL:
         np.testing.assert_allclose(to_weights(out)[k], expected[k])
     assert metrics["total-examples"] == 5  # both roles' examples count
@@ -248,10 +291,22 @@ def test_replies_with_records_that_were_not_asked_for_are_dropped():
     s = strategy()
     s.request_unlearning(2, round=3)
     start_round(s, 1)
-    sneaky = RecordDict({"arrays": to_record(GLOBAL), "metrics": MetricRecord({"num-examples": 1}),
-                         "forget-arrays": to_record(GLOBAL), "forget-metrics": MetricRecord({"num-examples": 1})})
-    out, metrics = s.aggregate_train(1, [reply(0, GLOBAL, 1), reply(1, GLOBAL, 1),
-                                         Message(sneaky, reply_to=Message(RecordDict(), NODES[2], MessageType.TRAIN))])
+    sneaky = RecordDict(
+        {
+            "arrays": to_record(GLOBAL),
+            "metrics": MetricRecord({"num-examples": 1}),
+            "forget-arrays": to_record(GLOBAL),
+            "forget-metrics": MetricRecord({"num-examples": 1}),
+        }
+    )
+    out, metrics = s.aggregate_train(
+        1,
+        [
+            reply(0, GLOBAL, 1),
+            reply(1, GLOBAL, 1),
+            Message(sneaky, reply_to=Message(RecordDict(), NODES[2], MessageType.TRAIN)),
+        ],
+    )
     assert out is not None and metrics["clients"] == 2 and "exactly one ArrayRecord" in s.last_round_problems[NODES[2]]
     assert s.departed == set()
 
@@ -278,9 +333,19 @@ def test_unlearning_fedavg_takes_every_fedavg_argument_and_aggregates_user_metri
         agg_calls.append(len(records))
         return MetricRecord({"mine": 1.0})
 
-    s = UnlearningFedAvg(fraction_train=0.5, fraction_evaluate=0.5, min_train_nodes=1, min_evaluate_nodes=1,
-                         min_available_nodes=3, weighted_by_key="n", arrayrecord_key="model", configrecord_key="cfg",
-                         train_metrics_aggr_fn=my_aggr, evaluate_metrics_aggr_fn=my_aggr, method="puf")
+    s = UnlearningFedAvg(
+        fraction_train=0.5,
+        fraction_evaluate=0.5,
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=3,
+        weighted_by_key="n",
+        arrayrecord_key="model",
+        configrecord_key="cfg",
+        train_metrics_aggr_fn=my_aggr,
+        evaluate_metrics_aggr_fn=my_aggr,
+        method="puf",
+    )
     assert isinstance(s.strategy, FedAvg) and s.strategy.fraction_train == 0.5
     msgs = list(s.configure_train(1, to_record(GLOBAL), ConfigRecord(), GRID))
     assert len(msgs) == 1 and set(msgs[0].content) == {"model", "cfg"}  # half of 3 nodes, the user's record keys
@@ -303,25 +368,34 @@ class CalibratingGrid(StaticGrid):
         for m in messages:
             self.asked.append(m)
             scales = list(m.content["config"]["scales"])
-            rec = MetricRecord({"forget-loss-sum": [10 * (self.a + self.b * c) for c in scales],
-                                "forget-correct": [10.0 * (1 - c) for c in scales],
-                                "heldout-loss-sum": [5 * self.h for _ in scales],
-                                "forget-n": [10.0], "heldout-n": [5.0]})
+            rec = MetricRecord(
+                {
+                    "forget-loss-sum": [10 * (self.a + self.b * c) for c in scales],
+                    "forget-correct": [10.0 * (1 - c) for c in scales],
+                    "heldout-loss-sum": [5 * self.h for _ in scales],
+                    "forget-n": [10.0],
+                    "heldout-n": [5.0],
+                }
+            )
             out.append(Message(RecordDict({"calibration": rec}), reply_to=m))
         return out
 
 
 @pytest.mark.parametrize("a, b, h, scale", [(0.1, 0.8, 0.5, 0.5), (0.6, 0.8, 0.5, 0.0), (0.1, 0.2, 0.5, 1.0)])
 def test_calibration_scales_the_step_to_where_the_forget_set_looks_unseen(a, b, h, scale):
-    """Forget loss a + b c, held-out loss h: the step stops at c = (h - a) / b, in [0, 1]; never beyond the full step."""
+    """Forget loss a + b c, held-out loss h: the step stops at c = (h - a) / b in [0, 1], never beyond the full step."""
     grid = CalibratingGrid(NODES.values(), a, b, h)
     s = strategy(make_method("puf", {"puf.scale": 2.0}), calibrate=True)
     s.request_unlearning(2, round=1)
     start_round(s, 1, grid)
     rem = [reply(0, weights([2, 2], 0.5), 1), reply(1, weights([1, 2], 0.5), 1)]
     out, _ = s.aggregate_train(1, [*rem, reply(2, weights([1, 4], 1.5), 2)])
-    full = puf_update(GLOBAL, [ClientUpdate(0, weights([2, 2], 0.5), 1), ClientUpdate(1, weights([1, 2], 0.5), 1)],
-                      [ClientUpdate(2, weights([1, 4], 1.5), 2)], eta=2.0)
+    full = puf_update(
+        GLOBAL,
+        [ClientUpdate(0, weights([2, 2], 0.5), 1), ClientUpdate(1, weights([1, 2], 0.5), 1)],
+        [ClientUpdate(2, weights([1, 4], 1.5), 2)],
+        eta=2.0,
+    )
     base = {"w": np.array([1.5, 2.0]), "b": np.array([0.5])}  # the remaining clients' FedAvg step alone
     for k in GLOBAL:
         np.testing.assert_allclose(to_weights(out)[k], base[k] + scale * (full[k] - base[k]), atol=1e-6)
@@ -337,7 +411,8 @@ def test_a_client_without_the_helpers_gets_the_full_step():
     s.capabilities[NODES[2]] = {}  # it answered query.identify with no capabilities: a plain client
     s.request_unlearning(2, round=1)
     start_round(s, 1)
-    out, _ = s.aggregate_train(1, [reply(0, weights([2, 2], 0.5), 1), reply(1, weights([1, 2], 0.5), 1),
-                                   reply(2, weights([1, 4], 1.5), 2)])
+    out, _ = s.aggregate_train(
+        1, [reply(0, weights([2, 2], 0.5), 1), reply(1, weights([1, 2], 0.5), 1), reply(2, weights([1, 4], 1.5), 2)]
+    )
     np.testing.assert_allclose(to_weights(out)["w"], [1.25, 0.0])
     assert s.unlearning_report["calibration"]["used"] is False

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import csv
 import gzip
-import zipfile
 import importlib.metadata
 import io
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -75,7 +75,7 @@ class ArrayDataset:
         """Shape of one example."""
         return tuple(self.x.shape[1:])
 
-    def subset(self, idx: np.ndarray) -> "ArrayDataset":
+    def subset(self, idx: np.ndarray) -> ArrayDataset:
         """Return the examples at ``idx`` (a copy)."""
         return ArrayDataset(self.x[idx], self.y[idx], self.num_classes, self.name)
 
@@ -85,9 +85,7 @@ def _packaged_file(dist: str, relpath: str) -> Path:
     try:
         path = Path(str(importlib.metadata.distribution(dist).locate_file(relpath)))
     except importlib.metadata.PackageNotFoundError as exc:
-        raise FileNotFoundError(
-            f"package '{dist}' is not installed; it ships {relpath} (pip install {dist})"
-        ) from exc
+        raise FileNotFoundError(f"package '{dist}' is not installed; it ships {relpath} (pip install {dist})") from exc
     if not path.is_file():
         raise FileNotFoundError(f"package '{dist}' is installed but {path} is missing")
     return path
@@ -132,8 +130,10 @@ def load_fashion_mnist(data_dir: str | Path = DEFAULT_FASHION_MNIST_DIR) -> Arra
     """
     root = Path(data_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"Fashion-MNIST folder {root} does not exist (set data-dir; on Debian: "
-                                "apt-get install dataset-fashion-mnist)")
+        raise FileNotFoundError(
+            f"Fashion-MNIST folder {root} does not exist (set data-dir; on Debian: "
+            "apt-get install dataset-fashion-mnist)"
+        )
     parts = []
     for split in ("train", "t10k"):
         images = read_idx(_find_idx(root, f"{split}-images-idx3-ubyte"))
@@ -141,8 +141,10 @@ def load_fashion_mnist(data_dir: str | Path = DEFAULT_FASHION_MNIST_DIR) -> Arra
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise ValueError(f"{root}: {split} images {images.shape} / labels {labels.shape}")
         if len(labels) and (labels.min() < 0 or labels.max() >= 10):
-            raise ValueError(f"{_find_idx(root, f'{split}-labels-idx1-ubyte')}: labels must be in [0, 10), "
-                             f"found {int(labels.min())}..{int(labels.max())}")
+            raise ValueError(
+                f"{_find_idx(root, f'{split}-labels-idx1-ubyte')}: labels must be in [0, 10), "
+                f"found {int(labels.min())}..{int(labels.max())}"
+            )
         parts.append((images, labels))
     x = np.concatenate([p[0] for p in parts]).astype(np.float32)[:, None] / 255.0
     y = np.concatenate([p[1] for p in parts]).astype(np.int64)
@@ -160,9 +162,21 @@ def _find_idx(root: Path, stem: str) -> Path:
 
 
 _ADULT_COLUMNS = [
-    "age", "workclass", "fnlwgt", "education", "education-num", "marital-status",
-    "occupation", "relationship", "race", "sex", "capital-gain", "capital-loss",
-    "hours-per-week", "native-country", "income",
+    "age",
+    "workclass",
+    "fnlwgt",
+    "education",
+    "education-num",
+    "marital-status",
+    "occupation",
+    "relationship",
+    "race",
+    "sex",
+    "capital-gain",
+    "capital-loss",
+    "hours-per-week",
+    "native-country",
+    "income",
 ]
 _ADULT_NUMERIC = {"age", "fnlwgt", "education-num", "capital-gain", "capital-loss", "hours-per-week"}
 
@@ -184,15 +198,17 @@ def load_uci_adult(data_dir: str | Path) -> ArrayDataset:
     """
     root = Path(data_dir)
     if not str(data_dir) or not root.is_dir():
-        raise FileNotFoundError(f"UCI Adult folder {str(data_dir)!r} does not exist (set data-dir to the folder "
-                                "with adult.data and adult.test)")
+        raise FileNotFoundError(
+            f"UCI Adult folder {str(data_dir)!r} does not exist (set data-dir to the folder "
+            "with adult.data and adult.test)"
+        )
     rows: list[list[str]] = []
     where: list[tuple[Path, int]] = []
     for stem in ("adult.data", "adult.test"):
         path = next((root / n for n in (stem, stem + ".gz") if (root / n).is_file()), None)
         if path is None:
             raise FileNotFoundError(f"UCI Adult file {stem}[.gz] not found in {root}")
-        opener: Callable[..., io.TextIOBase] = gzip.open if path.suffix == ".gz" else open  # type: ignore[assignment]
+        opener: Callable[..., io.TextIOBase] = gzip.open if path.suffix == ".gz" else open
         try:
             with opener(path, "rt") as fh:
                 for line, rec in enumerate(csv.reader(fh, skipinitialspace=True), start=1):
@@ -203,17 +219,18 @@ def load_uci_adult(data_dir: str | Path) -> ArrayDataset:
             raise ValueError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
     if not rows:
         raise ValueError(f"no UCI Adult rows read from {root}")
-    cols = list(zip(*rows))
+    cols = list(zip(*rows, strict=False))
     y = np.array([1 if v.rstrip(".") == ">50K" else 0 for v in cols[-1]], dtype=np.int64)
     feats = []
-    for name, values in zip(_ADULT_COLUMNS[:-1], cols[:-1]):
+    for name, values in zip(_ADULT_COLUMNS[:-1], cols[:-1], strict=False):
         if name in _ADULT_NUMERIC:
             try:
                 v = np.asarray(values, dtype=np.float64)
             except ValueError:
                 i = next(i for i, val in enumerate(values) if not _is_number(val))
-                raise ValueError(f"{where[i][0]} line {where[i][1]}: column '{name}' must be a number, "
-                                 f"got {values[i]!r}") from None
+                raise ValueError(
+                    f"{where[i][0]} line {where[i][1]}: column '{name}' must be a number, got {values[i]!r}"
+                ) from None
             if not np.all(np.isfinite(v)):
                 i = int(np.flatnonzero(~np.isfinite(v))[0])
                 raise ValueError(f"{where[i][0]} line {where[i][1]}: column '{name}' must be finite, got {values[i]!r}")

@@ -49,9 +49,7 @@ def parse_idx(buf: bytes, source: str = "<bytes>") -> np.ndarray:
     dtype = np.dtype(_IDX_TYPES[code])
     expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     if len(buf) - header != expected:
-        raise ValueError(
-            f"{source}: IDX payload is {len(buf) - header} bytes, dims {dims} need {expected}"
-        )
+        raise ValueError(f"{source}: IDX payload is {len(buf) - header} bytes, dims {dims} need {expected}")
     data = np.frombuffer(buf, dtype=dtype, offset=header).reshape(dims)
     return data.astype(dtype.newbyteorder("="))
 

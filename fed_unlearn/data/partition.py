@@ -79,9 +79,7 @@ def partition_indices(
     return [np.sort(np.asarray(part.load_partition(i)["idx"], dtype=np.int64)) for i in range(num_partitions)]
 
 
-def train_holdout_split(
-    indices: np.ndarray, holdout_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def train_holdout_split(indices: np.ndarray, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split one client's indices into a train part and a held-out part.
 
     The held-out part is the client's own test data: non-members for the

@@ -26,7 +26,22 @@ from .rounds import FederationRun, NoValidRepliesError, run_rounds
 from .strategy import ReproducibleFedAvg, Unlearning, UnlearningFedAvg, UnlearningRequest
 
 __all__ = [
-    "ActiveNodesGrid", "FederationRun", "InProcessGrid", "NoValidRepliesError", "ReproducibleFedAvg", "Unlearning",
-    "UnlearningFedAvg", "UnlearningRequest", "add_identity", "add_unlearning", "architecture_mismatch", "as_dataset",
-    "default_train", "metric_dict", "run_rounds", "to_record", "to_weights", "train_settings",
+    "ActiveNodesGrid",
+    "FederationRun",
+    "InProcessGrid",
+    "NoValidRepliesError",
+    "ReproducibleFedAvg",
+    "Unlearning",
+    "UnlearningFedAvg",
+    "UnlearningRequest",
+    "add_identity",
+    "add_unlearning",
+    "architecture_mismatch",
+    "as_dataset",
+    "default_train",
+    "metric_dict",
+    "run_rounds",
+    "to_record",
+    "to_weights",
+    "train_settings",
 ]

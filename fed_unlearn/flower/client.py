@@ -51,6 +51,7 @@ from ..evaluation import measure_client
 from ..metrics import cross_entropy
 from ..training import TrainSettings, client_seed, predict_logits, relearn_steps, train_local
 from ..unlearning import METHODS, RoutineInput, client_routine, config_from_run_config
+from .records import number
 
 #: Node-state keys the helpers use (the node's own state, persisted by Flower between messages).
 MASK_KEY = "fed-unlearn.forget-mask"
@@ -77,8 +78,10 @@ def _pair(item: Any, source: str) -> tuple[Any, Any]:
         xk = next((k for k in _X_KEYS if k in item), None)
         yk = next((k for k in _Y_KEYS if k in item), None)
         if xk is None or yk is None:
-            raise ValueError(f"{source}: items are dicts with keys {sorted(item)}; expected an input key "
-                             f"({', '.join(_X_KEYS)}) and a label key ({', '.join(_Y_KEYS)})")
+            raise ValueError(
+                f"{source}: items are dicts with keys {sorted(item)}; expected an input key "
+                f"({', '.join(_X_KEYS)}) and a label key ({', '.join(_Y_KEYS)})"
+            )
         return item[xk], item[yk]
     if isinstance(item, (tuple, list)) and len(item) >= 2:
         return item[0], item[1]
@@ -127,7 +130,7 @@ def as_dataset(obj: Any, source: str = "data") -> ArrayDataset:
 
 # -- run-config helpers --------------------------------------------------------------------------
 def train_settings(run_config: Mapping[str, Any], instruction: Mapping[str, Any] | None = None) -> TrainSettings:
-    """Local SGD settings from the run config (``local-epochs``, ``batch-size``, ``lr``, ``momentum``, ``weight-decay``).
+    """Local SGD settings from the run config: ``local-epochs``, ``batch-size``, ``lr``, ``momentum``, ``weight-decay``.
 
     ``local-epochs-ratio`` in the instruction runs ``max(1, round(r E))`` epochs (FedEraser's calibration).
     """
@@ -135,8 +138,13 @@ def train_settings(run_config: Mapping[str, Any], instruction: Mapping[str, Any]
     epochs = int(run_config.get("local-epochs", d.epochs))
     if instruction is not None and P.LOCAL_EPOCHS_RATIO in instruction:
         epochs = max(1, int(np.floor(float(instruction[P.LOCAL_EPOCHS_RATIO]) * epochs + 0.5)))
-    return TrainSettings(epochs, int(run_config.get("batch-size", d.batch_size)), float(run_config.get("lr", d.lr)),
-                         float(run_config.get("momentum", d.momentum)), float(run_config.get("weight-decay", d.weight_decay)))
+    return TrainSettings(
+        epochs,
+        int(run_config.get("batch-size", d.batch_size)),
+        float(run_config.get("lr", d.lr)),
+        float(run_config.get("momentum", d.momentum)),
+        float(run_config.get("weight-decay", d.weight_decay)),
+    )
 
 
 def node_client_id(context: Context) -> int:
@@ -148,7 +156,9 @@ def node_client_id(context: Context) -> int:
         return int(context.node_id)
 
 
-def default_train(model: torch.nn.Module, data: ArrayDataset, instruction: Mapping[str, Any], context: Context) -> dict[str, Any]:
+def default_train(
+    model: torch.nn.Module, data: ArrayDataset, instruction: Mapping[str, Any], context: Context
+) -> dict[str, Any]:
     """Minibatch SGD on ``data`` (the project's local training), seeded by run seed, round and client.
 
     Honours the protocol's optional keys: ``local-epochs-ratio``, ``seed-round`` (replay the
@@ -159,9 +169,16 @@ def default_train(model: torch.nn.Module, data: ArrayDataset, instruction: Mappi
     replay = P.SEED_ROUND in instruction
     rnd = int(instruction.get(P.SEED_ROUND, instruction.get(P.SERVER_ROUND, 0)))
     augment = "none" if replay else str(instruction.get(P.AUGMENT, "none"))
-    stats = train_local(model, data.x, data.y, train_settings(rc, instruction),
-                        seed=client_seed(int(rc.get("seed", 0)), rnd, node_client_id(context)), augment=augment,
-                        clip_bound=float(rc.get("fastclip.bound", 0.0)), clip_every=int(rc.get("fastclip.every", 50)))
+    stats = train_local(
+        model,
+        data.x,
+        data.y,
+        train_settings(rc, instruction),
+        seed=client_seed(int(rc.get("seed", 0)), rnd, node_client_id(context)),
+        augment=augment,
+        clip_bound=float(rc.get("fastclip.bound", 0.0)),
+        clip_every=int(rc.get("fastclip.every", 50)),
+    )
     return {"train-loss": stats.mean_loss, "train-steps": stats.steps}
 
 
@@ -207,7 +224,11 @@ class _Helper:
     @staticmethod
     def config(msg: Message) -> Mapping[str, Any]:
         recs = msg.content.config_records
-        return dict(recs[P.CONFIG_RECORD]) if P.CONFIG_RECORD in recs else (dict(next(iter(recs.values()))) if recs else {})
+        return (
+            dict(recs[P.CONFIG_RECORD])
+            if P.CONFIG_RECORD in recs
+            else (dict(next(iter(recs.values()))) if recs else {})
+        )
 
     @staticmethod
     def mask(context: Context, data: ArrayDataset, instruction: Mapping[str, Any]) -> np.ndarray | None:
@@ -215,19 +236,21 @@ class _Helper:
         if bool(instruction.get(P.FORGET_ALL, False)):
             return np.ones(len(data), bool)
         if MASK_KEY in context.state.array_records:
-            mask = context.state[MASK_KEY]["mask"].numpy().astype(bool)
+            mask = context.state.array_records[MASK_KEY]["mask"].numpy().astype(bool)
             if mask.shape == (len(data),):
                 return mask
-            raise ValueError(f"the stored deletion mask covers {len(mask)} samples but the node has {len(data)}: "
-                             "its data changed since the deletion request")
+            raise ValueError(
+                f"the stored deletion mask covers {len(mask)} samples but the node has {len(data)}: "
+                "its data changed since the deletion request"
+            )
         return None
 
     @staticmethod
     def removed_classes(context: Context) -> tuple[int, ...]:
         if REQUEST_KEY in context.state.config_records:
-            req = context.state[REQUEST_KEY]
+            req = context.state.config_records[REQUEST_KEY]
             if req.get("scenario") == "class":
-                return (int(req["class"]),)
+                return (int(str(req["class"])),)
         return ()
 
     def part(self, context: Context, data: ArrayDataset, which: str, instruction: Mapping[str, Any]) -> ArrayDataset:
@@ -241,13 +264,18 @@ class _Helper:
             raise ValueError(f"this node's '{which}' part is empty")
         return data.subset(idx)
 
-    def _train(self, model: torch.nn.Module, data: ArrayDataset, instruction: Mapping[str, Any],
-               context: Context) -> MetricRecord:
+    def _train(
+        self, model: torch.nn.Module, data: ArrayDataset, instruction: Mapping[str, Any], context: Context
+    ) -> MetricRecord:
         t0 = time.perf_counter()
         values = dict(self.train_fn(model, data, instruction, context))
         values.setdefault("train-seconds", time.perf_counter() - t0)
-        return MetricRecord({**{k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                             P.NUM_EXAMPLES: len(data)})
+        return MetricRecord(
+            {
+                **{k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                P.NUM_EXAMPLES: len(data),
+            }
+        )
 
     def _keep_last(self, context: Context, model: torch.nn.Module, n: int) -> None:
         context.state[LAST_LOCAL_KEY] = ArrayRecord(model.state_dict())
@@ -257,8 +285,13 @@ class _Helper:
     def identify(self, msg: Message, context: Context) -> Message:
         keys = [str(k) for k in self.config(msg).get(P.KEYS, [])]
         ident = ConfigRecord({k: context.node_config[k] for k in keys if k in context.node_config})
-        caps = ConfigRecord({"protocol": P.VERSION, "handlers": list(self.handlers),
-                             "routines": sorted(n for n, c in METHODS.items() if c.client_routine is not None)})
+        caps = ConfigRecord(
+            {
+                "protocol": P.VERSION,
+                "handlers": list(self.handlers),
+                "routines": sorted(n for n, c in METHODS.items() if c.client_routine is not None),
+            }
+        )
         return Message(RecordDict({P.IDENTITY_RECORD: ident, P.CAPABILITIES_RECORD: caps}), reply_to=msg)
 
     def info(self, msg: Message, context: Context) -> Message:
@@ -270,23 +303,48 @@ class _Helper:
         check = "ok"
         if msg.content.array_records:
             check = architecture_mismatch(model, self.arrays(msg)) or "ok"
-        metrics = MetricRecord({"train-n": len(train), "heldout-n": len(heldout), "num-classes": int(out.shape[1]),
-                                "input-shape": [int(s) for s in train.input_shape]})
+        metrics = MetricRecord(
+            {
+                "train-n": len(train),
+                "heldout-n": len(heldout),
+                "num-classes": int(out.shape[1]),
+                "input-shape": [int(s) for s in train.input_shape],
+            }
+        )
         return Message(RecordDict({"info": metrics, "check": ConfigRecord({"architecture": check})}), reply_to=msg)
 
     def forget(self, msg: Message, context: Context) -> Message:
         cfg = self.config(msg)
-        request = DeletionRequest(scenario=str(cfg.get("scenario", "client")), selection=str(cfg.get("selection", "random")),
-                                  fraction=float(cfg.get("fraction", 0.1)), forget_class=int(cfg.get("class", 0)))
+        request = DeletionRequest(
+            scenario=str(cfg.get("scenario", "client")),
+            selection=str(cfg.get("selection", "random")),
+            fraction=float(cfg.get("fraction", 0.1)),
+            forget_class=int(cfg.get("class", 0)),
+        )
         train, heldout = self.data(context)
         model = self.model(self.arrays(msg), context) if msg.content.array_records else None
-        mask = forget_mask(request, node_client_id(context), train.x, train.y, int(cfg.get("seed", context.run_config.get("seed", 0))),
-                           model=model, heldout=(heldout.x, heldout.y))
+        mask = forget_mask(
+            request,
+            node_client_id(context),
+            train.x,
+            train.y,
+            int(cfg.get("seed", context.run_config.get("seed", 0))),
+            model=model,
+            heldout=(heldout.x, heldout.y),
+        )
         context.state[MASK_KEY] = ArrayRecord({"mask": Array(mask.astype(np.uint8))})
-        context.state[REQUEST_KEY] = ConfigRecord({"scenario": request.scenario, "class": request.forget_class,
-                                                   "selection": request.selection, "fraction": request.fraction})
+        context.state[REQUEST_KEY] = ConfigRecord(
+            {
+                "scenario": request.scenario,
+                "class": request.forget_class,
+                "selection": request.selection,
+                "fraction": request.fraction,
+            }
+        )
         metrics = MetricRecord({"forget-n": int(mask.sum()), "retain-n": int((~mask).sum())})
-        return Message(RecordDict({"metrics": metrics, "receipt": ConfigRecord({"digest": mask_digest(mask)})}), reply_to=msg)
+        return Message(
+            RecordDict({"metrics": metrics, "receipt": ConfigRecord({"digest": mask_digest(mask)})}), reply_to=msg
+        )
 
     def train_all(self, msg: Message, context: Context) -> Message:
         return self._train_reply(msg, context, "all")
@@ -302,7 +360,9 @@ class _Helper:
         metrics = self._train(model, data, cfg, context)
         if bool(cfg.get(P.KEEP_LAST_LOCAL, False)):
             self._keep_last(context, model, len(data))
-        return Message(RecordDict({self.array_key(msg): ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
+        return Message(
+            RecordDict({self.array_key(msg): ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg
+        )
 
     def unlearn(self, msg: Message, context: Context) -> Message:
         cfg = self.config(msg)
@@ -323,8 +383,14 @@ class _Helper:
             out[akey], out[mkey] = ArrayRecord(model.state_dict()), metrics
         return Message(RecordDict(out), reply_to=msg)
 
-    def _forget_role(self, record: ArrayRecord, train: ArrayDataset, heldout_all: ArrayDataset, cfg: Mapping[str, Any],
-                     context: Context) -> tuple[torch.nn.Module, MetricRecord]:
+    def _forget_role(
+        self,
+        record: ArrayRecord,
+        train: ArrayDataset,
+        heldout_all: ArrayDataset,
+        cfg: Mapping[str, Any],
+        context: Context,
+    ) -> tuple[torch.nn.Module, MetricRecord]:
         forget = self.part(context, train, "forget", cfg)
         model = self.model(record, context)
         name = str(cfg.get(P.METHOD, ""))
@@ -340,17 +406,33 @@ class _Helper:
         last = None
         last_n = 0
         if LAST_LOCAL_KEY in context.state.array_records:
-            last = {k: v.numpy() for k, v in context.state[LAST_LOCAL_KEY].items()}
-            last_n = int(context.state.metric_records[LAST_LOCAL_N_KEY][P.NUM_EXAMPLES])
+            last = {k: v.numpy() for k, v in context.state.array_records[LAST_LOCAL_KEY].items()}
+            last_n = int(number(context.state.metric_records[LAST_LOCAL_N_KEY], P.NUM_EXAMPLES))
         rc = context.run_config
         seed = client_seed(int(rc.get("seed", 0)), int(cfg.get(P.SERVER_ROUND, 0)), node_client_id(context))
         t0 = time.perf_counter()
-        values = routine(RoutineInput(model, (forget.x, forget.y), (heldout.x, heldout.y), settings, cfg, seed,
-                                      retain=(retain.x, retain.y) if retain is not None else None, last_local=last,
-                                      last_local_n=last_n, augment=str(cfg.get(P.AUGMENT, "none"))))
+        values = routine(
+            RoutineInput(
+                model,
+                (forget.x, forget.y),
+                (heldout.x, heldout.y),
+                settings,
+                cfg,
+                seed,
+                retain=(retain.x, retain.y) if retain is not None else None,
+                last_local=last,
+                last_local_n=last_n,
+                augment=str(cfg.get(P.AUGMENT, "none")),
+            )
+        )
         metrics = {k: v for k, v in values.items() if not isinstance(v, bool)}
-        metrics.update({P.NUM_EXAMPLES: len(forget), "train-loss": float(values.get("forget-loss-end", 0.0)),
-                        "train-seconds": time.perf_counter() - t0})
+        metrics.update(
+            {
+                P.NUM_EXAMPLES: len(forget),
+                "train-loss": float(values.get("forget-loss-end", 0.0)),
+                "train-seconds": time.perf_counter() - t0,
+            }
+        )
         return model, MetricRecord(metrics)
 
     def relearn(self, msg: Message, context: Context) -> Message:
@@ -359,12 +441,30 @@ class _Helper:
         data = self.part(context, train, "forget", cfg)
         model = self.model(self.arrays(msg), context)
         rc = context.run_config
-        res = relearn_steps(model, data.x, data.y, float(cfg["target-accuracy"]), train_settings(rc),
-                            max_steps=int(cfg["max-steps"]), seed=client_seed(int(rc.get("seed", 0)), 10_000, node_client_id(context)))
-        return Message(RecordDict({"metrics": MetricRecord({
-            "relearn-steps": res.steps, "relearn-reached": int(res.reached), "relearn-start-acc": res.start_accuracy,
-            "relearn-final-acc": res.final_accuracy,
-        })}), reply_to=msg)
+        res = relearn_steps(
+            model,
+            data.x,
+            data.y,
+            float(cfg["target-accuracy"]),
+            train_settings(rc),
+            max_steps=int(cfg["max-steps"]),
+            seed=client_seed(int(rc.get("seed", 0)), 10_000, node_client_id(context)),
+        )
+        return Message(
+            RecordDict(
+                {
+                    "metrics": MetricRecord(
+                        {
+                            "relearn-steps": res.steps,
+                            "relearn-reached": int(res.reached),
+                            "relearn-start-acc": res.start_accuracy,
+                            "relearn-final-acc": res.final_accuracy,
+                        }
+                    )
+                }
+            ),
+            reply_to=msg,
+        )
 
     def audit(self, msg: Message, context: Context) -> Message:
         return self._measure(msg, context, audit=True)
@@ -378,9 +478,15 @@ class _Helper:
         recs = msg.content.array_records
         model = self.model(recs[self.array_key(msg)] if self.array_key(msg) in recs else self.arrays(msg), context)
         reference = self.model(recs["reference"], context) if audit and "reference" in recs else None
-        values = measure_client(model, train, heldout, forget=self.mask(context, train, cfg),
-                                removed_classes=self.removed_classes(context), reference=reference,
-                                mia=audit and bool(cfg.get("mia", False)))
+        values = measure_client(
+            model,
+            train,
+            heldout,
+            forget=self.mask(context, train, cfg),
+            removed_classes=self.removed_classes(context),
+            reference=reference,
+            mia=audit and bool(cfg.get("mia", False)),
+        )
         return Message(RecordDict({"metrics": MetricRecord({**values, P.NUM_EXAMPLES: len(heldout)})}), reply_to=msg)
 
     def calibrate(self, msg: Message, context: Context) -> Message:
@@ -394,8 +500,12 @@ class _Helper:
         like = self._heldout_like(model, context, forget, heldout)
         out: dict[str, list[float]] = {"forget-loss-sum": [], "forget-correct": [], "heldout-loss-sum": []}
         for c in [float(v) for v in cfg.get("scales", [])]:
-            model.load_state_dict({k: torch.from_numpy((v.astype(np.float64) + c * direction[k]).astype(v.dtype))
-                                   for k, v in state.items()})
+            model.load_state_dict(
+                {
+                    k: torch.from_numpy((v.astype(np.float64) + c * direction[k]).astype(v.dtype))
+                    for k, v in state.items()
+                }
+            )
             fl = predict_logits(model, forget.x)
             hl = predict_logits(model, like.x)
             out["forget-loss-sum"].append(float(np.sum(cross_entropy(fl, forget.y))))
@@ -404,13 +514,14 @@ class _Helper:
         rec = MetricRecord({**out, "forget-n": [float(len(forget))], "heldout-n": [float(len(like))]})
         return Message(RecordDict({"calibration": rec}), reply_to=msg)
 
-    def _heldout_like(self, model: torch.nn.Module, context: Context, forget: ArrayDataset,
-                      heldout: ArrayDataset) -> ArrayDataset:
-        """Held-out samples like the forget set: its classes, and for hard samples the ones the same rule ranks highest."""
+    def _heldout_like(
+        self, model: torch.nn.Module, context: Context, forget: ArrayDataset, heldout: ArrayDataset
+    ) -> ArrayDataset:
+        """Held-out samples like the forget set: its classes; for hard samples, those the same rule ranks highest."""
         same = heldout.subset(np.flatnonzero(np.isin(heldout.y, np.unique(forget.y))))
         if len(same) == 0:
             raise ValueError("no held-out sample of the forgotten classes: calibration needs some")
-        req = context.state[REQUEST_KEY] if REQUEST_KEY in context.state.config_records else {}
+        req: Mapping[str, Any] = context.state.config_records.get(REQUEST_KEY, {})
         selection = str(req.get("selection", "random"))
         if req.get("scenario") != "samples" or selection not in MODEL_SELECTIONS:
             return same
@@ -423,8 +534,10 @@ class _Helper:
 
         inbox = context.node_config.get("erasure-inbox")
         site = str(context.node_config.get("site", f"site-{node_client_id(context)}"))
-        return Message(RecordDict({"erasure": ConfigRecord(erasure_poll(str(inbox) if inbox else None, site,
-                                                                        self.config(msg)))}), reply_to=msg)
+        return Message(
+            RecordDict({"erasure": ConfigRecord(erasure_poll(str(inbox) if inbox else None, site, self.config(msg)))}),
+            reply_to=msg,
+        )
 
 
 def architecture_mismatch(model: torch.nn.Module, record: ArrayRecord) -> str:
@@ -443,8 +556,9 @@ def architecture_mismatch(model: torch.nn.Module, record: ArrayRecord) -> str:
     return "; ".join(problems)
 
 
-def _register(app: ClientApp, category: str, action: str | None, fn: Callable[[Message, Context], Message],
-              done: list[str]) -> None:
+def _register(
+    app: ClientApp, category: str, action: str | None, fn: Callable[[Message, Context], Message], done: list[str]
+) -> None:
     """Register ``fn`` unless the app already has a handler for that message type."""
     decorator = getattr(app, category)
     try:
@@ -461,8 +575,14 @@ def add_identity(app: ClientApp) -> None:
     _register(app, "query", "identify", helper.identify, [])
 
 
-def add_unlearning(app: ClientApp, model_fn: ModelFn, data_fn: DataFn, *, train_fn: TrainFn | None = None,
-                   default_handlers: bool = False) -> None:
+def add_unlearning(
+    app: ClientApp,
+    model_fn: ModelFn,
+    data_fn: DataFn,
+    *,
+    train_fn: TrainFn | None = None,
+    default_handlers: bool = False,
+) -> None:
     """Add the client side of federated unlearning to ``app`` (see the module docstring).
 
     Parameters

@@ -48,8 +48,14 @@ class InProcessGrid(Grid):
     get no reply, as for a SuperNode that is down.
     """
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: Mapping[str, Any], node_ids: Iterable[int] | None = None,
-                 node_configs: Sequence[Mapping[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        client_app: ClientApp,
+        num_nodes: int,
+        run_config: Mapping[str, Any],
+        node_ids: Iterable[int] | None = None,
+        node_configs: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
         self.client_app = client_app
         ids = list(node_ids) if node_ids is not None else [7_000_001 + 37 * i for i in range(num_nodes)]
         if len(ids) != num_nodes or len(set(ids)) != num_nodes:
@@ -58,8 +64,13 @@ class InProcessGrid(Grid):
         if len(extra) != num_nodes:
             raise ValueError("need one node config per node")
         self.contexts = {
-            nid: Context(run_id=1, node_id=nid, node_config={"partition-id": i, "num-partitions": num_nodes, **extra[i]},
-                         state=RecordDict(), run_config=dict(run_config))
+            nid: Context(
+                run_id=1,
+                node_id=nid,
+                node_config={"partition-id": i, "num-partitions": num_nodes, **extra[i]},
+                state=RecordDict(),
+                run_config=dict(run_config),
+            )
             for i, nid in enumerate(ids)
         }
         self.offline: set[int] = set()
@@ -78,7 +89,9 @@ class InProcessGrid(Grid):
     def run(self) -> Run:  # noqa: D102
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:  # noqa: D102
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:  # noqa: D102
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:  # noqa: D102
@@ -91,7 +104,7 @@ class InProcessGrid(Grid):
         if context is None:
             return Message(Error(_CLIENT_EXCEPTION, f"no node {msg.metadata.dst_node_id}"), reply_to=msg)
         try:
-            copied = Message(metadata=copy.deepcopy(msg.metadata), content=copy.deepcopy(msg.content))
+            copied = Message(metadata=copy.deepcopy(msg.metadata), content=copy.deepcopy(msg.content))  # type: ignore[call-overload]
             reply = self.client_app(copied, context)
         except Exception:  # a failing ClientApp becomes an error reply, as on a SuperNode
             return Message(Error(_CLIENT_EXCEPTION, traceback.format_exc(limit=3)), reply_to=msg)
@@ -136,8 +149,9 @@ class ActiveNodesGrid(Grid):
     def run(self) -> Run:  # noqa: D102
         return self.grid.run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:  # noqa: D102
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:  # noqa: D102
         return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:  # noqa: D102

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 
 def to_weights(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -25,3 +26,22 @@ def to_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
 def metric_dict(record: MetricRecord) -> dict[str, float]:
     """MetricRecord -> plain dict (scalars only)."""
     return {k: v for k, v in record.items() if not isinstance(v, list)}
+
+
+def with_content(msg: Message, content: RecordDict) -> Message:
+    """``msg`` with other content and the same metadata (sender, reply-to, type): e.g. a reply with fewer records."""
+    return Message(metadata=msg.metadata, content=content)  # type: ignore[call-overload]
+
+
+def number(record: MetricRecord | Any, key: str) -> float:
+    """A scalar of a record as ``float``.
+
+    Raises
+    ------
+    ValueError
+        If the key is missing or not a single number.
+    """
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"'{key}' must be a number, got {value!r}")
+    return float(value)

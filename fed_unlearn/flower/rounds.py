@@ -40,9 +40,11 @@ class FederationRun:
     def compute(self, first_round: int = 1) -> dict[str, float]:
         """Client-compute (optimizer steps, seconds) summed over rounds ``>= first_round``."""
         rows = [m for r, m in self.train.items() if r >= first_round]
-        return {"train-steps": float(sum(m.get("total-train-steps", 0) for m in rows)),
-                "train-seconds": float(sum(m.get("total-train-seconds", 0.0) for m in rows)),
-                "rounds": float(len(rows))}
+        return {
+            "train-steps": float(sum(m.get("total-train-steps", 0) for m in rows)),
+            "train-seconds": float(sum(m.get("total-train-seconds", 0.0) for m in rows)),
+            "rounds": float(len(rows)),
+        }
 
 
 def run_rounds(
@@ -96,9 +98,15 @@ def run_rounds(
         run.history[rnd] = metric_dict(summary) if summary is not None else {}
         run.history[rnd]["round-seconds"] = time.perf_counter() - t_round
         run.rounds_run = rnd
-        log(INFO, "[%s] round %d: test-acc %.4f  forget-acc %.4f  steps %d", label, rnd,
-            run.history[rnd].get("test-acc", float("nan")), run.history[rnd].get("forget-acc", float("nan")),
-            int(run.train.get(rnd, {}).get("total-train-steps", 0)))
+        log(
+            INFO,
+            "[%s] round %d: test-acc %.4f  forget-acc %.4f  steps %d",
+            label,
+            rnd,
+            run.history[rnd].get("test-acc", float("nan")),
+            run.history[rnd].get("forget-acc", float("nan")),
+            int(run.train.get(rnd, {}).get("total-train-steps", 0)),
+        )
         if after_round is not None:
             after_round(rnd, arrays, run.history[rnd])
         if stop is not None and stop(rnd, run.history[rnd]):

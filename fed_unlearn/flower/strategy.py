@@ -33,19 +33,29 @@ round, who has left, who trains on retained data only.
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from types import EllipsisType
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (Bulyan, FedAvg, FedAvgM, FedMedian, FedTrimmedAvg, FedXgbBagging, FedXgbCyclic,
-                                     Krum, MultiKrum, Strategy)
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedTrimmedAvg,
+    FedXgbBagging,
+    FedXgbCyclic,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from .. import protocol as P
@@ -55,7 +65,7 @@ from ..deletion import DeletionRequest
 from ..spectral import analyze, motion_share
 from ..unlearning import UnlearningMethod, make_method
 from .grid import ActiveNodesGrid
-from .records import metric_dict, to_record, to_weights
+from .records import metric_dict, number, to_record, to_weights, with_content
 
 #: Strategies that aggregate robustly: the method's correction is added after their aggregation.
 ROBUST_AGGREGATORS: tuple[type, ...] = (FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan)
@@ -117,7 +127,9 @@ class ReproducibleFedAvg(FedAvg):
     strategy the same seed gives the same numbers to the last bit. Takes FedAvg's arguments.
     """
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedAvg of the replies' arrays in float64 (cast back to their dtype); metrics as FedAvg."""
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid:
@@ -246,8 +258,10 @@ class Unlearning(Strategy):
         if isinstance(strategy, Unlearning):
             raise ValueError("the strategy is already wrapped for unlearning")
         if isinstance(strategy, UNSUPPORTED):
-            raise ValueError(f"{type(strategy).__name__} exchanges tree models, not arrays: pseudo-gradient unlearning "
-                             "cannot apply to it")
+            raise ValueError(
+                f"{type(strategy).__name__} exchanges tree models, not arrays: pseudo-gradient unlearning "
+                "cannot apply to it"
+            )
         if on_missing not in ("raise", "skip"):
             raise ValueError(f"on_missing must be 'raise' or 'skip', got {on_missing!r}")
         if composition not in COMPOSITIONS:
@@ -273,7 +287,8 @@ class Unlearning(Strategy):
         self.max_update_norm = max_update_norm
         self.departing_step_bound = departing_step_bound
         scales = [float(c) for c in calibration_scales]
-        if not scales or scales[0] != 0 or scales[-1] > 1 or any(b <= a for a, b in zip(scales, scales[1:])):
+        increasing = all(b > a for a, b in zip(scales, scales[1:], strict=False))
+        if not scales or scales[0] != 0 or scales[-1] > 1 or not increasing:
             raise ValueError(f"calibration_scales must increase from 0 to at most 1, got {scales}")
         if not 0 <= class_floor < 1:
             raise ValueError(f"class_floor must be in [0, 1), got {class_floor}")
@@ -321,9 +336,11 @@ class Unlearning(Strategy):
         self._unlearn_start: dict[str, np.ndarray] | None = None
         self._asked: dict[int, dict[str, str]] = {}
         self._sent: dict[int, Message] = {}
-        self._minimums: dict[str, int] = {k: getattr(strategy, k) for k in
-                                          ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes")
-                                          if isinstance(getattr(strategy, k, None), int)}
+        self._minimums: dict[str, int] = {
+            k: getattr(strategy, k)
+            for k in ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes")
+            if isinstance(getattr(strategy, k, None), int)
+        }
 
     # -- configuration checks ------------------------------------------------------------
     def check_method(self, method: UnlearningMethod) -> None:
@@ -338,9 +355,11 @@ class Unlearning(Strategy):
         """
         rebuilds = type(method).prepare_global is not UnlearningMethod.prepare_global
         if rebuilds and isinstance(self.strategy, FedAvgM) and self.strategy.server_opt:
-            raise ValueError(f"method '{method.name}' replaces the global model before training, which FedAvgM's server "
-                             "optimizer (it keeps its own copy of the model) cannot follow; use FedAdam/FedYogi, FedAvg "
-                             "or FedProx, or a method that does not (puf, spectral-puf, sragu, ...)")
+            raise ValueError(
+                f"method '{method.name}' replaces the global model before training, which FedAvgM's server "
+                "optimizer (it keeps its own copy of the model) cannot follow; use FedAdam/FedYogi, FedAvg "
+                "or FedProx, or a method that does not (puf, spectral-puf, sragu, ...)"
+            )
 
     def _composition(self) -> str:
         if self.composition != "auto":
@@ -348,10 +367,18 @@ class Unlearning(Strategy):
         return "additive" if isinstance(self.strategy, ROBUST_AGGREGATORS) else "mean"
 
     # -- requests --------------------------------------------------------------------------
-    def request_unlearning(self, *clients: Any, key: str | None | type = ..., round: int | None = None,  # noqa: A002
-                           leave: bool = True, deletion: DeletionRequest | None = None, joint: bool = False,
-                           method: UnlearningMethod | None = None, extra_config: Mapping[str, Any] | None = None,
-                           send_request: bool = True) -> None:
+    def request_unlearning(
+        self,
+        *clients: Any,
+        key: str | None | EllipsisType = ...,
+        round: int | None = None,  # noqa: A002
+        leave: bool = True,
+        deletion: DeletionRequest | None = None,
+        joint: bool = False,
+        method: UnlearningMethod | None = None,
+        extra_config: Mapping[str, Any] | None = None,
+        send_request: bool = True,
+    ) -> None:
         """Ask for the influence of ``clients`` to be removed (served from ``round``, default the next one).
 
         ``clients`` are values of the node-config key ``key`` (default :attr:`client_key`),
@@ -372,8 +399,37 @@ class Unlearning(Strategy):
         use_key = self.client_key if key is ... else key
         if not leave and deletion is not None and deletion.scenario == "client":
             raise ValueError("a client-level deletion means the clients leave: use leave=True")
-        self.queue.append(UnlearningRequest(tuple(clients), use_key if isinstance(use_key, str) else None, round, leave,
-                                            deletion, joint, method, dict(extra_config or {}), send_request))
+        self.queue.append(
+            UnlearningRequest(
+                tuple(clients),
+                use_key if isinstance(use_key, str) else None,
+                round,
+                leave,
+                deletion,
+                joint,
+                method,
+                dict(extra_config or {}),
+                send_request,
+            )
+        )
+
+    def set_identity(self, node_id: int, **node_config: Any) -> None:
+        """What a node's node config says (learned in your own handshake): the strategy will not ask that node."""
+        self.identities[node_id] = {**self.identities.get(node_id, {}), **node_config}
+
+    def restore(
+        self,
+        *,
+        strikes: Mapping[int, int] | None = None,
+        excluded: Iterable[int] = (),
+        last_update_norm: float | None = None,
+    ) -> None:
+        """Take up state a restarted server kept: strikes per node, excluded nodes, the last round's update norm."""
+        for node, n in (strikes or {}).items():
+            self.strikes[node] = int(n)
+        self.excluded |= set(excluded)
+        if last_update_norm is not None:
+            self.last_update_norm = float(last_update_norm)
 
     def exclude(self, *node_ids: int) -> None:
         """Leave these nodes out of training from now on (a gold federation's left-out clients)."""
@@ -424,11 +480,16 @@ class Unlearning(Strategy):
 
     def membership(self) -> dict[str, list[int]]:
         """Who has left and who trains on retained data only (node ids; a service checkpoints it)."""
-        return {"departed": sorted(self.departed), "retain-only": sorted(self.retain_only),
-                "excluded": sorted(self.excluded)}
+        return {
+            "departed": sorted(self.departed),
+            "retain-only": sorted(self.retain_only),
+            "excluded": sorted(self.excluded),
+        }
 
     # -- identification ----------------------------------------------------------------------
-    def identify(self, grid: Grid, node_ids: Iterable[int], keys: Sequence[str] = (), timeout: float | None = None) -> dict[int, str]:
+    def identify(
+        self, grid: Grid, node_ids: Iterable[int], keys: Sequence[str] = (), timeout: float | None = None
+    ) -> dict[int, str]:
         """Ask ``node_ids`` (those not identified yet) for their node-config ``keys``; returns node -> problem.
 
         One :data:`~fed_unlearn.protocol.IDENTIFY` message per node; results land in
@@ -447,7 +508,7 @@ class Unlearning(Strategy):
             node = reply.metadata.src_node_id
             answered.add(node)
             if reply.has_error():
-                problems[node] = f"does not answer {P.IDENTIFY}: {_first_line(reply.error.reason)}"
+                problems[node] = f"does not answer {P.IDENTIFY}: {_first_line(reply.error.reason or '')}"
                 continue
             content = reply.content
             if P.IDENTITY_RECORD not in content.config_records:
@@ -456,8 +517,11 @@ class Unlearning(Strategy):
             ident = dict(content.config_records[P.IDENTITY_RECORD])
             self.identities[node] = {**self.identities.get(node, {}), **ident}
             # no capabilities record: a hand-written identify handler, no fed-unlearn helpers
-            self.capabilities[node] = (dict(content.config_records[P.CAPABILITIES_RECORD])
-                                       if P.CAPABILITIES_RECORD in content.config_records else {})
+            self.capabilities[node] = (
+                dict(content.config_records[P.CAPABILITIES_RECORD])
+                if P.CAPABILITIES_RECORD in content.config_records
+                else {}
+            )
         for node in set(todo) - answered:
             problems[node] = f"did not answer {P.IDENTIFY} within {timeout:.0f} s"
         return problems
@@ -496,7 +560,9 @@ class Unlearning(Strategy):
         if method is not None and method.departing_clients_train and method.departing_task != "train":
             need.append(P.TRAIN_UNLEARN)
         if not req.leave:
-            need += [P.FORGET, P.TRAIN_RETAIN, P.TRAIN_UNLEARN] if req.send_request else [P.TRAIN_RETAIN, P.TRAIN_UNLEARN]
+            need += (
+                [P.FORGET, P.TRAIN_RETAIN, P.TRAIN_UNLEARN] if req.send_request else [P.TRAIN_RETAIN, P.TRAIN_UNLEARN]
+            )
         out = []
         for node in nodes:
             if not need or node not in self.capabilities:
@@ -504,28 +570,45 @@ class Unlearning(Strategy):
             have = list(self.capabilities.get(node, {}).get("handlers", []))
             missing = [h for h in dict.fromkeys(need) if h not in have]
             if missing:
-                what = f"{method.name}'s client routine" if method is not None and P.TRAIN_UNLEARN in missing else "this request"
-                out.append(f"node {node} cannot serve {what}: its ClientApp does not answer {missing} "
-                           "(add them with fed_unlearn.flower.add_unlearning)")
+                what = (
+                    f"{method.name}'s client routine"
+                    if method is not None and P.TRAIN_UNLEARN in missing
+                    else "this request"
+                )
+                out.append(
+                    f"node {node} cannot serve {what}: its ClientApp does not answer {missing} "
+                    "(add them with fed_unlearn.flower.add_unlearning)"
+                )
         return out
 
     def _deliver(self, grid: Grid, nodes: list[int], deletion: DeletionRequest, arrays: ArrayRecord) -> list[str]:
         """Send the deletion request to ``nodes`` with the current model; record their receipts; returns problems."""
-        spec = ConfigRecord({"scenario": deletion.scenario, "selection": deletion.selection, "fraction": deletion.fraction,
-                             "class": deletion.forget_class})
+        spec = ConfigRecord(
+            {
+                "scenario": deletion.scenario,
+                "selection": deletion.selection,
+                "fraction": deletion.fraction,
+                "class": deletion.forget_class,
+            }
+        )
         msgs = [Message(RecordDict({self.arrayrecord_key: arrays, P.CONFIG_RECORD: spec}), n, P.FORGET) for n in nodes]
         problems, answered = [], set()
         for reply in grid.send_and_receive(msgs, timeout=self.identify_timeout):
             node = reply.metadata.src_node_id
             answered.add(node)
             if reply.has_error():
-                problems.append(f"node {node} cannot process the deletion request ({P.FORGET}): "
-                                f"{_first_line(reply.error.reason)}")
+                problems.append(
+                    f"node {node} cannot process the deletion request ({P.FORGET}): "
+                    f"{_first_line(reply.error.reason or '')}"
+                )
                 continue
             try:
                 m = reply.content["metrics"]
-                self.receipts[node] = {"forget-n": int(m["forget-n"]), "retain-n": int(m["retain-n"]),  # type: ignore[call-overload]
-                                       "digest": str(reply.content["receipt"]["digest"])}
+                self.receipts[node] = {
+                    "forget-n": int(number(m, "forget-n")),
+                    "retain-n": int(number(m, "retain-n")),
+                    "digest": str(reply.content["receipt"]["digest"]),
+                }
             except (KeyError, TypeError, ValueError) as exc:
                 problems.append(f"node {node}: malformed {P.FORGET} reply ({exc})")
         problems += [f"node {n} did not answer the deletion request" for n in nodes if n not in answered]
@@ -539,7 +622,11 @@ class Unlearning(Strategy):
         if not due:
             return
         first = due[0]
-        batch = [r for r in due if (r.leave, r.joint, r.method, r.deletion) == (first.leave, first.joint, first.method, first.deletion)]
+        batch = [
+            r
+            for r in due
+            if (r.leave, r.joint, r.method, r.deletion) == (first.leave, first.joint, first.method, first.deletion)
+        ]
         nodes: list[int] = []
         problems: list[str] = []
         for r in batch:
@@ -550,7 +637,13 @@ class Unlearning(Strategy):
         if gone:
             problems.append(f"node(s) {gone} have already left")
         problems += self._missing_handlers(first, nodes)
-        if not problems and not first.leave and first.deletion is not None and first.send_request and arrays is not None:
+        if (
+            not problems
+            and not first.leave
+            and first.deletion is not None
+            and first.send_request
+            and arrays is not None
+        ):
             problems += self._deliver(grid, sorted(set(nodes)), first.deletion, arrays)
             nothing = [n for n in nodes if self.receipts.get(n, {}).get("forget-n", 1) == 0]
             if nothing:
@@ -576,13 +669,17 @@ class Unlearning(Strategy):
         extra: dict[str, Any] = {}
         for r in batch:
             extra.update(r.extra_config)
-        self._batch = UnlearningRequest(tuple(nodes), None, server_round, first.leave, first.deletion, first.joint, method, extra)
+        self._batch = UnlearningRequest(
+            tuple(nodes), None, server_round, first.leave, first.deletion, first.joint, method, extra
+        )
         self._method = method
         self.pending = tuple(nodes)
         self.departure_round = server_round
         self.unlearning_rounds_run = 0
         self.unlearning_report = None
-        log(INFO, "round %s: serving the unlearning request of nodes %s with %s", server_round, list(nodes), method.name)
+        log(
+            INFO, "round %s: serving the unlearning request of nodes %s with %s", server_round, list(nodes), method.name
+        )
 
     # -- helpers ---------------------------------------------------------------------------
     def _adjust_minimums(self) -> None:
@@ -600,11 +697,14 @@ class Unlearning(Strategy):
         self._sent[node] = msg
         return msg
 
-    def _content(self, template: RecordDict | None, arrays: ArrayRecord, config: ConfigRecord,
-                 extra: Mapping[str, Any]) -> RecordDict:
+    def _content(
+        self, template: RecordDict | None, arrays: ArrayRecord, config: ConfigRecord, extra: Mapping[str, Any]
+    ) -> RecordDict:
         """A fresh RecordDict: the template's records (or arrays + config) with ``extra`` config keys."""
         if template is None:
-            return RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord({**dict(config), **extra})})
+            return RecordDict(
+                {self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord({**dict(config), **extra})}
+            )
         records: dict[str, Any] = {}
         for k, rec in template.items():
             if isinstance(rec, ConfigRecord) and k == self.configrecord_key:
@@ -616,7 +716,9 @@ class Unlearning(Strategy):
         return RecordDict(records)
 
     # -- training ---------------------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """The wrapped strategy's round, or the unlearning round of the pending requests."""
         self.current_round = server_round
         self._grid = grid
@@ -639,8 +741,9 @@ class Unlearning(Strategy):
             return out
         return self._configure_unlearning(server_round, arrays, config, grid, active)
 
-    def _configure_unlearning(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
-                              active: Grid) -> list[Message]:
+    def _configure_unlearning(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, active: Grid
+    ) -> list[Message]:
         method, batch = self._method, self._batch
         if method is None or batch is None or self._global is None:
             raise RuntimeError("unlearning round without a request being served")
@@ -672,31 +775,51 @@ class Unlearning(Strategy):
             pass  # clients that stay get their retain role with the forget role below
         if method.departing_clients_train:
             # a client that leaves forgets all its data: say so (it needs no deletion request of its own)
-            scenario = batch.deletion.scenario if batch.deletion is not None else ("client" if batch.leave else "samples")
-            forget_extra = {**({P.FORGET_ALL: True} if batch.leave else {}), P.TARGET: target_for(scenario),
-                            P.FLOOR: self.class_floor, **batch.extra_config, **method.departing_config(self._global)}
+            scenario = (
+                batch.deletion.scenario if batch.deletion is not None else ("client" if batch.leave else "samples")
+            )
+            forget_extra = {
+                **({P.FORGET_ALL: True} if batch.leave else {}),
+                P.TARGET: target_for(scenario),
+                P.FLOOR: self.class_floor,
+                **batch.extra_config,
+                **method.departing_config(self._global),
+            }
             for node in sorted(pending):
                 if node not in connected:
                     continue  # no reply: handled as missing in aggregate_train
                 retain = method.remaining_clients_train and not batch.leave
                 if batch.leave and method.departing_task == "train":
                     # a departing client's PUF round is an ordinary training round on all its data
-                    messages.append(self._message(node, self._content(template, arrays, config, {}), P.TRAIN, {"*": "forget"}))
+                    messages.append(
+                        self._message(node, self._content(template, arrays, config, {}), P.TRAIN, {"*": "forget"})
+                    )
                     continue
                 extra = {**forget_extra, P.ROLES_KEY: "retain,forget" if retain else "forget"}
                 if retain:
                     extra = {**retain_extra, **extra}
                 asked = {P.ROLE_KEYS["forget"][0]: "forget", **({P.ROLE_KEYS["retain"][0]: "retain"} if retain else {})}
-                messages.append(self._message(node, self._content(template, arrays, config, extra), P.TRAIN_UNLEARN, asked))
+                messages.append(
+                    self._message(node, self._content(template, arrays, config, extra), P.TRAIN_UNLEARN, asked)
+                )
         elif not batch.leave and method.remaining_clients_train:
             # the requesting clients stay: they train on their retained data in the round
             for node in sorted(pending & connected):
                 if node not in self._asked:
-                    messages.append(self._message(node, self._content(template, arrays, config, retain_extra), P.TRAIN_RETAIN,
-                                                  {"*": "retain"}))
+                    messages.append(
+                        self._message(
+                            node, self._content(template, arrays, config, retain_extra), P.TRAIN_RETAIN, {"*": "retain"}
+                        )
+                    )
         n_forget = sum("forget" in k.values() for k in self._asked.values())
-        log(INFO, "configure_train: unlearning round %d/%d, %s clients (%s with a forget role)",
-            self.unlearning_rounds_run + 1, method.num_rounds, len(messages), n_forget)
+        log(
+            INFO,
+            "configure_train: unlearning round %d/%d, %s clients (%s with a forget role)",
+            self.unlearning_rounds_run + 1,
+            method.num_rounds,
+            len(messages),
+            n_forget,
+        )
         return messages
 
     def _parse(self, reply: Message) -> tuple[_Parsed | None, str | None]:
@@ -706,22 +829,27 @@ class Unlearning(Strategy):
         if asked is None:
             return None, "a reply to an instruction it was not sent this round"
         if reply.has_error():
-            return None, f"failed: {_first_line(reply.error.reason)}"
+            return None, f"failed: {_first_line(reply.error.reason or '')}"
         content = reply.content
         if self._global is None:
             return None, "no round in progress"
         out = _Parsed(node)
         if "*" in asked:  # a plain FedAvg reply: one ArrayRecord, one MetricRecord
             if len(content.array_records) != 1 or len(content.metric_records) != 1:
-                return None, (f"a train reply needs exactly one ArrayRecord and one MetricRecord, got "
-                              f"{sorted(content.array_records)} and {sorted(content.metric_records)}")
+                return None, (
+                    f"a train reply needs exactly one ArrayRecord and one MetricRecord, got "
+                    f"{sorted(content.array_records)} and {sorted(content.metric_records)}"
+                )
             roles = {asked["*"]: (next(iter(content.array_records)), next(iter(content.metric_records)))}
         else:
             metric_of = {a: m for a, m in P.ROLE_KEYS.values()}
             expected = set(asked) | {metric_of[a] for a in asked}
             got = set(content.array_records) | set(content.metric_records)
             if got != expected:
-                return None, f"a {P.TRAIN_UNLEARN} reply needs exactly the records {sorted(expected)}, got {sorted(got)}"
+                return (
+                    None,
+                    f"a {P.TRAIN_UNLEARN} reply needs exactly the records {sorted(expected)}, got {sorted(got)}",
+                )
             roles = {role: (akey, metric_of[akey]) for akey, role in asked.items()}
         cid = self.client_id(node)
         for role, (akey, mkey) in roles.items():
@@ -738,15 +866,21 @@ class Unlearning(Strategy):
                 record = content.array_records[akey]
                 weights = to_weights(record)
                 validate_update(weights, self._global, f"node {node}")
-                wider = [k for k, w in weights.items() if w.dtype.itemsize > np.asarray(self._global[k]).dtype.itemsize
-                         and np.issubdtype(w.dtype, np.floating)]
+                wider = [
+                    k
+                    for k, w in weights.items()
+                    if w.dtype.itemsize > np.asarray(self._global[k]).dtype.itemsize
+                    and np.issubdtype(w.dtype, np.floating)
+                ]
                 if wider:  # never let a reply change the global model's dtype
-                    weights = {k: (w.astype(np.asarray(self._global[k]).dtype) if k in wider else w)
-                               for k, w in weights.items()}
+                    weights = {
+                        k: (w.astype(np.asarray(self._global[k]).dtype) if k in wider else w)
+                        for k, w in weights.items()
+                    }
                     record = to_record(weights)
                 if self.max_update_norm is not None:
                     clipped = clip_update(weights, self._global, self.max_update_norm)
-                    if clipped is not weights:
+                    if clipped is not None:
                         weights, record = clipped, to_record(clipped)
             except InvalidUpdateError as exc:
                 return None, str(exc)
@@ -754,7 +888,7 @@ class Unlearning(Strategy):
                 return None, f"its arrays cannot be read: {type(exc).__name__}: {exc}"
             update = ClientUpdate(cid, weights, n, dict(metrics))
             if role == "retain":
-                out.retain = Message(metadata=reply.metadata, content=RecordDict({akey: record, mkey: metrics}))
+                out.retain = with_content(reply, RecordDict({akey: record, mkey: metrics}))
                 out.retain_update = update
             else:
                 out.forget_update = update
@@ -762,8 +896,15 @@ class Unlearning(Strategy):
 
     def _strike(self, node: int, problem: str) -> None:
         self.strikes[node] += 1
-        log(WARNING, "round %s: the reply of node %s is not used: %s (strike %d of %s)", self.current_round, node, problem,
-            self.strikes[node], self.max_strikes or "unlimited")
+        log(
+            WARNING,
+            "round %s: the reply of node %s is not used: %s (strike %d of %s)",
+            self.current_round,
+            node,
+            problem,
+            self.strikes[node],
+            self.max_strikes or "unlimited",
+        )
         if self.max_strikes and self.strikes[node] >= self.max_strikes and node not in self.excluded:
             self.excluded.add(node)
             log(WARNING, "node %s is excluded from the federation after %d invalid replies", node, self.strikes[node])
@@ -798,7 +939,9 @@ class Unlearning(Strategy):
         common = set.intersection(*keysets)
         if all(k == common for k in keysets):
             return msgs, None
-        out, sums, weights = [], {}, {}
+        out: list[Message] = []
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
         for m in msgs:
             mkey, rec = next(iter(m.content.metric_records.items()))
             n = float(rec[self.weighted_by_key])  # type: ignore[arg-type]
@@ -806,20 +949,29 @@ class Unlearning(Strategy):
                 if k not in common and isinstance(v, (int, float)) and not isinstance(v, bool):
                     sums[k] = sums.get(k, 0.0) + n * float(v)
                     weights[k] = weights.get(k, 0.0) + n
-            content = RecordDict({**{k: r for k, r in m.content.array_records.items()},
-                                  mkey: MetricRecord({k: v for k, v in rec.items() if k in common})})
-            out.append(Message(metadata=m.metadata, content=content))
+            content = RecordDict(
+                {
+                    **{k: r for k, r in m.content.array_records.items()},
+                    mkey: MetricRecord({k: v for k, v in rec.items() if k in common}),
+                }
+            )
+            out.append(with_content(m, content))
         return out, MetricRecord({k: sums[k] / weights[k] for k in sorted(sums) if weights[k] > 0})
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate every reply, then the wrapped strategy's aggregation (ordinary round) or the method's rule."""
         if self._global is None or server_round != self.current_round:
             raise RuntimeError(f"aggregate_train for round {server_round} without configure_train")
         replies = list(replies)
         parsed = self._collect(replies)
-        retain_msgs, partial = self._common_metrics([p.retain for p in parsed if p.retain is not None
-                                                     and p.node not in self.departed])
-        retain_updates = [p.retain_update for p in parsed if p.retain_update is not None and p.node not in self.departed]
+        retain_msgs, partial = self._common_metrics(
+            [p.retain for p in parsed if p.retain is not None and p.node not in self.departed]
+        )
+        retain_updates = [
+            p.retain_update for p in parsed if p.retain_update is not None and p.node not in self.departed
+        ]
         forget_updates = [p.forget_update for p in parsed if p.forget_update is not None]
         rollup = _merge(partial, self._rollup(parsed))
         if not self.is_unlearning_round(server_round):
@@ -840,15 +992,21 @@ class Unlearning(Strategy):
         missing = sorted(expected - got)
         if missing and self.on_missing == "skip":
             self.failed = self.cancel()
-            log(WARNING, "node(s) %s did not reply in unlearning round %s; their requests stay pending", missing, server_round)
+            log(
+                WARNING,
+                "node(s) %s did not reply in unlearning round %s; their requests stay pending",
+                missing,
+                server_round,
+            )
             if not retain_msgs:
                 return None, rollup
             arrays, metrics = self.strategy.aggregate_train(server_round, retain_msgs)
             return arrays, _merge(metrics, rollup)
         if missing:
             why = {n: self.last_round_problems.get(n, "no reply") for n in missing}
-            raise RuntimeError(f"departing node(s) {why} did not reply in unlearning round {server_round}; nothing was "
-                               "unlearned")
+            raise RuntimeError(
+                f"departing node(s) {why} did not reply in unlearning round {server_round}; nothing was unlearned"
+            )
         new = method.aggregate(self._global, retain_updates, forget_updates)
         validate_update(new, self._global, f"method {method.name}")  # the method itself must not emit NaN
         new, step = self._bound_departing_step(new, retain_updates, forget_updates)
@@ -869,55 +1027,92 @@ class Unlearning(Strategy):
             self.pending, self._batch = (), None
         return arrays, _merge(metrics, rollup)
 
-    def _calibrate(self, new: dict[str, np.ndarray], retain: list[ClientUpdate],
-                   nodes: list[int]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def _calibrate(
+        self, new: dict[str, np.ndarray], retain: list[ClientUpdate], nodes: list[int]
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Ask the forgetting clients how far the unlearning step should go; returns the model and what was decided."""
         batch, grid, start = self._batch, self._grid, self._global
         if batch is None or grid is None or start is None:
             return new, {"used": False, "why": "no request being served"}
-        lacking = [n for n in nodes if n in self.capabilities and P.CALIBRATE not in self.capabilities[n].get("handlers", [])]
+        lacking = [
+            n for n in nodes if n in self.capabilities and P.CALIBRATE not in self.capabilities[n].get("handlers", [])
+        ]
         if lacking:
-            log(WARNING, "node(s) %s cannot calibrate the unlearning step (no %s): the method's full step is used",
-                lacking, P.CALIBRATE)
+            log(
+                WARNING,
+                "node(s) %s cannot calibrate the unlearning step (no %s): the method's full step is used",
+                lacking,
+                P.CALIBRATE,
+            )
             return new, {"used": False, "why": f"nodes {lacking} lack {P.CALIBRATE}"}
         base = fedavg(retain) if retain else start
         direction = {k: np.asarray(new[k], np.float64) - np.asarray(base[k], np.float64) for k in start}
-        cfg = ConfigRecord({"scales": list(self.calibration_scales), P.FORGET_ALL: batch.leave,
-                            P.SERVER_ROUND: self.current_round})
-        msgs = [Message(RecordDict({"base": to_record(base), "direction": to_record(direction), P.CONFIG_RECORD: cfg}),
-                        n, P.CALIBRATE) for n in nodes]
+        cfg = ConfigRecord(
+            {"scales": list(self.calibration_scales), P.FORGET_ALL: batch.leave, P.SERVER_ROUND: self.current_round}
+        )
+        msgs = [
+            Message(
+                RecordDict({"base": to_record(base), "direction": to_record(direction), P.CONFIG_RECORD: cfg}),
+                n,
+                P.CALIBRATE,
+            )
+            for n in nodes
+        ]
         stats, why = [], []
         for reply in grid.send_and_receive(msgs, timeout=self.identify_timeout):
             if reply.has_error() or "calibration" not in reply.content.metric_records:
-                why.append(f"node {reply.metadata.src_node_id}: "
-                           + (_first_line(reply.error.reason) if reply.has_error() else "no calibration record"))
+                why.append(
+                    f"node {reply.metadata.src_node_id}: "
+                    + (_first_line(reply.error.reason or "") if reply.has_error() else "no calibration record")
+                )
                 continue
             stats.append(dict(reply.content["calibration"]))
         scenario = batch.deletion.scenario if batch.deletion is not None else ("client" if batch.leave else "samples")
         try:
             if why or len(stats) != len(nodes):
                 raise ValueError("; ".join(why) or "some clients did not answer")
-            m = pooled(stats)
-            cal = choose_scale(self.calibration_scales, m["forget-loss"], m["heldout-loss"], m["forget-acc"],
-                               target_for(scenario), self.class_floor)
+            m = pooled(stats)  # type: ignore[arg-type]  # malformed lists raise and are caught below
+            cal = choose_scale(
+                self.calibration_scales,
+                m["forget-loss"],
+                m["heldout-loss"],
+                m["forget-acc"],
+                target_for(scenario),
+                self.class_floor,
+            )
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             log(WARNING, "calibration failed (%s): the method's full step is used", exc)
             return new, {"used": False, "why": str(exc)}
-        out = {k: (np.asarray(base[k], np.float64) + cal.scale * direction[k]).astype(np.asarray(g).dtype)
-               for k, g in start.items()}
-        log(INFO, "calibration (%s): scale %.3f of the unlearning step%s", cal.target, cal.scale,
-            "" if cal.reached else " (the target is not reached even by the full step)")
-        return out, {"used": True, "scale": cal.scale, "reached": cal.reached, "target": cal.target,
-                     "scales": list(self.calibration_scales), "gaps": list(cal.gaps), **m}
+        out = {
+            k: (np.asarray(base[k], np.float64) + cal.scale * direction[k]).astype(np.asarray(g).dtype)
+            for k, g in start.items()
+        }
+        log(
+            INFO,
+            "calibration (%s): scale %.3f of the unlearning step%s",
+            cal.target,
+            cal.scale,
+            "" if cal.reached else " (the target is not reached even by the full step)",
+        )
+        return out, {
+            "used": True,
+            "scale": cal.scale,
+            "reached": cal.reached,
+            "target": cal.target,
+            "scales": list(self.calibration_scales),
+            "gaps": list(cal.gaps),
+            **m,
+        }
 
-    def _bound_departing_step(self, new: dict[str, np.ndarray], retain: list[ClientUpdate],
-                              forget: list[ClientUpdate]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def _bound_departing_step(
+        self, new: dict[str, np.ndarray], retain: list[ClientUpdate], forget: list[ClientUpdate]
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Scale the departing clients' step down to ``departing_step_bound`` x the remaining clients' update norm."""
         if self._global is None or not forget:
             return new, {}
         base = fedavg(retain) if retain else self._global
         step = {k: np.asarray(new[k], np.float64) - np.asarray(base[k], np.float64) for k in self._global}
-        norm = float(np.sqrt(sum(float(np.sum(v ** 2)) for v in step.values())))
+        norm = float(np.sqrt(sum(float(np.sum(v**2)) for v in step.values())))
         ref = _mean_update_norm(retain, self._global) if retain else self.last_update_norm
         info: dict[str, Any] = {"departing-step-norm": norm, "reference-update-norm": ref}
         if self.departing_step_bound is None or not ref or not np.isfinite(norm):
@@ -926,15 +1121,29 @@ class Unlearning(Strategy):
         limit = self.departing_step_bound * ref
         if norm <= limit:
             return new, {**info, "departing-step-bounded": 0}
-        log(WARNING, "the departing clients' step (%.3g) exceeds %.3g x the remaining clients' update norm (%.3g): "
-            "scaled down to the bound", norm, self.departing_step_bound, ref)
+        log(
+            WARNING,
+            "the departing clients' step (%.3g) exceeds %.3g x the remaining clients' update norm (%.3g): "
+            "scaled down to the bound",
+            norm,
+            self.departing_step_bound,
+            ref,
+        )
         scale = limit / norm
-        out = {k: (np.asarray(base[k], np.float64) + scale * step[k]).astype(np.asarray(g).dtype)
-               for k, g in self._global.items()}
+        out = {
+            k: (np.asarray(base[k], np.float64) + scale * step[k]).astype(np.asarray(g).dtype)
+            for k, g in self._global.items()
+        }
         return out, {**info, "departing-step-bounded": 1}
 
-    def _compose(self, server_round: int, new: dict[str, np.ndarray], retain_msgs: list[Message],
-                 retain_updates: list[ClientUpdate], forget_updates: list[ClientUpdate]) -> tuple[ArrayRecord, MetricRecord | None]:
+    def _compose(
+        self,
+        server_round: int,
+        new: dict[str, np.ndarray],
+        retain_msgs: list[Message],
+        retain_updates: list[ClientUpdate],
+        forget_updates: list[ClientUpdate],
+    ) -> tuple[ArrayRecord, MetricRecord | None]:
         """The unlearning round's model through the wrapped strategy (see the module docstring)."""
         if self._global is None:
             raise RuntimeError("no round in progress")
@@ -954,8 +1163,12 @@ class Unlearning(Strategy):
                 return to_record(new), metrics
             mean = fedavg(retain_updates)
             rob = to_weights(robust)
-            out = {k: (np.asarray(rob[k], np.float64) + np.asarray(new[k], np.float64) - np.asarray(mean[k], np.float64))
-                   .astype(np.asarray(g).dtype) for k, g in self._global.items()}
+            out = {
+                k: (
+                    np.asarray(rob[k], np.float64) + np.asarray(new[k], np.float64) - np.asarray(mean[k], np.float64)
+                ).astype(np.asarray(g).dtype)
+                for k, g in self._global.items()
+            }
             return to_record(out), metrics
         # mean composition: one more reply, chosen so that the weighted mean of all replies is `new`
         n_rem = sum(u.num_examples for u in retain_updates)
@@ -970,18 +1183,21 @@ class Unlearning(Strategy):
         template = retain_msgs[0] if retain_msgs else None
         akey = next(iter(template.content.array_records)) if template is not None else self.arrayrecord_key
         mkey = next(iter(template.content.metric_records)) if template is not None else "metrics"
-        keys = list(next(iter(template.content.metric_records.values())).keys()) if template is not None else [self.weighted_by_key]
+        keys = (
+            list(next(iter(template.content.metric_records.values())).keys())
+            if template is not None
+            else [self.weighted_by_key]
+        )
         source = forget_updates[0].metrics if forget_updates else {}
         values: dict[str, Any] = {}
         for key in keys:
             v = source.get(key)
             values[key] = v if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0
         values[self.weighted_by_key] = int(n_syn)
-        origin = self._sent.get(self.pending[0]) if self.pending else None
-        if origin is None and template is None:
+        origin = template if template is not None else (self._sent.get(self.pending[0]) if self.pending else None)
+        if origin is None:
             raise RuntimeError("no message to attach the unlearning reply to")
-        metadata = (template.metadata if template is not None else origin.metadata)  # type: ignore[union-attr]
-        synthetic = Message(metadata=copy.copy(metadata), content=RecordDict({akey: to_record(syn), mkey: MetricRecord(values)}))
+        synthetic = with_content(origin, RecordDict({akey: to_record(syn), mkey: MetricRecord(values)}))
         arrays, metrics = self.strategy.aggregate_train(server_round, [*retain_msgs, synthetic])
         if arrays is None:
             raise RuntimeError(f"{type(self.strategy).__name__} aggregated nothing in the unlearning round")
@@ -990,12 +1206,14 @@ class Unlearning(Strategy):
     def _rollup(self, parsed: Sequence[_Parsed]) -> MetricRecord:
         """The round's cost over every role's valid reply: clients, examples, summed steps and seconds."""
         ms = [u.metrics for p in parsed for u in (p.retain_update, p.forget_update) if u is not None]
-        return MetricRecord({
-            "clients": len(parsed),
-            "total-examples": int(sum(int(m.get(self.weighted_by_key, 0)) for m in ms)),
-            "total-train-steps": int(sum(int(m.get("train-steps", 0)) for m in ms)),
-            "total-train-seconds": float(sum(float(m.get("train-seconds", 0.0)) for m in ms)),
-        })
+        return MetricRecord(
+            {
+                "clients": len(parsed),
+                "total-examples": int(sum(int(m.get(self.weighted_by_key, 0)) for m in ms)),
+                "total-train-steps": int(sum(int(m.get("train-steps", 0)) for m in ms)),
+                "total-train-seconds": float(sum(float(m.get("train-seconds", 0.0)) for m in ms)),
+            }
+        )
 
     def _diagnose(self, server_round: int, new: dict[str, np.ndarray], parsed: Sequence[_Parsed]) -> dict[str, Any]:
         """Per-layer exponent, stability weight and share of the unlearning motion ``||dw_l|| / ||dw||``."""
@@ -1008,17 +1226,42 @@ class Unlearning(Strategy):
         layers = []
         for layer, frac in share.items():
             s = spectra.get(layer)
-            layers.append({"layer": layer, "motion-share": frac, **({
-                "shape": list(s.shape), "alpha": s.alpha, "xmin": s.xmin, "ks-distance": s.ks_distance, "nu": s.nu,
-            } if s else {})})
-        clients = {str(self.client_id(p.node)): {k: v for k, v in p.forget_update.metrics.items() if not isinstance(v, list)}
-                   for p in parsed if p.forget_update is not None and p.node in self.pending}
-        return {"round": server_round, "rounds": self.unlearning_rounds_run, "method": method.name,
-                "departing": sorted(self.client_id(n) for n in self.pending), "layers": layers,
-                "departing-clients": clients, "history-bytes": method.history_bytes()}
+            layers.append(
+                {
+                    "layer": layer,
+                    "motion-share": frac,
+                    **(
+                        {
+                            "shape": list(s.shape),
+                            "alpha": s.alpha,
+                            "xmin": s.xmin,
+                            "ks-distance": s.ks_distance,
+                            "nu": s.nu,
+                        }
+                        if s
+                        else {}
+                    ),
+                }
+            )
+        clients = {
+            str(self.client_id(p.node)): {k: v for k, v in p.forget_update.metrics.items() if not isinstance(v, list)}
+            for p in parsed
+            if p.forget_update is not None and p.node in self.pending
+        }
+        return {
+            "round": server_round,
+            "rounds": self.unlearning_rounds_run,
+            "method": method.name,
+            "departing": sorted(self.client_id(n) for n in self.pending),
+            "layers": layers,
+            "departing-clients": clients,
+            "history-bytes": method.history_bytes(),
+        }
 
     # -- evaluation -----------------------------------------------------------------------
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """The wrapped strategy's evaluation of the nodes still in the federation (+ departed ones if asked)."""
         self._adjust_minimums()
         active = ActiveNodesGrid(grid, self._hidden)
@@ -1027,7 +1270,11 @@ class Unlearning(Strategy):
             template = msgs[0].content if msgs else None
             connected = set(grid.get_node_ids())
             for node in sorted((self.departed - self.excluded) & connected):
-                content = template if template is not None else self._content(None, arrays, config, {P.SERVER_ROUND: server_round})
+                content = (
+                    template
+                    if template is not None
+                    else self._content(None, arrays, config, {P.SERVER_ROUND: server_round})
+                )
                 msgs.append(Message(content, node, MessageType.EVALUATE))
         return msgs
 
@@ -1045,27 +1292,43 @@ class Unlearning(Strategy):
         ok = [r for r in replies if not r.has_error()]
         for r in replies:
             if r.has_error():
-                log(WARNING, "evaluation failed on node %s: %s", r.metadata.src_node_id, _first_line(r.error.reason))
-        usable = [r for r in ok if len(r.content.metric_records) == 1
-                  and isinstance(next(iter(r.content.metric_records.values())).get(self.weighted_by_key), (int, float))]
+                log(
+                    WARNING,
+                    "evaluation failed on node %s: %s",
+                    r.metadata.src_node_id,
+                    _first_line(r.error.reason or ""),
+                )
+        usable = [
+            r
+            for r in ok
+            if len(r.content.metric_records) == 1
+            and isinstance(next(iter(r.content.metric_records.values())).get(self.weighted_by_key), (int, float))
+        ]
         active = [r for r in usable if r.metadata.src_node_id not in self.departed]
         metrics: MetricRecord | None = None
         if active:
             same, partial = self._common_metrics(active)
             metrics = _merge(self.strategy.aggregate_evaluate(server_round, same), partial)
-        evals = {self.client_id(r.metadata.src_node_id): metric_dict(next(iter(r.content.metric_records.values())))
-                 for r in usable}
+        evals = {
+            self.client_id(r.metadata.src_node_id): metric_dict(next(iter(r.content.metric_records.values())))
+            for r in usable
+        }
         parts = {c: e for c, e in evals.items() if "forget-n" in e}
         if not parts:
             return metrics
         summary = {k: float(v) for k, v in summarise(parts).items() if np.isfinite(v)}
-        return _merge(metrics, MetricRecord(summary))
+        return _merge(metrics, MetricRecord(dict(summary)))
 
     def summary(self) -> None:
         """Log the wrapped strategy's summary and the unlearning settings."""
         self.strategy.summary()
-        log(INFO, "\t├──> Unlearning: method %s, clients named by '%s', %s composition",
-            self.method.name if self.method else "(per request)", self.client_key, self._composition())
+        log(
+            INFO,
+            "\t├──> Unlearning: method %s, clients named by '%s', %s composition",
+            self.method.name if self.method else "(per request)",
+            self.client_key,
+            self._composition(),
+        )
         if self.queue or self.pending:
             log(INFO, "\t└──> Requests: %d queued, nodes %s being served", len(self.queue), list(self.pending))
 
@@ -1095,10 +1358,18 @@ class UnlearningFedAvg(Unlearning):
         **unlearning: Any,
     ) -> None:
         cls = ReproducibleFedAvg if reproducible else FedAvg
-        inner = cls(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate, min_train_nodes=min_train_nodes,
-                    min_evaluate_nodes=min_evaluate_nodes, min_available_nodes=min_available_nodes,
-                    weighted_by_key=weighted_by_key, arrayrecord_key=arrayrecord_key, configrecord_key=configrecord_key,
-                    train_metrics_aggr_fn=train_metrics_aggr_fn, evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn)
+        inner = cls(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+            weighted_by_key=weighted_by_key,
+            arrayrecord_key=arrayrecord_key,
+            configrecord_key=configrecord_key,
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+        )
         super().__init__(inner, method, **unlearning)
 
 
@@ -1106,21 +1377,41 @@ def _mean_update_norm(updates: Sequence[ClientUpdate], start: Mapping[str, np.nd
     """Mean L2 norm of the updates' pseudo-gradients against ``start`` (``None`` without updates)."""
     if not updates:
         return None
-    norms = [float(np.sqrt(sum(float(np.sum((np.asarray(u.weights[k], np.float64) - np.asarray(g, np.float64)) ** 2))
-                               for k, g in start.items() if np.issubdtype(np.asarray(g).dtype, np.floating))))
-             for u in updates]
+    norms = [
+        float(
+            np.sqrt(
+                sum(
+                    float(np.sum((np.asarray(u.weights[k], np.float64) - np.asarray(g, np.float64)) ** 2))
+                    for k, g in start.items()
+                    if np.issubdtype(np.asarray(g).dtype, np.floating)
+                )
+            )
+        )
+        for u in updates
+    ]
     return float(np.mean(norms))
 
 
-def clip_update(weights: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray], bound: float) -> Mapping[str, np.ndarray]:
-    """``start + (w - start) * min(1, bound / ||w - start||)`` (the same mapping when already within the bound)."""
-    delta = {k: np.asarray(weights[k], np.float64) - np.asarray(g, np.float64) for k, g in start.items()
-             if np.issubdtype(np.asarray(g).dtype, np.floating)}
-    norm = float(np.sqrt(sum(float(np.sum(d ** 2)) for d in delta.values())))
+def clip_update(
+    weights: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray], bound: float
+) -> dict[str, np.ndarray] | None:
+    """``start + (w - start) * min(1, bound / ||w - start||)``, or ``None`` when already within the bound."""
+    delta = {
+        k: np.asarray(weights[k], np.float64) - np.asarray(g, np.float64)
+        for k, g in start.items()
+        if np.issubdtype(np.asarray(g).dtype, np.floating)
+    }
+    norm = float(np.sqrt(sum(float(np.sum(d**2)) for d in delta.values())))
     if norm <= bound:
-        return weights
-    return {k: ((np.asarray(start[k], np.float64) + delta[k] * (bound / norm)).astype(np.asarray(w).dtype)
-                if k in delta else w) for k, w in weights.items()}
+        return None
+    return {
+        k: (
+            (np.asarray(start[k], np.float64) + delta[k] * (bound / norm)).astype(np.asarray(w).dtype)
+            if k in delta
+            else w
+        )
+        for k, w in weights.items()
+    }
 
 
 def _merge(first: MetricRecord | None, extra: MetricRecord | None) -> MetricRecord | None:

@@ -10,10 +10,16 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import (ClientRoutine, LocalRoutineMethod, RemainingOnlyMethod, RoutineInput, UnlearningMethod,
-                   apply_departing_motion, config_from_run_config)
-from .registry import (METHODS, client_routine, make_method, method_class, methods_for, online_methods,
-                       register_method)
+from .base import (
+    ClientRoutine,
+    LocalRoutineMethod,
+    RemainingOnlyMethod,
+    RoutineInput,
+    UnlearningMethod,
+    apply_departing_motion,
+    config_from_run_config,
+)
+from .registry import METHODS, client_routine, make_method, method_class, methods_for, online_methods, register_method
 
 _INFRASTRUCTURE = {"base", "registry"}
 for _info in pkgutil.iter_modules(__path__):
@@ -21,7 +27,18 @@ for _info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
-    "METHODS", "ClientRoutine", "LocalRoutineMethod", "RemainingOnlyMethod", "RoutineInput", "UnlearningMethod",
-    "apply_departing_motion", "client_routine", "config_from_run_config", "make_method", "method_class", "methods_for",
-    "online_methods", "register_method",
+    "METHODS",
+    "ClientRoutine",
+    "LocalRoutineMethod",
+    "RemainingOnlyMethod",
+    "RoutineInput",
+    "UnlearningMethod",
+    "apply_departing_motion",
+    "client_routine",
+    "config_from_run_config",
+    "make_method",
+    "method_class",
+    "methods_for",
+    "online_methods",
+    "register_method",
 ]

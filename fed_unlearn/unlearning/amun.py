@@ -32,9 +32,9 @@ PUF's training pseudo-gradient it is added, not negated. Recovery follows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..aggregation import ClientUpdate, Weights
-from .base import RoutineInput, UnlearningMethod, apply_departing_motion, forget_loss
+from .base import ClientRoutine, RoutineInput, UnlearningMethod, apply_departing_motion, forget_loss
 from .registry import register_method
 
 
@@ -81,8 +81,16 @@ class AMUNConfig:
     scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.epsilon > 0 or self.pgd_steps < 1 or self.max_doublings < 0 or self.epochs < 0 or self.batch_size < 1:
-            raise ValueError(f"amun needs epsilon > 0, pgd-steps >= 1, max-doublings >= 0, epochs >= 0, batch-size >= 1; got {self}")
+        if (
+            not self.epsilon > 0
+            or self.pgd_steps < 1
+            or self.max_doublings < 0
+            or self.epochs < 0
+            or self.batch_size < 1
+        ):
+            raise ValueError(
+                f"amun needs epsilon > 0, pgd-steps >= 1, max-doublings >= 0, epochs >= 0, batch-size >= 1; got {self}"
+            )
         if not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0 or not self.scale > 0:
             raise ValueError(f"amun needs lr > 0, momentum >= 0, weight-decay >= 0, scale > 0; got {self}")
 
@@ -91,8 +99,9 @@ def _flat_norm(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(len(t), -1).norm(dim=1).clamp_min(1e-12).reshape(-1, *([1] * (t.ndim - 1)))
 
 
-def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, steps: int,
-           lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+def pgd_l2(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, steps: int, lo: float = 0.0, hi: float = 1.0
+) -> torch.Tensor:
     """Untargeted L2 PGD: ``x + delta`` with ``||delta_i|| <= eps_i``, in ``[lo, hi]``, raising the loss on ``y``.
 
     ``eps``: one radius per sample. Step size ``eps / 10``; normalised-gradient steps.
@@ -107,12 +116,13 @@ def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor
         with torch.no_grad():
             delta = delta + (eps / 10) * g / _flat_norm(g)
             delta = delta * torch.clamp(eps / _flat_norm(delta), max=1.0)  # back into the ball
-            delta = torch.clamp(x + delta, lo, hi) - x                     # and into the input domain
+            delta = torch.clamp(x + delta, lo, hi) - x  # and into the input domain
     return (x + delta).detach()
 
 
-def adversarial_examples(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: AMUNConfig,
-                         batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def adversarial_examples(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: AMUNConfig, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """AMUN's adversarial set: ``(x_adv, y_adv, eps_used)``; ``y_adv`` = the model's prediction on ``x_adv``.
 
     Samples still classified as ``y`` after ``max_doublings`` doublings keep their last
@@ -121,8 +131,8 @@ def adversarial_examples(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: AM
     lo, hi = (0.0, 1.0) if x.min() >= 0 and x.max() <= 1 else (float(x.min()), float(x.max()))
     out_x, out_y, out_eps = [], [], []
     for s in range(0, len(x), batch_size):
-        xb = torch.from_numpy(np.ascontiguousarray(x[s:s + batch_size]))
-        yb = torch.from_numpy(np.ascontiguousarray(y[s:s + batch_size]))
+        xb = torch.from_numpy(np.ascontiguousarray(x[s : s + batch_size]))
+        yb = torch.from_numpy(np.ascontiguousarray(y[s : s + batch_size]))
         eps = torch.full((len(xb),), cfg.epsilon, dtype=torch.float64)
         adv = pgd_l2(model, xb, yb, eps, cfg.pgd_steps, lo, hi)
         for _ in range(cfg.max_doublings):
@@ -140,8 +150,14 @@ def adversarial_examples(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: AM
     return np.concatenate(out_x), np.concatenate(out_y), np.concatenate(out_eps)
 
 
-def amun_unlearn(model: nn.Module, forget: tuple[np.ndarray, np.ndarray], cfg: AMUNConfig, seed: int,
-                 retain: tuple[np.ndarray, np.ndarray] | None = None, augment: str = "none") -> dict[str, float]:
+def amun_unlearn(
+    model: nn.Module,
+    forget: tuple[np.ndarray, np.ndarray],
+    cfg: AMUNConfig,
+    seed: int,
+    retain: tuple[np.ndarray, np.ndarray] | None = None,
+    augment: str = "none",
+) -> dict[str, float]:
     """Steps 1-2 of the module docstring, in place on ``model``; returns diagnostics."""
     from ..training import TrainSettings, train_local
 
@@ -154,11 +170,17 @@ def amun_unlearn(model: nn.Module, forget: tuple[np.ndarray, np.ndarray], cfg: A
         xs.append(retain[0])
         ys.append(retain[1])
     # step 2 is ordinary local SGD on forget + adversarial (+ retained) examples
-    settings = TrainSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                             weight_decay=cfg.weight_decay)
+    settings = TrainSettings(
+        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
     steps = train_local(model, np.concatenate(xs), np.concatenate(ys), settings, seed, augment=augment).steps
-    return {"train-steps": steps, "adversarial-n": len(x_adv), "flipped": float(np.mean(y_adv != y)),
-            "mean-epsilon": float(np.mean(eps)), "max-epsilon": float(np.max(eps))}
+    return {
+        "train-steps": steps,
+        "adversarial-n": len(x_adv),
+        "flipped": float(np.mean(y_adv != y)),
+        "mean-epsilon": float(np.mean(eps)),
+        "max-epsilon": float(np.max(eps)),
+    }
 
 
 def client_unlearn(inp: RoutineInput) -> dict[str, Any]:
@@ -174,18 +196,29 @@ class AMUN(UnlearningMethod):
 
     name = "amun"
     config_class = AMUNConfig
-    client_routine = staticmethod(client_unlearn)
+    client_routine: ClassVar[ClientRoutine | None] = client_unlearn
     config: AMUNConfig
 
     @property
     def remaining_clients_train(self) -> bool:  # noqa: D102
         return True
 
-    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate],
-                  departing: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:  # noqa: D102
+    def aggregate(
+        self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]
+    ) -> dict[str, np.ndarray]:  # noqa: D102
         if self.config.scale == 1.0:
             return apply_departing_motion(global_weights, remaining, departing, self.joint_request)
-        scaled = [ClientUpdate(u.client_id, {k: np.asarray(global_weights[k], np.float64)
-                                             + self.config.scale * (np.asarray(u.weights[k], np.float64) - np.asarray(global_weights[k], np.float64))
-                                             for k in global_weights}, u.num_examples) for u in departing]
+        scaled = [
+            ClientUpdate(
+                u.client_id,
+                {
+                    k: np.asarray(global_weights[k], np.float64)
+                    + self.config.scale
+                    * (np.asarray(u.weights[k], np.float64) - np.asarray(global_weights[k], np.float64))
+                    for k in global_weights
+                },
+                u.num_examples,
+            )
+            for u in departing
+        ]
         return apply_departing_motion(global_weights, remaining, scaled, self.joint_request)

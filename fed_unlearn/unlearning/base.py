@@ -141,14 +141,18 @@ class UnlearningMethod(ABC):
         """Unlearning rounds the method will take when the request comes after ``rounds_before`` rounds."""
         return self.num_rounds
 
-    def begin(self, requests: Sequence[int], leave: bool, request: DeletionRequest | None = None) -> None:
+    def begin(  # noqa: B027  (an optional hook: most methods need no set-up)
+        self, requests: Sequence[int], leave: bool, request: DeletionRequest | None = None
+    ) -> None:
         """Called once, before the first unlearning round, with the clients being served.
 
         ``leave``: whether they leave the federation (whole-client deletion); ``request``:
         what is deleted, when known (a class-unlearning method reads the class from it).
         """
 
-    def observe(self, server_round: int, global_weights: Weights, updates: Sequence[ClientUpdate]) -> None:
+    def observe(  # noqa: B027  (an optional hook: history-free methods keep nothing)
+        self, server_round: int, global_weights: Weights, updates: Sequence[ClientUpdate]
+    ) -> None:
         """Ordinary-round hook: the round's starting model and its validated replies.
 
         The strategy calls it after every ordinary (non-unlearning) round. The default
@@ -179,8 +183,8 @@ class UnlearningMethod(ABC):
 
     @property
     def departing_task(self) -> str:
-        """Message action for departing clients: ``"train"`` = an ordinary training round, ``"unlearn"`` = the routine."""
-        return "unlearn" if self.client_routine is not None else "train"
+        """Message action for departing clients: ``train`` (an ordinary round) or ``unlearn`` (the routine)."""
+        return "unlearn" if type(self).client_routine is not None else "train"
 
     def departing_config(self, global_weights: Weights) -> dict[str, Any]:
         """Extra settings sent to the departing clients with their instruction.
@@ -223,8 +227,9 @@ class LocalRoutineMethod(UnlearningMethod):
     def remaining_clients_train(self) -> bool:  # noqa: D102
         return False
 
-    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate],
-                  departing: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:  # noqa: D102
+    def aggregate(
+        self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]
+    ) -> dict[str, np.ndarray]:  # noqa: D102
         return apply_departing_motion(global_weights, [], departing, self.joint_request)
 
 
@@ -253,7 +258,11 @@ def config_from_run_config(cls: type, run_config: Mapping[str, Any], prefix: str
         if key not in run_config:
             continue
         value = run_config[key]
-        want = f.type if isinstance(f.type, type) else {"float": float, "int": int, "str": str, "bool": bool}.get(str(f.type))
+        want = (
+            f.type
+            if isinstance(f.type, type)
+            else {"float": float, "int": int, "str": str, "bool": bool}.get(str(f.type))
+        )
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if want is not None and not isinstance(value, want) or (want is int and isinstance(value, bool)):

@@ -32,8 +32,8 @@ step lengths still include the deleted samples' contribution.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -74,7 +74,9 @@ class Checkpoint:
 
     @property
     def nbytes(self) -> int:  # noqa: D102
-        return sum(a.nbytes for a in self.start.values()) + sum(a.nbytes for u, _ in self.updates.values() for a in u.values())
+        return sum(a.nbytes for a in self.start.values()) + sum(
+            a.nbytes for u, _ in self.updates.values() for a in u.values()
+        )
 
 
 def aggregated_update(ckpt: Checkpoint, clients: Sequence[int]) -> dict[str, np.ndarray]:
@@ -89,7 +91,13 @@ def aggregated_update(ckpt: Checkpoint, clients: Sequence[int]) -> dict[str, np.
     if not rows:
         raise ValueError(f"no stored update of clients {sorted(clients)} at round {ckpt.server_round}")
     total = float(sum(n for _, n in rows))
-    return {k: sum((n / total) * np.asarray(u[k], np.float64) for u, n in rows) for k in ckpt.start}
+    out: dict[str, np.ndarray] = {}
+    for k, start in ckpt.start.items():
+        acc = np.zeros(np.shape(start), np.float64)
+        for u, n in rows:
+            acc += (n / total) * np.asarray(u[k], np.float64)
+        out[k] = acc
+    return out
 
 
 def calibrated_step(old_update: Weights, new_update: Weights, eps: float = 1e-12) -> dict[str, np.ndarray]:
@@ -101,13 +109,21 @@ def calibrated_step(old_update: Weights, new_update: Weights, eps: float = 1e-12
     for k, new in new_update.items():
         new = np.asarray(new, np.float64)
         norm_new = float(np.linalg.norm(new))
-        out[k] = np.zeros_like(new) if norm_new <= eps else float(np.linalg.norm(np.asarray(old_update[k], np.float64))) * new / norm_new
+        out[k] = (
+            np.zeros_like(new)
+            if norm_new <= eps
+            else float(np.linalg.norm(np.asarray(old_update[k], np.float64))) * new / norm_new
+        )
     return out
 
 
 def _add(w: Weights, step: Weights) -> dict[str, np.ndarray]:
-    return {k: (np.asarray(v, np.float64) + step[k]).astype(np.asarray(v).dtype) if np.issubdtype(np.asarray(v).dtype, np.floating)
-            else np.array(v, copy=True) for k, v in w.items()}
+    return {
+        k: (np.asarray(v, np.float64) + step[k]).astype(np.asarray(v).dtype)
+        if np.issubdtype(np.asarray(v).dtype, np.floating)
+        else np.array(v, copy=True)
+        for k, v in w.items()
+    }
 
 
 @register_method
@@ -138,7 +154,10 @@ class FedEraser(RemainingOnlyMethod):
         ups = {}
         for u in updates:
             delta = pseudo_gradient(u.weights, global_weights)
-            ups[u.client_id] = ({k: d.astype(np.asarray(global_weights[k]).dtype) for k, d in delta.items()}, int(u.num_examples))
+            ups[u.client_id] = (
+                {k: d.astype(np.asarray(global_weights[k]).dtype) for k, d in delta.items()},
+                int(u.num_examples),
+            )
         self.checkpoints.append(Checkpoint(server_round, start, ups))
         self._peak_bytes = max(self._peak_bytes, self.history_bytes_now())
 
@@ -186,7 +205,9 @@ class FedEraser(RemainingOnlyMethod):
         """Calibration training: a fraction of the local epochs."""
         return {"local-epochs-ratio": self.config.calibration_ratio}
 
-    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]) -> "dict[str, np.ndarray]":
+    def aggregate(
+        self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]
+    ) -> dict[str, np.ndarray]:
         """``w~_{j+1} = w~_j + ||U_j|| U^_j / ||U^_j||`` per layer (no-op round when ``J = 1``)."""
         assert self._current is not None and self._remaining is not None
         if self._step + 1 < len(self.checkpoints):

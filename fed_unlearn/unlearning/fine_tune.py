@@ -11,8 +11,8 @@ model still holds what it learned from the departed data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,8 +33,9 @@ class FineTune(RemainingOnlyMethod):
     name = "fine-tune"
     config_class = FineTuneConfig
 
-    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate],
-                  departing: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:  # noqa: D102
+    def aggregate(
+        self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]
+    ) -> dict[str, np.ndarray]:  # noqa: D102
         if not remaining:
             raise ValueError("fine-tuning needs at least one remaining client's update")
         return dict(fedavg(remaining))

@@ -15,7 +15,7 @@ further from the gold than the original): that is what this baseline shows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -23,8 +23,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..metrics import cross_entropy
-from ..training import predict_logits
-from .base import LocalRoutineMethod, RoutineInput, forget_loss
+from ..training import Minibatches, local_steps, predict_logits
+from .base import ClientRoutine, LocalRoutineMethod, RoutineInput, forget_loss
 from .registry import register_method
 
 
@@ -51,11 +51,20 @@ class GradientAscentConfig:
 
     def __post_init__(self) -> None:
         if not self.lr > 0 or self.epochs < 1 or self.batch_size < 1 or self.target_ratio < 0:
-            raise ValueError(f"gradient-ascent needs lr > 0, epochs >= 1, batch-size >= 1, target-ratio >= 0; got {self}")
+            raise ValueError(
+                f"gradient-ascent needs lr > 0, epochs >= 1, batch-size >= 1, target-ratio >= 0; got {self}"
+            )
 
 
-def gradient_ascent(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: GradientAscentConfig, seed: int,
-                    reference_loss: float = float("nan"), weight_decay: float = 0.0) -> int:
+def gradient_ascent(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: GradientAscentConfig,
+    seed: int,
+    reference_loss: float = float("nan"),
+    weight_decay: float = 0.0,
+) -> int:
     """Minibatch gradient ascent on ``(x, y)`` in place; returns the number of steps taken.
 
     ``theta <- (1 - eta * lambda) theta + eta * grad CE(theta; B)`` with ``lambda = weight_decay``
@@ -65,31 +74,32 @@ def gradient_ascent(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: Gradien
         raise ValueError("gradient ascent needs a non-empty forget set")
     target = cfg.target_ratio * reference_loss if cfg.target_ratio > 0 and np.isfinite(reference_loss) else float("inf")
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
-    rng = np.random.default_rng(seed)
-    params = list(model.parameters())
-    steps = 0
-    model.train()
-    for _ in range(cfg.epochs):
-        order = torch.from_numpy(rng.permutation(len(x)))
-        for start in range(0, len(x), cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            loss = F.cross_entropy(model(xt[idx]), yt[idx])
-            grads = torch.autograd.grad(loss, params)
-            with torch.no_grad():
-                for p, g in zip(params, grads):
-                    if weight_decay:
-                        p.mul_(1.0 - cfg.lr * weight_decay)
-                    p.add_(cfg.lr * g)
-            steps += 1
-            if float(loss.detach()) >= target:
-                return steps
-    return steps
+    batches = Minibatches(len(x), cfg.batch_size, np.random.default_rng(seed))
+
+    def ascend(params: list[torch.Tensor], grads: tuple[torch.Tensor, ...], t: int) -> None:
+        for p, g in zip(params, grads, strict=False):
+            if weight_decay:
+                p.mul_(1.0 - cfg.lr * weight_decay)
+            p.add_(cfg.lr * g)
+
+    return local_steps(
+        model,
+        batches,
+        cfg.epochs * batches.per_epoch,
+        lambda idx, t: F.cross_entropy(model(xt[idx]), yt[idx]),
+        update=ascend,
+        after_step=lambda t, loss: loss >= target,
+    ).steps
 
 
 def client_unlearn(inp: RoutineInput) -> dict[str, Any]:
     """The departing client's side: local gradient ascent with the settings the server sent."""
     model, forget, heldout = inp.model, inp.forget, inp.heldout
-    ref = float(np.mean(cross_entropy(predict_logits(model, heldout[0]), heldout[1]))) if len(heldout[0]) else float("nan")
+    ref = (
+        float(np.mean(cross_entropy(predict_logits(model, heldout[0]), heldout[1])))
+        if len(heldout[0])
+        else float("nan")
+    )
     start = forget_loss(model, forget)
     steps = gradient_ascent(model, *forget, inp.settings, seed=inp.seed, reference_loss=ref)
     end = forget_loss(model, forget)
@@ -102,5 +112,4 @@ class GradientAscent(LocalRoutineMethod):
 
     name = "gradient-ascent"
     config_class = GradientAscentConfig
-    client_routine = staticmethod(client_unlearn)
-
+    client_routine: ClassVar[ClientRoutine | None] = client_unlearn

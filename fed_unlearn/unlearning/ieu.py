@@ -1,7 +1,8 @@
 """IEU baseline: gradient ascent with decoupled weight decay, then noisy weights.
 
 IEU combines gradient ascent, noisy weights and weight decay; the formulas below are
-exactly what runs (no reference implementation was available to compare with). It combines the three classic ingredients of approximate unlearning: ascent
+exactly what runs (no reference implementation was available to compare with). It
+combines the three classic ingredients of approximate unlearning: ascent
 on the forget set (e.g. Halimi et al. 2022, before projection), shrinking the weights
 towards zero (weight decay erodes what training wrote into them), and Gaussian
 perturbation of the weights (as in noisy-fine-tuning / certified-removal style methods,
@@ -24,13 +25,13 @@ every client) and the remaining clients recover.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from .base import LocalRoutineMethod, RoutineInput, forget_loss
+from .base import ClientRoutine, LocalRoutineMethod, RoutineInput, forget_loss
 from .gradient_ascent import GradientAscentConfig, gradient_ascent
 from .registry import register_method
 
@@ -59,9 +60,14 @@ class IEUConfig:
 
     def __post_init__(self) -> None:
         if not self.lr > 0 or self.epochs < 1 or self.batch_size < 1 or self.weight_decay < 0 or self.noise < 0:
-            raise ValueError(f"ieu needs lr > 0, epochs >= 1, batch-size >= 1, weight-decay >= 0, noise >= 0; got {self}")
+            raise ValueError(
+                f"ieu needs lr > 0, epochs >= 1, batch-size >= 1, weight-decay >= 0, noise >= 0; got {self}"
+            )
         if self.lr * self.weight_decay >= 1:
-            raise ValueError(f"ieu needs lr * weight-decay < 1 (the decay factor must stay positive), got {self.lr * self.weight_decay}")
+            raise ValueError(
+                "ieu needs lr * weight-decay < 1 (the decay factor must stay positive), "
+                f"got {self.lr * self.weight_decay}"
+            )
 
 
 def ieu_unlearn(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: IEUConfig, seed: int) -> int:
@@ -99,5 +105,4 @@ class IEU(LocalRoutineMethod):
 
     name = "ieu"
     config_class = IEUConfig
-    client_routine = staticmethod(client_unlearn)
-
+    client_routine: ClassVar[ClientRoutine | None] = client_unlearn

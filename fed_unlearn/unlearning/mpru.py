@@ -24,8 +24,8 @@ revive the class (its logit gets no gradient).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -117,6 +117,7 @@ class MPRU(UnlearningMethod):
             raise RuntimeError("mpru was not told which class to remove")
         return filter_weights(global_weights, self.removed)
 
-    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate],
-                  departing: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:  # noqa: D102
+    def aggregate(
+        self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]
+    ) -> dict[str, np.ndarray]:  # noqa: D102
         return {k: np.array(v, copy=True) for k, v in global_weights.items()}

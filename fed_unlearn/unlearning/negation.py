@@ -16,8 +16,8 @@ The departing clients take no part.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -55,7 +55,9 @@ def negated_layers(global_weights: Weights, layers: str) -> list[str]:
 
 def negate(global_weights: Weights, layers: Sequence[str]) -> dict[str, np.ndarray]:
     """``w`` with every parameter of ``layers`` negated (other arrays copied unchanged)."""
-    return {k: (-np.asarray(v) if layer_of(k) in set(layers) else np.array(v, copy=True)) for k, v in global_weights.items()}
+    return {
+        k: (-np.asarray(v) if layer_of(k) in set(layers) else np.array(v, copy=True)) for k, v in global_weights.items()
+    }
 
 
 @register_method
@@ -69,8 +71,9 @@ class Negation(RemainingOnlyMethod):
     def prepare_global(self, global_weights: Weights) -> dict[str, np.ndarray]:  # noqa: D102
         return negate(global_weights, negated_layers(global_weights, self.config.layers))
 
-    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate],
-                  departing: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:  # noqa: D102
+    def aggregate(
+        self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]
+    ) -> dict[str, np.ndarray]:  # noqa: D102
         if not remaining:
             raise ValueError("NoT needs at least one remaining client's update")
         return dict(fedavg(remaining))

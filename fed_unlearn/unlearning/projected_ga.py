@@ -35,9 +35,9 @@ the reference is the global model ``w_t`` itself; the reply says which (``pga-re
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -45,9 +45,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..aggregation import ClientUpdate, Weights
-from ..training import predict_logits
 from ..deletion import DeletionRequest
-from .base import LocalRoutineMethod, RoutineInput, forget_loss
+from ..training import Minibatches, local_steps, predict_logits
+from .base import ClientRoutine, LocalRoutineMethod, RoutineInput, forget_loss
 from .registry import register_method
 
 
@@ -87,7 +87,9 @@ class PGAConfig:
             raise ValueError(f"pga needs stop-accuracy in [0, 1] and radius-fraction > 0; got {self}")
 
 
-def reference_weights(global_weights: Weights, last_local: Weights, total_examples: int, own_examples: int) -> dict[str, np.ndarray]:
+def reference_weights(
+    global_weights: Weights, last_local: Weights, total_examples: int, own_examples: int
+) -> dict[str, np.ndarray]:
     """``w_ref = (N w_t - n_u w_u) / (N - n_u)``: the FedAvg of the other clients' last models.
 
     Raises
@@ -100,8 +102,12 @@ def reference_weights(global_weights: Weights, last_local: Weights, total_exampl
     if set(global_weights) != set(last_local):
         raise ValueError("the stored local model does not match the global model's arrays")
     n, m = float(total_examples), float(own_examples)
-    return {k: ((n * np.asarray(g, np.float64) - m * np.asarray(last_local[k], np.float64)) / (n - m)).astype(np.asarray(g).dtype)
-            for k, g in global_weights.items()}
+    return {
+        k: ((n * np.asarray(g, np.float64) - m * np.asarray(last_local[k], np.float64)) / (n - m)).astype(
+            np.asarray(g).dtype
+        )
+        for k, g in global_weights.items()
+    }
 
 
 def random_like(model: nn.Module, seed: int) -> nn.Module:
@@ -110,8 +116,9 @@ def random_like(model: nn.Module, seed: int) -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         for m in fresh.modules():
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
+            reset = getattr(m, "reset_parameters", None)
+            if callable(reset):
+                reset()
     return fresh
 
 
@@ -138,49 +145,55 @@ def project(model: nn.Module, ref: torch.Tensor, delta: float) -> bool:
     return True
 
 
-def projected_ascent(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: PGAConfig, delta: float, seed: int) -> dict[str, float]:
+def projected_ascent(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: PGAConfig, delta: float, seed: int
+) -> dict[str, float]:
     """Steps 3-4 in place on ``model`` (which starts at ``w_ref``); returns steps, projections, final accuracy."""
     if len(x) == 0:
         raise ValueError("projected gradient ascent needs a non-empty forget set")
     ref = flat_params(model)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
-    rng = np.random.default_rng(seed)
-    steps = projections = 0
 
     def acc() -> float:
         return float(np.mean(np.argmax(predict_logits(model, x), axis=1) == y))
 
-    current = acc()
-    for _ in range(cfg.epochs):
-        if current <= cfg.stop_accuracy:
-            break
-        order = torch.from_numpy(rng.permutation(len(x)))
-        for start in range(0, len(x), cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            model.train()
-            opt.zero_grad(set_to_none=True)
-            (-F.cross_entropy(model(xt[idx]), yt[idx])).backward()
-            if cfg.clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            opt.step()
-            with torch.no_grad():
-                projections += int(project(model, ref, delta))
-            steps += 1
-            current = acc()
-            if current <= cfg.stop_accuracy:
-                break
-    return {"train-steps": steps, "projections": projections, "forget-acc-end": current}
+    state = {"acc": acc(), "projections": 0}
+    if state["acc"] <= cfg.stop_accuracy:
+        return {"train-steps": 0, "projections": 0, "forget-acc-end": state["acc"]}
+
+    def after(t: int, loss: float) -> bool:
+        with torch.no_grad():
+            state["projections"] += int(project(model, ref, delta))
+        state["acc"] = acc()
+        return state["acc"] <= cfg.stop_accuracy
+
+    batches = Minibatches(len(x), cfg.batch_size, np.random.default_rng(seed))
+    stats = local_steps(
+        model,
+        batches,
+        cfg.epochs * batches.per_epoch,
+        lambda idx, t: -F.cross_entropy(model(xt[idx]), yt[idx]),
+        optimizer=opt,
+        clip_norm=cfg.clip,
+        after_step=after,
+    )
+    return {"train-steps": stats.steps, "projections": state["projections"], "forget-acc-end": state["acc"]}
 
 
 def client_unlearn(inp: RoutineInput) -> dict[str, Any]:
     """The departing client's side: reference model, radius, projected ascent (in place on ``inp.model``)."""
     model, instruction = inp.model, inp.instruction
     global_weights = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    exact = (bool(instruction.get("pga-leaves", False)) and inp.last_local is not None
-             and int(instruction.get("pga-round-examples", 0)) > 0)
+    exact = (
+        bool(instruction.get("pga-leaves", False))
+        and inp.last_local is not None
+        and int(instruction.get("pga-round-examples", 0)) > 0
+    )
     if exact and inp.last_local is not None:
-        ref = reference_weights(global_weights, inp.last_local, int(instruction["pga-round-examples"]), inp.last_local_n)
+        ref = reference_weights(
+            global_weights, inp.last_local, int(instruction["pga-round-examples"]), inp.last_local_n
+        )
         model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ref.items()})
     start = forget_loss(model, inp.forget)
     delta = radius(model, inp.settings, inp.seed)
@@ -195,7 +208,7 @@ class ProjectedGradientAscent(LocalRoutineMethod):
 
     name = "pga"
     config_class = PGAConfig
-    client_routine = staticmethod(client_unlearn)
+    client_routine: ClassVar[ClientRoutine | None] = client_unlearn
     client_keeps_last_local = True
 
     def __init__(self, config: PGAConfig | None = None) -> None:
@@ -211,5 +224,8 @@ class ProjectedGradientAscent(LocalRoutineMethod):
         self._leave = leave
 
     def departing_config(self, global_weights: Weights) -> dict[str, Any]:  # noqa: D102
-        return {**super().departing_config(global_weights), "pga-round-examples": self._last_round_examples,
-                "pga-leaves": self._leave}
+        return {
+            **super().departing_config(global_weights),
+            "pga-round-examples": self._last_round_examples,
+            "pga-leaves": self._leave,
+        }

@@ -29,8 +29,8 @@ Nothing beyond that round's replies is needed: no per-client history.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -109,7 +109,8 @@ def puf_update(
     step = weighted_delta_sum([u.weights for u in rem + dep], coefs, global_weights)
     return {
         k: (np.asarray(g, np.float64) + step[k]).astype(np.asarray(g).dtype)
-        if np.issubdtype(np.asarray(g).dtype, np.floating) else np.array(g, copy=True)
+        if np.issubdtype(np.asarray(g).dtype, np.floating)
+        else np.array(g, copy=True)
         for k, g in global_weights.items()
     }
 
@@ -126,8 +127,9 @@ class PUF(UnlearningMethod):
     def remaining_clients_train(self) -> bool:  # noqa: D102
         return self.config.variant == "regular"
 
-    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate],
-                  departing: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:  # noqa: D102
+    def aggregate(
+        self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]
+    ) -> dict[str, np.ndarray]:  # noqa: D102
         k = len(departing) + (len(remaining) if self.config.variant == "regular" else 0)
         return puf_update(global_weights, remaining, departing, self.config.eta(k), self.config.variant)
 

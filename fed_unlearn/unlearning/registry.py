@@ -47,10 +47,14 @@ def register_method(cls: M) -> M:
         raise ValueError(f"method '{name}': config_class must be a dataclass, got {cfg!r}")
     for f in fields(cfg):
         if str(f.type) not in SETTING_TYPES and f.type not in (int, float, str, bool):
-            raise ValueError(f"method '{name}': setting '{f.name}' has type {f.type}; settings are int, float, str or bool")
+            raise ValueError(
+                f"method '{name}': setting '{f.name}' has type {f.type}; settings are int, float, str or bool"
+            )
     unknown = sorted(set(cls.scenarios) - set(SCENARIOS))
     if unknown or not cls.scenarios:
-        raise ValueError(f"method '{name}': unknown scenario(s) {unknown or cls.scenarios}; valid: {', '.join(SCENARIOS)}")
+        raise ValueError(
+            f"method '{name}': unknown scenario(s) {unknown or cls.scenarios}; valid: {', '.join(SCENARIOS)}"
+        )
     _REGISTRY[name] = cls
     return cls
 

@@ -17,8 +17,8 @@ no per-client history.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,7 +47,6 @@ class Retrain(RemainingOnlyMethod):
         self._rounds_before = 0
         self._step = 0
 
-
     @property
     def num_rounds(self) -> int:  # noqa: D102
         return max(1, self._rounds_before)
@@ -73,8 +72,9 @@ class Retrain(RemainingOnlyMethod):
         """Replay the minibatch seeds of the original round ``j + 1`` (the gold's)."""
         return {"seed-round": self._step + 1}
 
-    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate],
-                  departing: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:  # noqa: D102
+    def aggregate(
+        self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]
+    ) -> dict[str, np.ndarray]:  # noqa: D102
         if not remaining:
             raise ValueError("retraining needs at least one remaining client's update")
         self._step += 1

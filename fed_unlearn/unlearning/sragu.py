@@ -61,9 +61,9 @@ the PUF rule with each departing pseudo-gradient reweighted layer by layer,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -73,8 +73,8 @@ from torch.nn import functional as F
 from ..aggregation import ClientUpdate, Weights, pseudo_gradient
 from ..metrics import cross_entropy
 from ..spectral import StabilityGate, analyze, layer_of, layer_weights
-from ..training import predict_logits
-from .base import RoutineInput, UnlearningMethod, apply_departing_motion
+from ..training import Minibatches, local_steps, predict_logits
+from .base import ClientRoutine, RoutineInput, UnlearningMethod, apply_departing_motion
 from .puf import PUF_VARIANTS, PUFConfig, puf_update
 from .registry import register_method
 
@@ -134,10 +134,14 @@ class SRAGUConfig(GateConfig):
         if not self.lr > 0 or self.lr_decay < 0:
             raise ValueError(f"sragu.lr must be > 0 and sragu.lr-decay >= 0, got {self.lr}, {self.lr_decay}")
         if self.batch_size < 1 or self.max_steps < 1 or self.check_every < 1:
-            raise ValueError(f"sragu.batch-size, max-steps and check-every must be >= 1, got {self.batch_size}, "
-                             f"{self.max_steps}, {self.check_every}")
+            raise ValueError(
+                f"sragu.batch-size, max-steps and check-every must be >= 1, got {self.batch_size}, "
+                f"{self.max_steps}, {self.check_every}"
+            )
         if self.drift_tol < 0 or self.target_ratio < 0:
-            raise ValueError(f"sragu.drift-tol and sragu.target-ratio must be >= 0, got {self.drift_tol}, {self.target_ratio}")
+            raise ValueError(
+                f"sragu.drift-tol and sragu.target-ratio must be >= 0, got {self.drift_tol}, {self.target_ratio}"
+            )
 
 
 @dataclass(frozen=True)
@@ -208,7 +212,6 @@ def sragu_unlearn(
     bad = {k: v for k, v in nu.items() if not (np.isfinite(v) and 0.0 <= v <= 1.0)}
     if bad:
         raise ValueError(f"stability weights must be finite and in [0, 1]: {bad}")
-    params = [p for _, p in model.named_parameters()]
     scale = parameter_weights(model, nu, default=cfg.nu_unfit)
     weights = [scale[name] for name, _ in model.named_parameters()]
     has_heldout = heldout is not None and len(heldout[0]) > 0
@@ -222,43 +225,52 @@ def sragu_unlearn(
             return "floor" if acc <= floor else None
         if cfg.target_ratio <= 0 or not has_heldout or heldout is None:
             return None
-        return "divergence" if _mean_loss(model, forget_x, forget_y) >= cfg.target_ratio * _mean_loss(model, *heldout) else None
+        return (
+            "divergence"
+            if _mean_loss(model, forget_x, forget_y) >= cfg.target_ratio * _mean_loss(model, *heldout)
+            else None
+        )
 
     xt, yt = torch.from_numpy(np.ascontiguousarray(forget_x)), torch.from_numpy(np.ascontiguousarray(forget_y))
-    rng = np.random.default_rng(seed)
-    order, pos = rng.permutation(len(xt)), 0
-    drift, reason, step = float("nan"), "cap", 0
     early = reached()
     if early is not None:  # nothing to undo: the forget set already looks unseen
         return SRAGUResult(0, early, start_loss, start_loss, ref, 0.0)
-    model.train()
-    for step in range(1, cfg.max_steps + 1):
-        if pos >= len(order):
-            order, pos = rng.permutation(len(xt)), 0
-        idx = torch.from_numpy(order[pos:pos + cfg.batch_size])
-        pos += cfg.batch_size
-        loss = F.cross_entropy(model(xt[idx]), yt[idx])
-        grads = torch.autograd.grad(loss, params)
+    state: dict[str, Any] = {"drift": float("nan"), "reason": "cap"}
+
+    def step_update(ps: list[torch.Tensor], grads: tuple[torch.Tensor, ...], t: int) -> None:
         sens = agu_sensitivity(grads)
-        lr = cfg.lr / (1.0 + cfg.lr_decay * (step - 1))
-        with torch.no_grad():
-            before = torch.sqrt(sum((p.double() ** 2).sum() for p in params))
-            moved = 0.0
-            for p, g, s, w in zip(params, grads, sens, weights):
-                delta = lr * w * s * torch.sign(g)  # ascent on the forget loss
-                p.add_(delta)
-                moved += float((delta.double() ** 2).sum())
-        drift = float(np.sqrt(moved) / (float(before) + 1e-12))
-        if step % cfg.check_every == 0:
+        lr = cfg.lr / (1.0 + cfg.lr_decay * (t - 1))
+        before = torch.sqrt(torch.stack([(p.double() ** 2).sum() for p in ps]).sum())
+        moved = 0.0
+        for p, g, s, w in zip(ps, grads, sens, weights, strict=False):
+            delta = lr * w * s * torch.sign(g)  # ascent on the forget loss
+            p.add_(delta)
+            moved += float((delta.double() ** 2).sum())
+        state["drift"] = float(np.sqrt(moved) / (float(before) + 1e-12))
+
+    def after(t: int, loss: float) -> bool:
+        if t % cfg.check_every == 0:
             hit = reached()
-            model.train()
             if hit is not None:
-                reason = hit
-                break
-        if drift < cfg.drift_tol:
-            reason = "drift"
-            break
-    return SRAGUResult(step, reason, start_loss, _mean_loss(model, forget_x, forget_y), ref, drift)
+                state["reason"] = hit
+                return True
+        if state["drift"] < cfg.drift_tol:
+            state["reason"] = "drift"
+            return True
+        return False
+
+    batches = Minibatches(len(xt), cfg.batch_size, np.random.default_rng(seed))
+    stats = local_steps(
+        model,
+        batches,
+        cfg.max_steps,
+        lambda idx, t: F.cross_entropy(model(xt[idx]), yt[idx]),
+        update=step_update,
+        after_step=after,
+    )
+    return SRAGUResult(
+        stats.steps, state["reason"], start_loss, _mean_loss(model, forget_x, forget_y), ref, state["drift"]
+    )
 
 
 def client_unlearn(inp: RoutineInput) -> dict[str, Any]:
@@ -266,12 +278,24 @@ def client_unlearn(inp: RoutineInput) -> dict[str, Any]:
     layers, nu = list(inp.instruction.get("sragu.layers", [])), list(inp.instruction.get("sragu.nu", []))
     if len(layers) != len(nu):
         raise ValueError(f"sragu.layers has {len(layers)} names but sragu.nu {len(nu)} weights")
-    res = sragu_unlearn(inp.model, *inp.forget, dict(zip(layers, nu)), inp.settings, seed=inp.seed, heldout=inp.heldout,
-                        target=str(inp.instruction.get("unlearn-target", "loss-match")),
-                        floor=float(inp.instruction.get("unlearn-floor", 0.02)))
-    return {"train-steps": res.steps, "unlearn-stop": STOP_REASONS.index(res.stop_reason),
-            "forget-loss-start": res.forget_loss_start, "forget-loss-end": res.forget_loss_end,
-            "reference-loss": res.reference_loss, "last-drift": res.last_drift}
+    res = sragu_unlearn(
+        inp.model,
+        *inp.forget,
+        dict(zip(layers, nu, strict=False)),
+        inp.settings,
+        seed=inp.seed,
+        heldout=inp.heldout,
+        target=str(inp.instruction.get("unlearn-target", "loss-match")),
+        floor=float(inp.instruction.get("unlearn-floor", 0.02)),
+    )
+    return {
+        "train-steps": res.steps,
+        "unlearn-stop": STOP_REASONS.index(res.stop_reason),
+        "forget-loss-start": res.forget_loss_start,
+        "forget-loss-end": res.forget_loss_end,
+        "reference-loss": res.reference_loss,
+        "last-drift": res.last_drift,
+    }
 
 
 @register_method
@@ -280,7 +304,7 @@ class SRAGU(UnlearningMethod):
 
     name = "sragu"
     config_class = SRAGUConfig
-    client_routine = staticmethod(client_unlearn)
+    client_routine: ClassVar[ClientRoutine | None] = client_unlearn
     config: SRAGUConfig
 
     def __init__(self, config: SRAGUConfig | None = None) -> None:
@@ -294,13 +318,19 @@ class SRAGU(UnlearningMethod):
     def departing_config(self, global_weights: Weights) -> dict[str, Any]:
         """The per-layer stability weights, computed from the global model alone."""
         nu = layer_weights(analyze(global_weights, self.gate))
-        return {**super().departing_config(global_weights),
-                "sragu.layers": list(nu), "sragu.nu": [float(v) for v in nu.values()]}
+        return {
+            **super().departing_config(global_weights),
+            "sragu.layers": list(nu),
+            "sragu.nu": [float(v) for v in nu.values()],
+        }
 
-    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate],
-                  departing: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:
+    def aggregate(
+        self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]
+    ) -> dict[str, np.ndarray]:
         """``w + sum_U (theta_u - w)`` (+ FedAvg step of the remaining clients if they trained)."""
-        return apply_departing_motion(global_weights, remaining if self.config.remaining_train else [], departing, self.joint_request)
+        return apply_departing_motion(
+            global_weights, remaining if self.config.remaining_train else [], departing, self.joint_request
+        )
 
 
 @register_method
@@ -346,8 +376,10 @@ def spectral_puf_update(
     reweighted = []
     for u in departing:
         delta = pseudo_gradient(u.weights, global_weights)
-        w = {k: (np.asarray(g, np.float64) + nu.get(layer_of(k), default_nu) * delta[k]).astype(np.asarray(g).dtype)
-             for k, g in global_weights.items()}
+        w = {
+            k: (np.asarray(g, np.float64) + nu.get(layer_of(k), default_nu) * delta[k]).astype(np.asarray(g).dtype)
+            for k, g in global_weights.items()
+        }
         reweighted.append(ClientUpdate(u.client_id, w, u.num_examples))
     return puf_update(global_weights, remaining, reweighted, eta, variant)
 
@@ -368,11 +400,14 @@ class SpectralPUF(UnlearningMethod):
     def remaining_clients_train(self) -> bool:  # noqa: D102
         return self.config.variant == "regular"
 
-    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate],
-                  departing: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:  # noqa: D102
+    def aggregate(
+        self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]
+    ) -> dict[str, np.ndarray]:  # noqa: D102
         if not departing:
             raise ValueError("spectral PUF needs at least one departing client's update")
         nu = layer_weights(analyze(global_weights, self.gate))
         k = len(departing) + (len(remaining) if self.config.variant == "regular" else 0)
         eta = PUFConfig(self.config.variant, self.config.scale).eta(k)
-        return spectral_puf_update(global_weights, remaining, departing, eta, nu, self.config.variant, self.config.nu_unfit)
+        return spectral_puf_update(
+            global_weights, remaining, departing, eta, nu, self.config.variant, self.config.nu_unfit
+        )

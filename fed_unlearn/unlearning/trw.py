@@ -25,9 +25,9 @@ receive) and ``D_f`` the class-``f`` samples of every client:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -36,9 +36,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..aggregation import ClientUpdate, Weights, fedavg
-from ..training import predict_logits
 from ..deletion import DeletionRequest
-from .base import LocalRoutineMethod, RoutineInput, forget_loss
+from ..training import Minibatches, local_steps, predict_logits
+from .base import ClientRoutine, LocalRoutineMethod, RoutineInput, forget_loss
 from .registry import register_method
 
 
@@ -67,7 +67,14 @@ class TRWConfig:
     momentum: float = 0.9
 
     def __post_init__(self) -> None:
-        if self.tau < 0 or self.kl_weight < 0 or self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.momentum < 0:
+        if (
+            self.tau < 0
+            or self.kl_weight < 0
+            or self.epochs < 1
+            or self.batch_size < 1
+            or not self.lr > 0
+            or self.momentum < 0
+        ):
             raise ValueError(f"trw needs tau, kl-weight, momentum >= 0, epochs and batch-size >= 1, lr > 0; got {self}")
 
 
@@ -105,8 +112,15 @@ def tilted_target(logits0: np.ndarray, s: np.ndarray, removed: int, tau: float) 
     return q / q.sum(axis=1, keepdims=True)
 
 
-def trw_finetune(model: nn.Module, retain: tuple[np.ndarray, np.ndarray], forget_x: np.ndarray, q: np.ndarray,
-                 cfg: TRWConfig, seed: int, augment: str = "none") -> int:
+def trw_finetune(
+    model: nn.Module,
+    retain: tuple[np.ndarray, np.ndarray],
+    forget_x: np.ndarray,
+    q: np.ndarray,
+    cfg: TRWConfig,
+    seed: int,
+    augment: str = "none",
+) -> int:
     """Step 3 in place; returns the number of SGD steps."""
     from ..augment import augment_batch
 
@@ -116,24 +130,17 @@ def trw_finetune(model: nn.Module, retain: tuple[np.ndarray, np.ndarray], forget
     xf, qt = torch.from_numpy(np.ascontiguousarray(forget_x)), torch.from_numpy(q).float()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     rng = np.random.default_rng(seed)
-    f_order, f_pos, steps = rng.permutation(len(xf)), 0, 0
-    model.train()
-    for _ in range(cfg.epochs):
-        order = torch.from_numpy(rng.permutation(len(xr)))
-        for s in range(0, len(xr), cfg.batch_size):
-            idx = order[s:s + cfg.batch_size]
-            if f_pos >= len(f_order):
-                f_order, f_pos = rng.permutation(len(xf)), 0
-            fidx = torch.from_numpy(f_order[f_pos:f_pos + cfg.batch_size])
-            f_pos += cfg.batch_size
-            xb = augment_batch(xr[idx], augment, seed * 7_919 + steps) if augment != "none" else xr[idx]
-            xfb = augment_batch(xf[fidx], augment, seed * 7_927 + steps) if augment != "none" else xf[fidx]
-            opt.zero_grad(set_to_none=True)
-            kl = F.kl_div(F.log_softmax(model(xfb), dim=1), qt[fidx], reduction="batchmean")
-            (F.cross_entropy(model(xb), yr[idx]) + cfg.kl_weight * kl).backward()
-            opt.step()
-            steps += 1
-    return steps
+    forget_batches = Minibatches(len(xf), cfg.batch_size, rng)  # drawn first: the two streams share the generator
+    retain_batches = Minibatches(len(xr), cfg.batch_size, rng)
+
+    def objective(idx: torch.Tensor, t: int) -> torch.Tensor:
+        fidx = forget_batches.next()
+        xb = augment_batch(xr[idx], augment, seed * 7_919 + t - 1) if augment != "none" else xr[idx]
+        xfb = augment_batch(xf[fidx], augment, seed * 7_927 + t - 1) if augment != "none" else xf[fidx]
+        kl = F.kl_div(F.log_softmax(model(xfb), dim=1), qt[fidx], reduction="batchmean")
+        return F.cross_entropy(model(xb), yr[idx]) + cfg.kl_weight * kl
+
+    return local_steps(model, retain_batches, cfg.epochs * retain_batches.per_epoch, objective, optimizer=opt).steps
 
 
 def client_unlearn(inp: RoutineInput) -> dict[str, Any]:
@@ -144,8 +151,12 @@ def client_unlearn(inp: RoutineInput) -> dict[str, Any]:
     if str(instruction.get("trw-phase")) == "estimate":
         p0 = np.exp(log_softmax(logits0, axis=1))
         loss = forget_loss(model, forget)
-        return {"train-steps": 0, "trw-prob-sum": [float(v) for v in p0.sum(axis=0)], "forget-loss-start": loss,
-                "forget-loss-end": loss}
+        return {
+            "train-steps": 0,
+            "trw-prob-sum": [float(v) for v in p0.sum(axis=0)],
+            "forget-loss-start": loss,
+            "forget-loss-end": loss,
+        }
     s = np.asarray(instruction["trw-similarity"], np.float64)
     q = tilted_target(logits0, s, removed, cfg.tau)
     start = forget_loss(model, forget)
@@ -163,7 +174,7 @@ class TRW(LocalRoutineMethod):
     config_class = TRWConfig
     scenarios = ("class",)
     serves_online = False  # two server rounds
-    client_routine = staticmethod(client_unlearn)
+    client_routine: ClassVar[ClientRoutine | None] = client_unlearn
     config: TRWConfig
 
     def __init__(self, config: TRWConfig | None = None) -> None:
@@ -190,8 +201,9 @@ class TRW(LocalRoutineMethod):
             return {**cfg, "trw-phase": "estimate"}
         return {**cfg, "trw-phase": "tilt", "trw-similarity": [float(v) for v in self.similarity]}
 
-    def aggregate(self, global_weights: Weights, remaining: Sequence[ClientUpdate],
-                  departing: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:
+    def aggregate(
+        self, global_weights: Weights, remaining: Sequence[ClientUpdate], departing: Sequence[ClientUpdate]
+    ) -> dict[str, np.ndarray]:
         """Round 1: the similarity from the reported sums (model unchanged); round 2: FedAvg of the clients' models."""
         if not departing:
             raise ValueError("TRW needs the forgetting clients' replies")

@@ -19,7 +19,10 @@ def main(grid: Grid, context: Context) -> None:
     strategy = Unlearning(FedAvg(fraction_train=1.0, min_available_nodes=2), method="puf")
     # the client whose node config says partition-id = forget-partition asks to be forgotten
     strategy.request_unlearning(int(rc["forget-partition"]), round=int(rc["forget-round"]))
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(Net().state_dict()),
-                            num_rounds=int(rc["num-server-rounds"]))
-    print(f"forgot nodes {sorted(strategy.departed)}; final accuracy of the others: "
-          f"{result.evaluate_metrics_clientapp[int(rc['num-server-rounds'])]['eval_acc']:.3f}")
+    result = strategy.start(
+        grid=grid, initial_arrays=ArrayRecord(Net().state_dict()), num_rounds=int(rc["num-server-rounds"])
+    )
+    print(
+        f"forgot nodes {sorted(strategy.departed)}; final accuracy of the others: "
+        f"{result.evaluate_metrics_clientapp[int(rc['num-server-rounds'])]['eval_acc']:.3f}"
+    )

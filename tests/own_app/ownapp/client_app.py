@@ -24,8 +24,13 @@ def train(msg: Message, context: Context) -> Message:
     model = Net()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     trainloader, _ = load_data(pid, num)
-    loss = train_fn(model, trainloader, int(context.run_config["local-epochs"]), float(context.run_config["lr"]),
-                    float(msg.content["config"].get("proximal-mu", 0.0)))
+    loss = train_fn(
+        model,
+        trainloader,
+        int(context.run_config["local-epochs"]),
+        float(context.run_config["lr"]),
+        float(msg.content["config"].get("proximal-mu", 0.0)),
+    )
     metrics = MetricRecord({"train_loss": loss, "num-examples": len(trainloader.dataset)})
     return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
 

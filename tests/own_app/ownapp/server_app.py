@@ -35,13 +35,20 @@ class RecordingGrid(ActiveNodesGrid):
         msgs = list(messages)
         for m in msgs:
             cfg = m.content.config_records.get("config")
-            self.log.append((m.metadata.message_type, m.metadata.dst_node_id, int(cfg.get("server-round", 0)) if cfg else 0))
+            self.log.append(
+                (m.metadata.message_type, m.metadata.dst_node_id, int(cfg.get("server-round", 0)) if cfg else 0)
+            )
         return self.grid.send_and_receive(msgs, timeout=timeout)
 
 
 def wrapped(name: str, num_nodes: int) -> Any:
-    kw = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
-              min_available_nodes=num_nodes)
+    kw = dict(
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=num_nodes,
+    )
     if name == "fedprox":
         return FedProx(proximal_mu=0.01, **kw)
     if name == "fedadam":
@@ -83,22 +90,28 @@ def main(grid: Grid, context: Context) -> None:
         def fn(rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
             snapshots[name][rnd] = arrays
             return None
+
         return fn
 
     # the gold: the same rounds, from the same model, without the departing partition
     gold_strategy = Unlearning(wrapped(str(rc["strategy"]), num), None)
     gold_strategy.identify(grid, grid.get_node_ids())
-    gold_strategy.exclude(*(n for n, ident in gold_strategy.identities.items() if int(ident["partition-id"]) == departing))
+    gold_strategy.exclude(
+        *(n for n, ident in gold_strategy.identities.items() if int(ident["partition-id"]) == departing)
+    )
     gold_strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, evaluate_fn=keep("gold"))
     # the federation had nobody asked to be forgotten
-    wrapped(str(rc["strategy"]), num).start(grid=grid, initial_arrays=initial, num_rounds=rounds, evaluate_fn=keep("kept"))
+    wrapped(str(rc["strategy"]), num).start(
+        grid=grid, initial_arrays=initial, num_rounds=rounds, evaluate_fn=keep("kept")
+    )
     grid.log.clear()
 
     # the federation: a plain strategy, wrapped; the departure is requested before start()
     strategy = Unlearning(wrapped(str(rc["strategy"]), num), str(rc["method"]))
     samples = str(rc["scenario"]) == "samples"
-    strategy.request_unlearning(departing, round=d, leave=not samples,
-                                deletion=DeletionRequest("samples", fraction=0.3) if samples else None)
+    strategy.request_unlearning(
+        departing, round=d, leave=not samples, deletion=DeletionRequest("samples", fraction=0.3) if samples else None
+    )
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, evaluate_fn=keep("run"))
     node = next(n for n, ident in strategy.identities.items() if int(ident["partition-id"]) == departing)
     out = {
@@ -110,7 +123,9 @@ def main(grid: Grid, context: Context) -> None:
         "kept-end": accuracies(snapshots["kept"][rounds], departing, num),
         "train-metrics": {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()},
         "evaluate-metrics": {str(r): dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
-        "departing-node": node, "sent": grid.log, "departed": sorted(strategy.departed),
+        "departing-node": node,
+        "sent": grid.log,
+        "departed": sorted(strategy.departed),
         "retain-only": sorted(strategy.retain_only),
     }
     if rc["results"]:

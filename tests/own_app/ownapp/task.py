@@ -43,8 +43,10 @@ def load_data(partition_id: int, num_partitions: int) -> tuple[DataLoader, DataL
     idx = np.array_split(np.random.default_rng(42).permutation(len(y)), num_partitions)[partition_id]
     cut = int(0.8 * len(idx))
     gen = torch.Generator().manual_seed(partition_id)
-    return (DataLoader(Digits(x[idx[:cut]], y[idx[:cut]]), batch_size=32, shuffle=True, generator=gen),
-            DataLoader(Digits(x[idx[cut:]], y[idx[cut:]]), batch_size=128))
+    return (
+        DataLoader(Digits(x[idx[:cut]], y[idx[:cut]]), batch_size=32, shuffle=True, generator=gen),
+        DataLoader(Digits(x[idx[cut:]], y[idx[cut:]]), batch_size=128),
+    )
 
 
 def train(net: Net, loader: DataLoader, epochs: int, lr: float, proximal_mu: float = 0.0) -> float:
@@ -58,7 +60,8 @@ def train(net: Net, loader: DataLoader, epochs: int, lr: float, proximal_mu: flo
             opt.zero_grad()
             loss = nn.functional.cross_entropy(net(batch["img"]), batch["label"])
             if proximal_mu > 0:
-                loss = loss + proximal_mu / 2 * sum(((p - s) ** 2).sum() for p, s in zip(net.parameters(), start))
+                prox = sum(((p - s) ** 2).sum() for p, s in zip(net.parameters(), start, strict=True))
+                loss = loss + proximal_mu / 2 * prox
             loss.backward()
             opt.step()
             total, n = total + float(loss) * len(batch["label"]), n + len(batch["label"])
