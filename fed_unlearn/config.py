@@ -1,27 +1,98 @@
-"""The experiment's settings, read from Flower's run config (``[tool.flwr.app.config]``).
+"""The run's settings, read from Flower's run config (``[tool.flwr.app.config]``), one dataclass per concern.
 
-Keys are hyphenated; nested TOML tables flatten with dots (``unlearn.method``).
-Method-specific settings (``puf.*``) are read by the method's own config dataclass.
+Keys are hyphenated; nested TOML tables flatten with dots (``unlearn.method``). Every
+setting is a dataclass field whose metadata names its run-config key and says what it
+does; each dataclass validates its own fields, and :class:`ExperimentConfig` holds the
+rules that combine them. The configuration reference (``docs/configuration.md``) is
+generated from these fields: ``python -m fed_unlearn.config``. Method-specific settings
+(``puf.*``, ...) live in each method's own settings class.
+
+=============== ==============================================================
+concern         keys
+=============== ==============================================================
+data            ``seed``, ``task``, ``dataset``, ``data-dir``, ``model``, ``partitioner``, ...
+federation      ``num-server-rounds``, ``node-wait-seconds``, ``round-timeout``, ``client-threads``
+training        ``local-epochs``, ``batch-size``, ``lr``, ``momentum``, ``weight-decay``, ``fastclip.*``
+request         ``unlearn.*``: method, who, what, when, calibration, recovery
+output          ``results-dir``, ``gold-cache-dir``, ``relearn-max-steps``
+service         ``service.*``
+=============== ==============================================================
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
+import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from .data import DATASETS, PARTITIONERS
-from .deletion import DeletionRequest, request_from_run_config
+from .deletion import DeletionRequest
 from .models import MODELS
 from .training import TrainSettings
 
 RECOVERY_MODES = ("validation", "fixed", "until-gold")
-
-#: Bumped when the gold federation's procedure changes, so stale caches are not reused.
+MODES = ("experiment", "service")
+FALLBACKS = ("wait", "fine-tune", "not")
+#: Bumped when the gold federation's procedure changes (besides the code fingerprint in every key).
 GOLD_FORMAT_VERSION = 1
+BUILTIN_TASK = "fed_unlearn.task"
+
+
+def setting(default: Any, key: str, help: str) -> Any:  # noqa: A002  (the field's help text)
+    """A dataclass field that is a run-config setting: its key and what it does (shown in the reference)."""
+    return field(default=default, metadata={"key": key, "help": help})
+
+
+def typed_value(key: str, value: Any, default: Any) -> Any:
+    """``value`` of ``key`` as the type of ``default`` (ints for floats, integral floats for ints), finite."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        if not (isinstance(value, bool) and isinstance(default, bool)):
+            raise ValueError(f"run-config '{key}' must be true or false, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if not isinstance(value, (int, float)):
+            raise ValueError(f"run-config '{key}' must be a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise ValueError(f"run-config '{key}' must be a finite number, got {value!r}")
+        return float(value)
+    if isinstance(default, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # "3.0" where a count is expected
+        if not isinstance(value, int):
+            raise ValueError(f"run-config '{key}' must be an integer, got {value!r}")
+        return value
+    if not isinstance(value, type(default)):
+        raise ValueError(f"run-config '{key}' must be {type(default).__name__}, got {value!r}")
+    return value
+
+
+def read_settings(cls: type, rc: Mapping[str, Any], **fixed: Any) -> Any:
+    """Build the settings dataclass ``cls`` from the run config (its fields' keys; defaults for absent keys).
+
+    ``fixed`` gives fields that are not plain settings (nested sections, parsed values).
+
+    Raises
+    ------
+    ValueError
+        On a value of the wrong type, not finite, or out of range, naming the key.
+    """
+    kwargs: dict[str, Any] = dict(fixed)
+    for f in fields(cls):
+        key = f.metadata.get("key")
+        if key is None or f.name in kwargs or key not in rc:
+            continue
+        kwargs[f.name] = typed_value(key, rc[key], f.default)
+    return cls(**kwargs)
+
+
+def _check(key: str, value: float, ok: bool, want: str) -> None:
+    if not (math.isfinite(value) and ok):
+        raise ValueError(f"run-config '{key}' must be a finite number {want}, got {value!r}")
 
 
 def parse_client_ids(value: str | int) -> tuple[int, ...]:
@@ -47,275 +118,205 @@ def parse_client_ids(value: str | int) -> tuple[int, ...]:
     return tuple(sorted(set(items)))
 
 
+# -- the concerns --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class ExperimentConfig:
-    """All non-method settings of a federated-unlearning experiment.
+class DataConfig:
+    """The model and every client's data."""
 
-    Attributes
-    ----------
-    seed : int
-        Seeds the model initialisation, the partitioning and every client's minibatches.
-    dataset, data_dir : str
-        Dataset name (see :data:`fed_unlearn.data.DATASETS`) and folder for on-disk ones.
-    task : str
-        The task module giving the model and the data (``fed_unlearn.task`` = the built-in
-        ``model`` on the built-in ``dataset``; see :mod:`fed_unlearn.task`).
-    model : str
-        ``mlp`` or ``cnn`` (built-in task).
-    partitioner, dirichlet_alpha, holdout_fraction :
-        How data is split across clients and into each client's train / held-out parts.
-    num_server_rounds : int
-        Total rounds ``T`` of the federation, the unlearning round and recovery included:
-        the cap on recovery.
-    train : TrainSettings
-        Local SGD settings, the same for every client and round.
-    method : str
-        Unlearning method name (``unlearn.method``).
-    departing : tuple of int
-        Client (partition) ids that leave (``unlearn.departing``, e.g. ``"3"`` or ``"1,4"``);
-        in the ``samples`` scenario the clients that delete part of their data; empty in the
-        ``class`` scenario (every client deletes the class, nobody leaves).
-    deletion : DeletionRequest
-        What is forgotten: whole clients, samples inside clients, or a class
-        (``unlearn.scenario``, ``unlearn.selection``, ``unlearn.fraction``, ``unlearn.class``).
-    departure_round : int
-        Round ``d`` in which the unlearning happens: rounds ``1..d-1`` train with every
-        client (the model after round ``d-1`` is the *original* model), round ``d``
-        unlearns, rounds ``d+1..T`` recover over the remaining clients. The gold
-        federation trains the original's ``d-1`` rounds from the same initial model
-        and seeds, without the departing clients.
-    recovery : {"validation", "fixed", "until-gold"}
-        When recovery stops. ``validation`` (default, gold-free): once the remaining
-        clients' held-out accuracy is back within ``recovery_tolerance`` of the pre-request
-        model's, or has stopped improving for ``recovery_patience`` rounds; ``fixed``: runs
-        to ``T``; ``until-gold``: an *oracle* for ablations, stops at the gold's accuracy
-        (information no real federation has).
-    recovery_patience : int
-        Rounds without improvement (by more than 0.001) after which ``validation`` stops.
-    calibrate : bool
-        Calibrate the unlearning step on the forgetting clients' own data
-        (:mod:`fed_unlearn.calibration`, ``unlearn.calibrate``).
-    recovery_tolerance : float
-        Accuracy gap to gold (absolute) counted as recovered.
-    augment : str
-        Data augmentation of local training and of AMUN's / TRW's fine-tuning from the
-        deletion request on (``unlearn.augment``: ``none``, ``shift``, ``trivial``); the
-        gold trains without it.
-    fastclip_bound, fastclip_every :
-        FastClip spectral-norm clipping during all local training (``fastclip.bound``, 0 =
-        off, and ``fastclip.every`` steps); the gold trains with the same clipping.
-    results_dir : str
-        Where ``results.json`` and ``accuracy.png`` go (a sub-folder per experiment).
-    gold_cache_dir : str
-        Where gold federations are cached, keyed by :meth:`gold_key`.
-    relearn_max_steps : int
-        Cap of the relearn-time probe on the departing clients (0 disables it).
-    client_threads : int
-        torch threads per client process (1 avoids oversubscription under Ray).
-    node_wait_seconds : float
-        How long the server waits for every client to connect.
-    round_timeout : float
-        Seconds to wait for the replies of one round.
-    """
-
-    seed: int = 0
-    task: str = "fed_unlearn.task"
-    dataset: str = "mnist-5k"
-    data_dir: str = ""
-    model: str = "mlp"
-    partitioner: str = "iid"
-    dirichlet_alpha: float = 0.5
-    holdout_fraction: float = 0.2
-    num_server_rounds: int = 15
-    train: TrainSettings = field(default_factory=TrainSettings)
-    method: str = "puf"
-    departing: tuple[int, ...] = (0,)
-    departure_round: int = 6
-    deletion: DeletionRequest = field(default_factory=DeletionRequest)
-    recovery: str = "validation"
-    recovery_tolerance: float = 0.01
-    recovery_patience: int = 2
-    calibrate: bool = True
-    augment: str = "none"
-    fastclip_bound: float = 0.0
-    fastclip_every: int = 50
-    results_dir: str = "results"
-    gold_cache_dir: str = "results/gold-cache"
-    relearn_max_steps: int = 500
-    client_threads: int = 1
-    node_wait_seconds: float = 120.0
-    round_timeout: float = 600.0
+    seed: int = setting(0, "seed", "seeds the model, the partitions, every minibatch order and the sample selections")
+    task: str = setting(
+        BUILTIN_TASK, "task", "the task module giving the model and the data (`load_model`, `load_data`)"
+    )
+    dataset: str = setting("mnist-5k", "dataset", "built-in task: " + ", ".join(sorted(DATASETS)))
+    data_dir: str = setting("", "data-dir", "folder of on-disk datasets (Fashion-MNIST default: Debian's)")
+    model: str = setting("mlp", "model", "built-in task: " + ", ".join(sorted(MODELS)))
+    partitioner: str = setting("iid", "partitioner", "how the data is split over clients: " + ", ".join(PARTITIONERS))
+    dirichlet_alpha: float = setting(
+        0.5, "dirichlet-alpha", "label skew of the `dirichlet` partitioner (smaller: more)"
+    )
+    holdout_fraction: float = setting(
+        0.2, "holdout-fraction", "each client's held-out share (test data, MIA non-members)"
+    )
 
     def __post_init__(self) -> None:
-        self._check_numbers()
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset '{self.dataset}'; valid: {', '.join(sorted(DATASETS))}")
         if self.model not in MODELS:
             raise ValueError(f"unknown model '{self.model}'; valid: {', '.join(sorted(MODELS))}")
         if self.partitioner not in PARTITIONERS:
             raise ValueError(f"unknown partitioner '{self.partitioner}'; valid: {', '.join(PARTITIONERS)}")
-        if self.num_server_rounds < 1:
-            raise ValueError(f"num-server-rounds must be >= 1, got {self.num_server_rounds}")
-        if self.deletion.scenario == "class" and self.departing:
-            raise ValueError(
-                "the class scenario removes a class from every client: unlearn.departing must be empty "
-                f"(got {list(self.departing)})"
-            )
-        if self.deletion.scenario == "samples" and not self.departing:
-            raise ValueError("sample deletion needs the requesting client ids in unlearn.departing")
-        round_ok = 2 <= self.departure_round <= self.num_server_rounds
-        if (self.departing or self.deletion.scenario == "class") and not round_ok:
-            raise ValueError(
-                f"unlearn.round {self.departure_round} is impossible: it must be in "
-                f"[2, num-server-rounds={self.num_server_rounds}] (round 1 has nothing to unlearn; "
-                "a departure after the last round never happens)"
-            )
+        _check("dirichlet-alpha", self.dirichlet_alpha, self.dirichlet_alpha > 0, "> 0")
+        _check("holdout-fraction", self.holdout_fraction, 0 < self.holdout_fraction < 1, "in (0, 1)")
+
+    @property
+    def builtin(self) -> bool:
+        """Whether the project's own task (``model`` on ``dataset``) is used."""
+        return self.task == BUILTIN_TASK
+
+    def key(self) -> dict[str, Any]:
+        """What determines every client's data (part of the cache keys)."""
+        common = {
+            "seed": self.seed,
+            "data_dir": self.data_dir,
+            "partitioner": self.partitioner,
+            "dirichlet_alpha": self.dirichlet_alpha,
+            "holdout_fraction": self.holdout_fraction,
+        }
+        return {**common, "dataset": self.dataset} if self.builtin else {**common, "task": self.task}
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """How long the federation runs and waits."""
+
+    num_server_rounds: int = setting(15, "num-server-rounds", "T: rounds in all, unlearning and recovery included")
+    node_wait_seconds: float = setting(
+        120.0, "node-wait-seconds", "how long the server waits for the clients to connect"
+    )
+    round_timeout: float = setting(600.0, "round-timeout", "seconds to wait for the replies of one round")
+    client_threads: int = setting(1, "client-threads", "torch threads per client process")
+
+    def __post_init__(self) -> None:
+        _check("num-server-rounds", self.num_server_rounds, self.num_server_rounds >= 1, ">= 1")
+        _check("node-wait-seconds", self.node_wait_seconds, self.node_wait_seconds > 0, "> 0")
+        _check("round-timeout", self.round_timeout, self.round_timeout > 0, "> 0")
+        _check("client-threads", self.client_threads, self.client_threads >= 1, ">= 1")
+
+
+@dataclass(frozen=True)
+class FastClipConfig:
+    """Spectral-norm clipping of every affine layer during local training (the gold trains with it too)."""
+
+    bound: float = setting(0.0, "fastclip.bound", "clip every affine layer's spectral norm at this bound (0 = off)")
+    every: int = setting(50, "fastclip.every", "... every this many local steps and at the end of local training")
+
+    def __post_init__(self) -> None:
+        _check("fastclip.bound", self.bound, self.bound >= 0, ">= 0")
+        _check("fastclip.every", self.every, self.every >= 1, ">= 1")
+
+
+@dataclass(frozen=True)
+class RequestConfig:
+    """The deletion request: who, what, when, with which method, and when recovery stops."""
+
+    method: str = setting("puf", "unlearn.method", "the unlearning method (docs/methods.md)")
+    departing: tuple[int, ...] = setting(
+        (0,), "unlearn.departing", "client ids that leave or delete samples: '0' or '0,3'"
+    )
+    round: int = setting(6, "unlearn.round", "d: rounds 1..d-1 with everyone, d unlearns, d+1.. recover")
+    deletion: DeletionRequest = field(default_factory=DeletionRequest)
+    calibrate: bool = setting(True, "unlearn.calibrate", "scale the step on the forgetting clients' own data")
+    recovery: str = setting("validation", "unlearn.recovery", "when recovery stops: " + ", ".join(RECOVERY_MODES))
+    recovery_tolerance: float = setting(0.01, "unlearn.recovery-tolerance", "accuracy gap counted as recovered")
+    recovery_patience: int = setting(
+        2, "unlearn.recovery-patience", "validation: rounds without improvement, then stop"
+    )
+    augment: str = setting("none", "unlearn.augment", "augmentation of local training after the request")
+
+    def __post_init__(self) -> None:
         from .augment import MODES as AUGMENT_MODES
 
-        if self.augment not in AUGMENT_MODES:
-            raise ValueError(f"unlearn.augment must be one of {', '.join(AUGMENT_MODES)}, got '{self.augment}'")
-        if self.fastclip_bound < 0 or self.fastclip_every < 1:
-            raise ValueError(
-                f"fastclip needs bound >= 0 and every >= 1, got {self.fastclip_bound}, {self.fastclip_every}"
-            )
         if self.recovery not in RECOVERY_MODES:
             raise ValueError(f"unlearn.recovery must be one of {', '.join(RECOVERY_MODES)}, got '{self.recovery}'")
-        if not 0 <= self.recovery_tolerance < 1:
-            raise ValueError(f"unlearn.recovery-tolerance must be in [0, 1), got {self.recovery_tolerance}")
-        if self.relearn_max_steps < 0:
-            raise ValueError(f"relearn-max-steps must be >= 0, got {self.relearn_max_steps}")
-        if self.client_threads < 1:
-            raise ValueError(f"client-threads must be >= 1, got {self.client_threads}")
+        if self.augment not in AUGMENT_MODES:
+            raise ValueError(f"unlearn.augment must be one of {', '.join(AUGMENT_MODES)}, got '{self.augment}'")
+        _check("unlearn.recovery-tolerance", self.recovery_tolerance, 0 <= self.recovery_tolerance < 1, "in [0, 1)")
+        _check("unlearn.recovery-patience", self.recovery_patience, self.recovery_patience >= 1, ">= 1")
 
-    def _check_numbers(self) -> None:
-        """Every number finite and in range, naming its run-config key."""
-        t = self.train
-        checks = [
-            ("lr", t.lr, lambda v: v > 0, "> 0"),
-            ("momentum", t.momentum, lambda v: v >= 0, ">= 0"),
-            ("weight-decay", t.weight_decay, lambda v: v >= 0, ">= 0"),
-            ("local-epochs", t.epochs, lambda v: v >= 1, ">= 1"),
-            ("batch-size", t.batch_size, lambda v: v >= 1, ">= 1"),
-            ("dirichlet-alpha", self.dirichlet_alpha, lambda v: v > 0, "> 0"),
-            ("holdout-fraction", self.holdout_fraction, lambda v: 0 < v < 1, "in (0, 1)"),
-            ("fastclip.bound", self.fastclip_bound, lambda v: v >= 0, ">= 0"),
-            ("fastclip.every", self.fastclip_every, lambda v: v >= 1, ">= 1"),
-            ("node-wait-seconds", self.node_wait_seconds, lambda v: v > 0, "> 0"),
-            ("round-timeout", self.round_timeout, lambda v: v > 0, "> 0"),
-            ("unlearn.recovery-tolerance", self.recovery_tolerance, lambda v: 0 <= v < 1, "in [0, 1)"),
-            ("relearn-max-steps", self.relearn_max_steps, lambda v: v >= 0, ">= 0"),
-            ("unlearn.recovery-patience", self.recovery_patience, lambda v: v >= 1, ">= 1"),
-            ("client-threads", self.client_threads, lambda v: v >= 1, ">= 1"),
-        ]
-        for key, value, ok, want in checks:
-            if not math.isfinite(value) or not ok(value):
-                raise ValueError(f"run-config '{key}' must be a finite number {want}, got {value!r}")
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where results go, and the relearn probe of the report."""
+
+    results_dir: str = setting("results", "results-dir", "results.json, accuracy.png, table.md (one folder each)")
+    gold_cache_dir: str = setting("results/gold-cache", "gold-cache-dir", "cache of gold and original federations")
+    relearn_max_steps: int = setting(500, "relearn-max-steps", "cap of the relearn-time probe (0 = off)")
+
+    def __post_init__(self) -> None:
+        _check("relearn-max-steps", self.relearn_max_steps, self.relearn_max_steps >= 0, ">= 0")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Every setting of a run but the method's own, by concern; the rules that combine them.
+
+    Rounds: ``1..d-1`` train with every client (the model after round ``d-1`` is the
+    *original*), round ``d = request.round`` unlearns (several for the multi-round
+    baselines), rounds ``d+1..T`` recover over the remaining clients. The gold federation
+    trains the original's ``d-1`` rounds from the same initial model and seeds, without the
+    deleted data.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    fastclip: FastClipConfig = field(default_factory=FastClipConfig)
+    request: RequestConfig = field(default_factory=RequestConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        d, r = self.request.deletion, self.request
+        if d.scenario == "class" and r.departing:
+            raise ValueError(
+                "the class scenario removes a class from every client: unlearn.departing must be empty "
+                f"(got {list(r.departing)})"
+            )
+        if d.scenario == "samples" and not r.departing:
+            raise ValueError("sample deletion needs the requesting client ids in unlearn.departing")
+        if (r.departing or d.scenario == "class") and not 2 <= r.round <= self.federation.num_server_rounds:
+            raise ValueError(
+                f"unlearn.round {r.round} is impossible: it must be in "
+                f"[2, num-server-rounds={self.federation.num_server_rounds}] (round 1 has nothing to unlearn; "
+                "a departure after the last round never happens)"
+            )
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> ExperimentConfig:
-        """Read the experiment settings from a Flower run config; missing keys keep defaults.
+        """Read every section from a Flower run config; missing keys keep their defaults.
 
         Raises
         ------
         ValueError
-            On a value of the wrong type or an impossible combination, naming the key.
+            On a value of the wrong type, out of range, or an impossible combination, naming the key.
         """
-        d = cls()
-        t = TrainSettings()
-
-        def get(key: str, default: Any) -> Any:
-            value = rc.get(key, default)
-            if (
-                isinstance(default, int)
-                and not isinstance(default, bool)
-                and isinstance(value, float)
-                and value.is_integer()
-            ):
-                value = int(value)  # "3.0" where a count is expected
-            if isinstance(default, bool) or isinstance(value, bool):
-                ok = isinstance(value, bool) and isinstance(default, bool)
-            elif isinstance(default, float):
-                ok = isinstance(value, (int, float))
-                value = float(value) if ok else value
-            else:
-                ok = isinstance(value, type(default))
-            if not ok:
-                raise ValueError(f"run-config '{key}' must be {type(default).__name__}, got {value!r}")
-            return value
-
-        deletion = request_from_run_config(rc)
-        departing = parse_client_ids(rc.get("unlearn.departing", ",".join(map(str, d.departing))))
+        deletion = read_settings(DeletionRequest, rc)
+        departing = parse_client_ids(rc.get("unlearn.departing", "0"))
         if deletion.scenario == "class" or rc.get("mode") == "service":
             # class: every client deletes the class, nobody leaves; service: requests arrive at run time
             departing = ()
         return cls(
-            seed=get("seed", d.seed),
-            task=get("task", d.task),
-            dataset=get("dataset", d.dataset),
-            data_dir=get("data-dir", d.data_dir),
-            model=get("model", d.model),
-            partitioner=get("partitioner", d.partitioner),
-            dirichlet_alpha=get("dirichlet-alpha", d.dirichlet_alpha),
-            holdout_fraction=get("holdout-fraction", d.holdout_fraction),
-            num_server_rounds=get("num-server-rounds", d.num_server_rounds),
-            train=TrainSettings(
-                epochs=get("local-epochs", t.epochs),
-                batch_size=get("batch-size", t.batch_size),
-                lr=get("lr", t.lr),
-                momentum=get("momentum", t.momentum),
-                weight_decay=get("weight-decay", t.weight_decay),
-            ),
-            method=get("unlearn.method", d.method),
-            departing=departing,
-            departure_round=get("unlearn.round", d.departure_round),
-            deletion=deletion,
-            recovery=get("unlearn.recovery", d.recovery),
-            recovery_tolerance=get("unlearn.recovery-tolerance", d.recovery_tolerance),
-            recovery_patience=get("unlearn.recovery-patience", d.recovery_patience),
-            calibrate=get("unlearn.calibrate", d.calibrate),
-            augment=get("unlearn.augment", d.augment),
-            fastclip_bound=get("fastclip.bound", d.fastclip_bound),
-            fastclip_every=get("fastclip.every", d.fastclip_every),
-            results_dir=get("results-dir", d.results_dir),
-            gold_cache_dir=get("gold-cache-dir", d.gold_cache_dir),
-            relearn_max_steps=get("relearn-max-steps", d.relearn_max_steps),
-            client_threads=get("client-threads", d.client_threads),
-            node_wait_seconds=get("node-wait-seconds", d.node_wait_seconds),
-            round_timeout=get("round-timeout", d.round_timeout),
+            data=read_settings(DataConfig, rc),
+            federation=read_settings(FederationConfig, rc),
+            train=read_settings(TrainSettings, rc),
+            fastclip=read_settings(FastClipConfig, rc),
+            request=read_settings(RequestConfig, rc, departing=departing, deletion=deletion),
+            output=read_settings(OutputConfig, rc),
         )
 
     @property
     def gold_rounds(self) -> int:
         """Rounds of the gold federation: the original model's ``d - 1``."""
-        return self.departure_round - 1
+        return self.request.round - 1
 
     def involved(self, clients: Iterable[int]) -> tuple[int, ...]:
         """The clients that hold data to forget: the departing/requesting ones, or all (class scenario)."""
-        return tuple(sorted(clients)) if self.deletion.scenario == "class" else tuple(self.departing)
+        return tuple(sorted(clients)) if self.request.deletion.scenario == "class" else tuple(self.request.departing)
 
     @property
     def leaving(self) -> tuple[int, ...]:
         """The clients that leave the federation (whole-client deletion only)."""
-        return tuple(self.departing) if self.deletion.clients_leave else ()
+        return tuple(self.request.departing) if self.request.deletion.clients_leave else ()
 
-    def data_key(self) -> dict[str, Any]:
-        """Settings that determine every client's data."""
-        if self.task != "fed_unlearn.task":
-            return {
-                "task": self.task,
-                "seed": self.seed,
-                "data_dir": self.data_dir,
-                "partitioner": self.partitioner,
-                "dirichlet_alpha": self.dirichlet_alpha,
-                "holdout_fraction": self.holdout_fraction,
-            }
+    def _common_key(self, num_clients: int) -> dict[str, Any]:
+        from .gold_cache import code_fingerprint
+
         return {
-            "dataset": self.dataset,
-            "data_dir": self.data_dir,
-            "partitioner": self.partitioner,
-            "dirichlet_alpha": self.dirichlet_alpha,
-            "holdout_fraction": self.holdout_fraction,
-            "seed": self.seed,
+            **self.data.key(),
+            "model": self.data.model,
+            "rounds": self.gold_rounds,
+            "train": settings_dict(self.train),
+            "num_clients": num_clients,
+            "code": code_fingerprint(),
         }
 
     def gold_key(
@@ -327,24 +328,17 @@ class ExperimentConfig:
         exact deleted samples when they were chosen with the model (sample deletion);
         ``architecture`` is the task's model fingerprint (a task module of your own).
         """
-        from .gold_cache import code_fingerprint
-
         payload: dict[str, Any] = {
             "version": GOLD_FORMAT_VERSION,
-            **self.data_key(),
-            "model": self.model,
-            "rounds": self.gold_rounds,
-            "train": asdict(self.train),
+            **self._common_key(num_clients),
             "excluded": list(self.leaving),
-            "num_clients": num_clients,
-            "code": code_fingerprint(),
         }
-        if self.task != "fed_unlearn.task":
+        if not self.data.builtin:
             payload["architecture"] = architecture
-        if self.fastclip_bound > 0:  # the gold trains with the same clipping
-            payload["fastclip"] = [self.fastclip_bound, self.fastclip_every]
-        if self.deletion.scenario != "client":  # keeps the keys of client-level golds unchanged
-            payload["deletion"] = self.deletion.to_dict()
+        if self.fastclip.bound > 0:  # the gold trains with the same clipping
+            payload["fastclip"] = [self.fastclip.bound, self.fastclip.every]
+        if self.request.deletion.scenario != "client":
+            payload["deletion"] = self.request.deletion.to_dict()
             payload["forget"] = {str(c): d for c, d in sorted((forget_digests or {}).items())}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -354,72 +348,56 @@ class ExperimentConfig:
         The same for every method and every deletion of a (data, model, seed) setting: the
         methods that need nothing from those rounds share one cached run.
         """
-        from .gold_cache import code_fingerprint
-
-        payload: dict[str, Any] = {
+        payload = {
             "kind": "original",
-            **self.data_key(),
-            "model": self.model,
-            "rounds": self.gold_rounds,
-            "train": asdict(self.train),
-            "num_clients": num_clients,
-            "code": code_fingerprint(),
+            **self._common_key(num_clients),
             "architecture": architecture,
-            "fastclip": [self.fastclip_bound, self.fastclip_every],
+            "fastclip": [self.fastclip.bound, self.fastclip.every],
         }
         return "original-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready view of the settings."""
-        out = asdict(self)
-        out["departing"] = list(self.departing)
-        out["deletion"] = self.deletion.to_dict()
+        """The settings as run-config keys (what a results file records)."""
+        out: dict[str, Any] = {}
+        for section in (
+            self.data,
+            self.federation,
+            self.train,
+            self.fastclip,
+            self.request,
+            self.output,
+            self.request.deletion,
+        ):
+            out.update(settings_dict(section))
+        out["unlearn.departing"] = list(self.request.departing)
         return out
 
 
-MODES = ("experiment", "service")
-FALLBACKS = ("wait", "fine-tune", "not")
+def settings_dict(section: Any) -> dict[str, Any]:
+    """``{run-config key: value}`` of a settings dataclass's keyed fields."""
+    return {f.metadata["key"]: getattr(section, f.name) for f in fields(section) if "key" in f.metadata}
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """Settings of a deployed federation serving erasure requests (``mode = "service"``, keys ``service.*``).
+    """A deployed federation serving erasure requests (``mode = "service"``, keys ``service.*``)."""
 
-    Attributes
-    ----------
-    state_dir : str
-        Where the journal (requests + checkpoint, one SQLite file), the audit reports
-        and ``service.json`` live. A restarted server resumes from it.
-    sites_file : str
-        The site registry (site name -> authenticated node id, partition id); empty =
-        trust the site each node names (simulation, trusted loopback tests).
-    erase_sites : str
-        Operator requests made through the run config: comma-separated site names.
-    recovery_rounds : int
-        Ordinary rounds after the unlearning round before a request counts as recovered.
-    fallback : {"wait", "fine-tune", "not"}
-        What to do when the site to forget does not take part in its unlearning round
-        ``fallback_after`` times: keep the request open and report it (``wait``), or
-        serve it without the site, data-free (``fine-tune``: the others continue without
-        it; ``not``: weight negation, then the others train).
-    fallback_after : int
-        Failed attempts before the fallback applies.
-    audit_gold : bool
-        Train a gold federation (retrain without the site from the initial model) for
-        the audit report; otherwise the audit is the leakage audit alone.
-    max_strikes : int
-        Invalid training replies (NaN/inf, wrong shapes or dtypes, records not asked for)
-        after which a site is excluded from the federation (0 = never); each one is journaled.
-    """
-
-    state_dir: str = "results/service"
-    sites_file: str = ""
-    erase_sites: str = ""
-    recovery_rounds: int = 2
-    fallback: str = "wait"
-    fallback_after: int = 2
-    audit_gold: bool = False
-    max_strikes: int = 3
+    state_dir: str = setting(
+        "results/service",
+        "service.state-dir",
+        "journal (requests + checkpoint), audit reports, service.json; a restart resumes from it",
+    )
+    sites_file: str = setting(
+        "", "service.sites-file", "site registry (site -> authenticated node id, partition); empty = trust the nodes"
+    )
+    erase_sites: str = setting("", "service.erase-sites", "operator requests through the run config: site names")
+    recovery_rounds: int = setting(2, "service.recovery-rounds", "ordinary rounds after unlearning before recovered")
+    fallback: str = setting(
+        "wait", "service.fallback", "a site absent from its unlearning round: " + ", ".join(FALLBACKS)
+    )
+    fallback_after: int = setting(2, "service.fallback-after", "failed attempts before the fallback applies")
+    audit_gold: bool = setting(False, "service.audit-gold", "also retrain a gold federation for the audit report")
+    max_strikes: int = setting(3, "service.max-strikes", "invalid updates after which a site is excluded (0 = never)")
 
     def __post_init__(self) -> None:
         if self.fallback not in FALLBACKS:
@@ -443,3 +421,106 @@ def mode_of(rc: Mapping[str, Any]) -> str:
     if mode not in MODES:
         raise ValueError(f"run-config 'mode' must be one of {', '.join(MODES)}, got {mode!r}")
     return str(mode)
+
+
+# -- the configuration reference ----------------------------------------------------------------------
+SECTIONS: tuple[tuple[str, type], ...] = (
+    ("data", DataConfig),
+    ("federation", FederationConfig),
+    ("training", TrainSettings),
+    ("training", FastClipConfig),
+    ("request", RequestConfig),
+    ("request", DeletionRequest),
+    ("output", OutputConfig),
+    ("service", ServiceConfig),
+)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return '`"' + ",".join(map(str, value)) + '"`'
+    return f"`{json.dumps(value)}`" if isinstance(value, str) else f"`{value}`"
+
+
+def _attribute_help(cls: type) -> dict[str, str]:
+    """First sentence of each field's entry in the numpy-style ``Attributes`` sections of ``cls`` and its bases."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        lines = (klass.__dict__.get("__doc__") or "").splitlines()
+        starts = [i for i, line in enumerate(lines) if line.strip() == "Attributes"]
+        if not starts:
+            continue
+        names: list[str] = []
+        text: list[str] = []
+        for line in [*lines[starts[0] + 2 :], ""]:
+            stripped = line.strip()
+            heads = [h.strip() for h in stripped.split(" : ")[0].split(",")] if " : " in stripped else []
+            if (heads and all(h.isidentifier() for h in heads)) or not stripped:
+                sentence = " ".join(text).split(". ")[0].rstrip(".").replace("|", "\\|")
+                out.update({n: sentence for n in names if sentence})
+                names, text = heads, []
+                if not stripped:
+                    break
+            else:
+                text.append(stripped)
+    return out
+
+
+def reference_table() -> str:
+    """The Markdown reference of every run-config key (docs/configuration.md), generated from the dataclasses."""
+    from .unlearning import METHODS
+
+    lines = [
+        "| key | default | concern | meaning |",
+        "|---|---|---|---|",
+        f'| `mode` | `"experiment"` | run | {" or ".join(MODES)} |',
+    ]
+    for concern, cls in SECTIONS:
+        for f in fields(cls):
+            if "key" in f.metadata:
+                lines.append(f"| `{f.metadata['key']}` | {_show(f.default)} | {concern} | {f.metadata['help']} |")
+    for name, method in METHODS.items():
+        if is_dataclass(method.config_class):
+            helps = _attribute_help(method.config_class)
+            for f in fields(method.config_class):
+                key = f"{name}.{f.name.replace('_', '-')}"
+                lines.append(f"| `{key}` | {_show(f.default)} | method `{name}` | {helps.get(f.name, '')} |")
+    return "\n".join(lines)
+
+
+REFERENCE_BEGIN = "<!-- generated by `python -m fed_unlearn.config --update docs/configuration.md`: begin -->"
+REFERENCE_END = "<!-- generated: end -->"
+
+
+def update_reference(path: str) -> None:
+    """Replace the generated block of the Markdown file ``path`` with the current reference table."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    head, sep, rest = text.partition(REFERENCE_BEGIN)
+    _, sep2, tail = rest.partition(REFERENCE_END)
+    if not (sep and sep2):
+        raise ValueError(f"{path}: no generated block ({REFERENCE_BEGIN} ... {REFERENCE_END})")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{head}{REFERENCE_BEGIN}\n{reference_table()}\n{REFERENCE_END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fed_unlearn.config [--update FILE]``: print the run-config reference, or rewrite it in FILE."""
+    ap = argparse.ArgumentParser(description="The run-config reference (Markdown), generated from the settings.")
+    ap.add_argument("--update", metavar="FILE", help="rewrite the generated block of this Markdown file")
+    args = ap.parse_args(argv)
+    if args.update:
+        try:
+            update_reference(args.update)
+        except (OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    else:
+        print(reference_table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -66,10 +66,24 @@ class DeletionRequest:
         The class of the ``class`` scenario and of the ``class`` selection.
     """
 
-    scenario: str = "client"
-    selection: str = "random"
-    fraction: float = 0.1
-    forget_class: int = 0
+    scenario: str = field(
+        default="client",
+        metadata={
+            "key": "unlearn.scenario",
+            "help": "what is deleted: client (whole clients), samples, class (from every client)",
+        },
+    )
+    selection: str = field(
+        default="random", metadata={"key": "unlearn.selection", "help": "samples: " + ", ".join(SELECTIONS)}
+    )
+    fraction: float = field(
+        default=0.1,
+        metadata={"key": "unlearn.fraction", "help": "samples: share of each requesting client's train split"},
+    )
+    forget_class: int = field(
+        default=0,
+        metadata={"key": "unlearn.class", "help": "the class of the class scenario and of the class selection"},
+    )
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
@@ -246,19 +260,7 @@ def request_from_run_config(rc: Mapping[str, Any]) -> DeletionRequest:
     ValueError
         On wrong types or impossible values, naming the key.
     """
-    d = DeletionRequest()
+    from .config import read_settings
 
-    def get(key: str, default: Any, kind: type) -> Any:
-        v = rc.get(key, default)
-        if kind is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if not isinstance(v, kind) or isinstance(v, bool):
-            raise ValueError(f"run-config '{key}' must be {kind.__name__}, got {v!r}")
-        return v
-
-    return DeletionRequest(
-        scenario=get("unlearn.scenario", d.scenario, str),
-        selection=get("unlearn.selection", d.selection, str),
-        fraction=get("unlearn.fraction", d.fraction, float),
-        forget_class=get("unlearn.class", d.forget_class, int),
-    )
+    request: DeletionRequest = read_settings(DeletionRequest, rc)
+    return request

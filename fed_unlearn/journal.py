@@ -229,8 +229,14 @@ class Journal:
         payload: Mapping[str, Any] | str,
         server_round: int | None,
     ) -> None:
-        """Record a refused request (who sent it, what it named, why)."""
+        """Record a refused request (who sent it, what it named, why); the same refusal again is recorded once."""
         body = payload if isinstance(payload, str) else json.dumps(payload, sort_keys=True, default=str)
+        seen = self._db.execute(
+            "SELECT 1 FROM refusals WHERE source = ? AND named_site IS ? AND reason = ? AND payload = ?",
+            (source, named_site, reason, body),
+        ).fetchone()
+        if seen:  # a site resending what was refused before its verdict reached it (e.g. across a restart)
+            return
         self._transaction(
             lambda: self._db.execute(
                 "INSERT INTO refusals (at, server_round, source, named_site, reason, payload) "

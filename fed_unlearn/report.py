@@ -261,7 +261,7 @@ def plot_comparison(path: str | Path, results: Mapping[str, Mapping[str, Any]], 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     first = next(iter(results.values()))
     gold_hist = {int(r): h for r, h in first["gold-history"].items()}
-    d = first["config"]["departure_round"]
+    d = first["config"]["unlearn.round"]
     for ax, key, label in (
         (axes[0], "test-acc", "held-out test accuracy"),
         (axes[1], "forget-acc", "forget-set accuracy (deleted data)"),
@@ -428,7 +428,7 @@ def plot_harness_scenario(
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     first = next(iter(seed0.values()))
     gold_hist = {int(r): h for r, h in first["gold-history"].items()}
-    d = first["config"]["departure_round"]
+    d = first["config"]["unlearn.round"]
     for ax, key, label in (
         (axes[0, 0], "test-acc", "held-out test accuracy (seed 0)"),
         (axes[0, 1], "forget-acc", "forget-set accuracy (seed 0)"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,11 +30,13 @@ class TrainSettings:
         L2 penalty.
     """
 
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    epochs: int = field(default=5, metadata={"key": "local-epochs", "help": "local epochs over a client's train split"})
+    batch_size: int = field(default=32, metadata={"key": "batch-size", "help": "minibatch size"})
+    lr: float = field(default=0.05, metadata={"key": "lr", "help": "SGD learning rate"})
+    momentum: float = field(
+        default=0.9, metadata={"key": "momentum", "help": "SGD momentum (a new optimizer each round)"}
+    )
+    weight_decay: float = field(default=0.0, metadata={"key": "weight-decay", "help": "L2 penalty"})
 
     def __post_init__(self) -> None:
         for key, value, ok, want in (

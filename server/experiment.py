@@ -316,14 +316,14 @@ def request_deletion(
     RuntimeError
         If a client fails, or the request selects no sample anywhere.
     """
-    d = cfg.deletion
+    d = cfg.request.deletion
     spec = ConfigRecord(
         {
             "scenario": d.scenario,
             "selection": d.selection,
             "fraction": d.fraction,
             "class": d.forget_class,
-            "seed": cfg.seed,
+            "seed": cfg.data.seed,
         }
     )
     msgs = [Message(RecordDict({"arrays": arrays, "config": spec}), node_of[c], P.FORGET) for c in sorted(involved)]
@@ -361,14 +361,14 @@ def gold_federation(
     the deleted data: the departing clients left out, or the requesting clients
     training on their retained samples only.
     """
-    digests = {c: str(r["digest"]) for c, r in request.items()} if cfg.deletion.scenario != "client" else None
+    digests = {c: str(r["digest"]) for c, r in request.items()} if cfg.request.deletion.scenario != "client" else None
     key = cfg.gold_key(len(clients), digests, architecture)
-    cached = load_gold(cfg.gold_cache_dir, key)
+    cached = load_gold(cfg.output.gold_cache_dir, key)
     if cached is not None:
         weights, meta = cached
-        log(INFO, "gold federation loaded from cache %s", Path(cfg.gold_cache_dir) / key)
+        log(INFO, "gold federation loaded from cache %s", Path(cfg.output.gold_cache_dir) / key)
         return to_record(weights), {**meta, "cached": True}
-    retain_only = [] if cfg.deletion.clients_leave else sorted(request)
+    retain_only = [] if cfg.request.deletion.clients_leave else sorted(request)
     log(
         INFO,
         "gold federation: %d rounds without clients %s, clients %s on their retained data",
@@ -382,7 +382,12 @@ def gold_federation(
     strategy.exclude(*(clients[c].node_id for c in cfg.leaving))
     strategy.restrict_to_retained(*(clients[c].node_id for c in retain_only))
     run = run_rounds(
-        grid, strategy, FederationRun(arrays=initial), range(1, cfg.gold_rounds + 1), cfg.round_timeout, "gold"
+        grid,
+        strategy,
+        FederationRun(arrays=initial),
+        range(1, cfg.gold_rounds + 1),
+        cfg.federation.round_timeout,
+        "gold",
     )
     meta = {
         "key": key,
@@ -393,7 +398,7 @@ def gold_federation(
     }
     if run.arrays is None:
         raise RuntimeError("the gold federation produced no model")
-    save_gold(cfg.gold_cache_dir, key, to_weights(run.arrays), meta)
+    save_gold(cfg.output.gold_cache_dir, key, to_weights(run.arrays), meta)
     return run.arrays, {**meta, "cached": False}
 
 
@@ -455,7 +460,7 @@ def original_federation(
     """
     key = cfg.original_key(num_clients, architecture)
     if not uses_ordinary_rounds(method):
-        cached = load_gold(cfg.gold_cache_dir, key)
+        cached = load_gold(cfg.output.gold_cache_dir, key)
         if cached is not None:
             weights, meta = cached
             log(INFO, "original federation (rounds 1..%d) loaded from cache %s", cfg.gold_rounds, key)
@@ -471,14 +476,14 @@ def original_federation(
         grid,
         strategy,
         FederationRun(arrays=initial),
-        range(1, cfg.departure_round),
-        cfg.round_timeout,
+        range(1, cfg.request.round),
+        cfg.federation.round_timeout,
         method.name,
         train_config=train_config(cfg),
     )
     if run.arrays is not None:
         save_gold(
-            cfg.gold_cache_dir,
+            cfg.output.gold_cache_dir,
             key,
             to_weights(run.arrays),
             {
@@ -496,7 +501,7 @@ def train_config(cfg: ExperimentConfig) -> Any:
     """Per-round training config: the augmentation, from the deletion request on (the gold trains without it)."""
 
     def config(rnd: int) -> dict[str, Any]:
-        return {P.AUGMENT: cfg.augment} if cfg.augment != "none" and rnd >= cfg.departure_round else {}
+        return {P.AUGMENT: cfg.request.augment} if cfg.request.augment != "none" and rnd >= cfg.request.round else {}
 
     return config
 
@@ -506,29 +511,27 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run the original rounds, the deletion request, gold, unlearning + recovery and the report."""
     t_start = time.perf_counter()
-    task = load_task(cfg.task)
-    if cfg.deletion.scenario not in method.scenarios:
+    task = load_task(cfg.data.task)
+    if cfg.request.deletion.scenario not in method.scenarios:
         raise ValueError(
             f"{method.name} serves the {', '.join(method.scenarios)} scenario(s), not "
-            f"unlearn.scenario = '{cfg.deletion.scenario}'"
+            f"unlearn.scenario = '{cfg.request.deletion.scenario}'"
         )
     check = None if task.builtin else to_record(get_weights(task.model(run_config)))
-    clients = discover_clients(grid, cfg.node_wait_seconds, cfg.round_timeout, check=check)
-    unknown = sorted(set(cfg.departing) - set(clients))
+    clients = discover_clients(grid, cfg.federation.node_wait_seconds, cfg.federation.round_timeout, check=check)
+    unknown = sorted(set(cfg.request.departing) - set(clients))
     if unknown:
         raise ValueError(f"unknown departing client id(s) {unknown}; the federation has clients {sorted(clients)}")
     first = clients[min(clients)]
-    d = cfg.deletion
+    d = cfg.request.deletion
     by_class = d.scenario == "class" or d.selection == "class" and d.scenario == "samples"
-    if by_class and cfg.deletion.forget_class >= first.num_classes:
+    if by_class and d.forget_class >= first.num_classes:
+        raise ValueError(f"unlearn.class {d.forget_class} does not exist: the task has {first.num_classes} classes")
+    needed, last = method.rounds_needed(cfg.gold_rounds), cfg.federation.num_server_rounds
+    if cfg.request.round + needed - 1 > last:
         raise ValueError(
-            f"unlearn.class {cfg.deletion.forget_class} does not exist: the task has {first.num_classes} classes"
-        )
-    needed = method.rounds_needed(cfg.gold_rounds)
-    if cfg.departure_round + needed - 1 > cfg.num_server_rounds:
-        raise ValueError(
-            f"{method.name} needs {needed} unlearning round(s) from round {cfg.departure_round}: "
-            f"num-server-rounds must be at least {cfg.departure_round + needed - 1}, got {cfg.num_server_rounds}"
+            f"{method.name} needs {needed} unlearning round(s) from round {cfg.request.round}: "
+            f"num-server-rounds must be at least {cfg.request.round + needed - 1}, got {last}"
         )
     initial = check if check is not None else initial_model(task, run_config, first)
     architecture = task.fingerprint(task.model(run_config)) if not task.builtin else ""
@@ -538,46 +541,48 @@ def run_experiment(
         INFO,
         "clients %s; deletion %s of clients %s in round %d of %d; method %s",
         sorted(clients),
-        cfg.deletion.to_dict(),
+        cfg.request.deletion.to_dict(),
         list(involved),
-        cfg.departure_round,
-        cfg.num_server_rounds,
+        cfg.request.round,
+        cfg.federation.num_server_rounds,
         method.name,
     )
 
-    strategy = new_strategy(method, len(clients), evaluate_departed=True, calibrate=cfg.calibrate)
+    strategy = new_strategy(method, len(clients), evaluate_departed=True, calibrate=cfg.request.calibrate)
     for c, i in clients.items():
         strategy.set_identity(i.node_id, **{"partition-id": c})
     for i in clients.values():  # a reply may not weigh more than the data the client described
         strategy.declare_examples(i.node_id, i.train_n)
-    if not cfg.deletion.needs_model:
+    if not cfg.request.deletion.needs_model:
         # the forget set does not depend on the model: clients know it from the start, so every
         # round's evaluation can report forget accuracy
-        request_deletion(grid, node_of, involved, initial, cfg, cfg.round_timeout)
+        request_deletion(grid, node_of, involved, initial, cfg, cfg.federation.round_timeout)
     # rounds 1..d-1 with everyone on all its data: the original model
     run, original_cached = original_federation(grid, cfg, strategy, method, len(clients), initial, architecture)
     original = run.arrays
     if original is None:
         raise RuntimeError("the original federation produced no model")
     # the deletion request, made with the original model; then the gold without exactly those samples
-    request = request_deletion(grid, node_of, involved, original, cfg, cfg.round_timeout)
+    request = request_deletion(grid, node_of, involved, original, cfg, cfg.federation.round_timeout)
     forgetting = sorted(c for c in involved if request[c]["forget-n"] > 0)
     strategy.request_unlearning(
         *(node_of[c] for c in forgetting),
         key=None,
-        round=cfg.departure_round,
-        leave=cfg.deletion.clients_leave,
-        deletion=cfg.deletion,
-        joint=cfg.deletion.scenario == "class",
+        round=cfg.request.round,
+        leave=cfg.request.deletion.clients_leave,
+        deletion=cfg.request.deletion,
+        joint=cfg.request.deletion.scenario == "class",
         send_request=False,
     )
     gold_arrays, gold_meta = gold_federation(grid, cfg, clients, initial, request, architecture)
     gold_history = {int(r): h for r, h in gold_meta["history"].items()}
     gold_final = gold_history[max(gold_history)]
-    target = gold_final.get("test-acc", float("nan")) - cfg.recovery_tolerance
-    before = run.history.get(cfg.departure_round - 1, {}).get("test-acc", float("nan"))
+    target = gold_final.get("test-acc", float("nan")) - cfg.request.recovery_tolerance
+    before = run.history.get(cfg.request.round - 1, {}).get("test-acc", float("nan"))
     finished: list[int] = []
-    rule = RecoveryRule(cfg.recovery, before - cfg.recovery_tolerance, target, cfg.recovery_patience)
+    rule = RecoveryRule(
+        cfg.request.recovery, before - cfg.request.recovery_tolerance, target, cfg.request.recovery_patience
+    )
 
     def stop(rnd: int, summary: dict[str, float]) -> bool:
         if strategy.unlearning_done and not finished:
@@ -589,30 +594,33 @@ def run_experiment(
         grid,
         strategy,
         run,
-        range(cfg.departure_round, cfg.num_server_rounds + 1),
-        cfg.round_timeout,
+        range(cfg.request.round, cfg.federation.num_server_rounds + 1),
+        cfg.federation.round_timeout,
         method.name,
         stop=stop,
         train_config=train_config(cfg),
     )
     unlearn_wall = time.perf_counter() - t_unlearn
     if not strategy.unlearning_done or not finished or run.arrays is None:
-        raise RuntimeError(f"{method.name} did not finish unlearning by round {cfg.num_server_rounds}")
+        raise RuntimeError(f"{method.name} did not finish unlearning by round {cfg.federation.num_server_rounds}")
     end_unlearning = finished[0]
     reached = [r for r in sorted(run.history) if r >= end_unlearning and run.history[r].get("test-acc", -1.0) >= target]
 
     models = {"original": original, "unlearned": run.arrays, "gold": gold_arrays}
     per_client = {
-        name: measure(grid, node_of, arrays, gold_arrays, cfg.round_timeout) for name, arrays in models.items()
+        name: measure(grid, node_of, arrays, gold_arrays, cfg.federation.round_timeout)
+        for name, arrays in models.items()
     }
     report = {name: summarise(evals) for name, evals in per_client.items()}
-    if cfg.relearn_max_steps > 0:
+    if cfg.output.relearn_max_steps > 0:
         # target of each client: the original model's accuracy on its forget set
         targets = {
             c: per_client["original"][c]["forget-correct"] / per_client["original"][c]["forget-n"] for c in forgetting
         }
         for name, arrays in models.items():
-            report[name].update(relearn_time(grid, node_of, arrays, targets, cfg.relearn_max_steps, cfg.round_timeout))
+            report[name].update(
+                relearn_time(grid, node_of, arrays, targets, cfg.output.relearn_max_steps, cfg.federation.round_timeout)
+            )
         gold_steps = report["gold"]["relearn-steps"]
         for name in models:
             report[name]["relearn-vs-gold"] = report[name]["relearn-steps"] / gold_steps if gold_steps else float("nan")
@@ -627,25 +635,25 @@ def run_experiment(
     if further:
         log(WARNING, "%s ended further from the gold than the original on: %s", method.name, ", ".join(further))
 
-    unlearn_cost = run.compute(first_round=cfg.departure_round)
+    unlearn_cost = run.compute(first_round=cfg.request.round)
     gold_cost = gold_meta["compute"]
     results = {
         "config": cfg.to_dict(),
         "run-config": dict(run_config),
         "method": {"name": method.name, "settings": asdict(method.config) if is_dataclass(method.config) else {}},
         "clients": {str(c): {"train-n": i.train_n, "heldout-n": i.heldout_n} for c, i in sorted(clients.items())},
-        "deletion": {**cfg.deletion.to_dict(), "clients": {str(c): r for c, r in sorted(request.items())}},
+        "deletion": {**cfg.request.deletion.to_dict(), "clients": {str(c): r for c, r in sorted(request.items())}},
         "report": report,
         "verdict": {"further-from-gold-than-original": further, "text": verdict_line(further)},
         "recovery": {
-            "mode": cfg.recovery,
+            "mode": cfg.request.recovery,
             "stop": rule.reason,
             "pre-request-test-acc": before,
             "unlearning-rounds": strategy.unlearning_rounds_run,
             "rounds-run": run.rounds_run - end_unlearning,
             "rounds-to-gold": (reached[0] - end_unlearning) if reached else None,
             "gold-test-acc": gold_final.get("test-acc"),
-            "tolerance": cfg.recovery_tolerance,
+            "tolerance": cfg.request.recovery_tolerance,
         },
         "unlearning": strategy.unlearning_report,
         "history": {str(r): h for r, h in run.history.items()},
@@ -671,14 +679,14 @@ def run_experiment(
         "code": code_fingerprint(),
         "table-markdown": table,
     }
-    out_dir = Path(cfg.results_dir) / experiment_name(cfg, method)
+    out_dir = Path(cfg.output.results_dir) / experiment_name(cfg, method)
     write_json(out_dir / "results.json", results)
     plot_accuracy(
         out_dir / "accuracy.png",
         run.history,
         gold_history,
-        cfg.departure_round,
-        title=f"{method.name} on {task_label(cfg)}: {describe_request(cfg)} in round {cfg.departure_round}",
+        cfg.request.round,
+        title=f"{method.name} on {task_label(cfg)}: {describe_request(cfg)} in round {cfg.request.round}",
     )
     (out_dir / "table.md").write_text(table + "\n")
     log(INFO, "results written to %s", out_dir.resolve())
@@ -687,29 +695,29 @@ def run_experiment(
 
 def task_label(cfg: ExperimentConfig) -> str:
     """The data the experiment runs on: the built-in dataset, or the task module."""
-    return cfg.dataset if cfg.task == "fed_unlearn.task" else cfg.task
+    return cfg.data.dataset if cfg.data.builtin else cfg.data.task
 
 
 def describe_request(cfg: ExperimentConfig) -> str:
     """One line naming what is forgotten."""
-    d = cfg.deletion
+    d = cfg.request.deletion
     if d.scenario == "client":
-        return f"client(s) {list(cfg.departing)} leave"
+        return f"client(s) {list(cfg.request.departing)} leave"
     if d.scenario == "class":
         return f"class {d.forget_class} removed"
     what = f"class-{d.forget_class} samples" if d.selection == "class" else f"{d.selection} samples"
-    return f"client(s) {list(cfg.departing)} delete {d.fraction:.0%} ({what})"
+    return f"client(s) {list(cfg.request.departing)} delete {d.fraction:.0%} ({what})"
 
 
 def experiment_name(cfg: ExperimentConfig, method: UnlearningMethod) -> str:
     """Folder name of an experiment's results."""
-    d = cfg.deletion
+    d = cfg.request.deletion
     if d.scenario == "class":
         what = f"class{d.forget_class}"
     else:
-        what = "dep" + "-".join(map(str, cfg.departing))
+        what = "dep" + "-".join(map(str, cfg.request.departing))
         if d.scenario == "samples":
             sel = f"class{d.forget_class}" if d.selection == "class" else d.selection
             what += f"-{sel}{d.fraction:g}"
-    data = f"{cfg.dataset}_{cfg.model}" if cfg.task == "fed_unlearn.task" else cfg.task.replace(".", "-")
-    return f"{data}_{method.name}_{what}_r{cfg.departure_round}of{cfg.num_server_rounds}_seed{cfg.seed}"
+    data = f"{cfg.data.dataset}_{cfg.data.model}" if cfg.data.builtin else cfg.data.task.replace(".", "-")
+    return f"{data}_{method.name}_{what}_r{cfg.request.round}of{cfg.federation.num_server_rounds}_seed{cfg.data.seed}"

@@ -28,7 +28,7 @@ def main(grid: Grid, context: Context) -> dict[str, Any]:
     """Run one federated-unlearning experiment as configured in ``context.run_config``; return its results."""
     run_config = dict(context.run_config)
     cfg = ExperimentConfig.from_run_config(run_config)  # bad settings fail here, before any round
-    method = make_method(cfg.method, run_config)
+    method = make_method(cfg.request.method, run_config)
     if mode_of(run_config) == "service":
         svc = config_from_run_config(ServiceConfig, run_config, "service")
         return run_service(grid, cfg, svc, run_config)

@@ -121,9 +121,9 @@ class ErasureService:
 
     def __init__(self, grid: Grid, cfg: ExperimentConfig, svc: ServiceConfig, run_config: dict[str, Any]) -> None:
         usable = service_methods()
-        if cfg.method not in usable:
+        if cfg.request.method not in usable:
             raise ValueError(
-                f"unlearn.method '{cfg.method}' cannot serve requests in a long-running federation "
+                f"unlearn.method '{cfg.request.method}' cannot serve requests in a long-running federation "
                 f"(it stores history, retrains or does not erase sites); use one of {', '.join(usable)}"
             )
         self.grid, self.cfg, self.svc, self.run_config = grid, cfg, svc, run_config
@@ -140,9 +140,11 @@ class ErasureService:
         self.gone_sites = set(ck.state.get("departed-sites", [])) if ck else set()
         # after a restart only the sites still in the federation must connect; erased ones may be gone for good
         required = {c for s, c in known.items() if s not in self.gone_sites} if ck else None
-        task = load_task(cfg.task)
+        task = load_task(cfg.data.task)
         check = None if task.builtin else to_record(get_weights(task.model(run_config)))
-        self.clients = discover_clients(grid, cfg.node_wait_seconds, cfg.round_timeout, required=required, check=check)
+        self.clients = discover_clients(
+            grid, cfg.federation.node_wait_seconds, cfg.federation.round_timeout, required=required, check=check
+        )
         self.sites = resolve_sites(self.clients, registry, self.journal)
         if (
             ck is not None
@@ -169,7 +171,12 @@ class ErasureService:
         self.stale = self.journal.reconcile()
         # every connected site each round (none is waited for: a site that is down just misses the round)
         self.strategy = new_strategy(
-            None, 1, evaluate_departed=False, on_missing="skip", calibrate=cfg.calibrate, max_strikes=svc.max_strikes
+            None,
+            1,
+            evaluate_departed=False,
+            on_missing="skip",
+            calibrate=cfg.request.calibrate,
+            max_strikes=svc.max_strikes,
         )
         for c, i in self.clients.items():
             self.strategy.set_identity(i.node_id, **{"partition-id": c})
@@ -227,7 +234,7 @@ class ErasureService:
             )
             msgs.append(Message(RecordDict({"config": cfg}), self.node_of[cid], P.ERASURE))
         answered: set[int] = set()
-        for reply in self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
+        for reply in self.grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout):
             nid = reply.metadata.src_node_id
             if nid not in client_of or nid not in owed:
                 continue
@@ -298,7 +305,7 @@ class ErasureService:
             return
         late = [r for r in pending if r.attempts >= self.svc.fallback_after and self.svc.fallback != "wait"]
         batch = late or pending
-        name = self.svc.fallback if late else self.cfg.method
+        name = self.svc.fallback if late else self.cfg.request.method
         method = make_method(name, self.run_config)
         connected = set(self.grid.get_node_ids())
         absent = (
@@ -326,7 +333,7 @@ class ErasureService:
             {**{c: self.node_of[c] for c in cids}, **staying},
             arrays,
             None,
-            self.cfg.round_timeout,
+            self.cfg.federation.round_timeout,
             forget_all=cids,
             allow_missing=True,
         )
@@ -368,7 +375,13 @@ class ErasureService:
             )
             after_m = (
                 measure(
-                    self.grid, reach, arrays, None, self.cfg.round_timeout, forget_all=[cid], allow_missing=True
+                    self.grid,
+                    reach,
+                    arrays,
+                    None,
+                    self.cfg.federation.round_timeout,
+                    forget_all=[cid],
+                    allow_missing=True,
                 ).get(cid)
                 if reach
                 else None
@@ -423,9 +436,8 @@ class ErasureService:
         gone = tuple(sorted(self.departed_clients | {cid}))
         gcfg = replace(
             self.cfg,
-            departing=gone,
-            departure_round=int(req.unlearning_round),
-            gold_cache_dir=str(self.state_dir / "gold-cache"),
+            request=replace(self.cfg.request, departing=gone, round=int(req.unlearning_round)),
+            output=replace(self.cfg.output, gold_cache_dir=str(self.state_dir / "gold-cache")),
         )
         info = {c: {"digest": "site"} for c in gone}
         gold, _ = gold_federation(self.grid, gcfg, self.clients, to_record(self.initial), info)
@@ -433,7 +445,15 @@ class ErasureService:
         models = {"unlearned": arrays, "gold": gold}
         rep = {
             k: summarise(
-                measure(self.grid, everyone, a, gold, self.cfg.round_timeout, forget_all=[cid], allow_missing=True)
+                measure(
+                    self.grid,
+                    everyone,
+                    a,
+                    gold,
+                    self.cfg.federation.round_timeout,
+                    forget_all=[cid],
+                    allow_missing=True,
+                )
             )
             for k, a in models.items()
         }
@@ -455,8 +475,8 @@ class ErasureService:
             "service: sites %s, rounds %d..%d, method %s",
             self.sites,
             start,
-            self.cfg.num_server_rounds,
-            self.cfg.method,
+            self.cfg.federation.num_server_rounds,
+            self.cfg.request.method,
         )
         serving: list[str] = []
 
@@ -518,8 +538,8 @@ class ErasureService:
             self.grid,
             self.strategy,
             FederationRun(arrays=to_record(self.weights)),
-            range(start, self.cfg.num_server_rounds + 1),
-            self.cfg.round_timeout,
+            range(start, self.cfg.federation.num_server_rounds + 1),
+            self.cfg.federation.round_timeout,
             "service",
             before_round=before,
             after_round=after,
@@ -572,7 +592,7 @@ def run_service(grid: Grid, cfg: ExperimentConfig, svc: ServiceConfig, run_confi
     One service process per state directory: a restart waits (up to ``node-wait-seconds``)
     for a previous ServerApp that is still dying to release the directory.
     """
-    with StateDirLock(svc.state_dir, timeout=cfg.node_wait_seconds):
+    with StateDirLock(svc.state_dir, timeout=cfg.federation.node_wait_seconds):
         service = ErasureService(grid, cfg, svc, run_config)
         try:
             return service.run()

@@ -146,7 +146,7 @@ def consistent(j: dict[str, Any], last_round: int) -> list[str]:
     if j["round"] < last_round:
         out.append(f"checkpoint went back from round {last_round} to {j['round']}")
     for rid, old, new in j["transitions"]:
-        if old is not None and (old, new) not in TRANSITIONS:
+        if old is not None and old != new and (old, new) not in TRANSITIONS:  # old == new: a round committed
             out.append(f"request {rid[:8]}: illegal transition {old} -> {new}")
     for rid, _, state, served in j["requests"]:
         if state in ("recovered", "verified") and (served is None or served > j["round"]):
@@ -220,12 +220,12 @@ def serve(
             site = rng.choice([s for s in SITES if s != "site-1"])
             dep.kill(f"supernode-{site}", signal.SIGKILL)
             time.sleep(1.0)
-            dep.start_supernode(site)
+            dep.restart_supernode(site)
         else:  # a site drops out in the middle of a round and comes back later
             site = rng.choice(["site-0", "site-2"])
             dep.kill(f"supernode-{site}", signal.SIGKILL)
             time.sleep(rng.uniform(20.0, 60.0))
-            dep.start_supernode(site)
+            dep.restart_supernode(site)
         kills[what] = kills.get(what, 0) + 1
         time.sleep(3.0)
         j = journal(dep)
@@ -261,9 +261,9 @@ def scenario(folder: Path, seed: int, budget: int, mixed: bool) -> dict[str, Any
     finally:
         dep.down()
     verified = [r for r in j["requests"] if r[2] == "verified"]
-    served = {}
+    served: dict[str, int] = {}
     for rid, old, new in j["transitions"]:
-        if (old, new) == ("unlearning", "recovered"):
+        if (old, new) == ("unlearning", "unlearning"):  # the unlearning round's model committed: served
             served[rid] = served.get(rid, 0) + 1
     return {
         "kills": kills,

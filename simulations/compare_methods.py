@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         results[method] = json.loads(res_file.read_text())
     cfg = next(iter(results.values()))["config"]
     title = (
-        f"{cfg['dataset']}, {args.num_clients} clients: client(s) {cfg['departing']} leave in round "
-        f"{cfg['departure_round']}"
+        f"{cfg['dataset']}, {args.num_clients} clients: client(s) {cfg['unlearn.departing']} leave in round "
+        f"{cfg['unlearn.round']}"
     )
     table, layers = comparison_table(results), layer_table(results)
     dest = results_dir / "comparison"

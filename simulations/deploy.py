@@ -314,6 +314,26 @@ class Deployment:
         self.save()
         return proc.pid
 
+    def restart_supernode(self, site: str, timeout: float = 240.0, settle: float = 10.0) -> int:
+        """Restart a site's SuperNode the way a process supervisor would, until it stays up.
+
+        After a ``kill -9`` the SuperLink keeps the node online until its heartbeat expires
+        (about two heartbeat intervals, ~60 s by default) and refuses to activate it again in
+        the meantime: the new SuperNode exits with code 305. Like ``systemd`` with
+        ``Restart=on-failure``, this starts it again until it survives ``settle`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            pid = self.start_supernode(site)
+            time.sleep(settle)
+            try:
+                exited = os.waitpid(pid, os.WNOHANG)[0] == pid
+            except ChildProcessError:
+                exited = True
+            if not exited or time.monotonic() > deadline:
+                return pid
+            time.sleep(settle)
+
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         """Run the ``flwr`` CLI against this deployment."""
         return subprocess.run(

@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = first["config"]
     setup = (
         f"{cfg['dataset']}, {cfg['model']}, {args.num_clients} clients ({cfg['partitioner']}), request in round "
-        f"{cfg['departure_round']} of {cfg['num_server_rounds']}; mean ± std over seeds {args.seeds}; "
+        f"{cfg['unlearn.round']} of {cfg['num-server-rounds']}; mean ± std over seeds {args.seeds}; "
         f"engine {args.engine}"
     )
     verdicts = {sc: seed_verdicts(r) for sc, r in runs.items() if r}

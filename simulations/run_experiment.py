@@ -182,17 +182,17 @@ def preflight(overrides: str, num_clients: int) -> None:
         raise ValueError(f"--run-config: {exc}") from None
     mode = mode_of(rc)
     cfg = ExperimentConfig.from_run_config(rc)
-    make_method(cfg.method, rc)
+    make_method(cfg.request.method, rc)
     if mode == "service":
         config_from_run_config(ServiceConfig, rc, "service")
         return
-    unknown = sorted(c for c in cfg.departing if c >= num_clients)
+    unknown = sorted(c for c in cfg.request.departing if c >= num_clients)
     if unknown:
         raise ValueError(
             f"run-config 'unlearn.departing' names client(s) {unknown}, but there are {num_clients} "
             f"(ids 0..{num_clients - 1})"
         )
-    task = load_task(cfg.task)
+    task = load_task(cfg.data.task)
     for pid in range(num_clients):  # the clients will load the same data: fail here, naming the file or key
         try:
             train, held = (
@@ -203,12 +203,12 @@ def preflight(overrides: str, num_clients: int) -> None:
             raise ValueError(f"client {pid}'s data: {exc}") from None
         classes = max(train.num_classes, held.num_classes)
         if (
-            (cfg.deletion.scenario == "class" or cfg.deletion.selection == "class")
-            and cfg.deletion.forget_class >= classes
+            (cfg.request.deletion.scenario == "class" or cfg.request.deletion.selection == "class")
+            and cfg.request.deletion.forget_class >= classes
             and task.builtin
         ):
             raise ValueError(
-                f"run-config 'unlearn.class' is {cfg.deletion.forget_class}, but the data has {classes} classes"
+                f"run-config 'unlearn.class' is {cfg.request.deletion.forget_class}, but the data has {classes} classes"
             )
 
 

@@ -1,11 +1,21 @@
 """Run-config parsing and the refusal of impossible experiments."""
 
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 import tomllib
 
-from fed_unlearn.config import ExperimentConfig, parse_client_ids
+from fed_unlearn.config import (
+    REFERENCE_BEGIN,
+    REFERENCE_END,
+    SECTIONS,
+    DataConfig,
+    ExperimentConfig,
+    RequestConfig,
+    parse_client_ids,
+    reference_table,
+)
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -21,15 +31,24 @@ def flat(d, prefix=""):
 def test_pyproject_defaults_parse_and_match_dataclass_defaults():
     rc = flat(tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"])
     cfg = ExperimentConfig.from_run_config(rc)
-    assert cfg.departing == (0,) and cfg.method == "puf" and cfg.dataset == "mnist-5k"
-    assert cfg.gold_rounds == cfg.departure_round - 1
-    defaults = ExperimentConfig()
-    assert (cfg.model, cfg.train, cfg.num_server_rounds, cfg.recovery) == (
-        defaults.model,
-        defaults.train,
-        defaults.num_server_rounds,
-        defaults.recovery,
-    )
+    assert cfg.request.departing == (0,) and cfg.request.method == "puf" and cfg.data.dataset == "mnist-5k"
+    assert cfg.gold_rounds == cfg.request.round - 1
+    # every section's defaults are pyproject's, and every keyed setting is a pyproject key
+    assert cfg == ExperimentConfig()
+    for concern, cls in SECTIONS:
+        for f in fields(cls):
+            if "key" in f.metadata:
+                assert f.metadata["key"] in rc, f"{f.metadata['key']} ({concern}) missing from pyproject"
+    assert set(ExperimentConfig().to_dict()) <= set(rc)
+
+
+def test_the_configuration_reference_is_generated_from_the_settings():
+    doc = (PYPROJECT.parent / "docs" / "configuration.md").read_text()
+    block = doc.split(REFERENCE_BEGIN)[1].split(REFERENCE_END)[0].strip()
+    assert block == reference_table(), "run: python -m fed_unlearn.config --update docs/configuration.md"
+    rc = flat(tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"])
+    documented = {row.split("`")[1] for row in block.splitlines()[2:]}
+    assert documented == set(rc), set(rc) ^ documented
 
 
 @pytest.mark.parametrize("value, ids", [("3", (3,)), ("4, 1,4", (1, 4)), (2, (2,)), ("", ())])
@@ -51,9 +70,12 @@ def test_parse_client_ids_rejects(value):
         ({"unlearn.recovery": "forever"}, "unlearn.recovery"),
         ({"dataset": "imagenet"}, "unknown dataset"),
         ({"model": "resnet"}, "unknown model"),
-        ({"lr": "fast"}, "'lr' must be float"),
+        ({"lr": "fast"}, "'lr' must be a number"),
+        ({"lr": float("nan")}, "'lr' must be a finite number"),
         ({"local-epochs": 0}, "epochs"),
-        ({"num-server-rounds": 2.5}, "'num-server-rounds' must be int"),
+        ({"num-server-rounds": 2.5}, "'num-server-rounds' must be an integer"),
+        ({"unlearn.calibrate": 1}, "'unlearn.calibrate' must be true or false"),
+        ({"holdout-fraction": 1.0}, "holdout-fraction"),
     ],
 )
 def test_impossible_configs_are_refused(rc, msg):
@@ -65,11 +87,15 @@ def test_gold_key_depends_on_what_gold_depends_on():
     base = ExperimentConfig()
     assert base.gold_key(5) == ExperimentConfig().gold_key(5)
     assert base.gold_key(5) != base.gold_key(6)
-    assert base.gold_key(5) != ExperimentConfig(departing=(1,)).gold_key(5)
-    assert base.gold_key(5) != ExperimentConfig(departure_round=4).gold_key(5)
-    assert base.gold_key(5) != ExperimentConfig(seed=1).gold_key(5)
-    # recovery settings and the method do not change the gold federation
-    assert base.gold_key(5) == ExperimentConfig(recovery="fixed", method="puf", num_server_rounds=30).gold_key(5)
+    assert base.gold_key(5) != ExperimentConfig(request=RequestConfig(departing=(1,))).gold_key(5)
+    assert base.gold_key(5) != ExperimentConfig(request=RequestConfig(round=4)).gold_key(5)
+    assert base.gold_key(5) != ExperimentConfig(data=DataConfig(seed=1)).gold_key(5)
+    # recovery settings, the method and the length of the run do not change the gold federation
+    later = ExperimentConfig.from_run_config(
+        {"unlearn.recovery": "fixed", "unlearn.method": "sragu", "num-server-rounds": 30, "unlearn.calibrate": False}
+    )
+    assert base.gold_key(5) == later.gold_key(5)
+    assert base.original_key(5) == later.original_key(5) != replace(base, data=DataConfig(seed=2)).original_key(5)
 
 
 def test_every_method_setting_is_a_run_config_key_with_the_same_default():
@@ -91,7 +117,11 @@ def test_every_method_setting_is_a_run_config_key_with_the_same_default():
 
 def test_scenarios_from_the_run_config():
     cls = ExperimentConfig.from_run_config({"unlearn.scenario": "class", "unlearn.class": 4})
-    assert cls.departing == () and cls.deletion.removed_classes == (4,) and cls.involved([0, 1, 2]) == (0, 1, 2)
+    assert (
+        cls.request.departing == ()
+        and cls.request.deletion.removed_classes == (4,)
+        and cls.involved([0, 1, 2]) == (0, 1, 2)
+    )
     assert cls.leaving == ()
     smp = ExperimentConfig.from_run_config({"unlearn.scenario": "samples", "unlearn.departing": "2"})
     assert smp.involved([0, 1, 2]) == (2,) and smp.leaving == ()
@@ -122,4 +152,4 @@ def test_service_settings_are_run_config_keys_and_validated():
         config_from_run_config(ServiceConfig, {"service.fallback": "retrain"}, "service")
     assert ServiceConfig(erase_sites=" a, b,").erase_list == ("a", "b")
     # in a service, requests arrive at run time: unlearn.departing does not apply
-    assert ExperimentConfig.from_run_config({"mode": "service", "num-server-rounds": 2}).departing == ()
+    assert ExperimentConfig.from_run_config({"mode": "service", "num-server-rounds": 2}).request.departing == ()

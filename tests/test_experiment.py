@@ -82,7 +82,7 @@ def test_two_clients_leave_in_the_same_round(default_run_config, tmp_path):
         "unlearn.recovery": "fixed",
     }
     res, grid = run(rc, 4, tmp_path)
-    assert res["config"]["departing"] == [0, 2]
+    assert res["config"]["unlearn.departing"] == [0, 2]
     assert res["recovery"]["rounds-run"] == 1
     # after the unlearning round only clients 1 and 3 train: 2 messages in round 4
     assert res["train-history"]["4"]["clients"] == 2 and res["train-history"]["3"]["clients"] == 4
@@ -224,7 +224,7 @@ def test_class_deletion_reports_mia_nn_and_the_gold_never_predicts_the_class(def
     }
     res, grid = run(rc, 3, tmp_path)
     # every client is asked: at the start (the class does not depend on the model) and with the original model
-    assert res["config"]["departing"] == [] and grid.sent.count("query.forget") == 6
+    assert res["config"]["unlearn.departing"] == [] and grid.sent.count("query.forget") == 6
     assert set(res["deletion"]["clients"]) == {"0", "1", "2"}
     orig, unl, gold = (res["report"][k] for k in ("original", "unlearned", "gold"))
     assert gold["forget-acc"] < 0.05 and orig["forget-acc"] > 0.8
@@ -288,7 +288,7 @@ def test_augmentation_only_changes_training_after_the_request(default_run_config
     }
     plain, _ = run(rc, 3, tmp_path / "plain")
     shifted, _ = run({**rc, "unlearn.augment": "shift"}, 3, tmp_path / "shift")
-    assert shifted["config"]["augment"] == "shift"
+    assert shifted["config"]["unlearn.augment"] == "shift"
     for r in ("1", "2"):  # the original federation is the same model
         assert shifted["train-history"][r]["train-loss"] == plain["train-history"][r]["train-loss"]
     assert shifted["report"]["original"] == plain["report"]["original"]

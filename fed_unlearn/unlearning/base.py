@@ -20,10 +20,9 @@ the retain-role replies as ``remaining`` and the forget-role replies as ``depart
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import MISSING, dataclass, fields, is_dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -252,24 +251,14 @@ def config_from_run_config(cls: type, run_config: Mapping[str, Any], prefix: str
     ValueError
         On a value of the wrong type, naming the key.
     """
+    from ..config import typed_value
+
     kwargs: dict[str, Any] = {}
     for f in fields(cls):
         key = f"{prefix}.{f.name.replace('_', '-')}"
-        if key not in run_config:
-            continue
-        value = run_config[key]
-        want = (
-            f.type
-            if isinstance(f.type, type)
-            else {"float": float, "int": int, "str": str, "bool": bool}.get(str(f.type))
-        )
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if want is not None and not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            raise ValueError(f"run-config '{key}' must be {getattr(want, '__name__', want)}, got {value!r}")
-        if want is float and not math.isfinite(value):
-            raise ValueError(f"run-config '{key}' must be a finite number, got {value!r}")
-        kwargs[f.name] = value
+        if key in run_config:
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[operator]
+            kwargs[f.name] = typed_value(key, run_config[key], default)
     return cls(**kwargs)
 
 

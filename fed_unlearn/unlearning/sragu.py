@@ -83,7 +83,19 @@ STOP_REASONS = ("drift", "divergence", "cap", "floor")
 
 @dataclass(frozen=True)
 class GateConfig:
-    """Stability-gate settings shared by SRAGU and spectral PUF (see :class:`StabilityGate`)."""
+    """Stability-gate settings shared by SRAGU and spectral PUF (see :class:`StabilityGate`).
+
+    Attributes
+    ----------
+    alpha_low, alpha_high : float
+        The band of heavy-tail exponents read as well trained (WeightWatcher's 2 and 6).
+    tau : float
+        Softness of the band edges (> 0).
+    nu_min : float
+        Floor of a layer's stability weight, in ``[0, 1)``.
+    nu_unfit : float
+        Weight of layers whose spectrum has no power-law fit, in ``[nu_min, 1]``.
+    """
 
     alpha_low: float = 2.0
     alpha_high: float = 6.0
@@ -347,7 +359,15 @@ class AGU(SRAGU):
 
 @dataclass(frozen=True)
 class SpectralPUFConfig(GateConfig):
-    """Settings of spectral PUF (run-config keys ``spectral-puf.*``): PUF's plus the gate's."""
+    """Settings of spectral PUF (run-config keys ``spectral-puf.*``): PUF's plus the gate's.
+
+    Attributes
+    ----------
+    variant : {"regular", "special"}
+        As PUF's: whether the remaining clients train in the unlearning round too.
+    scale : float
+        As PUF's ``eta_u``; ``0`` picks the reference setting for the federation size.
+    """
 
     variant: str = "regular"
     scale: float = 0.0
