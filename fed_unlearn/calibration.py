@@ -6,8 +6,16 @@ unlearning step is ``d = w_new - base``. Calibration searches ``w(c) = base + c 
 ``c`` in ``[0, 1]``: the forgetting clients evaluate the candidates on their own forget set
 and their own held-out data (nothing else leaves them: sums and counts), and the server
 picks the smallest ``c`` at which the forget set looks like data the model never saw — what
-a model retrained without it shows. When nothing was memorised that is ``c = 0``: no step
-beyond dropping the data. The gold model is never consulted.
+a model retrained without it shows. The gold model is never consulted.
+
+Before that, the same clients measure the pre-request model: if their forget set already
+meets the target there — for ``loss-match``, its mean loss is not below the held-out mean
+loss by more than ``z`` standard errors (:func:`memorisation`; default one); for a class,
+the model no longer predicts it — nothing was memorised and the pre-request model is kept:
+no step at all, not even the remaining clients' round (which would only add SGD noise).
+The loss-threshold attack's AUC on the same samples is reported beside it; it is not the
+test, because most samples of a well-fit model have near-zero loss whether seen or not,
+which leaves the rank test blind to the memorisation a retrained model would undo.
 
 What "looks like unseen data" means depends on what is deleted (:func:`target_for`):
 
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +54,8 @@ class Calibration:
     scale : float
         The chosen ``c`` (interpolated between the evaluated candidates).
     reached : bool
-        Whether the target is reached within ``[0, 1]`` (``False``: ``c = 1``, the method's full step).
+        Whether the target is reached within ``[0, 1]`` (``False``: the candidate that comes
+        closest to it, which never overshoots it).
     target : str
         ``loss-match`` or ``accuracy-floor``.
     gaps : tuple of float
@@ -68,6 +78,9 @@ def choose_scale(
     floor: float = 0.02,
 ) -> Calibration:
     """The smallest scale reaching the target, linearly interpolated between candidates.
+
+    When no candidate reaches it, the one closest to it (the largest gap): a step that moves
+    the forget set away from the target is not taken further.
 
     Parameters
     ----------
@@ -99,7 +112,7 @@ def choose_scale(
     shown = tuple(float(g) if target == "loss-match" else float(-g) for g in gap)
     hit = np.flatnonzero(gap >= 0)
     if not len(hit):
-        return Calibration(float(s[-1]), False, target, shown)
+        return Calibration(float(s[int(np.argmax(gap))]), False, target, shown)
     i = int(hit[0])
     if i == 0:
         return Calibration(0.0, True, target, shown)
@@ -108,20 +121,103 @@ def choose_scale(
     return Calibration(float(s[i - 1] + frac * (s[i] - s[i - 1])), True, target, shown)
 
 
-def pooled(stats: Sequence[dict[str, Sequence[float]]]) -> dict[str, list[float]]:
+@dataclass(frozen=True)
+class Memorisation:
+    """Whether the pre-request model remembers the forget set.
+
+    Attributes
+    ----------
+    memorised : bool
+        ``loss-match``: the forget mean loss is below the held-out mean loss by more than
+        ``z`` standard errors of the difference; ``accuracy-floor``: the forget accuracy is
+        above the floor.
+    statistic : float
+        ``(held-out - forget mean loss) / standard error``, resp. forget accuracy minus the floor.
+    auc : float
+        The loss-threshold attack's AUC, forget set vs held-out (0.5: indistinguishable).
+    """
+
+    memorised: bool
+    statistic: float
+    auc: float
+
+
+def memorisation(
+    pre: dict[str, float], target: str = "loss-match", floor: float = 0.02, z: float = 1.0
+) -> Memorisation:
+    """Test whether the pre-request model remembers the forget set (the ``pre`` figures of :func:`pooled`).
+
+    Raises
+    ------
+    ValueError
+        On an unknown target, or non-finite figures.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"unknown calibration target '{target}'; valid: {', '.join(TARGETS)}")
+    f, h, se, auc, acc = (float(pre[k]) for k in ("forget-loss", "heldout-loss", "se", "auc", "forget-acc"))
+    if not all(np.isfinite(v) for v in (f, h, se, auc, acc)):
+        raise ValueError("the memorisation test needs finite figures")
+    if target == "accuracy-floor":
+        return Memorisation(acc > floor, acc - floor, auc)
+    stat = (h - f) / se if se > 0 else (float("inf") if h > f else 0.0)
+    return Memorisation(stat > z, stat, auc)
+
+
+def mann_whitney_z(aucs: Sequence[float], forget_n: Sequence[float], heldout_n: Sequence[float]) -> tuple[float, float]:
+    """Stratified Mann-Whitney z (van Elteren) of per-client AUCs, and the pooled AUC.
+
+    Client ``i``'s statistic is ``U_i = AUC_i n_i m_i`` (``n_i`` forget, ``m_i`` held-out
+    samples) with null mean ``n_i m_i / 2`` and variance ``n_i m_i (n_i + m_i + 1) / 12``;
+    the strata add up.
+    """
+    a, n, m = (np.asarray(v, np.float64) for v in (aucs, forget_n, heldout_n))
+    pairs = n * m
+    var = float(np.sum(pairs * (n + m + 1) / 12.0))
+    if var <= 0:
+        raise ValueError("the memorisation test needs forget and held-out samples")
+    return float(np.sum((a - 0.5) * pairs) / np.sqrt(var)), float(np.sum(a * pairs) / np.sum(pairs))
+
+
+def pooled(stats: Sequence[dict[str, Sequence[float]]]) -> dict[str, Any]:
     """Pool several clients' per-scale sums into means: ``forget-loss``, ``heldout-loss``, ``forget-acc``.
 
     Each entry holds per-scale lists ``forget-loss-sum``, ``forget-correct``, ``heldout-loss-sum``
-    and the counts ``forget-n``, ``heldout-n``.
+    and the counts ``forget-n``, ``heldout-n``. When every entry also measured the pre-request
+    model (single-element lists ``pre-forget-loss-sum``, ``pre-forget-loss-sq``,
+    ``pre-forget-correct``, ``pre-heldout-loss-sum``, ``pre-heldout-loss-sq`` and ``pre-auc``,
+    the loss-threshold attack's AUC on its forget vs held-out samples), ``pre`` holds its
+    pooled means, the standard error ``se`` of the difference of the mean losses, the pooled
+    AUC and its stratified Mann-Whitney ``auc-z``.
     """
     fn = sum(float(st["forget-n"][0]) for st in stats)
     hn = sum(float(st["heldout-n"][0]) for st in stats)
     if fn <= 0 or hn <= 0:
         raise ValueError("calibration needs forget and held-out samples")
     k = len(stats[0]["forget-loss-sum"])
-    out: dict[str, list[float]] = {"forget-loss": [], "heldout-loss": [], "forget-acc": []}
+    out: dict[str, Any] = {"forget-loss": [], "heldout-loss": [], "forget-acc": []}
     for j in range(k):
         out["forget-loss"].append(sum(float(st["forget-loss-sum"][j]) for st in stats) / fn)
         out["heldout-loss"].append(sum(float(st["heldout-loss-sum"][j]) for st in stats) / hn)
         out["forget-acc"].append(sum(float(st["forget-correct"][j]) for st in stats) / fn)
+    if all("pre-forget-loss-sum" in st for st in stats):
+
+        def total(key: str) -> float:
+            return sum(float(st[key][0]) for st in stats)
+
+        auc_z, auc = mann_whitney_z(
+            [float(st["pre-auc"][0]) for st in stats],
+            [float(st["forget-n"][0]) for st in stats],
+            [float(st["heldout-n"][0]) for st in stats],
+        )
+        f, h = total("pre-forget-loss-sum") / fn, total("pre-heldout-loss-sum") / hn
+        var_f = max(total("pre-forget-loss-sq") / fn - f * f, 0.0)
+        var_h = max(total("pre-heldout-loss-sq") / hn - h * h, 0.0)
+        out["pre"] = {
+            "forget-loss": f,
+            "heldout-loss": h,
+            "forget-acc": total("pre-forget-correct") / fn,
+            "se": float(np.sqrt(var_f / fn + var_h / hn)),
+            "auc": auc,
+            "auc-z": auc_z,
+        }
     return out

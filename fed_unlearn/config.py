@@ -206,6 +206,11 @@ class RequestConfig:
     round: int = setting(6, "unlearn.round", "d: rounds 1..d-1 with everyone, d unlearns, d+1.. recover")
     deletion: DeletionRequest = field(default_factory=DeletionRequest)
     calibrate: bool = setting(True, "unlearn.calibrate", "scale the step on the forgetting clients' own data")
+    memorisation_z: float = setting(
+        1.0,
+        "unlearn.memorisation-z",
+        "calibration keeps the model unless the forget loss is this many standard errors below held-out",
+    )
     recovery: str = setting("validation", "unlearn.recovery", "when recovery stops: " + ", ".join(RECOVERY_MODES))
     recovery_tolerance: float = setting(0.01, "unlearn.recovery-tolerance", "accuracy gap counted as recovered")
     recovery_patience: int = setting(
@@ -222,6 +227,7 @@ class RequestConfig:
             raise ValueError(f"unlearn.augment must be one of {', '.join(AUGMENT_MODES)}, got '{self.augment}'")
         _check("unlearn.recovery-tolerance", self.recovery_tolerance, 0 <= self.recovery_tolerance < 1, "in [0, 1)")
         _check("unlearn.recovery-patience", self.recovery_patience, self.recovery_patience >= 1, ">= 1")
+        _check("unlearn.memorisation-z", self.memorisation_z, self.memorisation_z >= 0, ">= 0")
 
 
 @dataclass(frozen=True)

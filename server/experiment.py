@@ -548,7 +548,13 @@ def run_experiment(
         method.name,
     )
 
-    strategy = new_strategy(method, len(clients), evaluate_departed=True, calibrate=cfg.request.calibrate)
+    strategy = new_strategy(
+        method,
+        len(clients),
+        evaluate_departed=True,
+        calibrate=cfg.request.calibrate,
+        memorisation_z=cfg.request.memorisation_z,
+    )
     for c, i in clients.items():
         strategy.set_identity(i.node_id, **{"partition-id": c})
     for i in clients.values():  # a reply may not weigh more than the data the client described

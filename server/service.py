@@ -176,6 +176,7 @@ class ErasureService:
             evaluate_departed=False,
             on_missing="skip",
             calibrate=cfg.request.calibrate,
+            memorisation_z=cfg.request.memorisation_z,
             max_strikes=svc.max_strikes,
         )
         for c, i in self.clients.items():

@@ -1,5 +1,6 @@
 """Choosing the scale of the unlearning step: pure math with known answers."""
 
+import numpy as np
 import pytest
 
 from fed_unlearn.calibration import choose_scale, pooled, target_for
@@ -15,11 +16,51 @@ def test_loss_match_interpolates_where_the_forget_loss_crosses_the_held_out_loss
     assert choose_scale(S, [0.1 + 0.8 * c for c in S], [0.35] * 5, [1.0] * 5).scale == pytest.approx(0.3125)
 
 
-def test_nothing_memorised_means_no_step_and_an_unreached_target_means_the_full_step():
+def test_nothing_memorised_means_no_step_and_an_unreached_target_the_closest_candidate():
     nothing = choose_scale(S, [0.6] * 5, [0.5] * 5, [1.0] * 5)
     assert nothing.scale == 0.0 and nothing.reached
-    never = choose_scale(S, [0.1] * 5, [0.5] * 5, [1.0] * 5)
-    assert never.scale == 1.0 and not never.reached and never.gaps[0] == pytest.approx(-0.4)
+    short = choose_scale(S, [0.1, 0.2, 0.3, 0.35, 0.4], [0.5] * 5, [1.0] * 5)
+    assert short.scale == 1.0 and not short.reached and short.gaps[0] == pytest.approx(-0.4)
+    # the step raises the held-out loss faster than the forget loss: taking it only moves away
+    worse = choose_scale(S, [0.30, 0.31, 0.32, 0.33, 0.34], [0.33, 0.35, 0.37, 0.39, 0.41], [1.0] * 5)
+    assert worse.scale == 0.0 and not worse.reached
+
+
+def test_memorisation_tests_the_mean_losses_and_reports_the_loss_attack():
+    from fed_unlearn.calibration import mann_whitney_z, memorisation
+
+    # the attack's AUC: one client, 100 + 100 samples, AUC 0.6: z = 0.1 * 10^4 / sqrt(10^4 * 201 / 12)
+    z, auc = mann_whitney_z([0.6], [100], [100])
+    assert z == pytest.approx(1000 / np.sqrt(1e4 * 201 / 12)) and auc == pytest.approx(0.6)
+    z2, auc2 = mann_whitney_z([0.6, 0.5], [100, 300], [100, 100])  # strata add up, AUC weighted by pairs
+    assert z2 == pytest.approx(1000 / np.sqrt(1e4 * 201 / 12 + 3e4 * 401 / 12))
+    assert auc2 == pytest.approx((0.6 * 1e4 + 0.5 * 3e4) / 4e4)
+
+    def stats(f, h, var, n, acc=0.5):
+        return {
+            "forget-loss-sum": [0.0],
+            "forget-correct": [0.0],
+            "heldout-loss-sum": [0.0],
+            "forget-n": [n],
+            "heldout-n": [n],
+            "pre-forget-loss-sum": [f * n],
+            "pre-forget-loss-sq": [(var + f * f) * n],
+            "pre-forget-correct": [acc * n],
+            "pre-heldout-loss-sum": [h * n],
+            "pre-heldout-loss-sq": [(var + h * h) * n],
+            "pre-auc": [0.55],
+        }
+
+    # mean losses 0.30 / 0.33, variance 0.09, 100 + 100 samples: se = sqrt(2 * 0.09 / 100) = 0.0424
+    pre = pooled([stats(0.30, 0.33, 0.09, 100.0)])["pre"]
+    assert pre["se"] == pytest.approx(0.0424264, rel=1e-4) and pre["auc"] == pytest.approx(0.55)
+    noise = memorisation(pre, z=1.0)
+    assert not noise.memorised and noise.statistic == pytest.approx(0.03 / 0.0424264, rel=1e-4)
+    assert memorisation(pooled([stats(0.30, 0.33, 0.09, 1e4)])["pre"], z=1.0).memorised  # 7 standard errors
+    assert not memorisation(pooled([stats(0.40, 0.33, 0.09, 1e4)])["pre"], z=0.0).memorised  # already unseen
+    # a class: memorised while the model still predicts it
+    assert memorisation(pre, "accuracy-floor", floor=0.02).memorised
+    assert not memorisation(pooled([stats(0.3, 0.3, 0.1, 100.0, acc=0.01)])["pre"], "accuracy-floor").memorised
 
 
 def test_accuracy_floor_for_a_class():

@@ -358,9 +358,9 @@ def test_unlearning_fedavg_takes_every_fedavg_argument_and_aggregates_user_metri
 class CalibratingGrid(StaticGrid):
     """Answers query.calibrate like a client whose forget loss is ``a + b c`` and held-out loss is ``h`` at scale c."""
 
-    def __init__(self, nodes, a: float, b: float, h: float) -> None:
+    def __init__(self, nodes, a: float, b: float, h: float, pre: tuple[float, float] | None = None) -> None:
         super().__init__(nodes)
-        self.a, self.b, self.h = a, b, h
+        self.a, self.b, self.h, self.pre = a, b, h, pre
         self.asked: list[Message] = []
 
     def send_and_receive(self, messages, *, timeout=None):
@@ -377,6 +377,18 @@ class CalibratingGrid(StaticGrid):
                     "heldout-n": [5.0],
                 }
             )
+            if self.pre is not None:  # pre-request mean losses (forget, held-out), every sample alike: se 0
+                f, h = self.pre
+                rec.update(
+                    {
+                        "pre-forget-loss-sum": [10 * f],
+                        "pre-forget-loss-sq": [10 * f * f],
+                        "pre-forget-correct": [10.0],
+                        "pre-heldout-loss-sum": [5 * h],
+                        "pre-heldout-loss-sq": [5 * h * h],
+                        "pre-auc": [0.5],
+                    }
+                )
             out.append(Message(RecordDict({"calibration": rec}), reply_to=m))
         return out
 
@@ -404,6 +416,26 @@ def test_calibration_scales_the_step_to_where_the_forget_set_looks_unseen(a, b, 
     (asked,) = grid.asked  # only the departing node is asked, with the base model and the step
     assert asked.metadata.dst_node_id == NODES[2] and asked.metadata.message_type == "query.calibrate"
     np.testing.assert_allclose(to_weights(asked.content["direction"])["w"], full["w"] - base["w"], atol=1e-6)
+
+
+@pytest.mark.parametrize("pre, kept", [((0.5, 0.5), True), ((0.6, 0.5), True), ((0.1, 0.5), False)])
+def test_a_model_that_does_not_remember_the_forget_set_is_kept(pre, kept):
+    grid = CalibratingGrid(NODES.values(), 0.1, 0.8, 0.5, pre=pre)
+    s = strategy(make_method("puf", {"puf.scale": 2.0}), calibrate=True)
+    s.request_unlearning(2, round=1)
+    start_round(s, 1, grid)
+    rem = [reply(0, weights([2, 2], 0.5), 1), reply(1, weights([1, 2], 0.5), 1)]
+    out, _ = s.aggregate_train(1, [*rem, reply(2, weights([1, 4], 1.5), 2)])
+    cal = s.unlearning_report["calibration"]
+    assert cal["kept"] is kept and cal["memorised"] is (not kept)
+    (asked,) = grid.asked
+    np.testing.assert_allclose(to_weights(asked.content["pre-request"])["w"], GLOBAL["w"])
+    if kept:  # the pre-request model stands: not even the remaining clients' round moves it
+        for k in GLOBAL:
+            np.testing.assert_allclose(to_weights(out)[k], GLOBAL[k])
+    else:
+        assert cal["scale"] == pytest.approx(0.5)
+    assert s.pending == ()  # served either way
 
 
 def test_a_client_without_the_helpers_gets_the_full_step():

@@ -48,7 +48,7 @@ from .. import protocol as P
 from ..data import ArrayDataset
 from ..deletion import MODEL_SELECTIONS, DeletionRequest, forget_mask, mask_digest, selection_scores
 from ..evaluation import measure_client
-from ..metrics import cross_entropy
+from ..metrics import cross_entropy, loss_mia_auc
 from ..training import TrainSettings, client_seed, predict_logits, relearn_steps, train_local
 from ..unlearning import METHODS, RoutineInput, client_routine, config_from_run_config
 from .records import number
@@ -401,8 +401,11 @@ class _Helper:
         settings = config_from_run_config(METHODS[name].config_class, cfg, name)
         mask = self.mask(context, train, cfg)
         retain = train.subset(np.flatnonzero(~mask)) if mask is not None and (~mask).any() else None
-        # the held-out samples of the forgotten classes: the routines' reference for "unseen"
-        heldout = heldout_all.subset(np.flatnonzero(np.isin(heldout_all.y, np.unique(forget.y))))
+        # the routines' reference for "unseen": held-out samples like the forget set (as calibration's)
+        try:
+            heldout = self._heldout_like(model, context, forget, heldout_all)
+        except ValueError:  # no held-out sample of the forgotten classes: the routines go without
+            heldout = heldout_all.subset(np.flatnonzero(np.zeros(len(heldout_all), bool)))
         last = None
         last_n = 0
         if LAST_LOCAL_KEY in context.state.array_records:
@@ -493,11 +496,20 @@ class _Helper:
         cfg = self.config(msg)
         train, heldout = self.data(context)
         forget = self.part(context, train, "forget", cfg)
-        base = msg.content.array_records["base"]
-        direction = {k: v.numpy().astype(np.float64) for k, v in msg.content.array_records["direction"].items()}
-        model = self.model(base, context)
+        recs = msg.content.array_records
+        direction = {k: v.numpy().astype(np.float64) for k, v in recs["direction"].items()}
+        model = self.model(recs["base"], context)
         state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
         like = self._heldout_like(model, context, forget, heldout)
+
+        def losses() -> tuple[np.ndarray, float, np.ndarray]:
+            fl, hl = predict_logits(model, forget.x), predict_logits(model, like.x)
+            return (
+                cross_entropy(fl, forget.y),
+                float(np.sum(np.argmax(fl, axis=1) == forget.y)),
+                cross_entropy(hl, like.y),
+            )
+
         out: dict[str, list[float]] = {"forget-loss-sum": [], "forget-correct": [], "heldout-loss-sum": []}
         for c in [float(v) for v in cfg.get("scales", [])]:
             model.load_state_dict(
@@ -506,11 +518,23 @@ class _Helper:
                     for k, v in state.items()
                 }
             )
-            fl = predict_logits(model, forget.x)
-            hl = predict_logits(model, like.x)
-            out["forget-loss-sum"].append(float(np.sum(cross_entropy(fl, forget.y))))
-            out["forget-correct"].append(float(np.sum(np.argmax(fl, axis=1) == forget.y)))
-            out["heldout-loss-sum"].append(float(np.sum(cross_entropy(hl, like.y))))
+            f, correct, h = losses()
+            out["forget-loss-sum"].append(float(np.sum(f)))
+            out["forget-correct"].append(correct)
+            out["heldout-loss-sum"].append(float(np.sum(h)))
+        if "pre-request" in recs:  # the memorisation test: the pre-request model on the same samples
+            model.load_state_dict(recs["pre-request"].to_torch_state_dict())
+            f, correct, h = losses()
+            out.update(
+                {
+                    "pre-forget-loss-sum": [float(np.sum(f))],
+                    "pre-forget-loss-sq": [float(np.sum(f * f))],
+                    "pre-forget-correct": [correct],
+                    "pre-heldout-loss-sum": [float(np.sum(h))],
+                    "pre-heldout-loss-sq": [float(np.sum(h * h))],
+                    "pre-auc": [loss_mia_auc(f, h)],
+                }
+            )
         rec = MetricRecord({**out, "forget-n": [float(len(forget))], "heldout-n": [float(len(like))]})
         return Message(RecordDict({"calibration": rec}), reply_to=msg)
 

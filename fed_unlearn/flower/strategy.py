@@ -60,7 +60,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from .. import protocol as P
 from ..aggregation import ClientUpdate, InvalidUpdateError, fedavg, validate_update
-from ..calibration import DEFAULT_SCALES, choose_scale, pooled, target_for
+from ..calibration import DEFAULT_SCALES, choose_scale, memorisation, pooled, target_for
 from ..deletion import DeletionRequest
 from ..spectral import analyze, motion_share
 from ..unlearning import UnlearningMethod, make_method
@@ -226,6 +226,11 @@ class Unlearning(Strategy):
         The candidate fractions of the step, increasing from 0 to at most 1.
     class_floor : float
         The forget accuracy that counts as "the class is gone" when a class is deleted.
+    memorisation_z : float
+        The forgetting clients first measure the pre-request model: unless their forget
+        mean loss is below their held-out mean loss by more than this many standard errors
+        (or, for a class, the model still predicts it), nothing was memorised and the
+        pre-request model is kept.
 
     Raises
     ------
@@ -254,6 +259,7 @@ class Unlearning(Strategy):
         calibrate: bool = True,
         calibration_scales: Sequence[float] = DEFAULT_SCALES,
         class_floor: float = 0.02,
+        memorisation_z: float = 1.0,
     ) -> None:
         if isinstance(strategy, Unlearning):
             raise ValueError("the strategy is already wrapped for unlearning")
@@ -295,6 +301,9 @@ class Unlearning(Strategy):
         self.calibrate = calibrate
         self.calibration_scales = tuple(scales)
         self.class_floor = class_floor
+        if not (np.isfinite(memorisation_z) and memorisation_z >= 0):
+            raise ValueError(f"memorisation_z must be a finite number >= 0, got {memorisation_z!r}")
+        self.memorisation_z = memorisation_z
         self._grid: Grid | None = None
         #: Mean L2 norm of the clients' pseudo-gradients in the last ordinary round (one number, not history).
         self.last_update_norm: float | None = None
@@ -1013,7 +1022,11 @@ class Unlearning(Strategy):
         if self.calibrate and method.calibratable and method.num_rounds == 1 and forget_updates:
             new, cal = self._calibrate(new, retain_updates, [p.node for p in parsed if p.forget_update is not None])
             step = {**step, "calibration": cal}
-        arrays, metrics = self._compose(server_round, new, retain_msgs, retain_updates, forget_updates)
+        if step.get("calibration", {}).get("kept"):
+            # nothing memorised: the pre-request model stands, the wrapped strategy's state untouched
+            arrays, metrics = to_record(new), None
+        else:
+            arrays, metrics = self._compose(server_round, new, retain_msgs, retain_updates, forget_updates)
         self.unlearning_rounds_run += 1
         if self.unlearning_rounds_run >= method.num_rounds:
             batch = self._batch
@@ -1052,7 +1065,14 @@ class Unlearning(Strategy):
         )
         msgs = [
             Message(
-                RecordDict({"base": to_record(base), "direction": to_record(direction), P.CONFIG_RECORD: cfg}),
+                RecordDict(
+                    {
+                        "base": to_record(base),
+                        "direction": to_record(direction),
+                        "pre-request": to_record(start),
+                        P.CONFIG_RECORD: cfg,
+                    }
+                ),
                 n,
                 P.CALIBRATE,
             )
@@ -1072,17 +1092,32 @@ class Unlearning(Strategy):
             if why or len(stats) != len(nodes):
                 raise ValueError("; ".join(why) or "some clients did not answer")
             m = pooled(stats)  # type: ignore[arg-type]  # malformed lists raise and are caught below
+            target = target_for(scenario)
+            pre = memorisation(m["pre"], target, self.class_floor, self.memorisation_z) if "pre" in m else None
             cal = choose_scale(
                 self.calibration_scales,
                 m["forget-loss"],
                 m["heldout-loss"],
                 m["forget-acc"],
-                target_for(scenario),
+                target,
                 self.class_floor,
             )
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             log(WARNING, "calibration failed (%s): the method's full step is used", exc)
             return new, {"used": False, "why": str(exc)}
+        figures = {k: v for k, v in m.items() if k != "pre"}
+        test = {} if pre is None else {"pre-request": m["pre"], "memorised": pre.memorised}
+        if pre is not None and not pre.memorised:
+            log(
+                INFO,
+                "calibration (%s): the pre-request model does not remember the forget set (%s): it is kept unchanged",
+                target,
+                f"forget vs held-out mean loss {pre.statistic:.2f} standard errors apart <= {self.memorisation_z}"
+                if target == "loss-match"
+                else f"forget accuracy {m['pre']['forget-acc']:.3f} <= {self.class_floor}",
+            )
+            kept = {k: np.asarray(v).copy() for k, v in start.items()}
+            return kept, {"used": True, "kept": True, "scale": 0.0, "reached": True, "target": target, **test}
         out = {
             k: (np.asarray(base[k], np.float64) + cal.scale * direction[k]).astype(np.asarray(g).dtype)
             for k, g in start.items()
@@ -1096,12 +1131,14 @@ class Unlearning(Strategy):
         )
         return out, {
             "used": True,
+            "kept": False,
             "scale": cal.scale,
             "reached": cal.reached,
             "target": cal.target,
             "scales": list(self.calibration_scales),
             "gaps": list(cal.gaps),
-            **m,
+            **figures,
+            **test,
         }
 
     def _bound_departing_step(

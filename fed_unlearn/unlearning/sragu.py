@@ -31,9 +31,11 @@ the per-layer stability weights ``nu_l`` computed by the server from ``theta_0``
      (the motion has died down: ``"drift"``), or
    * the target is reached, checked on a stable estimate (the whole forget set, before the
      first step and every ``check_every`` steps, never one minibatch): for a client or samples,
-     the mean forget loss reaches ``rho`` times the mean loss of the current model on the
-     client's held-out samples of the same classes — points it never saw (``"divergence"``;
-     off when ``rho = 0`` or without held-out data); for a class, the forget accuracy falls
+     the mean forget loss reaches ``rho`` times the mean loss the model had before unlearning
+     on the client's held-out samples like the forget set (same classes; for hard samples,
+     the held-out samples the same rule ranks highest) — points it never saw
+     (``"divergence"``; off when ``rho = 0`` or without held-out data); that reference is
+     fixed, because ascent raises the held-out loss too; for a class, the forget accuracy falls
      to the floor a model that never saw the class shows (``"floor"``), or
    * ``t + 1 = T_max`` (``"cap"``).
 
@@ -235,13 +237,11 @@ def sragu_unlearn(
         if target == "accuracy-floor":
             acc = float(np.mean(np.argmax(predict_logits(model, forget_x), axis=1) == forget_y))
             return "floor" if acc <= floor else None
-        if cfg.target_ratio <= 0 or not has_heldout or heldout is None:
+        if cfg.target_ratio <= 0 or not has_heldout:
             return None
-        return (
-            "divergence"
-            if _mean_loss(model, forget_x, forget_y) >= cfg.target_ratio * _mean_loss(model, *heldout)
-            else None
-        )
+        # against the held-out loss of the model before unlearning, fixed: ascent raises the held-out
+        # loss too, and a moving reference lets the forget loss race past any unseen-data level
+        return "divergence" if _mean_loss(model, forget_x, forget_y) >= cfg.target_ratio * ref else None
 
     xt, yt = torch.from_numpy(np.ascontiguousarray(forget_x)), torch.from_numpy(np.ascontiguousarray(forget_y))
     early = reached()

@@ -107,7 +107,9 @@ def main(grid: Grid, context: Context) -> None:
     grid.log.clear()
 
     # the federation: a plain strategy, wrapped; the departure is requested before start()
-    strategy = Unlearning(wrapped(str(rc["strategy"]), num), str(rc["method"]))
+    strategy = Unlearning(
+        wrapped(str(rc["strategy"]), num), str(rc["method"]), memorisation_z=float(rc.get("memorisation-z", 1.0))
+    )
     samples = str(rc["scenario"]) == "samples"
     strategy.request_unlearning(
         departing, round=d, leave=not samples, deletion=DeletionRequest("samples", fraction=0.3) if samples else None
