@@ -234,8 +234,8 @@ def serve(
         print(f"  kill {sum(kills.values()):2d}: {what:15s} checkpoint round {j['round']}", flush=True)
 
 
-def scenario(folder: Path, seed: int, budget: int, mixed: bool) -> dict[str, Any]:
-    """One deployment through the whole schedule with ``budget`` kills; its figures."""
+def scenario(folder: Path, seed: int, budget: int, mixed: bool, app: Path) -> dict[str, Any]:
+    """One deployment of ``app`` through the whole schedule with ``budget`` kills; its figures."""
     rng = random.Random(seed)
     dep = Deployment(
         str(folder),
@@ -243,7 +243,7 @@ def scenario(folder: Path, seed: int, budget: int, mixed: bool) -> dict[str, Any
         tls=True,
         auth=True,
         node_extra={"site-3": "fault='nan'", "site-4": "fault='huge-claim'"},
-        app=str(faulty_app(folder)),
+        app=str(app),
     )
     kills: dict[str, int] = {}
     stats: dict[str, Any] = {"problems": []}
@@ -292,17 +292,18 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
+    app = faulty_app(root)  # one copy of the code for every phase: their final models must compare
     print("reference: the same schedule, no kill", flush=True)
-    ref = scenario(root / "reference", args.seed, 0, mixed=False)
+    ref = scenario(root / "reference", args.seed, 0, mixed=False, app=app)
     print(json.dumps(ref, indent=1), flush=True)
     print(f"phase A: {args.kills // 2} kill -9 of the server side", flush=True)
-    a = scenario(root / "phase-a", args.seed, args.kills // 2, mixed=False)
+    a = scenario(root / "phase-a", args.seed, args.kills // 2, mixed=False, app=app)
     print(json.dumps(a, indent=1), flush=True)
     print(
         f"phase B: {args.kills - args.kills // 2} kill -9 of SuperNodes and the server, a site dropping mid-round",
         flush=True,
     )
-    b = scenario(root / "phase-b", args.seed + 1, args.kills - args.kills // 2, mixed=True)
+    b = scenario(root / "phase-b", args.seed + 1, args.kills - args.kills // 2, mixed=True, app=app)
     print(json.dumps(b, indent=1), flush=True)
     total = {k: a["kills"].get(k, 0) + b["kills"].get(k, 0) for k in set(a["kills"]) | set(b["kills"])}
     print("\nsummary")
