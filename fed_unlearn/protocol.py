@@ -79,12 +79,16 @@ Messages
     ``<part>-correct``, ``<part>-loss-sum`` (and ``-kl-sum``, ``-tv-sum``, ``-disagree-sum``
     against the reference), the membership-inference AUCs, and ``num-examples``.
 ``query.calibrate`` (:data:`CALIBRATE`)
-    How far to unlearn (:mod:`fed_unlearn.calibration`). ArrayRecords ``base`` and
-    ``direction``; config ``scales`` (list of float) and :data:`FORGET_ALL`. The client
-    measures ``base + c * direction`` for every ``c`` on its forget set and on held-out
-    samples like them; reply MetricRecord ``calibration``: per-scale lists
-    ``forget-loss-sum``, ``forget-correct``, ``heldout-loss-sum``, and ``forget-n``,
-    ``heldout-n``. A departing client without it gets the method's uncalibrated step.
+    How far to unlearn (:mod:`fed_unlearn.calibration`). ArrayRecords ``base``,
+    ``direction`` and ``pre-request`` (the model before the request); config ``scales``
+    (list of float) and :data:`FORGET_ALL`. The client measures ``base + c * direction``
+    for every ``c`` on its forget set and on held-out samples like them; reply MetricRecord
+    ``calibration``: per-scale lists ``forget-loss-sum``, ``forget-correct``,
+    ``heldout-loss-sum``, the counts ``forget-n``, ``heldout-n``, and for the pre-request
+    model one-element lists ``pre-forget-loss-sum``, ``pre-forget-loss-sq``,
+    ``pre-forget-correct``, ``pre-heldout-loss-sum``, ``pre-heldout-loss-sq``, ``pre-auc``
+    (without them the memorisation test is skipped). A departing client without the
+    handler gets the method's uncalibrated step.
 ``query.erasure`` (:data:`ERASURE`)
     A deployed site's inbox poll (:mod:`fed_unlearn.erasure`). Config ``acks``,
     ``refused``: request ids the server journaled or refused. Reply: ConfigRecord

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .run_experiment import PROJECT_ROOT, _bin, free_port, quiet_env
+from .run_experiment import PROJECT_ROOT, executable, free_port, quiet_env
 
 FEDERATION = "deploy"
 
@@ -212,7 +212,7 @@ class Deployment:
     def superlink_cmd(self) -> list[str]:
         """The SuperLink command line."""
         cmd = [
-            _bin("flower-superlink"),
+            executable("flower-superlink"),
             "--host",
             "127.0.0.1",
             "--port",
@@ -284,7 +284,7 @@ class Deployment:
     def supernode_cmd(self, site: str, clientappio_port: int) -> list[str]:
         """A site's SuperNode command line."""
         cmd = [
-            _bin("flower-supernode"),
+            executable("flower-supernode"),
             "--superlink",
             f"127.0.0.1:{self.port}",
             "--node-config",
@@ -337,7 +337,7 @@ class Deployment:
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         """Run the ``flwr`` CLI against this deployment."""
         return subprocess.run(
-            [_bin("flwr"), *args],
+            [executable("flwr"), *args],
             env=self.env(),
             cwd=str(PROJECT_ROOT),
             capture_output=True,

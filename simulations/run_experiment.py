@@ -77,7 +77,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _bin(name: str) -> str:
+def executable(name: str) -> str:
     """An executable of this Python environment (falls back to PATH)."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else (shutil.which(name) or name)
@@ -92,7 +92,7 @@ def start_superlink(env: dict[str, str], flwr_home: Path, timeout: float = 60.0)
     log_file = flwr_home / "local-superlink" / "superlink.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
-        _bin("flower-superlink"),
+        executable("flower-superlink"),
         "--insecure",
         "--simulation",
         "--isolation",
@@ -147,7 +147,7 @@ def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
 def run_status(env: dict[str, str], run_id: str) -> str:
     """The status string ``flwr list`` reports for ``run_id`` (e.g. ``finished:completed``)."""
     out = subprocess.run(
-        [_bin("flwr"), "list", "local", "--run-id", run_id, "--format", "json"],
+        [executable("flwr"), "list", "local", "--run-id", run_id, "--format", "json"],
         env=env,
         cwd=str(PROJECT_ROOT),
         capture_output=True,
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     superlink = None
     try:
         superlink = start_superlink(env, flwr_home)
-        cmd = [_bin("flwr"), "run", str(app), "local", "--format", "json", "--federation-config", federation]
+        cmd = [executable("flwr"), "run", str(app), "local", "--format", "json", "--federation-config", federation]
         if overrides:
             cmd += ["--run-config", overrides]
         print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"run {run_id} submitted; streaming its log", flush=True)
         stream = subprocess.Popen(
-            [_bin("flwr"), "log", str(run_id), "local", "--stream"],
+            [executable("flwr"), "log", str(run_id), "local", "--stream"],
             env=env,
             cwd=str(PROJECT_ROOT),
             stdout=subprocess.PIPE,

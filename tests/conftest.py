@@ -1,4 +1,15 @@
-"""Shared helpers for the Flower-tier tests (the pure-math tests import none of this)."""
+"""Test tiers and shared helpers.
+
+Every test belongs to one tier, selected with ``-m``:
+
+* ``unit``: pure math and files, no Flower (milliseconds each);
+* ``integration``: the apps and the strategy on the in-process Grid (seconds each);
+* ``e2e``: real processes — ``flwr run`` on Ray, SuperLink / SuperNodes, a packaging
+  install (a minute or more each).
+
+A module declares ``TIER = "unit"`` or ``TIER = "integration"``; a test marked
+``@pytest.mark.e2e`` is end-to-end whatever its module. A test without a tier is an error.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +28,22 @@ def flatten(d: dict, prefix: str = "") -> dict:
         key = f"{prefix}.{k}" if prefix else k
         out.update(flatten(v, key) if isinstance(v, dict) else {key: v})
     return out
+
+
+TIERS = ("unit", "integration")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test with its module's tier, unless it is marked ``e2e``."""
+    for item in items:
+        if item.get_closest_marker("e2e") is not None:
+            continue
+        tier = getattr(getattr(item, "module", None), "TIER", None)
+        if tier not in TIERS:
+            raise pytest.UsageError(
+                f"{item.nodeid}: its module needs TIER = 'unit' or 'integration', or the test @pytest.mark.e2e"
+            )
+        item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@ from fed_unlearn.aggregation import (
     validate_updates,
 )
 
+TIER = "unit"  # see tests/conftest.py
+
 REF = {"a": np.zeros((2, 2), np.float32), "b": np.zeros(3, np.float32)}
 
 

@@ -11,6 +11,8 @@ from fed_unlearn.unlearning.base import apply_departing_motion
 from fed_unlearn.unlearning.gradient_ascent import GradientAscentConfig, gradient_ascent
 from fed_unlearn.unlearning.negation import negate, negated_layers
 
+TIER = "unit"  # see tests/conftest.py
+
 G = {
     "net.1.weight": np.ones((2, 3), np.float32),
     "net.1.bias": np.full(2, 2.0, np.float32),
@@ -68,15 +70,23 @@ def test_gradient_ascent_first_step_and_loss_rises():
     for p, p0, g in zip(model.parameters(), w0, grads, strict=False):
         np.testing.assert_allclose((p.detach() - p0).numpy(), (0.5 * g).numpy(), atol=1e-6)
     after = float(nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)).detach())
-    assert after > float(loss)
+    assert after > float(loss.detach())
 
 
 def test_gradient_ascent_early_stop_at_target():
-    model, x, y = small_model_and_data()
-    steps = gradient_ascent(
-        model, x, y, GradientAscentConfig(lr=0.5, epochs=50, batch_size=8, target_ratio=1.0), seed=0, reference_loss=1.5
-    )
-    assert steps < 50 * 5
+    cfg = GradientAscentConfig(lr=0.5, epochs=50, batch_size=8, target_ratio=1.0)  # cap: 50 epochs x 5 batches
+
+    def run(reference: float) -> tuple[int, float]:
+        model, x, y = small_model_and_data()
+        steps = gradient_ascent(model, x, y, cfg, seed=0, reference_loss=reference)
+        return steps, float(nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)).detach())
+
+    start = run(0.0)  # a target every minibatch meets: one step
+    low, high = run(1.5), run(3.0)
+    assert start[0] == 1
+    assert 1 < low[0] < high[0] < 250, (low, high)  # stops before the cap, later for a higher target
+    assert low[1] > 1.0 and high[1] > low[1]  # and the loss it stopped at is of the target's order
+    assert run(float("nan"))[0] == 250  # no reference: plain ascent to the cap
 
 
 @pytest.mark.parametrize("rc", [{"gradient-ascent.lr": -1.0}, {"gradient-ascent.epochs": 0}])

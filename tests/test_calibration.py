@@ -5,6 +5,8 @@ import pytest
 
 from fed_unlearn.calibration import choose_scale, pooled, target_for
 
+TIER = "unit"  # see tests/conftest.py
+
 S = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 

@@ -17,6 +17,8 @@ from fed_unlearn.config import (
     reference_table,
 )
 
+TIER = "unit"  # see tests/conftest.py
+
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 

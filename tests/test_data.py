@@ -20,6 +20,8 @@ from fed_unlearn.data import (
 )
 from fed_unlearn.data.datasets import _load_torchvision
 
+TIER = "unit"  # see tests/conftest.py
+
 SHARED_ADULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "uci-adult"
 
 

@@ -16,6 +16,8 @@ from fed_unlearn.deletion import (
     selection_scores,
 )
 
+TIER = "unit"  # see tests/conftest.py
+
 
 def fixed_linear(weight: np.ndarray) -> nn.Module:
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)

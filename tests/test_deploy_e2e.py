@@ -62,7 +62,7 @@ def assert_completed(dep: Deployment, run: int, timeout: float) -> None:
         )
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_deployed_site_asks_to_be_forgotten_over_tls_with_node_authentication(deployment):
     dep = deployment
     assert (
@@ -111,7 +111,7 @@ def test_a_deployed_site_asks_to_be_forgotten_over_tls_with_node_authentication(
     assert len(list((dep.inbox("site-0") / "refused").glob("*.json"))) == 1
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_killing_the_server_mid_unlearning_loses_no_request_and_serves_it_once(deployment):
     dep = deployment
     run = dep.submit(dep.service_config(2, RC))

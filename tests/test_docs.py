@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+TIER = "unit"  # see tests/conftest.py
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "examples").glob("*/README.md"))]
 

@@ -12,9 +12,13 @@ from clients.client_app import app as client_app
 from fed_unlearn.flower import InProcessGrid
 from server.server_app import main as server_main
 
+TIER = "integration"  # see tests/conftest.py
 
-def run(rc: dict, num_nodes: int, tmp_path: Path) -> tuple[dict, InProcessGrid]:
-    rc = {**rc, "results-dir": str(tmp_path / "results"), "gold-cache-dir": str(tmp_path / "gold")}
+
+def run(rc: dict, num_nodes: int, tmp_path: Path, cache: Path | None = None) -> tuple[dict, InProcessGrid]:
+    # the gold and original federations are cached by what they depend on: tests share them
+    cache = cache or tmp_path.parent / "shared-gold-cache"
+    rc = {**rc, "results-dir": str(tmp_path / "results"), "gold-cache-dir": str(cache)}
     grid = InProcessGrid(client_app, num_nodes, rc)
     server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
     (res,) = list((tmp_path / "results").glob("*/results.json"))
@@ -62,10 +66,10 @@ def test_default_experiment_moves_toward_gold(default_run_config, tmp_path):
 
 def test_same_seed_same_numbers_and_gold_cache_reused(default_run_config, tmp_path):
     rc = {**default_run_config, "dataset": "digits", "unlearn.round": 3, "num-server-rounds": 5}
-    first, grid1 = run(rc, 3, tmp_path)
+    first, grid1 = run(rc, 3, tmp_path, cache=tmp_path / "gold")
     for f in (tmp_path / "results").glob("*/results.json"):
         f.unlink()
-    second, grid2 = run(rc, 3, tmp_path)
+    second, grid2 = run(rc, 3, tmp_path, cache=tmp_path / "gold")
     assert first["timings"]["gold-cached"] is False and second["timings"]["gold-cached"] is True
     assert first["report"] == second["report"]
     # the cached gold was not retrained: the second run sent fewer training messages

@@ -4,6 +4,8 @@ import numpy as np
 
 from fed_unlearn.gold_cache import load_gold, save_gold
 
+TIER = "unit"  # see tests/conftest.py
+
 
 def test_roundtrip_and_miss(tmp_path):
     assert load_gold(tmp_path, "abc") is None

@@ -18,6 +18,8 @@ from fed_unlearn.erasure import (
 )
 from fed_unlearn.journal import Journal, JournalError, weights_digest
 
+TIER = "unit"  # see tests/conftest.py
+
 W = {"a": np.arange(4, dtype=np.float32), "b": np.ones((2, 2), np.float32)}
 
 

@@ -7,6 +7,8 @@ from scipy.stats import entropy
 from fed_unlearn.evaluation import summarise
 from fed_unlearn.metrics import accuracy, cross_entropy, disagreement, kl_divergence, loss_mia_auc
 
+TIER = "unit"  # see tests/conftest.py
+
 
 def test_kl_of_identical_distributions_is_zero():
     logits = np.random.default_rng(0).normal(size=(20, 5))

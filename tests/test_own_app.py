@@ -20,6 +20,8 @@ from flwr.serverapp.strategy import FedAdam, FedProx
 
 from fed_unlearn.flower import InProcessGrid, Unlearning
 
+TIER = "integration"  # see tests/conftest.py
+
 ROOT = Path(__file__).resolve().parents[1]
 APP = Path(__file__).resolve().parent / "own_app"
 sys.path.insert(0, str(APP))
@@ -264,7 +266,7 @@ def launch(app: Path, tmp_path: Path, clients: int, run_config: str = "") -> sub
     )
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_plain_app_departs_a_client_through_flwr_run_on_ray(tmp_path):
     out = tmp_path / "out.json"
     proc = launch(APP, tmp_path, NODES, f"results='{out}'")
@@ -275,7 +277,7 @@ def test_the_plain_app_departs_a_client_through_flwr_run_on_ray(tmp_path):
         assert "train_loss" in res["train-metrics"][str(r)] and "eval_acc" in res["evaluate-metrics"][str(r)]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_quickstart_example_runs(tmp_path):
     proc = launch(ROOT / "examples" / "quickstart-unlearning", tmp_path, 3)
     assert proc.returncode == 0 and "finished:completed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_wheel_holds_the_library_only_and_imports_in_a_fresh_venv(tmp_path):
     subprocess.run(
         [

@@ -7,6 +7,8 @@ from fed_unlearn.aggregation import ClientUpdate
 from fed_unlearn.unlearning import make_method
 from fed_unlearn.unlearning.puf import PUF, PUFConfig, puf_update
 
+TIER = "unit"  # see tests/conftest.py
+
 G = {"w": np.array([1.0, 2.0], dtype=np.float32), "b": np.array([0.5], dtype=np.float32)}
 
 

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+TIER = "unit"  # see tests/conftest.py
+
 
 def test_library_imports_no_flwr():
     code = (

@@ -10,6 +10,8 @@ from fed_unlearn.aggregation import ClientUpdate
 from fed_unlearn.deletion import DeletionRequest
 from fed_unlearn.unlearning import make_method
 
+TIER = "unit"  # see tests/conftest.py
+
 
 def trained_mlp(seed=0):
     torch.manual_seed(seed)

@@ -15,6 +15,8 @@ from fed_unlearn.journal import Journal
 from server.server_app import main as server_main
 from simulations.inprocess import fused_run_config
 
+TIER = "integration"  # see tests/conftest.py
+
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("h0", "h1", "h2")
 

@@ -40,7 +40,7 @@ def launch(tmp_path: Path, run_config: str, clients: int = 3) -> subprocess.Comp
     )
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_flwr_run_simulation_produces_the_report(tmp_path):
     proc = launch(tmp_path, SMALL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -51,11 +51,17 @@ def test_flwr_run_simulation_produces_the_report(tmp_path):
     assert res["report"]["gold"]["kl-forget"] == 0.0
     assert res["train-history"]["4"]["clients"] == 2  # the departed client no longer trains
     assert (res_file.parent / "accuracy.png").is_file()
-    # Ray ran the same ClientApp code: same numbers as the in-process engine would give
     assert res["config"]["dataset"] == "digits" and res["recovery"]["rounds-run"] == 1
+    # Ray ran the same ClientApp code: the in-process engine gives the same numbers
+    from simulations.inprocess import run_inprocess
+
+    local = run_inprocess(str(ROOT), 3, f"{SMALL} results-dir='{tmp_path / 'local'}'")
+    for model in ("original", "unlearned", "gold"):
+        for key, value in res["report"][model].items():
+            assert local["report"][model][key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), (model, key)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_failed_run_is_reported_as_failed(tmp_path):
     proc = launch(tmp_path, SMALL + " unlearn.departing='9'")
     assert proc.returncode == 1
@@ -63,7 +69,7 @@ def test_failed_run_is_reported_as_failed(tmp_path):
     assert not list(tmp_path.glob("*/results.json"))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sragu_through_flwr_run_on_the_embedded_dataset(tmp_path):
     proc = launch(tmp_path, "unlearn.method='sragu'", clients=5)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -76,7 +82,7 @@ def test_sragu_through_flwr_run_on_the_embedded_dataset(tmp_path):
     assert {layer["layer"] for layer in res["unlearning"]["layers"]} == {"net.1", "net.3", "net.5"}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_harness_grid_is_summarised_resumable_and_engine_independent(tmp_path):
     """2 methods x 1 scenario (sample deletion) x 2 seeds through flwr run on Ray; in-process gives the same numbers."""
     grid = [
@@ -144,7 +150,7 @@ def test_harness_grid_is_summarised_resumable_and_engine_independent(tmp_path):
             assert same[col][key]["mean"] == pytest.approx(stats[col][key]["mean"], abs=1e-9), (col, key)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "method, extra",
     [

@@ -7,6 +7,8 @@ import pytest
 
 from fed_unlearn.spectral import StabilityGate, analyze, eigenvalues, fit_power_law, layer_of, motion_share
 
+TIER = "unit"  # see tests/conftest.py
+
 
 def pareto(alpha, n, xmin=1.0, seed=0):
     return xmin * (1.0 - np.random.default_rng(seed).random(n)) ** (-1.0 / (alpha - 1.0))

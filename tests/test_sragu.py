@@ -10,6 +10,8 @@ from fed_unlearn.unlearning import make_method
 from fed_unlearn.unlearning.puf import puf_update
 from fed_unlearn.unlearning.sragu import SRAGUConfig, agu_sensitivity, spectral_puf_update, sragu_unlearn
 
+TIER = "unit"  # see tests/conftest.py
+
 
 def twin_model(seed=0):
     """Two identical linear layers in parallel (same init, same input), averaged."""

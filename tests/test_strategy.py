@@ -17,6 +17,8 @@ from fed_unlearn.flower import ReproducibleFedAvg, Unlearning, UnlearningFedAvg,
 from fed_unlearn.unlearning import make_method
 from fed_unlearn.unlearning.puf import puf_update
 
+TIER = "integration"  # see tests/conftest.py
+
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 NODES = {0: 9001, 1: 9002, 2: 9003}  # client id (partition-id) -> Flower node id
 GLOBAL = {"w": np.array([1.0, 2.0], np.float32), "b": np.array([0.5], np.float32)}
