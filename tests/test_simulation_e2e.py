@@ -63,10 +63,23 @@ def test_flwr_run_simulation_produces_the_report(tmp_path):
 
 @pytest.mark.e2e
 def test_failed_run_is_reported_as_failed(tmp_path):
+    # this repository's app: a bad setting is refused before any process starts
     proc = launch(tmp_path, SMALL + " unlearn.departing='9'")
-    assert proc.returncode == 1
-    assert "finished:failed" in proc.stdout
-    assert not list(tmp_path.glob("*/results.json"))
+    assert proc.returncode == 2 and not proc.stdout
+    assert "'unlearn.departing' names client(s) [9], but there are 3" in proc.stderr
+    # another app, which the launcher cannot check beforehand, fails inside the run: Flower's
+    # `flwr run` would exit 0; the launcher reads the run's status and exits 1
+    app = ROOT / "tests" / "own_app"
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulations.run_experiment", "--app", str(app), "--num-clients", "3"]
+        + ["--results-dir", str(tmp_path), "--run-config", "departing=9 num-server-rounds=2 departure-round=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "finished:failed" in proc.stdout and "no connected node has partition-id=9" in proc.stderr
 
 
 @pytest.mark.e2e
