@@ -27,12 +27,14 @@ Everything here is numpy/scipy: a client computes its scores from logits alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import logsumexp, softmax
 from scipy.stats import beta, norm
+
+from .metrics import cross_entropy
 
 #: The false-positive rates the reports read the attacks at.
 LOW_FPRS = (0.01, 0.001)
@@ -54,6 +56,15 @@ def reference_masks(n: int, k: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     ranks = np.argsort(rng.random((n, k)), axis=1)  # a random permutation of the k models per sample
     return (ranks < k // 2).T
+
+
+def client_reference_masks(n: int, k: int, seed: int, client_id: int) -> np.ndarray:
+    """:func:`reference_masks` of one client's ``n`` training samples (seeded by the run and the client).
+
+    Both ``train.reference`` (which half to train on) and ``evaluate.audit`` (which
+    references are "out" for a sample) compute it on the node, so the halves never travel.
+    """
+    return reference_masks(n, k, int(np.random.SeedSequence([seed, 0x5EF, client_id]).generate_state(1)[0]))
 
 
 def logit_confidence(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -242,4 +253,94 @@ def summary(members: np.ndarray, nonmembers: np.ndarray, fprs: Sequence[float] =
         r = tpr_at_fpr(members, nonmembers, f)
         tag = f"tpr@{f * 100:g}%"
         out.update({tag: r.tpr, f"{tag}-low": r.low, f"{tag}-high": r.high})
+    return out
+
+
+#: Attacks every audit reports: the two calibrated ones and the loss threshold (for comparison).
+ATTACKS = ("rmia", "lira", "loss")
+
+
+def attack_scores(
+    target_forget: np.ndarray,
+    target_heldout: np.ndarray,
+    refs_forget: np.ndarray,
+    refs_heldout: np.ndarray,
+    y_forget: np.ndarray,
+    y_heldout: np.ndarray,
+    out_forget: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Every attack's per-sample scores on one client's forget and held-out samples, from logits.
+
+    Parameters
+    ----------
+    target_forget, target_heldout : (n, C), (m, C) arrays
+        The audited model's logits on the forget and the held-out samples.
+    refs_forget, refs_heldout : (K, n, C), (K, m, C) arrays
+        The reference models' logits on the same samples.
+    y_forget, y_heldout : int arrays
+        Labels.
+    out_forget : (K, n) bool array
+        Whether reference ``j`` did not train on forget sample ``i`` (no reference trained on
+        a held-out sample).
+
+    Returns
+    -------
+    dict
+        ``<attack>-forget`` and ``<attack>-heldout`` score arrays (higher: more likely a member);
+        the held-out samples are also RMIA's population (each left out of its own comparison).
+    """
+    k, m = len(refs_heldout), len(y_heldout)
+    out_h = np.ones((k, m), bool)
+    p_f, p_h = true_class_probability(target_forget, y_forget), true_class_probability(target_heldout, y_heldout)
+    rp_f = np.stack([true_class_probability(r, y_forget) for r in refs_forget]) if len(y_forget) else np.zeros((k, 0))
+    rp_h = np.stack([true_class_probability(r, y_heldout) for r in refs_heldout])
+    phi_f, phi_h = logit_confidence(target_forget, y_forget), logit_confidence(target_heldout, y_heldout)
+    rphi_f = np.stack([logit_confidence(r, y_forget) for r in refs_forget]) if len(y_forget) else np.zeros((k, 0))
+    rphi_h = np.stack([logit_confidence(r, y_heldout) for r in refs_heldout])
+    # LiRA's pooled variance comes from the held-out samples (every reference is "out" there)
+    # plus the forget samples' out references; scored separately, calibrated jointly
+    phi_all = np.concatenate([phi_f, phi_h])
+    lira = lira_offline(phi_all, np.concatenate([rphi_f, rphi_h], axis=1), np.concatenate([out_forget, out_h], axis=1))
+    return {
+        "rmia-forget": rmia_offline(p_f, rp_f, out_forget, p_h, rp_h) if len(y_forget) else np.zeros(0),
+        "rmia-heldout": rmia_offline(p_h, rp_h, out_h, p_h, rp_h, exclude_self=True),
+        "lira-forget": lira[: len(y_forget)],
+        "lira-heldout": lira[len(y_forget) :],
+        "loss-forget": -cross_entropy(np.asarray(target_forget), y_forget),
+        "loss-heldout": -cross_entropy(np.asarray(target_heldout), y_heldout),
+    }
+
+
+def leakage_summary(
+    scores: Mapping[str, Mapping[str, np.ndarray]], target: str | None = "gold"
+) -> dict[str, dict[str, float]]:
+    """The strong audit's figures per audited model, from pooled per-sample scores.
+
+    Parameters
+    ----------
+    scores : mapping
+        ``model name -> {<attack>-forget: scores, <attack>-heldout: scores}``
+        (:func:`attack_scores`, pooled over the clients).
+    target : str, optional
+        The model every other one is compared with (the gold): ``<attack>-vs-<target>-auc``
+        is the attack's AUC at telling the model's forget-sample scores from the target's —
+        0.5 when the forget samples look to the attack exactly as they do on the target
+        (a single-pair reading of U-LiRA's "unlearned or retrained?" test).
+
+    Returns
+    -------
+    dict
+        ``model -> {<attack>-auc, <attack>-tpr@1%, <attack>-tpr@1%-low/-high, ... ,
+        members, nonmembers}``.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for name, s in scores.items():
+        row: dict[str, float] = {}
+        for a in ATTACKS:
+            members, nonmembers = np.asarray(s[f"{a}-forget"]), np.asarray(s[f"{a}-heldout"])
+            for k, v in summary(members, nonmembers).items():
+                row[k if k in ("members", "nonmembers") else f"{a}-{k}"] = float(v)
+            if target is not None and target in scores and name != target:
+                row[f"{a}-vs-{target}-auc"] = roc_auc(members, np.asarray(scores[target][f"{a}-forget"]))
+        out[name] = row
     return out

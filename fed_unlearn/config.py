@@ -243,6 +243,22 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The strong leakage audit: calibrated per-sample attacks (RMIA, LiRA) read at low false-positive rates."""
+
+    references: int = setting(
+        0, "audit.references", "reference federations on random halves of the data (even; 0 = off; 4-8 is typical)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.references < 0 or self.references % 2:
+            raise ValueError(
+                f"run-config 'audit.references' must be 0 or an even number (each sample is in exactly half "
+                f"of the reference federations), got {self.references}"
+            )
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """Every setting of a run but the method's own, by concern; the rules that combine them.
 
@@ -259,6 +275,7 @@ class ExperimentConfig:
     fastclip: FastClipConfig = field(default_factory=FastClipConfig)
     request: RequestConfig = field(default_factory=RequestConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def __post_init__(self) -> None:
         d, r = self.request.deletion, self.request
@@ -297,6 +314,7 @@ class ExperimentConfig:
             fastclip=read_settings(FastClipConfig, rc),
             request=read_settings(RequestConfig, rc, departing=departing, deletion=deletion),
             output=read_settings(OutputConfig, rc),
+            audit=read_settings(AuditConfig, rc),
         )
 
     @property
@@ -362,6 +380,17 @@ class ExperimentConfig:
         }
         return "original-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
+    def reference_key(self, num_clients: int, index: int, count: int, architecture: str = "") -> str:
+        """Hash of everything reference federation ``index`` of ``count`` depends on (not the deletion)."""
+        payload = {
+            "kind": "reference",
+            **self._common_key(num_clients),
+            "architecture": architecture,
+            "fastclip": [self.fastclip.bound, self.fastclip.every],
+            "reference": [index, count],
+        }
+        return "reference-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
     def to_dict(self) -> dict[str, Any]:
         """The settings as run-config keys (what a results file records)."""
         out: dict[str, Any] = {}
@@ -372,6 +401,7 @@ class ExperimentConfig:
             self.fastclip,
             self.request,
             self.output,
+            self.audit,
             self.request.deletion,
         ):
             out.update(settings_dict(section))
@@ -438,6 +468,7 @@ SECTIONS: tuple[tuple[str, type], ...] = (
     ("request", RequestConfig),
     ("request", DeletionRequest),
     ("output", OutputConfig),
+    ("audit", AuditConfig),
     ("service", ServiceConfig),
 )
 

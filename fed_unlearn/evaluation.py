@@ -11,6 +11,10 @@ data by its deletion mask (see :mod:`fed_unlearn.deletion`):
 * ``fheld``: its held-out samples of the classes in its forget set (the non-members of
   the membership-inference attacks, and "forget-heldout" accuracy: for a removed class,
   the accuracy on unseen samples of it).
+
+The strong leakage audit (:func:`attack_scores_client`) is the exception: it returns one
+attack score per forget and ``fheld`` sample (scores, never the samples), which the server
+pools into ROC curves read at low false-positive rates (:mod:`fed_unlearn.attacks`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from torch import nn
 
+from .attacks import attack_scores
 from .data import ArrayDataset
 from .metrics import cross_entropy, disagreement, entropy_mia_auc, kl_divergence, loss_mia_auc, mia_nn_auc, tv_distance
 from .training import predict_logits
@@ -160,3 +165,51 @@ def summarise(evals: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
             w = np.array([e["forget-n"] for e in got])
             out[key] = float(np.sum(w * np.array([e[key] for e in got])) / np.sum(w))
     return out
+
+
+def attack_scores_client(
+    model: nn.Module,
+    references: Sequence[nn.Module],
+    train: ArrayDataset,
+    heldout: ArrayDataset,
+    forget: np.ndarray | None,
+    in_reference: np.ndarray,
+) -> dict[str, list[float]]:
+    """Per-sample scores of the calibrated attacks on one client's forget and ``fheld`` samples.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The audited model (original, unlearned or gold).
+    references : sequence of nn.Module
+        The ``K`` reference models (:func:`fed_unlearn.attacks.client_reference_masks`).
+    train, heldout : ArrayDataset
+        The client's splits.
+    forget : np.ndarray of bool, optional
+        The deletion mask over ``train`` (members); ``None``: nothing to score.
+    in_reference : (K, len(train)) bool array
+        Which reference trained on which of the client's training samples.
+
+    Returns
+    -------
+    dict
+        ``<attack>-forget`` / ``<attack>-heldout`` lists for every attack of
+        :data:`fed_unlearn.attacks.ATTACKS`; the ``fheld`` samples are RMIA's population.
+    """
+    parts = split_parts(train, heldout, forget)
+    f_idx, h_idx = parts["forget"][1], parts["fheld"][1]
+    if len(f_idx) == 0 or len(h_idx) == 0:
+        return {}
+    if in_reference.shape != (len(references), len(train)):
+        raise ValueError(f"reference masks have shape {in_reference.shape}, expected ({len(references)}, {len(train)})")
+    xf, yf, xh, yh = train.x[f_idx], train.y[f_idx], heldout.x[h_idx], heldout.y[h_idx]
+    scores = attack_scores(
+        predict_logits(model, xf),
+        predict_logits(model, xh),
+        np.stack([predict_logits(r, xf) for r in references]),
+        np.stack([predict_logits(r, xh) for r in references]),
+        yf,
+        yh,
+        ~in_reference[:, f_idx],
+    )
+    return {k: [float(v) for v in vals] for k, vals in scores.items()}

@@ -73,8 +73,13 @@ Messages
     until the target accuracy; reply MetricRecord ``metrics``: ``relearn-steps``,
     ``relearn-reached``, ``relearn-start-acc``, ``relearn-final-acc``.
 ``evaluate.audit`` (:data:`AUDIT`)
-    ArrayRecord ``arrays``, optional ArrayRecord ``reference`` (the gold model); config
-    ``mia`` (bool), :data:`FORGET_ALL`. Reply: MetricRecord ``metrics`` with, per part
+    ArrayRecord ``arrays``, optional ArrayRecord ``reference`` (the gold model), optional
+    ArrayRecords ``ref-0`` ... ``ref-{K-1}`` (the reference models, ``K`` =
+    :data:`REFERENCE_COUNT` in the config, with :data:`REFERENCE_SEED`); config ``mia``
+    (bool), :data:`FORGET_ALL`. With
+    reference models the reply also has MetricRecord ``attack-scores``: per-sample scores
+    (lists) ``<attack>-forget`` and ``<attack>-heldout`` for ``rmia``, ``lira`` and ``loss``
+    — scores only, never samples. Reply: MetricRecord ``metrics`` with, per part
     (``forget``, ``retain``, ``test``, ``fheld``; :mod:`fed_unlearn.evaluation`), ``<part>-n``,
     ``<part>-correct``, ``<part>-loss-sum`` (and ``-kl-sum``, ``-tv-sum``, ``-disagree-sum``
     against the reference), the membership-inference AUCs, and ``num-examples``.
@@ -89,6 +94,12 @@ Messages
     ``pre-forget-correct``, ``pre-heldout-loss-sum``, ``pre-heldout-loss-sq``, ``pre-auc``
     (without them the memorisation test is skipped). A departing client without the
     handler gets the method's uncalibrated step.
+``train.reference`` (:data:`TRAIN_REFERENCE`)
+    A round of a reference federation of the strong leakage audit: like ``train``, on the
+    half of the node's training samples that reference model :data:`REFERENCE_INDEX` of
+    :data:`REFERENCE_COUNT` trains on (:func:`fed_unlearn.attacks.client_reference_masks`
+    of :data:`REFERENCE_SEED` and the node's client id: the node computes the halves, they
+    never travel). Reply as ``train``.
 ``query.erasure`` (:data:`ERASURE`)
     A deployed site's inbox poll (:mod:`fed_unlearn.erasure`). Config ``acks``,
     ``refused``: request ids the server journaled or refused. Reply: ConfigRecord
@@ -115,6 +126,7 @@ RELEARN = "query.relearn"
 AUDIT = "evaluate.audit"
 ERASURE = "query.erasure"
 CALIBRATE = "query.calibrate"
+TRAIN_REFERENCE = "train.reference"
 #: Every message type of the protocol.
 MESSAGE_TYPES = (
     TRAIN,
@@ -128,6 +140,7 @@ MESSAGE_TYPES = (
     AUDIT,
     ERASURE,
     CALIBRATE,
+    TRAIN_REFERENCE,
 )
 
 # -- records -------------------------------------------------------------------------------
@@ -155,6 +168,12 @@ KEEP_LAST_LOCAL = "keep-last-local"
 #: What "forgotten" means for the request (``loss-match`` or ``accuracy-floor``) and the floor.
 TARGET = "unlearn-target"
 FLOOR = "unlearn-floor"
+#: Reference models of the strong leakage audit (:mod:`fed_unlearn.attacks`): which one a
+#: ``train.reference`` round trains, how many there are (``ref-0`` ... in ``evaluate.audit``).
+REFERENCE_INDEX = "reference-index"
+REFERENCE_COUNT = "reference-count"
+#: The seed of the reference halves (:func:`fed_unlearn.attacks.client_reference_masks`).
+REFERENCE_SEED = "reference-seed"
 #: Weight key of every reply (FedAvg's default ``weighted_by_key``).
 NUM_EXAMPLES = "num-examples"
 
@@ -166,4 +185,5 @@ NEEDS = {
     "a calibrated unlearning step": (CALIBRATE,),
     "the experiment and its report": (IDENTIFY, INFO, FORGET, TRAIN_RETAIN, TRAIN_UNLEARN, RELEARN, AUDIT, CALIBRATE),
     "a deployed site filing its own requests": (ERASURE,),
+    "the strong leakage audit (reference models)": (TRAIN_REFERENCE, AUDIT),
 }

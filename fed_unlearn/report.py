@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 #: Rows of the comparison table: (metric key, label). Order = the README table's order.
 TABLE_ROWS: tuple[tuple[str, str], ...] = (
     ("test-acc", "test accuracy (held-out data of the clients that stay)"),
@@ -22,6 +24,11 @@ TABLE_ROWS: tuple[tuple[str, str], ...] = (
     ("disagree-forget", "prediction disagreement with gold, forget set"),
     ("kl-test", "KL(gold ‖ model) on held-out test data"),
     ("disagree-test", "prediction disagreement with gold, held-out test data"),
+    ("rmia-auc", "RMIA AUC, reference-calibrated (forget set vs held-out)"),
+    ("rmia-tpr@1%", "RMIA TPR at 1% FPR"),
+    ("lira-auc", "offline LiRA AUC"),
+    ("lira-tpr@1%", "offline LiRA TPR at 1% FPR"),
+    ("rmia-vs-gold-auc", "RMIA telling the model from the gold on the forget set (0.5 = cannot)"),
     ("relearn-steps", "relearn time: SGD steps to regain the original's forget accuracy"),
     ("relearn-vs-gold", "relearn time relative to the gold's"),
     ("average-gap", "Average Gap to gold (retain, forget, test acc, MIA)"),
@@ -31,7 +38,19 @@ TABLE_ROWS: tuple[tuple[str, str], ...] = (
 
 
 #: Metrics judged by their distance to the gold's value (the gold's is the target).
-GAP_METRICS = ("test-acc", "retain-acc", "forget-acc", "forget-heldout-acc", "mia-auc", "mia-entropy-auc", "mia-nn-auc")
+GAP_METRICS = (
+    "test-acc",
+    "retain-acc",
+    "forget-acc",
+    "forget-heldout-acc",
+    "mia-auc",
+    "mia-entropy-auc",
+    "mia-nn-auc",
+    "rmia-auc",
+    "rmia-tpr@1%",
+    "lira-auc",
+    "lira-tpr@1%",
+)
 #: Metrics that already are distances to the gold (0 = the gold).
 DISTANCE_METRICS = (
     "kl-forget",
@@ -199,6 +218,31 @@ def plot_accuracy(
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def plot_roc(path: str | Path, curves: Mapping[str, Mapping[str, Sequence[float]]], title: str = "") -> Path:
+    """ROC curves ``model -> {fpr, tpr}`` on log-log axes (the low-FPR corner is what matters)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    colors = {"original": "tab:red", "unlearned": "tab:blue", "gold": "tab:green"}
+    for name, c in curves.items():
+        fpr, tpr = np.asarray(c["fpr"]), np.maximum(np.asarray(c["tpr"]), 1e-3)
+        ax.plot(fpr, tpr, label=name, color=colors.get(name))
+    ax.plot([1e-3, 1], [1e-3, 1], ls=":", color="grey", lw=1, label="chance")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(1e-3, 1)
+    ax.set_ylim(1e-3, 1)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
 
 

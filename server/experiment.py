@@ -22,7 +22,7 @@ Flower user adds to their own app.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from logging import INFO, WARNING
 from pathlib import Path
@@ -34,6 +34,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from fed_unlearn import protocol as P
+from fed_unlearn.attacks import ATTACKS, leakage_summary, roc_points
 from fed_unlearn.config import ExperimentConfig
 from fed_unlearn.evaluation import summarise
 from fed_unlearn.flower import (
@@ -48,12 +49,23 @@ from fed_unlearn.flower import (
 from fed_unlearn.gold_cache import code_fingerprint, load_gold, save_gold
 from fed_unlearn.metrics import average_gap, weight_distance
 from fed_unlearn.models import get_weights
-from fed_unlearn.report import further_than_original, markdown_table, plot_accuracy, verdict_line, write_json
+from fed_unlearn.report import (
+    further_than_original,
+    markdown_table,
+    plot_accuracy,
+    plot_roc,
+    verdict_line,
+    write_json,
+)
 from fed_unlearn.task import Task, load_task
 from fed_unlearn.unlearning import UnlearningMethod
 
 #: Handlers the experiment needs on every client, besides Flower's ``train`` and ``evaluate``.
 EXPERIMENT_HANDLERS = P.NEEDS["the experiment and its report"]
+
+
+#: Strong-audit figures that go into each model's row of the report (the rest: ``results["leakage"]``).
+LEAKAGE_REPORT_KEYS = ("rmia-auc", "rmia-tpr@1%", "lira-auc", "lira-tpr@1%", "rmia-vs-gold-auc")
 
 
 class ClientProtocolError(RuntimeError):
@@ -347,6 +359,23 @@ def request_deletion(
     return out
 
 
+def retrain(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    clients: dict[int, ClientInfo],
+    initial: ArrayRecord,
+    label: str,
+    setup: Callable[[Unlearning], None],
+) -> FederationRun:
+    """The original's ``d-1`` rounds from ``initial`` with a fresh strategy that ``setup`` adjusts (who, on what)."""
+    strategy = new_strategy(None, len(clients), evaluate_departed=True)
+    for c, i in clients.items():
+        strategy.set_identity(i.node_id, **{"partition-id": c})
+    setup(strategy)
+    rounds = range(1, cfg.gold_rounds + 1)
+    return run_rounds(grid, strategy, FederationRun(arrays=initial), rounds, cfg.federation.round_timeout, label)
+
+
 def gold_federation(
     grid: Grid,
     cfg: ExperimentConfig,
@@ -376,19 +405,12 @@ def gold_federation(
         list(cfg.leaving),
         retain_only,
     )
-    strategy = new_strategy(None, len(clients), evaluate_departed=True)
-    for c, i in clients.items():
-        strategy.set_identity(i.node_id, **{"partition-id": c})
-    strategy.exclude(*(clients[c].node_id for c in cfg.leaving))
-    strategy.restrict_to_retained(*(clients[c].node_id for c in retain_only))
-    run = run_rounds(
-        grid,
-        strategy,
-        FederationRun(arrays=initial),
-        range(1, cfg.gold_rounds + 1),
-        cfg.federation.round_timeout,
-        "gold",
-    )
+
+    def leave_out(strategy: Unlearning) -> None:
+        strategy.exclude(*(clients[c].node_id for c in cfg.leaving))
+        strategy.restrict_to_retained(*(clients[c].node_id for c in retain_only))
+
+    run = retrain(grid, cfg, clients, initial, "gold", leave_out)
     meta = {
         "key": key,
         "config": cfg.to_dict(),
@@ -400,6 +422,120 @@ def gold_federation(
         raise RuntimeError("the gold federation produced no model")
     save_gold(cfg.output.gold_cache_dir, key, to_weights(run.arrays), meta)
     return run.arrays, {**meta, "cached": False}
+
+
+def reference_federations(
+    grid: Grid, cfg: ExperimentConfig, clients: dict[int, ClientInfo], initial: ArrayRecord, architecture: str = ""
+) -> tuple[list[ArrayRecord], dict[str, Any]]:
+    """The strong audit's ``audit.references`` reference federations (each from the cache or trained and cached).
+
+    Reference ``k`` trains like the gold — the same initial model, rounds, seeds and every
+    client — but each client on the half of its samples that reference takes
+    (:func:`fed_unlearn.attacks.client_reference_masks`, chosen on the node), so every
+    sample is "in" half of the references and "out" of the other half. They do not depend
+    on the deletion: every request of a (data, model, seed) setting shares them.
+
+    Returns
+    -------
+    list of ArrayRecord, dict
+        The reference models and their cost (trained now vs loaded, wall seconds, steps).
+    """
+    count = cfg.audit.references
+    refs: list[ArrayRecord] = []
+    cost = {"count": count, "trained": 0, "cached": 0, "wall-seconds": 0.0, "train-steps": 0.0, "test-acc": []}
+    for index in range(count):
+        key = cfg.reference_key(len(clients), index, count, architecture)
+        cached = load_gold(cfg.output.gold_cache_dir, key)
+        if cached is not None:
+            weights, meta = cached
+            cost["cached"] += 1
+            refs.append(to_record(weights))
+        else:
+            run = retrain(
+                grid,
+                cfg,
+                clients,
+                initial,
+                f"reference {index + 1}/{count}",
+                lambda strategy, k=index: strategy.train_reference(k, count, cfg.data.seed),
+            )
+            if run.arrays is None:
+                raise RuntimeError(f"reference federation {index} produced no model")
+            meta = {
+                "key": key,
+                "history": {str(r): h for r, h in run.history.items()},
+                "compute": run.compute(),
+                "wall-seconds": run.wall_seconds,
+            }
+            save_gold(cfg.output.gold_cache_dir, key, to_weights(run.arrays), meta)
+            cost["trained"] += 1
+            cost["wall-seconds"] += run.wall_seconds
+            refs.append(run.arrays)
+        cost["train-steps"] += float(meta["compute"]["train-steps"])
+        history = meta["history"]
+        cost["test-acc"].append(history[max(history, key=int)].get("test-acc", float("nan")))
+    log(INFO, "reference federations: %d trained, %d from the cache", cost["trained"], cost["cached"])
+    return refs, cost
+
+
+def attack_scores(
+    grid: Grid,
+    node_of: dict[int, int],
+    arrays: ArrayRecord,
+    references: Sequence[ArrayRecord],
+    seed: int,
+    timeout: float,
+    forget_all: Sequence[int] = (),
+    allow_missing: bool = False,
+) -> dict[str, np.ndarray]:
+    """The strong audit of ``arrays``: every client scores its forget and held-out samples; pooled here.
+
+    Each client in ``node_of`` gets the model and the reference models in one
+    ``evaluate.audit`` and answers per-sample scores of :data:`fed_unlearn.attacks.ATTACKS`
+    (clients with nothing to forget answer none). ``allow_missing`` as in :func:`measure`.
+    """
+    config = {P.REFERENCE_COUNT: len(references), P.REFERENCE_SEED: int(seed), "mia": False}
+    content = {"arrays": arrays, **{f"ref-{j}": r for j, r in enumerate(references)}}
+    msgs = [
+        Message(
+            RecordDict({**content, "config": ConfigRecord({**config, P.FORGET_ALL: cid in set(forget_all)})}),
+            nid,
+            P.AUDIT,
+        )
+        for cid, nid in sorted(node_of.items())
+    ]
+    client_of = {nid: cid for cid, nid in node_of.items()}
+    pooled: dict[str, list[float]] = {f"{a}-{p}": [] for a in ATTACKS for p in ("forget", "heldout")}
+    for reply in sorted(grid.send_and_receive(msgs, timeout=timeout), key=lambda r: r.metadata.src_node_id):
+        cid = client_of.get(reply.metadata.src_node_id)
+        if reply.has_error():
+            if allow_missing:
+                continue
+            raise RuntimeError(f"client {cid} failed the strong audit: {last_line(reply.error.reason)}")
+        if "attack-scores" not in reply.content.metric_records:
+            continue
+        rec = reply.content["attack-scores"]
+        for k in pooled:
+            values = np.asarray(rec.get(k, []), dtype=np.float64)
+            if not np.all(np.isfinite(values)):
+                raise RuntimeError(f"client {cid} sent non-finite attack scores ({k})")
+            pooled[k].extend(values.tolist())
+    return {k: np.asarray(v) for k, v in pooled.items()}
+
+
+def roc_curves(
+    scores: Mapping[str, Mapping[str, np.ndarray]], attack: str = "rmia", points: int = 61
+) -> dict[str, dict[str, list[float]]]:
+    """``model -> {fpr, tpr}`` of one attack on log-spaced FPRs (what the ROC plot draws)."""
+    grid_fpr = np.logspace(-3, 0, points)
+    out = {}
+    for name, s in scores.items():
+        fpr, tpr = roc_points(s[f"{attack}-forget"], s[f"{attack}-heldout"])
+        curve = np.interp(grid_fpr, fpr, tpr)
+        # below one non-member the curve is not measured: not drawn rather than extrapolated
+        curve[grid_fpr < 1.0 / max(len(s[f"{attack}-heldout"]), 1)] = np.nan
+        out[name] = {"fpr": grid_fpr.tolist(), "tpr": curve.tolist()}
+    return out
 
 
 class RecoveryRule:
@@ -518,7 +654,10 @@ def run_experiment(
             f"unlearn.scenario = '{cfg.request.deletion.scenario}'"
         )
     check = None if task.builtin else to_record(get_weights(task.model(run_config)))
-    clients = discover_clients(grid, cfg.federation.node_wait_seconds, cfg.federation.round_timeout, check=check)
+    handlers = EXPERIMENT_HANDLERS + ((P.TRAIN_REFERENCE,) if cfg.audit.references else ())
+    clients = discover_clients(
+        grid, cfg.federation.node_wait_seconds, cfg.federation.round_timeout, check=check, handlers=handlers
+    )
     unknown = sorted(set(cfg.request.departing) - set(clients))
     if unknown:
         raise ValueError(f"unknown departing client id(s) {unknown}; the federation has clients {sorted(clients)}")
@@ -630,6 +769,17 @@ def run_experiment(
         gold_steps = report["gold"]["relearn-steps"]
         for name in models:
             report[name]["relearn-vs-gold"] = report[name]["relearn-steps"] / gold_steps if gold_steps else float("nan")
+    leakage: dict[str, Any] = {}
+    if cfg.audit.references:
+        references, ref_cost = reference_federations(grid, cfg, clients, initial, architecture)
+        scores = {
+            name: attack_scores(grid, node_of, arrays, references, cfg.data.seed, cfg.federation.round_timeout)
+            for name, arrays in models.items()
+        }
+        figures = leakage_summary(scores, target="gold")
+        for name, row in figures.items():
+            report[name].update({k: v for k, v in row.items() if k in LEAKAGE_REPORT_KEYS})
+        leakage = {"figures": figures, "roc": {a: roc_curves(scores, a) for a in ATTACKS}, "references": ref_cost}
     weights = {name: to_weights(arrays) for name, arrays in models.items()}
     for name, metrics in report.items():
         metrics["average-gap"] = average_gap(metrics, report["gold"])
@@ -661,6 +811,7 @@ def run_experiment(
             "gold-test-acc": gold_final.get("test-acc"),
             "tolerance": cfg.request.recovery_tolerance,
         },
+        "leakage": leakage,
         "unlearning": strategy.unlearning_report,
         "history": {str(r): h for r, h in run.history.items()},
         "gold-history": {str(r): h for r, h in gold_history.items()},
@@ -694,6 +845,14 @@ def run_experiment(
         cfg.request.round,
         title=f"{method.name} on {task_label(cfg)}: {describe_request(cfg)} in round {cfg.request.round}",
     )
+    if leakage:
+        plot_roc(
+            out_dir / "roc.png",
+            leakage["roc"]["rmia"],
+            title=f"RMIA on the forget set, {method.name}: {describe_request(cfg)}\n"
+            f"({int(leakage['figures']['gold']['members'])} members, "
+            f"{int(leakage['figures']['gold']['nonmembers'])} non-members)",
+        )
     (out_dir / "table.md").write_text(table + "\n")
     log(INFO, "results written to %s", out_dir.resolve())
     return results

@@ -108,3 +108,37 @@ def test_a_target_that_never_saw_the_samples_gives_tpr_close_to_fpr():
     )
     r = A.tpr_at_fpr(scores, held, 0.01)
     assert r.low <= 0.01 <= r.high and r.members > 80
+
+
+def test_client_reference_masks_are_per_client_and_seeded():
+    a, b = A.client_reference_masks(300, 4, seed=0, client_id=1), A.client_reference_masks(300, 4, 0, 2)
+    assert np.array_equal(a, A.client_reference_masks(300, 4, 0, 1)) and not np.array_equal(a, b)
+    assert np.all(a.sum(axis=0) == 2)
+
+
+def test_attack_scores_bundle_the_attacks_on_a_clients_samples():
+    x, y, xh, yh, planted, target, refs, masks = planted_world()
+    s = A.attack_scores(
+        target(x), target(xh), np.stack([r(x) for r in refs]), np.stack([r(xh) for r in refs]), y, yh, ~masks
+    )
+    ref_x = np.stack([A.true_class_probability(r(x), y) for r in refs])
+    ref_h = np.stack([A.true_class_probability(r(xh), yh) for r in refs])
+    p_x, p_h = A.true_class_probability(target(x), y), A.true_class_probability(target(xh), yh)
+    np.testing.assert_allclose(s["rmia-forget"], A.rmia_offline(p_x, ref_x, ~masks, p_h, ref_h))
+    np.testing.assert_allclose(s["loss-forget"], -cross_entropy(target(x), y))
+    assert len(s["lira-forget"]) == len(x) and len(s["lira-heldout"]) == len(xh)
+    # pooled over both sets, LiRA still ranks the planted samples above the held-out ones
+    assert A.roc_auc(s["lira-forget"][:planted], s["lira-heldout"]) > 0.9
+
+
+def test_leakage_summary_reads_each_attack_and_compares_with_the_gold():
+    rng = np.random.default_rng(0)
+    held = rng.normal(size=1000)
+    same = {f"{a}-{p}": rng.normal(size=1000) for a in A.ATTACKS for p in ("forget", "heldout")}
+    leaky = {**same, "rmia-forget": held + 10.0, "rmia-heldout": held}
+    out = A.leakage_summary({"unlearned": leaky, "gold": same})
+    u, g = out["unlearned"], out["gold"]
+    assert u["rmia-auc"] == 1.0 and u["rmia-tpr@1%"] == 1.0 and u["rmia-tpr@0.1%"] == 1.0
+    assert 0.45 < g["rmia-auc"] < 0.55 and g["rmia-tpr@1%-low"] <= 0.01 <= g["rmia-tpr@1%-high"]
+    assert u["rmia-vs-gold-auc"] == 1.0 and u["lira-vs-gold-auc"] == 0.5  # identical LiRA scores
+    assert "rmia-vs-gold-auc" not in g and u["members"] == 1000 and u["nonmembers"] == 1000

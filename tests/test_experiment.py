@@ -30,19 +30,10 @@ def test_default_experiment_moves_toward_gold(default_run_config, tmp_path):
     res, _ = run(default_run_config, 5, tmp_path)
     orig, unl, gold = (res["report"][k] for k in ("original", "unlearned", "gold"))
     # every metric of the report is there, for every model
+    accuracies = ("test-acc", "retain-acc", "forget-acc", "forget-heldout-acc")
+    leakage_and_fidelity = ("mia-auc", "mia-entropy-auc", "kl-forget", "disagree-forget", "kl-test", "disagree-test")
     for m in (orig, unl, gold):
-        for key in (
-            "test-acc",
-            "retain-acc",
-            "forget-acc",
-            "forget-heldout-acc",
-            "mia-auc",
-            "mia-entropy-auc",
-            "kl-forget",
-            "disagree-forget",
-            "kl-test",
-            "disagree-test",
-        ):
+        for key in accuracies + leakage_and_fidelity:
             assert key in m and m[key] is not None
     assert gold["kl-forget"] == 0.0 and gold["disagree-forget"] == 0.0
     assert gold["average-gap"] == 0.0 and gold["l2-to-gold"] == 0.0 and orig["l2-to-original"] == 0.0
@@ -299,3 +290,56 @@ def test_augmentation_only_changes_training_after_the_request(default_run_config
     for r in ("3", "4"):  # augmented batches after the request: a different (harder) training loss
         assert shifted["train-history"][r]["train-loss"] != plain["train-history"][r]["train-loss"]
     assert shifted["report"]["unlearned"]["l2-to-original"] != plain["report"]["unlearned"]["l2-to-original"]
+
+
+def test_strong_audit_trains_reference_federations_once_and_reads_them_at_low_fpr(default_run_config, tmp_path):
+    rc = {
+        **default_run_config,
+        "dataset": "digits",
+        "unlearn.round": 3,
+        "num-server-rounds": 5,
+        "unlearn.recovery": "fixed",
+        "audit.references": 2,
+    }
+    res, grid = run(rc, 3, tmp_path, cache=tmp_path / "cache")
+    leak = res["leakage"]
+    assert leak["references"]["trained"] == 2 and leak["references"]["cached"] == 0
+    assert grid.sent.count("train.reference") == 2 * 2 * 3  # 2 references x 2 rounds (the gold's) x 3 clients
+    forget_n, heldout_n = res["deletion"]["clients"]["0"]["forget-n"], res["clients"]["0"]["heldout-n"]
+    for name in ("original", "unlearned", "gold"):
+        fig = leak["figures"][name]
+        assert fig["members"] == forget_n and fig["nonmembers"] == heldout_n  # the departing client's own samples
+        assert 0.0 <= res["report"][name]["rmia-auc"] <= 1.0 and "lira-tpr@1%" in res["report"][name]
+        assert fig["rmia-tpr@0.1%"] is None  # 0.1 % of ~120 non-members: not measurable, said so (null)
+        assert fig["rmia-tpr@1%-low"] <= fig["rmia-tpr@1%"] <= fig["rmia-tpr@1%-high"]
+    assert "rmia-vs-gold-auc" not in res["report"]["gold"] and "rmia-vs-gold-auc" in res["report"]["unlearned"]
+    assert (next((tmp_path / "results").glob("*/roc.png"))).stat().st_size > 10_000
+    # the references do not depend on the deletion: a second request reuses them, same figures
+    for f in (tmp_path / "results").glob("*/results.json"):
+        f.unlink()
+    again, grid2 = run(rc, 3, tmp_path, cache=tmp_path / "cache")
+    assert again["leakage"]["references"]["cached"] == 2 and "train.reference" not in grid2.sent
+    assert again["leakage"]["figures"] == leak["figures"]
+
+
+def test_a_reference_round_trains_each_client_on_its_half(default_run_config):
+    from flwr.app import ArrayRecord, ConfigRecord, Message
+
+    from fed_unlearn import protocol as P
+    from fed_unlearn.attacks import client_reference_masks
+    from fed_unlearn.models import build_model
+
+    rc = {**default_run_config, "dataset": "digits", "local-epochs": 1}
+    grid = InProcessGrid(client_app, 3, rc)
+    node = sorted(grid.get_node_ids())[1]
+    model = ArrayRecord(build_model("mlp", (64,), 10, seed=0).state_dict())
+    sizes = []
+    for index in (0, 1):
+        cfg = {P.REFERENCE_INDEX: index, P.REFERENCE_COUNT: 2, P.REFERENCE_SEED: 5}
+        msg = Message(RecordDict({"arrays": model, "config": ConfigRecord(cfg)}), node, P.TRAIN_REFERENCE)
+        (reply,) = grid.send_and_receive([msg])
+        sizes.append(int(reply.content["metrics"][P.NUM_EXAMPLES]))
+    (info,) = grid.send_and_receive([Message(RecordDict(), node, P.INFO)])
+    n = int(info.content["info"]["train-n"])
+    halves = client_reference_masks(n, 2, 5, client_id=1)
+    assert sizes == [int(halves[0].sum()), int(halves[1].sum())] and sum(sizes) == n

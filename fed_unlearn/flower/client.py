@@ -21,9 +21,11 @@
 ``train`` and ``evaluate``: ``query.identify``, ``query.info``, ``query.forget`` (the
 deletion request: which samples to forget, chosen on the node), ``train.retain``
 (training without the deleted samples), ``train.unlearn`` (the methods' local routines:
-SRAGU, gradient ascent, PGA, IEU, AMUN, TRW), ``query.relearn``, ``evaluate.audit`` (the
-leakage measurements) and ``query.erasure`` (a deployed site's inbox). The data never
-leaves the node: replies carry models, counts and digests only.
+SRAGU, gradient ascent, PGA, IEU, AMUN, TRW), ``query.calibrate`` (the step's scale, on the
+node's own data), ``query.relearn``, ``evaluate.audit`` (the leakage measurements),
+``train.reference`` (the strong audit's reference models) and ``query.erasure`` (a deployed
+site's inbox). The data never leaves the node: replies carry models, counts, digests and,
+for the strong audit, one attack score per forget or held-out sample.
 
 ``model_fn(context)`` returns a fresh torch model of your architecture; ``data_fn(context)``
 returns ``(train, held_out)``, each an :class:`~fed_unlearn.data.ArrayDataset`, an
@@ -45,9 +47,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from .. import protocol as P
+from ..attacks import client_reference_masks
 from ..data import ArrayDataset
 from ..deletion import MODEL_SELECTIONS, DeletionRequest, forget_mask, mask_digest, selection_scores
-from ..evaluation import measure_client
+from ..evaluation import attack_scores_client, measure_client
 from ..metrics import cross_entropy, loss_mia_auc
 from ..training import TrainSettings, client_seed, predict_logits, relearn_steps, train_local
 from ..unlearning import METHODS, RoutineInput, client_routine, config_from_run_config
@@ -218,7 +221,7 @@ class _Helper:
 
     @staticmethod
     def array_key(msg: Message) -> str:
-        recs = [k for k in msg.content.array_records if k != "reference"]
+        recs = [k for k in msg.content.array_records if k != "reference" and not k.startswith("ref-")]
         return recs[0] if recs else P.ROLE_KEYS["retain"][0]
 
     @staticmethod
@@ -364,6 +367,25 @@ class _Helper:
             RecordDict({self.array_key(msg): ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg
         )
 
+    def train_reference(self, msg: Message, context: Context) -> Message:
+        """A round of reference federation ``reference-index``: train on that reference's half of the samples."""
+        cfg = self.config(msg)
+        train, _ = self.data(context)
+        index = int(cfg[P.REFERENCE_INDEX])
+        data = train.subset(np.flatnonzero(self.reference_masks(context, len(train), cfg)[index]))
+        model = self.model(self.arrays(msg), context)
+        metrics = self._train(model, data, cfg, context)
+        return Message(
+            RecordDict({self.array_key(msg): ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg
+        )
+
+    @staticmethod
+    def reference_masks(context: Context, n: int, cfg: Mapping[str, Any]) -> np.ndarray:
+        count, index = int(cfg[P.REFERENCE_COUNT]), int(cfg.get(P.REFERENCE_INDEX, 0))
+        if not 0 <= index < count:
+            raise ValueError(f"reference index {index} out of range for {count} reference models")
+        return client_reference_masks(n, count, int(cfg[P.REFERENCE_SEED]), node_client_id(context))
+
     def unlearn(self, msg: Message, context: Context) -> Message:
         cfg = self.config(msg)
         roles = [r.strip() for r in str(cfg.get(P.ROLES_KEY, "forget")).split(",") if r.strip()]
@@ -490,7 +512,20 @@ class _Helper:
             reference=reference,
             mia=audit and bool(cfg.get("mia", False)),
         )
-        return Message(RecordDict({"metrics": MetricRecord({**values, P.NUM_EXAMPLES: len(heldout)})}), reply_to=msg)
+        content: dict[str, Any] = {"metrics": MetricRecord({**values, P.NUM_EXAMPLES: len(heldout)})}
+        count = int(cfg.get(P.REFERENCE_COUNT, 0)) if audit else 0
+        if count:
+            refs = [self.model(recs[f"ref-{j}"], context) for j in range(count)]
+            scores = attack_scores_client(
+                model,
+                refs,
+                train,
+                heldout,
+                self.mask(context, train, cfg),
+                self.reference_masks(context, len(train), cfg),
+            )
+            content["attack-scores"] = MetricRecord(scores)  # type: ignore[arg-type]
+        return Message(RecordDict(content), reply_to=msg)
 
     def calibrate(self, msg: Message, context: Context) -> Message:
         cfg = self.config(msg)
@@ -636,6 +671,7 @@ def add_unlearning(
     _register(app, "evaluate", "audit", helper.audit, handlers)
     _register(app, "query", "erasure", helper.erasure, handlers)
     _register(app, "query", "calibrate", helper.calibrate, handlers)
+    _register(app, "train", "reference", helper.train_reference, handlers)
     if default_handlers:
         _register(app, "train", None, helper.train_all, handlers)
         _register(app, "evaluate", None, helper.evaluate, handlers)

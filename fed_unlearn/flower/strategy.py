@@ -320,6 +320,7 @@ class Unlearning(Strategy):
         self.departed: set[int] = set()
         #: Nodes that deleted data and train on their retained samples only.
         self.retain_only: set[int] = set()
+        self.reference: dict[str, int] = {}
         #: Nodes excluded after ``max_strikes`` invalid replies.
         self.excluded: set[int] = set()
         self.strikes: Counter[int] = Counter()
@@ -447,6 +448,16 @@ class Unlearning(Strategy):
     def restrict_to_retained(self, *node_ids: int) -> None:
         """Have these nodes train on their retained samples only (they answer ``train.retain``)."""
         self.retain_only |= set(node_ids)
+
+    def train_reference(self, index: int, count: int, seed: int) -> None:
+        """Make ordinary rounds train reference model ``index`` of ``count`` of the strong leakage audit.
+
+        Every node answers :data:`~fed_unlearn.protocol.TRAIN_REFERENCE`, training on the half
+        of its samples that reference takes (chosen on the node from ``seed`` and its client id).
+        """
+        if not 0 <= index < count:
+            raise ValueError(f"reference index {index} out of range for {count} reference models")
+        self.reference = {P.REFERENCE_INDEX: int(index), P.REFERENCE_COUNT: int(count), P.REFERENCE_SEED: int(seed)}
 
     def declare_examples(self, node_id: int, num_examples: int) -> None:
         """The most examples ``node_id`` may claim in a reply (larger claims are capped to it)."""
@@ -743,8 +754,10 @@ class Unlearning(Strategy):
             out = []
             for msg in self.strategy.configure_train(server_round, arrays, config, active):
                 node = msg.metadata.dst_node_id
-                extra = {P.KEEP_LAST_LOCAL: True} if keep_last else {}
+                extra: dict[str, Any] = {P.KEEP_LAST_LOCAL: True} if keep_last else {}
                 mtype = P.TRAIN_RETAIN if node in self.retain_only else msg.metadata.message_type
+                if self.reference:
+                    extra, mtype = {**extra, **self.reference}, P.TRAIN_REFERENCE
                 content = self._content(msg.content, arrays, config, extra) if extra else msg.content
                 out.append(self._message(node, content, mtype, {"*": "retain"}))
             return out

@@ -64,7 +64,7 @@ def train(net: Net, loader: DataLoader, epochs: int, lr: float, proximal_mu: flo
                 loss = loss + proximal_mu / 2 * prox
             loss.backward()
             opt.step()
-            total, n = total + float(loss) * len(batch["label"]), n + len(batch["label"])
+            total, n = total + loss.item() * len(batch["label"]), n + len(batch["label"])
     return total / n
 
 
