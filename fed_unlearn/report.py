@@ -230,9 +230,10 @@ def plot_roc(path: str | Path, curves: Mapping[str, Mapping[str, Sequence[float]
 
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     colors = {"original": "tab:red", "unlearned": "tab:blue", "gold": "tab:green"}
+    others = iter([plt.get_cmap("tab20")(i) for i in range(20)] * 3)
     for name, c in curves.items():
-        fpr, tpr = np.asarray(c["fpr"]), np.maximum(np.asarray(c["tpr"]), 1e-3)
-        ax.plot(fpr, tpr, label=name, color=colors.get(name))
+        fpr, tpr = np.asarray(c["fpr"], dtype=float), np.maximum(np.asarray(c["tpr"], dtype=float), 1e-3)
+        ax.plot(fpr, tpr, label=name, color=colors.get(name) or next(others), lw=2 if name in colors else 1.2)
     ax.plot([1e-3, 1], [1e-3, 1], ls=":", color="grey", lw=1, label="chance")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -407,7 +408,11 @@ def overview_table(stats: Mapping[str, Stats], key: str = "average-gap") -> str:
     lines = ["| model | " + " | ".join(scenarios) + " |", "|---|" + "---:|" * len(scenarios)]
     for c in cols:
         lines.append(
-            f"| {c} | " + " | ".join(_cell(stats[sc][c][key]) if c in stats[sc] else "–" for sc in scenarios) + " |"
+            f"| {c} | "
+            + " | ".join(
+                _cell(stats[sc][c][key]) if c in stats[sc] and key in stats[sc][c] else "–" for sc in scenarios
+            )
+            + " |"
         )
     return "\n".join(lines)
 

@@ -40,6 +40,7 @@ from fed_unlearn.report import (
     overview_table,
     plot_harness_overview,
     plot_harness_scenario,
+    plot_roc,
     ranking_table,
     seed_statistics,
     seed_verdicts,
@@ -124,6 +125,46 @@ def run_cell(engine: str, out: Path, num_clients: int, overrides: str) -> int:
     return 0
 
 
+def leakage_section(stats: dict[str, Any], runs: dict[str, dict[str, list[dict[str, Any]]]], references: int) -> str:
+    """The strong audit's overview: RMIA and LiRA at 1 % FPR, and RMIA telling each model from the gold."""
+    first = next(r[0] for per in runs.values() for r in per.values() if r)
+    fig = first.get("leakage", {}).get("figures", {}).get("gold", {})
+    trained = [
+        r["leakage"]["references"] for per in runs.values() for rs in per.values() for r in rs if r.get("leakage")
+    ]
+    wall = sum(t["wall-seconds"] for t in trained)
+    count = sum(t["trained"] for t in trained)
+    print(f"reference federations: {count} trained in this grid, {wall:.0f} s (apart from the unlearning cost)")
+    parts = [
+        f"## Leakage, strong audit ({references} reference federations per data setting and seed)",
+        "Per-example attacks calibrated with reference models; members = the forget set, non-members = the "
+        "forgetting clients' held-out samples of the same classes (first cell: "
+        f"{int(fig.get('members', 0))} members, {int(fig.get('nonmembers', 0))} non-members). "
+        "The gold's figure is the target.",
+        f"### RMIA TPR at 1 % FPR\n\n{overview_table(stats, 'rmia-tpr@1%')}",
+        f"### offline LiRA TPR at 1 % FPR\n\n{overview_table(stats, 'lira-tpr@1%')}",
+        f"### RMIA AUC\n\n{overview_table(stats, 'rmia-auc')}",
+        "### RMIA telling the model from the gold on the forget set (AUC; 0.5 = cannot)\n\n"
+        + overview_table(stats, "rmia-vs-gold-auc"),
+        f"Reference cost: {count} reference federations trained for this grid in {wall:.0f} s of wall time, "
+        "apart from the unlearning cost (cached, shared by every method and deletion of a setting).",
+    ]
+    return "\n\n".join(parts)
+
+
+def plot_harness_roc(path: Path, runs: dict[str, list[dict[str, Any]]], title: str) -> None:
+    """RMIA ROC on log-log axes of the original, every method and the gold (first seed of one scenario)."""
+    curves: dict[str, Any] = {}
+    for method, rs in runs.items():
+        roc = rs[0].get("leakage", {}).get("roc", {}).get("rmia") if rs else None
+        if roc:
+            curves.setdefault("original", roc["original"])
+            curves[method] = roc["unlearned"]
+            gold = roc["gold"]
+    if curves:
+        plot_roc(path, {**curves, "gold": gold}, title=title)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -138,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         help="ray: flwr run on the Ray simulation engine; inprocess: same apps, no SuperLink/Ray",
     )
     ap.add_argument("--run-config", default="", help="overrides shared by every cell")
+    ap.add_argument(
+        "--audit-references",
+        type=int,
+        default=8,
+        help="reference federations of the strong leakage audit per (data, seed) (even; 0 = off; default 8)",
+    )
     ap.add_argument("--results-dir", default=str(PROJECT_ROOT / "results"))
     ap.add_argument("--name", default="harness", help="output folder under results-dir (the gold cache is shared)")
     args = ap.parse_args(argv)
@@ -147,9 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     bad = sorted(set(args.scenarios) - set(SCENARIOS))
     if bad:
         ap.error(f"unknown scenario(s) {bad}; valid: {', '.join(SCENARIOS)}")
-    if any(k in args.run_config for k in OWNED_KEYS):
+    if args.audit_references < 0 or args.audit_references % 2:
+        ap.error(f"--audit-references must be 0 or even, got {args.audit_references}")
+    if any(k in args.run_config for k in (*OWNED_KEYS, "audit.references=")):
         ap.error(
-            "seed, unlearn.method and unlearn.scenario are set by the harness; use --seeds, --methods, --scenarios"
+            "seed, unlearn.method, unlearn.scenario and audit.references are set by the harness; use --seeds, "
+            "--methods, --scenarios, --audit-references"
         )
     root = Path(args.results_dir).resolve()
     dest = root / args.name
@@ -166,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             progress(i, len(cells), f"running {scenario} / {method} / seed {seed}", started)
             rc = (
                 f"seed={seed} unlearn.method='{method}' gold-cache-dir='{root / 'gold-cache'}' "
+                f"audit.references={args.audit_references} "
                 f"{SCENARIOS[scenario]} {args.run_config}"
             ).strip()
             code = run_cell(args.engine, out, args.num_clients, rc)
@@ -208,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         "## Further from the gold than the original (mean over seeds, beyond one std)\n\n"
         f"| method | {' | '.join(verdicts)} |\n|---|{'---|' * len(verdicts)}\n" + "\n".join(further)
     ]
+    if args.audit_references:
+        sections.append(leakage_section(stats, runs, args.audit_references))
+        sc0 = next(iter(runs))
+        plot_harness_roc(dest / f"harness_roc_{sc0}.png", runs[sc0], title=f"{sc0}, seed {args.seeds[0]}: {setup}")
     for sc in stats:
         desc = next(iter(runs[sc].values()))[0]["deletion"]
         row = (

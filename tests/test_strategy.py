@@ -450,3 +450,26 @@ def test_a_client_without_the_helpers_gets_the_full_step():
     )
     np.testing.assert_allclose(to_weights(out)["w"], [1.25, 0.0])
     assert s.unlearning_report["calibration"]["used"] is False
+
+
+def test_a_step_too_short_to_reach_the_target_is_extended_up_to_the_departing_step_bound():
+    """Forget loss 0.1 + 0.2 c reaches the held-out 0.5 only at c = 2: beyond the full step, within the bound."""
+    grid = CalibratingGrid(NODES.values(), 0.1, 0.2, 0.5)
+    s = strategy(make_method("puf", {"puf.scale": 2.0}), calibrate=True)
+    rem = [ClientUpdate(0, weights([2, 2], 0.5), 1), ClientUpdate(1, weights([1, 2], 0.5), 1)]
+    full = puf_update(GLOBAL, rem, [ClientUpdate(2, weights([1, 4], 1.5), 2)], eta=2.0)
+    base = {"w": np.array([1.5, 2.0]), "b": np.array([0.5])}
+    norm = float(np.sqrt(sum(np.sum((full[k] - base[k]) ** 2) for k in GLOBAL)))
+    s.restore(last_update_norm=0.5 * norm)  # the bound: 10 x 0.5 x the step = 5 x the step
+    s.request_unlearning(2, round=1)
+    start_round(s, 1, grid)
+    out, _ = s.aggregate_train(
+        1, [reply(0, weights([2, 2], 0.5), 1), reply(1, weights([1, 2], 0.5), 1), reply(2, weights([1, 4], 1.5), 2)]
+    )
+    cal = s.unlearning_report["calibration"]
+    assert cal["reached"] and cal["scale"] == pytest.approx(2.0)
+    first, second = grid.asked  # a second query with the longer candidates only
+    assert list(second.content["config"]["scales"]) == pytest.approx([2.0, 4.0, 5.0])
+    assert "pre-request" in first.content and "pre-request" not in second.content
+    for k in GLOBAL:
+        np.testing.assert_allclose(to_weights(out)[k], base[k] + 2.0 * (full[k] - base[k]), atol=1e-6)

@@ -221,7 +221,9 @@ class Unlearning(Strategy):
         Scale the unlearning step so that the forget set ends up looking like data the model
         never saw, as measured by the forgetting clients on their own data
         (:mod:`fed_unlearn.calibration`; needs ``query.calibrate``, i.e. the client helpers —
-        a client without them gets the method's full step). Never more than the method's step.
+        a client without them gets the method's full step). When even the full step falls short
+        of the target without moving away from it (an ascent step that barely starts), doubling
+        multiples of it are tried, up to the departing-step bound.
     calibration_scales : sequence of float
         The candidate fractions of the step, increasing from 0 to at most 1.
     class_floor : float
@@ -1073,48 +1075,50 @@ class Unlearning(Strategy):
             return new, {"used": False, "why": f"nodes {lacking} lack {P.CALIBRATE}"}
         base = fedavg(retain) if retain else start
         direction = {k: np.asarray(new[k], np.float64) - np.asarray(base[k], np.float64) for k in start}
-        cfg = ConfigRecord(
-            {"scales": list(self.calibration_scales), P.FORGET_ALL: batch.leave, P.SERVER_ROUND: self.current_round}
-        )
-        msgs = [
-            Message(
-                RecordDict(
-                    {
-                        "base": to_record(base),
-                        "direction": to_record(direction),
-                        "pre-request": to_record(start),
-                        P.CONFIG_RECORD: cfg,
-                    }
-                ),
-                n,
-                P.CALIBRATE,
-            )
-            for n in nodes
-        ]
-        stats, why = [], []
-        for reply in grid.send_and_receive(msgs, timeout=self.identify_timeout):
-            if reply.has_error() or "calibration" not in reply.content.metric_records:
-                why.append(
-                    f"node {reply.metadata.src_node_id}: "
-                    + (_first_line(reply.error.reason or "") if reply.has_error() else "no calibration record")
-                )
-                continue
-            stats.append(dict(reply.content["calibration"]))
         scenario = batch.deletion.scenario if batch.deletion is not None else ("client" if batch.leave else "samples")
-        try:
+        target = target_for(scenario)
+
+        def ask(scales: Sequence[float], pre_request: bool) -> dict[str, Any]:
+            """The forgetting clients' pooled measurements of ``base + c * direction`` for each scale ``c``."""
+            cfg = ConfigRecord({"scales": list(scales), P.FORGET_ALL: batch.leave, P.SERVER_ROUND: self.current_round})
+            content: dict[str, ArrayRecord | ConfigRecord] = {
+                "base": to_record(base),
+                "direction": to_record(direction),
+                P.CONFIG_RECORD: cfg,
+            }
+            if pre_request:
+                content["pre-request"] = to_record(start)
+            msgs = [Message(RecordDict(dict(content)), n, P.CALIBRATE) for n in nodes]
+            stats, why = [], []
+            for reply in grid.send_and_receive(msgs, timeout=self.identify_timeout):
+                if reply.has_error() or "calibration" not in reply.content.metric_records:
+                    why.append(
+                        f"node {reply.metadata.src_node_id}: "
+                        + (_first_line(reply.error.reason or "") if reply.has_error() else "no calibration record")
+                    )
+                    continue
+                stats.append(dict(reply.content["calibration"]))
             if why or len(stats) != len(nodes):
                 raise ValueError("; ".join(why) or "some clients did not answer")
-            m = pooled(stats)  # type: ignore[arg-type]  # malformed lists raise and are caught below
-            target = target_for(scenario)
+            return pooled(stats)  # type: ignore[arg-type]  # malformed lists raise and are caught below
+
+        scales = list(self.calibration_scales)
+        try:
+            m = ask(scales, pre_request=True)
             pre = memorisation(m["pre"], target, self.class_floor, self.memorisation_z) if "pre" in m else None
-            cal = choose_scale(
-                self.calibration_scales,
-                m["forget-loss"],
-                m["heldout-loss"],
-                m["forget-acc"],
-                target,
-                self.class_floor,
-            )
+            cal = choose_scale(scales, m["forget-loss"], m["heldout-loss"], m["forget-acc"], target, self.class_floor)
+            longer = [] if cal.reached or (pre is not None and not pre.memorised) else self._longer_scales(direction)
+            better = 1.0 if target == "loss-match" else -1.0  # the sign in which a gap moves toward the target
+            if longer and better * cal.gaps[-1] >= better * cal.gaps[0]:
+                # the full step falls short without moving away from the target (an ascent step that
+                # barely starts): candidates beyond it, up to the departing-step bound
+                more = ask(longer, pre_request=False)
+                scales += longer
+                for key in ("forget-loss", "heldout-loss", "forget-acc"):
+                    m[key] = list(m[key]) + list(more[key])
+                cal = choose_scale(
+                    scales, m["forget-loss"], m["heldout-loss"], m["forget-acc"], target, self.class_floor
+                )
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             log(WARNING, "calibration failed (%s): the method's full step is used", exc)
             return new, {"used": False, "why": str(exc)}
@@ -1140,7 +1144,7 @@ class Unlearning(Strategy):
             "calibration (%s): scale %.3f of the unlearning step%s",
             cal.target,
             cal.scale,
-            "" if cal.reached else " (the target is not reached even by the full step)",
+            "" if cal.reached else f" (the target is not reached even by {scales[-1]:g} x the step)",
         )
         return out, {
             "used": True,
@@ -1148,11 +1152,20 @@ class Unlearning(Strategy):
             "scale": cal.scale,
             "reached": cal.reached,
             "target": cal.target,
-            "scales": list(self.calibration_scales),
+            "scales": scales,
             "gaps": list(cal.gaps),
             **figures,
             **test,
         }
+
+    def _longer_scales(self, direction: Mapping[str, np.ndarray]) -> list[float]:
+        """Scales beyond 1 (doubling) up to the departing-step bound, for a step too short to reach the target."""
+        norm = float(np.sqrt(sum(float(np.sum(v**2)) for v in direction.values())))
+        if self.departing_step_bound is None or not self.last_update_norm or not norm or not np.isfinite(norm):
+            return []
+        limit = self.departing_step_bound * self.last_update_norm / norm
+        out = [2.0**k for k in range(1, 13) if 2.0**k < limit]
+        return [*out, limit] if limit > 1 else []
 
     def _bound_departing_step(
         self, new: dict[str, np.ndarray], retain: list[ClientUpdate], forget: list[ClientUpdate]
