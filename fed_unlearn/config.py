@@ -26,7 +26,7 @@ import hashlib
 import json
 import math
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -380,15 +380,22 @@ class ExperimentConfig:
         }
         return "original-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
-    def reference_key(self, num_clients: int, index: int, count: int, architecture: str = "") -> str:
-        """Hash of everything reference federation ``index`` of ``count`` depends on (not the deletion)."""
-        payload = {
+    def reference_key(
+        self, num_clients: int, index: int, count: int, architecture: str = "", members: Sequence[int] = ()
+    ) -> str:
+        """Hash of everything reference federation ``index`` of ``count`` depends on (not the deletion).
+
+        ``members``: the client ids that train it, when not all of them.
+        """
+        payload: dict[str, Any] = {
             "kind": "reference",
             **self._common_key(num_clients),
             "architecture": architecture,
             "fastclip": [self.fastclip.bound, self.fastclip.every],
             "reference": [index, count],
         }
+        if members:
+            payload["members"] = [int(c) for c in members]
         return "reference-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:

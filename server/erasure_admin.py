@@ -2,13 +2,17 @@
 
     python -m server.erasure_admin request --state-dir results/service --site hospital-b --reason "legal request"
     python -m server.erasure_admin status --state-dir results/service
+    python -m server.erasure_admin verify results/service/audit/<id>.certificate.html \
+        --public-key results/service/certificate-key.pub
 
 ``request`` journals an erasure on a site's behalf (``requested_by = operator``); the
 running service serves it at its next round. The state directory must hold the service's
 journal (``--init`` creates one for a federation that has not run yet, which then needs
 ``--sites-file``). The site must exist (in the site registry, or in the federation the
-journal's checkpoint records) and must not have been erased already. Any error is one
-line on stderr and exit code 2; nothing is changed.
+journal's checkpoint records) and must not have been erased already. ``verify`` checks an
+erasure certificate (JSON or its HTML page): valid, exit 0; altered or signed by another
+key, one line naming why and exit 1. Any other error is one line on stderr and exit code 2;
+nothing is changed.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from fed_unlearn.certificate import CertificateError, verify_file
 from fed_unlearn.erasure import RequestError, SiteRegistry, new_request
 from fed_unlearn.journal import Journal, JournalError
 
@@ -52,6 +57,20 @@ def _request(args: argparse.Namespace) -> str:
     return f"journaled {request.id}: erase site {request.site!r} (pending)"
 
 
+def _verify(args: argparse.Namespace) -> int:
+    trusted = Path(args.public_key).read_bytes() if args.public_key else None
+    try:
+        payload = verify_file(args.certificate, trusted_key=trusted)
+    except CertificateError as exc:
+        print(f"INVALID: {exc}", file=sys.stderr)
+        return 1
+    req = payload.get("request", {})
+    by = "the given key" if trusted else "the key it names (pass --public-key to check it is the server's)"
+    print(f"valid: erasure of site {req.get('site')!r} (request {req.get('id')}), signed by {by}")
+    print(f"verdict: {payload.get('verdict')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -65,8 +84,18 @@ def main(argv: list[str] | None = None) -> int:
     req.add_argument("--init", action="store_true", help="create the journal if the state directory has none")
     st = sub.add_parser("status", help="print the checkpoint, every request, refusal and event")
     st.add_argument("--state-dir", required=True)
+    ver = sub.add_parser("verify", help="check an erasure certificate's signature (JSON or HTML)")
+    ver.add_argument("certificate")
+    ver.add_argument(
+        "--public-key",
+        default="",
+        help="the server's key (<state-dir>/certificate-key.pub); without it, only "
+        "the certificate's consistency with the key it names is checked",
+    )
     args = ap.parse_args(argv)
     try:
+        if args.cmd == "verify":
+            return _verify(args)
         if args.cmd == "status":
             from .service import describe
 

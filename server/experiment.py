@@ -425,7 +425,12 @@ def gold_federation(
 
 
 def reference_federations(
-    grid: Grid, cfg: ExperimentConfig, clients: dict[int, ClientInfo], initial: ArrayRecord, architecture: str = ""
+    grid: Grid,
+    cfg: ExperimentConfig,
+    clients: dict[int, ClientInfo],
+    initial: ArrayRecord,
+    architecture: str = "",
+    members: Sequence[int] = (),
 ) -> tuple[list[ArrayRecord], dict[str, Any]]:
     """The strong audit's ``audit.references`` reference federations (each from the cache or trained and cached).
 
@@ -435,16 +440,21 @@ def reference_federations(
     sample is "in" half of the references and "out" of the other half. They do not depend
     on the deletion: every request of a (data, model, seed) setting shares them.
 
+    ``members``: the client ids taking part when they are not every client of ``clients``
+    (a deployed federation whose erased sites are gone); part of the cache key.
+
     Returns
     -------
     list of ArrayRecord, dict
         The reference models and their cost (trained now vs loaded, wall seconds, steps).
     """
+    if members:
+        clients = {c: i for c, i in clients.items() if c in set(members)}
     count = cfg.audit.references
     refs: list[ArrayRecord] = []
     cost = {"count": count, "trained": 0, "cached": 0, "wall-seconds": 0.0, "train-steps": 0.0, "test-acc": []}
     for index in range(count):
-        key = cfg.reference_key(len(clients), index, count, architecture)
+        key = cfg.reference_key(len(clients), index, count, architecture, members=sorted(clients) if members else ())
         cached = load_gold(cfg.output.gold_cache_dir, key)
         if cached is not None:
             weights, meta = cached

@@ -39,23 +39,38 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
 from fed_unlearn import protocol as P
+from fed_unlearn.attacks import ATTACKS, leakage_summary
+from fed_unlearn.certificate import load_or_create_key, render_html, sign
 from fed_unlearn.config import ExperimentConfig, ServiceConfig
 from fed_unlearn.erasure import RequestError, SiteRegistry, parse_request
 from fed_unlearn.evaluation import summarise
 from fed_unlearn.flower import FederationRun, run_rounds, to_record, to_weights
+from fed_unlearn.gold_cache import code_fingerprint
 from fed_unlearn.journal import Journal, StateDirLock, weights_digest
 from fed_unlearn.metrics import average_gap
 from fed_unlearn.models import get_weights
-from fed_unlearn.report import write_json
+from fed_unlearn.report import plot_roc, write_json
 from fed_unlearn.task import load_task
 from fed_unlearn.unlearning import make_method, method_class, online_methods
 
-from .experiment import ClientInfo, discover_clients, gold_federation, initial_model, last_line, measure, new_strategy
+from .experiment import (
+    ClientInfo,
+    attack_scores,
+    discover_clients,
+    gold_federation,
+    initial_model,
+    last_line,
+    measure,
+    new_strategy,
+    reference_federations,
+    roc_curves,
+)
 
 #: Requests taken from one site's poll per round (the rest wait for the next poll).
 MAX_REQUESTS_PER_POLL = 50
@@ -424,22 +439,123 @@ class ErasureService:
                     "test-acc-before": req.details.get("test-acc-before"),
                     "test-acc-after": self.history.get(rnd, {}).get("test-acc"),
                 },
-                "gold": self._gold_audit(req, cid, arrays) if self.svc.audit_gold else None,
                 "journal": self.journal.history(rid),
                 "written-at": time.time(),
             }
+            gold = None
+            if self.svc.audit_gold:
+                report["gold"], gold = self._gold_audit(req, cid, arrays)
+            images: dict[str, bytes] = {}
+            if self.cfg.audit.references and reach:
+                try:
+                    report["strong-audit"], images = self._strong_audit(req, cid, arrays, gold, reach)
+                except (RuntimeError, ValueError) as exc:  # costs the audit, never the service
+                    log(WARNING, "strong audit of request %s failed: %s", rid, last_line(str(exc)))
+                    report["strong-audit-error"] = last_line(str(exc))
             path = write_json(self.state_dir / "audit" / f"{rid}.json", report)
+            self._certify(rid, report, images)
             self.journal.set_verified(rid, str(path), rnd)
             log(INFO, "audit of request %s (site %r) written to %s", rid, req.site, path)
 
-    def _gold_audit(self, req: Any, cid: int, arrays: ArrayRecord) -> dict[str, Any]:
-        """Retrain without every site erased so far up to the request's round; compare."""
-        gone = tuple(sorted(self.departed_clients | {cid}))
-        gcfg = replace(
+    def _audit_config(self, req: Any, departing: tuple[int, ...] = ()) -> ExperimentConfig:
+        """The settings of a retrained federation up to the request's round (cached in the state directory)."""
+        return replace(
             self.cfg,
-            request=replace(self.cfg.request, departing=gone, round=int(req.unlearning_round)),
+            request=replace(self.cfg.request, departing=departing, round=int(req.unlearning_round)),
             output=replace(self.cfg.output, gold_cache_dir=str(self.state_dir / "gold-cache")),
         )
+
+    def _strong_audit(
+        self, req: Any, cid: int, arrays: ArrayRecord, gold: ArrayRecord | None, reach: dict[int, int]
+    ) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """RMIA and LiRA on the erased site's samples, calibrated with reference federations; the ROC plot."""
+        members = sorted((set(self.clients) - self.departed_clients) | {cid})
+        refs, cost = reference_federations(
+            self.grid, self._audit_config(req), self.clients, to_record(self.initial), members=members
+        )
+        seed, timeout = self.cfg.data.seed, self.cfg.federation.round_timeout
+
+        def scores(model: ArrayRecord) -> dict[str, Any]:
+            return attack_scores(self.grid, reach, model, refs, seed, timeout, [cid])
+
+        audited = {"after": scores(arrays)}
+        if gold is not None:
+            audited["gold"] = scores(gold)
+        # the yardstick: the gold's figure, or chance — on a model that never saw the samples,
+        # members and non-members are exchangeable and any attack's TPR equals its FPR
+        target = "gold" if gold is not None else None
+        figures = leakage_summary(audited, target=target)
+        after = figures["after"]
+        goal = figures["gold"]["rmia-tpr@1%"] if gold is not None else 0.01
+        goal_name = "the gold model (retrained without the site)" if gold is not None else "chance (TPR = FPR)"
+        low, high = after.get("rmia-tpr@1%-low", float("nan")), after.get("rmia-tpr@1%-high", float("nan"))
+        if not np.isfinite(low):
+            verdict = f"too few samples to read RMIA at 1 % FPR ({int(after['nonmembers'])} non-members)"
+        elif low <= max(goal, 0.01):
+            verdict = (
+                "consistent with erasure: RMIA finds the site's training samples no better than "
+                f"{goal_name}: TPR at 1 % FPR {after['rmia-tpr@1%']:.3f} (95 % CI {low:.3f}-{high:.3f}, "
+                f"{int(after['members'])} samples, {int(after['nonmembers'])} unseen) vs {goal:.3f}"
+            )
+        else:
+            verdict = (
+                "NOT CONSISTENT WITH ERASURE: RMIA still finds the site's training samples more often than "
+                f"{goal_name}: TPR at 1 % FPR {after['rmia-tpr@1%']:.3f} (95 % CI {low:.3f}-{high:.3f}) vs {goal:.3f}"
+            )
+        roc = roc_curves(audited, "rmia")
+        png = self.state_dir / "audit" / f"{req.id}.roc.png"
+        plot_roc(png, roc, title=f"RMIA on site {req.site!r}'s training samples")
+        strong = {
+            "figures": figures,
+            "target": goal_name,
+            "keys": [
+                "members",
+                "nonmembers",
+                *(f"{a}-{k}" for a in ATTACKS for k in ("auc", "tpr@1%", "tpr@1%-low", "tpr@1%-high", "tpr@0.1%")),
+                *(f"{a}-vs-gold-auc" for a in ATTACKS),
+            ],
+            "references": cost,
+            "verdict": verdict,
+            "reading": (
+                "Per-sample attacks calibrated with reference federations trained on random halves of the data: "
+                "members = the erased site's training samples, non-members = its held-out samples. A model "
+                "that never saw the samples gives TPR = FPR (1 % at 1 % FPR); the gold, when trained, is a "
+                "model retrained without the site. TPR intervals are 95 % Clopper-Pearson."
+            ),
+        }
+        return strong, {"rmia-roc.png": png.read_bytes()}
+
+    def _certify(self, rid: str, report: dict[str, Any], images: dict[str, bytes]) -> None:
+        """Sign the audit report as an erasure certificate (JSON and a self-contained HTML page)."""
+        key = load_or_create_key(self.state_dir / "certificate-key.pem")
+        received = next((t["at"] for t in report["journal"]), None)
+        strong = report.get("strong-audit")
+        weak = report["leakage-audit"]
+        verdict = (
+            strong["verdict"]
+            if strong
+            else f"strong audit failed: {report['strong-audit-error']}"
+            if "strong-audit-error" in report
+            else (
+                "site not reachable: no leakage audit on its data"
+                if not weak["site-reachable"]
+                else "loss-threshold audit only (no reference federations: audit.references = 0)"
+            )
+        )
+        payload = {
+            **{k: v for k, v in report.items() if k != "journal"},
+            "received-at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(received)) if received else None,
+            "verdict": verdict,
+            "server": {"federation-sites": sorted(self.sites), "code": code_fingerprint()},
+        }
+        cert = sign(payload, key, images)
+        write_json(self.state_dir / "audit" / f"{rid}.certificate.json", cert)
+        (self.state_dir / "audit" / f"{rid}.certificate.html").write_text(render_html(cert, images), encoding="utf-8")
+
+    def _gold_audit(self, req: Any, cid: int, arrays: ArrayRecord) -> tuple[dict[str, Any], ArrayRecord]:
+        """Retrain without every site erased so far up to the request's round; compare."""
+        gone = tuple(sorted(self.departed_clients | {cid}))
+        gcfg = self._audit_config(req, departing=gone)
         info = {c: {"digest": "site"} for c in gone}
         gold, _ = gold_federation(self.grid, gcfg, self.clients, to_record(self.initial), info)
         everyone = dict(self.node_of)
@@ -459,7 +575,7 @@ class ErasureService:
             for k, a in models.items()
         }
         rep["unlearned"]["average-gap"] = average_gap(rep["unlearned"], rep["gold"])
-        return rep
+        return rep, gold
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

@@ -220,3 +220,34 @@ def test_a_restart_does_not_wait_for_sites_that_were_erased(tmp_path):
     assert out["resumed-from-round"] == 3 and set(out["history"]) == {"4", "5"} and out["sites"]["h1"] == 1
     with journal(tmp_path) as j:
         assert j.checkpoint().state["departed-sites"] == ["h1"]
+
+
+def test_the_strong_audit_is_signed_as_an_erasure_certificate_that_detects_tampering(tmp_path, capsys):
+    from server.erasure_admin import main as admin
+
+    start(tmp_path, 2, "audit.references=2")
+    req = new_request("h1", "withdrawal")
+    submit_to_inbox(tmp_path / "h1", req)
+    start(tmp_path, 4, "audit.references=2")  # served in 3, recovered in 4, audited
+    audit = tmp_path / "state" / "audit"
+    report = json.loads((audit / f"{req.id}.json").read_text())
+    strong = report["strong-audit"]
+    after = strong["figures"]["after"]
+    assert strong["references"]["trained"] == 2 and strong["target"] == "chance (TPR = FPR)"
+    assert after["members"] > 0 and after["nonmembers"] > 0 and 0 <= after["rmia-auc"] <= 1
+    assert strong["verdict"].split(":")[0] in (
+        "consistent with erasure",
+        "NOT CONSISTENT WITH ERASURE",
+    ) or strong["verdict"].startswith("too few samples")
+    page, cert, pub = audit / f"{req.id}.certificate.html", audit / f"{req.id}.certificate.json", "certificate-key.pub"
+    key = ["--public-key", str(tmp_path / "state" / pub)]
+    assert admin(["verify", str(page), *key]) == 0 and admin(["verify", str(cert), *key]) == 0
+    out = capsys.readouterr().out
+    assert "valid: erasure of site 'h1'" in out and strong["verdict"] in out
+    payload = json.loads(cert.read_text())["payload"]
+    assert payload["model-sha256"] == report["model-sha256"] and payload["request"]["site"] == "h1"
+    assert set(payload["images-sha256"]) == {"rmia-roc.png"}
+    # a changed figure on the page fails, with one line saying why
+    page.write_text(page.read_text().replace(f"{after['rmia-auc']:.4f}", "0.5000", 1))
+    assert admin(["verify", str(page), *key]) == 1
+    assert "INVALID" in capsys.readouterr().err

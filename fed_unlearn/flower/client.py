@@ -516,14 +516,8 @@ class _Helper:
         count = int(cfg.get(P.REFERENCE_COUNT, 0)) if audit else 0
         if count:
             refs = [self.model(recs[f"ref-{j}"], context) for j in range(count)]
-            scores = attack_scores_client(
-                model,
-                refs,
-                train,
-                heldout,
-                self.mask(context, train, cfg),
-                self.reference_masks(context, len(train), cfg),
-            )
+            masks, forget = self.reference_masks(context, len(train), cfg), self.mask(context, train, cfg)
+            scores = attack_scores_client(model, refs, train, heldout, forget, masks)
             content["attack-scores"] = MetricRecord(scores)  # type: ignore[arg-type]
         return Message(RecordDict(content), reply_to=msg)
 
