@@ -182,6 +182,10 @@ class LowFPR:
         Sample counts.
     supported : bool
         Whether there are enough non-members to place the threshold (``nonmembers * fpr >= 1``).
+    fpr_high : float
+        The upper end of the 95 % Clopper-Pearson interval of the threshold's own false-positive
+        rate: with few non-members the threshold is itself uncertain (one above it out of 120
+        says the true rate may be up to 4.6 %), so a TPR below this proves nothing.
     """
 
     fpr: float
@@ -191,6 +195,7 @@ class LowFPR:
     members: int
     nonmembers: int
     supported: bool
+    fpr_high: float = float("nan")
 
 
 def clopper_pearson(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
@@ -212,7 +217,8 @@ def tpr_at_fpr(members: np.ndarray, nonmembers: np.ndarray, fpr: float) -> LowFP
     threshold = n[len(n) - allowed - 1]  # scores strictly above it: at most `allowed` non-members
     hits = int(np.sum(m > threshold))
     low, high = clopper_pearson(hits, len(m))
-    return LowFPR(fpr, hits / len(m), low, high, len(m), len(n), True)
+    fpr_high = clopper_pearson(int(np.sum(n > threshold)), len(n))[1]
+    return LowFPR(fpr, hits / len(m), low, high, len(m), len(n), True, fpr_high)
 
 
 def roc_auc(members: np.ndarray, nonmembers: np.ndarray) -> float:
@@ -252,7 +258,7 @@ def summary(members: np.ndarray, nonmembers: np.ndarray, fprs: Sequence[float] =
     for f in fprs:
         r = tpr_at_fpr(members, nonmembers, f)
         tag = f"tpr@{f * 100:g}%"
-        out.update({tag: r.tpr, f"{tag}-low": r.low, f"{tag}-high": r.high})
+        out.update({tag: r.tpr, f"{tag}-low": r.low, f"{tag}-high": r.high, f"{tag}-fpr-high": r.fpr_high})
     return out
 
 

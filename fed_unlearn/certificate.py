@@ -170,7 +170,7 @@ def _show(v: Any) -> str:
     if v is None:
         return "–"
     if isinstance(v, float):
-        return f"{v:.4f}"
+        return str(int(v)) if v.is_integer() and abs(v) >= 1 else f"{v:.4f}"
     return str(v)
 
 
@@ -178,7 +178,9 @@ def render_html(cert: Mapping[str, Any], images: Mapping[str, bytes] | None = No
     """One self-contained page: the certificate's facts, figures, plots and the signed JSON."""
     cert = json.loads(json.dumps(cert, sort_keys=True))  # the page depends on the contents, not on key order
     p = cert["payload"]
-    req, hashes = p.get("request", {}), p.get("model-sha256", {})
+    req = p.get("request", {})
+    stages = ("before", "after-unlearning", "after-recovery")
+    hashes = {k: p.get("model-sha256", {})[k] for k in stages if k in p.get("model-sha256", {})}
     order = ("received", "unlearning", "served", "recovered", "recovery-rounds")
     rounds = {
         k: p.get("rounds", {})[k]

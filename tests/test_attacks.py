@@ -35,6 +35,9 @@ def test_tpr_at_fpr_places_the_threshold_on_the_nonmembers_and_states_its_interv
     assert r.supported and r.tpr == 0.5 and r.members == 4 and r.nonmembers == 1000
     assert r.low == pytest.approx(0.0676, abs=1e-3) and r.high == pytest.approx(0.9324, abs=1e-3)
     assert not A.tpr_at_fpr(mem, non[:500], 0.001).supported  # 0.1 % of 500 non-members: no threshold
+    # the threshold's own rate is uncertain: 10 of 1000 above it, up to 1.8 %; 1 of 120, up to 4.6 %
+    assert r.fpr_high == pytest.approx(0.0183, abs=5e-4)
+    assert A.tpr_at_fpr(mem, np.arange(120.0), 0.01).fpr_high == pytest.approx(0.0456, abs=5e-4)
     assert A.clopper_pearson(0, 10) == (0.0, pytest.approx(0.3085, abs=1e-4))
 
 
