@@ -15,6 +15,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fed_unlearn.config import ExperimentConfig, ServiceConfig, mode_of
+from fed_unlearn.flower import prompt
 from fed_unlearn.unlearning import config_from_run_config, make_method
 
 from .experiment import run_experiment
@@ -27,6 +28,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> dict[str, Any]:
     """Run one federated-unlearning experiment as configured in ``context.run_config``; return its results."""
     run_config = dict(context.run_config)
+    grid = prompt(grid)  # deployed: replies picked up every 0.1 s, not every 3 s
     cfg = ExperimentConfig.from_run_config(run_config)  # bad settings fail here, before any round
     method = make_method(cfg.request.method, run_config)
     if mode_of(run_config) == "service":

@@ -165,6 +165,11 @@ class Deployment:
     node_extra: dict[str, str] = field(default_factory=dict)
     #: The Flower app to run (default: this repository's).
     app: str = ""
+    #: How SuperNodes start ClientApp tasks: ``subprocess`` (Flower's SuperExec, a fresh process
+    #: per message) or ``warm`` (:mod:`fed_unlearn.flower.warm_superexec`, forked from a warm parent).
+    executor: str = "subprocess"
+    #: Seconds between SuperExec task polls (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``; "" = Flower's default 1 s).
+    poll_interval: str = ""
 
     # paths
     @property
@@ -201,7 +206,10 @@ class Deployment:
         """The offline environment for every process (shared FLWR_HOME for the CLI)."""
         ray_tmp = self.root / "tmp"
         ray_tmp.mkdir(parents=True, exist_ok=True)
-        return quiet_env(self.flwr_home, ray_tmp)
+        env = quiet_env(self.flwr_home, ray_tmp)
+        if self.poll_interval:
+            env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = self.poll_interval
+        return env
 
     def _log(self, name: str) -> Any:
         logs = self.root / "logs"
@@ -292,7 +300,7 @@ class Deployment:
             "--port",
             str(clientappio_port),
             "--isolation",
-            "subprocess",
+            "process" if self.executor == "warm" else "subprocess",
         ]
         cmd += ["--root-certificates", str(self.root / "certs" / "ca.crt")] if self.tls else ["--insecure"]
         if self.auth:
@@ -302,8 +310,9 @@ class Deployment:
     def start_supernode(self, site: str) -> int:
         """Start one site's SuperNode; returns its PID."""
         self.inbox(site).mkdir(parents=True, exist_ok=True)
+        port = free_port()
         proc = subprocess.Popen(
-            self.supernode_cmd(site, free_port()),
+            self.supernode_cmd(site, port),
             env=self.env(),
             cwd=str(PROJECT_ROOT),
             stdout=self._log(f"supernode-{site}"),
@@ -311,6 +320,17 @@ class Deployment:
             start_new_session=True,
         )
         self.pids[f"supernode-{site}"] = proc.pid
+        if self.executor == "warm":  # the SuperNode expects its SuperExec to be started next to it
+            exe = subprocess.Popen(
+                [sys.executable, "-m", "fed_unlearn.flower.warm_superexec", "--runtime-api-address"]
+                + [f"127.0.0.1:{port}", "--insecure", "--parent-pid", str(proc.pid)],
+                env=self.env(),
+                cwd=str(PROJECT_ROOT),
+                stdout=self._log(f"superexec-{site}"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            self.pids[f"superexec-{site}"] = exe.pid
         self.save()
         return proc.pid
 
@@ -479,6 +499,16 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--sites", type=int, default=3)
             p.add_argument("--insecure", action="store_true", help="no TLS")
             p.add_argument("--no-auth", action="store_true", help="no SuperNode authentication (no site registry)")
+            p.add_argument(
+                "--executor",
+                choices=("subprocess", "warm"),
+                default="warm",
+                help="warm: ClientApp tasks forked from a SuperExec that imported torch once (default); "
+                "subprocess: Flower's SuperExec, a fresh process per message",
+            )
+            p.add_argument(
+                "--poll-interval", default="0.1", help="seconds between SuperExec task polls (Flower's default: 1)"
+            )
         if name in ("run", "demo"):
             p.add_argument("--rounds", type=int, default=6)
             p.add_argument("--run-config", default="dataset='digits'")
@@ -488,7 +518,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cmd in ("up", "demo"):
         dep = Deployment(
-            args.dir, [f"site-{i}" for i in range(args.sites)], tls=not args.insecure, auth=not args.no_auth
+            args.dir,
+            [f"site-{i}" for i in range(args.sites)],
+            tls=not args.insecure,
+            auth=not args.no_auth,
+            executor=args.executor,
+            poll_interval=args.poll_interval,
         )
         dep.up()
         print(

@@ -20,7 +20,7 @@ This subpackage is the only part of ``fed_unlearn`` that imports Flower.
 from __future__ import annotations
 
 from .client import add_identity, add_unlearning, architecture_mismatch, as_dataset, default_train, train_settings
-from .grid import ActiveNodesGrid, InProcessGrid
+from .grid import ActiveNodesGrid, InProcessGrid, PromptGrid, prompt
 from .records import metric_dict, to_record, to_weights
 from .rounds import FederationRun, NoValidRepliesError, run_rounds
 from .strategy import ReproducibleFedAvg, Unlearning, UnlearningFedAvg, UnlearningRequest
@@ -29,6 +29,7 @@ __all__ = [
     "ActiveNodesGrid",
     "FederationRun",
     "InProcessGrid",
+    "PromptGrid",
     "NoValidRepliesError",
     "ReproducibleFedAvg",
     "Unlearning",
@@ -40,6 +41,7 @@ __all__ = [
     "as_dataset",
     "default_train",
     "metric_dict",
+    "prompt",
     "run_rounds",
     "to_record",
     "to_weights",

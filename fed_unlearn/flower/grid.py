@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -166,3 +167,49 @@ class ActiveNodesGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:  # noqa: D102
         return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+class PromptGrid(ActiveNodesGrid):
+    """A view of ``grid`` whose :meth:`send_and_receive` looks for replies every ``interval`` seconds.
+
+    Flower's deployment Grid pushes the messages, then pulls the replies every 3 s: every
+    message exchange of a ServerApp takes a multiple of 3 s however fast the clients answer,
+    and an unlearning or service round is several exchanges. This one pushes and pulls through
+    the same public ``push_messages`` / ``pull_messages`` calls, only more often (a pull is one
+    small request to the SuperLink). :func:`prompt` wraps the Grid a ServerApp receives when it
+    is the deployment one (the simulation's already pulls every 0.1 s)::
+
+        @app.main()
+        def main(grid: Grid, context: Context) -> None:
+            grid = prompt(grid)
+            ...
+    """
+
+    def __init__(self, grid: Grid, interval: float = 0.1) -> None:
+        super().__init__(grid, lambda: ())
+        if not interval > 0:
+            raise ValueError(f"interval must be > 0, got {interval}")
+        self.interval = float(interval)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Push ``messages``; pull replies every ``interval`` s until all are in or ``timeout`` s have passed."""
+        pending = set(self.grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self.grid.pull_messages(pending))
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.interval)
+        return replies
+
+
+def prompt(grid: Grid, interval: float = 0.1) -> Grid:
+    """``grid`` wrapped in :class:`PromptGrid` if it is Flower's deployment Grid (3 s pulls), else ``grid``."""
+    try:
+        from flwr.superlink.grid.http_grid import HttpGrid
+    except ImportError:  # another Flower version: leave it as it is
+        return grid
+    return PromptGrid(grid, interval) if isinstance(grid, HttpGrid) else grid
