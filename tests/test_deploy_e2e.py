@@ -25,7 +25,14 @@ RC = "dataset='digits' service.recovery-rounds=1 round-timeout=300.0"
 
 @pytest.fixture
 def deployment(tmp_path):
-    dep = Deployment(str(tmp_path / "deploy"), ["site-0", "site-1", "site-2"], tls=True, auth=True, executor="warm", poll_interval="0.1")
+    dep = Deployment(
+        str(tmp_path / "deploy"),
+        ["site-0", "site-1", "site-2"],
+        tls=True,
+        auth=True,
+        executor="warm",
+        poll_interval="0.1",
+    )
     try:
         dep.up()
         yield dep
