@@ -21,7 +21,8 @@ What "looks like unseen data" means depends on what is deleted (:func:`target_fo
 
 * ``loss-match`` (a whole client, random samples, hard samples): the mean loss on the forget
   set reaches the mean loss on held-out samples like them (same classes; for hard samples,
-  the held-out samples the same selection rule ranks highest);
+  the held-out samples the same selection rule ranks highest), and its accuracy falls to
+  theirs;
 * ``accuracy-floor`` (a class): the model no longer predicts the class on its samples —
   accuracy on the forget set at or below ``floor`` (a retrained model never saw the class
   and never predicts it).
@@ -76,8 +77,14 @@ def choose_scale(
     forget_acc: Sequence[float],
     target: str = "loss-match",
     floor: float = 0.02,
+    heldout_acc: Sequence[float] | None = None,
 ) -> Calibration:
     """The smallest scale reaching the target, linearly interpolated between candidates.
+
+    With ``heldout_acc``, ``loss-match`` asks for both: the forget set's mean loss at least
+    the held-out one, *and* its accuracy at most the held-out one. The mean loss alone is
+    pulled by a few confidently wrong held-out samples (hard samples above all) and is met
+    while the forget set is still predicted far better than unseen data.
 
     When no candidate reaches it, the one closest to it (the largest gap): a step that moves
     the forget set away from the target is not taken further.
@@ -105,6 +112,12 @@ def choose_scale(
         raise ValueError(f"scales must increase from 0, got {list(scales)}")
     if target == "loss-match":
         gap = np.asarray(forget_loss, np.float64) - np.asarray(heldout_loss, np.float64)  # target: gap >= 0
+        if heldout_acc is not None:
+            held, fa = np.asarray(heldout_acc, np.float64), np.asarray(forget_acc, np.float64)
+            if held.shape != gap.shape or fa.shape != gap.shape:
+                raise ValueError("calibration needs one held-out accuracy per scale")
+            acc_gap = held - fa
+            gap = np.minimum(gap, acc_gap)
     else:
         gap = floor - np.asarray(forget_acc, np.float64)  # target: accuracy <= floor, i.e. gap >= 0
     if gap.shape != s.shape or not np.all(np.isfinite(gap)):
@@ -199,6 +212,8 @@ def pooled(stats: Sequence[dict[str, Sequence[float]]]) -> dict[str, Any]:
         out["forget-loss"].append(sum(float(st["forget-loss-sum"][j]) for st in stats) / fn)
         out["heldout-loss"].append(sum(float(st["heldout-loss-sum"][j]) for st in stats) / hn)
         out["forget-acc"].append(sum(float(st["forget-correct"][j]) for st in stats) / fn)
+    if all("heldout-correct" in st for st in stats):
+        out["heldout-acc"] = [sum(float(st["heldout-correct"][j]) for st in stats) / hn for j in range(k)]
     if all("pre-forget-loss-sum" in st for st in stats):
 
         def total(key: str) -> float:

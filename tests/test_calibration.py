@@ -18,6 +18,19 @@ def test_loss_match_interpolates_where_the_forget_loss_crosses_the_held_out_loss
     assert choose_scale(S, [0.1 + 0.8 * c for c in S], [0.35] * 5, [1.0] * 5).scale == pytest.approx(0.3125)
 
 
+def test_with_held_out_accuracy_the_loss_and_the_accuracy_must_both_look_unseen():
+    # the mean loss matches at c = 0.5, but the forget set is still predicted better than
+    # held-out data until c = 0.75 (accuracy 1 - 0.8 c against 0.4): the later scale wins
+    acc = [1 - 0.8 * c for c in S]
+    cal = choose_scale(S, [0.1 + 0.8 * c for c in S], [0.5] * 5, acc, heldout_acc=[0.4] * 5)
+    assert cal.scale == pytest.approx(0.75) and cal.reached
+    assert choose_scale(S, [0.1 + 0.8 * c for c in S], [0.5] * 5, acc, heldout_acc=[1.0] * 5).scale == 0.5
+    with pytest.raises(ValueError, match="held-out accuracy"):
+        choose_scale(S, [0.1] * 5, [0.5] * 5, acc, heldout_acc=[0.4] * 4)
+    stats = {"forget-loss-sum": [1.0], "forget-correct": [2.0], "heldout-loss-sum": [1.0], "heldout-correct": [3.0]}
+    assert pooled([{**stats, "forget-n": [4.0], "heldout-n": [4.0]}])["heldout-acc"] == [0.75]
+
+
 def test_nothing_memorised_means_no_step_and_an_unreached_target_the_closest_candidate():
     nothing = choose_scale(S, [0.6] * 5, [0.5] * 5, [1.0] * 5)
     assert nothing.scale == 0.0 and nothing.reached

@@ -528,18 +528,25 @@ class _Helper:
         recs = msg.content.array_records
         direction = {k: v.numpy().astype(np.float64) for k, v in recs["direction"].items()}
         model = self.model(recs["base"], context)
-        state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+        # copies: the arrays of state_dict() share memory with the parameters that load_state_dict overwrites
+        state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
         like = self._heldout_like(model, context, forget, heldout)
 
-        def losses() -> tuple[np.ndarray, float, np.ndarray]:
+        def losses() -> tuple[np.ndarray, float, np.ndarray, float]:
             fl, hl = predict_logits(model, forget.x), predict_logits(model, like.x)
             return (
                 cross_entropy(fl, forget.y),
                 float(np.sum(np.argmax(fl, axis=1) == forget.y)),
                 cross_entropy(hl, like.y),
+                float(np.sum(np.argmax(hl, axis=1) == like.y)),
             )
 
-        out: dict[str, list[float]] = {"forget-loss-sum": [], "forget-correct": [], "heldout-loss-sum": []}
+        out: dict[str, list[float]] = {
+            "forget-loss-sum": [],
+            "forget-correct": [],
+            "heldout-loss-sum": [],
+            "heldout-correct": [],
+        }
         for c in [float(v) for v in cfg.get("scales", [])]:
             model.load_state_dict(
                 {
@@ -547,13 +554,14 @@ class _Helper:
                     for k, v in state.items()
                 }
             )
-            f, correct, h = losses()
+            f, correct, h, h_correct = losses()
             out["forget-loss-sum"].append(float(np.sum(f)))
             out["forget-correct"].append(correct)
             out["heldout-loss-sum"].append(float(np.sum(h)))
+            out["heldout-correct"].append(h_correct)
         if "pre-request" in recs:  # the memorisation test: the pre-request model on the same samples
             model.load_state_dict(recs["pre-request"].to_torch_state_dict())
-            f, correct, h = losses()
+            f, correct, h, _ = losses()
             out.update(
                 {
                     "pre-forget-loss-sum": [float(np.sum(f))],

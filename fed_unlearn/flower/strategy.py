@@ -1106,7 +1106,15 @@ class Unlearning(Strategy):
         try:
             m = ask(scales, pre_request=True)
             pre = memorisation(m["pre"], target, self.class_floor, self.memorisation_z) if "pre" in m else None
-            cal = choose_scale(scales, m["forget-loss"], m["heldout-loss"], m["forget-acc"], target, self.class_floor)
+            cal = choose_scale(
+                scales,
+                m["forget-loss"],
+                m["heldout-loss"],
+                m["forget-acc"],
+                target,
+                self.class_floor,
+                m.get("heldout-acc"),
+            )
             longer = [] if cal.reached or (pre is not None and not pre.memorised) else self._longer_scales(direction)
             better = 1.0 if target == "loss-match" else -1.0  # the sign in which a gap moves toward the target
             if longer and better * cal.gaps[-1] >= better * cal.gaps[0]:
@@ -1114,10 +1122,17 @@ class Unlearning(Strategy):
                 # barely starts): candidates beyond it, up to the departing-step bound
                 more = ask(longer, pre_request=False)
                 scales += longer
-                for key in ("forget-loss", "heldout-loss", "forget-acc"):
-                    m[key] = list(m[key]) + list(more[key])
+                for key in ("forget-loss", "heldout-loss", "forget-acc", "heldout-acc"):
+                    if key in m:
+                        m[key] = list(m[key]) + list(more[key])
                 cal = choose_scale(
-                    scales, m["forget-loss"], m["heldout-loss"], m["forget-acc"], target, self.class_floor
+                    scales,
+                    m["forget-loss"],
+                    m["heldout-loss"],
+                    m["forget-acc"],
+                    target,
+                    self.class_floor,
+                    m.get("heldout-acc"),
                 )
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             log(WARNING, "calibration failed (%s): the method's full step is used", exc)
