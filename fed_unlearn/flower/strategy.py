@@ -60,7 +60,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from .. import protocol as P
 from ..aggregation import ClientUpdate, InvalidUpdateError, fedavg, validate_update
-from ..calibration import DEFAULT_SCALES, choose_scale, memorisation, pooled, target_for
+from ..calibration import DEFAULT_SCALES, Calibration, choose_scale, memorisation, pooled, target_for
 from ..deletion import DeletionRequest
 from ..spectral import analyze, motion_share
 from ..unlearning import UnlearningMethod, make_method
@@ -1103,18 +1103,16 @@ class Unlearning(Strategy):
             return pooled(stats)  # type: ignore[arg-type]  # malformed lists raise and are caught below
 
         scales = list(self.calibration_scales)
+        m: dict[str, Any] = {}
+
+        def decide() -> Calibration:
+            f, h, a = m["forget-loss"], m["heldout-loss"], m["forget-acc"]
+            return choose_scale(scales, f, h, a, target, self.class_floor, m.get("heldout-acc"))
+
         try:
             m = ask(scales, pre_request=True)
             pre = memorisation(m["pre"], target, self.class_floor, self.memorisation_z) if "pre" in m else None
-            cal = choose_scale(
-                scales,
-                m["forget-loss"],
-                m["heldout-loss"],
-                m["forget-acc"],
-                target,
-                self.class_floor,
-                m.get("heldout-acc"),
-            )
+            cal = decide()
             longer = [] if cal.reached or (pre is not None and not pre.memorised) else self._longer_scales(direction)
             better = 1.0 if target == "loss-match" else -1.0  # the sign in which a gap moves toward the target
             if longer and better * cal.gaps[-1] >= better * cal.gaps[0]:
@@ -1125,15 +1123,7 @@ class Unlearning(Strategy):
                 for key in ("forget-loss", "heldout-loss", "forget-acc", "heldout-acc"):
                     if key in m:
                         m[key] = list(m[key]) + list(more[key])
-                cal = choose_scale(
-                    scales,
-                    m["forget-loss"],
-                    m["heldout-loss"],
-                    m["forget-acc"],
-                    target,
-                    self.class_floor,
-                    m.get("heldout-acc"),
-                )
+                cal = decide()
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             log(WARNING, "calibration failed (%s): the method's full step is used", exc)
             return new, {"used": False, "why": str(exc)}
