@@ -43,6 +43,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,22 @@ def descendants(pid: int) -> list[int]:
 
 
 # -- credentials ------------------------------------------------------------------------------
-def make_tls(folder: Path) -> dict[str, Path]:
-    """A self-signed CA and a server certificate for 127.0.0.1 / localhost signed by it (PEM files)."""
+def _san(host: str) -> Any:
+    """A subject-alternative-name entry: an IP address, or a DNS name."""
+    from cryptography import x509
+
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def make_tls(folder: Path, hosts: Sequence[str] = ()) -> dict[str, Path]:
+    """A self-signed CA and a server certificate signed by it (PEM files).
+
+    The certificate is valid for 127.0.0.1, localhost and every name or IP in ``hosts``: the
+    addresses the SuperNodes of other machines use to reach the SuperLink.
+    """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -112,14 +127,14 @@ def make_tls(folder: Path) -> dict[str, Path]:
     srv_key = key()
     srv = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0] if hosts else "127.0.0.1")]))
         .issuer_name(ca_name)
         .public_key(srv_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=30))
         .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName([_san(h) for h in dict.fromkeys(["localhost", "127.0.0.1", *hosts])]),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -492,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
+    certs = sub.add_parser("certs", help="a CA and a SuperLink certificate for the given host names / IPs")
+    certs.add_argument("--dir", required=True, help="where ca.crt, server.crt and server.key are written")
+    certs.add_argument("--host", action="append", default=[], help="the SuperLink's name or IP (repeatable)")
     for name in ("up", "run", "request", "status", "down", "demo"):
         p = sub.add_parser(name)
         p.add_argument("--dir", default=str(PROJECT_ROOT / "results" / "deploy"))
@@ -516,6 +534,13 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--site", required=True)
             p.add_argument("--reason", default="")
     args = ap.parse_args(argv)
+    if args.cmd == "certs":
+        paths = make_tls(Path(args.dir), args.host)
+        print(
+            f"CA {paths['ca']} (give it to every site); SuperLink certificate {paths['cert']} and key "
+            f"{paths['key']} for {', '.join(['localhost', '127.0.0.1', *args.host])}"
+        )
+        return 0
     if args.cmd in ("up", "demo"):
         dep = Deployment(
             args.dir,

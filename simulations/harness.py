@@ -111,10 +111,13 @@ def progress(done: int, total: int, label: str, started: float) -> None:
     print(f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label} ({elapsed:.0f} s{eta})", flush=True)
 
 
-def run_cell(engine: str, out: Path, num_clients: int, overrides: str) -> int:
+def run_cell(engine: str, out: Path, num_clients: int, overrides: str, ray_address: str = "") -> int:
     """Run one experiment into ``out``; returns 0 on success."""
     if engine == "ray":
-        return run_one(["--num-clients", str(num_clients), "--results-dir", str(out), "--run-config", overrides])
+        cluster = ["--ray-address", ray_address] if ray_address else []
+        return run_one(
+            ["--num-clients", str(num_clients), "--results-dir", str(out), "--run-config", overrides, *cluster]
+        )
     from .inprocess import run_inprocess
 
     try:
@@ -179,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         help="ray: flwr run on the Ray simulation engine; inprocess: same apps, no SuperLink/Ray",
     )
     ap.add_argument("--run-config", default="", help="overrides shared by every cell")
+    ap.add_argument("--ray-address", default="", help="with --engine ray: an existing Ray cluster's head (host:port)")
     ap.add_argument(
         "--audit-references",
         type=int,
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"audit.references={args.audit_references} "
                 f"{SCENARIOS[scenario]} {args.run_config}"
             ).strip()
-            code = run_cell(args.engine, out, args.num_clients, rc)
+            code = run_cell(args.engine, out, args.num_clients, rc, args.ray_address)
             if code != 0:
                 print(
                     f"{scenario} / {method} / seed {seed}: run failed (exit {code}); finished cells are kept, "

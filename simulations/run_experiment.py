@@ -252,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results-dir", default=str(PROJECT_ROOT / "results"), help="where results go (default ./results)")
     ap.add_argument("--flwr-home", default="", help="FLWR_HOME to use (default: a fresh one under results-dir)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is abandoned")
+    ap.add_argument(
+        "--ray-address",
+        default="",
+        help="an existing Ray cluster to run the simulation on (host:port of its head, as `ray start --head` "
+        "prints); default: a private Ray instance",
+    )
     ap.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = ap.parse_args(argv)
     if args.num_clients < 2:
@@ -263,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(flwr_home)
     ray_tmp = Path(tempfile.mkdtemp(prefix="fu-ray-"))
     env = quiet_env(flwr_home, ray_tmp)
+    if args.ray_address:
+        # Flower's Ray backend calls ray.init(), which joins the cluster named by RAY_ADDRESS
+        env["RAY_ADDRESS"] = args.ray_address
+        env.pop("RAY_TMPDIR", None)  # the cluster's own session directory is used
     env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
     env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
     (flwr_home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')

@@ -186,3 +186,42 @@ def test_seed_methods_through_flwr_run(tmp_path, method, extra):
     else:
         assert res["config"]["fastclip.bound"] == 2.0
         assert unl["average-gap"] < orig["average-gap"]
+
+
+@pytest.mark.e2e
+def test_a_simulation_runs_on_an_existing_ray_cluster_with_the_same_numbers(tmp_path):
+    import os
+    import shutil
+    import tempfile
+
+    from simulations.run_experiment import executable, free_port
+
+    port = free_port()
+    ray_dir = Path(tempfile.mkdtemp(prefix="fu-rh-"))  # short: Ray's unix sockets live there
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    head = [executable("ray"), "start", "--head", "--port", str(port), "--num-cpus", "2"]
+    head += ["--include-dashboard", "false", "--temp-dir", str(ray_dir), "--disable-usage-stats"]
+    subprocess.run(head, env=env, check=True, capture_output=True, timeout=180)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "simulations.run_experiment", "--num-clients", "3", "--results-dir"]
+            + [str(tmp_path), "--run-config", SMALL, "--ray-address", f"127.0.0.1:{port}", "--timeout", "600"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        # the run's driver attached to this cluster (a private Ray would log elsewhere)
+        assert list((ray_dir / "session_latest" / "logs").glob("python-core-driver-*"))
+    finally:
+        subprocess.run([executable("ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    (res_file,) = tmp_path.glob("*/results.json")
+    res = json.loads(res_file.read_text())
+    from simulations.inprocess import run_inprocess
+
+    local = run_inprocess(str(ROOT), 3, f"{SMALL} results-dir='{tmp_path / 'local'}'")
+    for model in ("original", "unlearned", "gold"):
+        for key, value in res["report"][model].items():
+            assert local["report"][model][key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), (model, key)
