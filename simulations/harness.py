@@ -266,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.audit_references:
         sections.append(leakage_section(stats, runs, args.audit_references))
         sc0 = next(iter(runs))
-        plot_harness_roc(dest / f"harness_roc_{sc0}.png", runs[sc0], title=f"RMIA on the forget set: {sc0}, seed {args.seeds[0]}")
+        plot_harness_roc(
+            dest / f"harness_roc_{sc0}.png", runs[sc0], title=f"RMIA on the forget set: {sc0}, seed {args.seeds[0]}"
+        )
     for sc in stats:
         desc = next(iter(runs[sc].values()))[0]["deletion"]
         row = (
