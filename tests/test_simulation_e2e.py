@@ -109,6 +109,8 @@ def test_harness_grid_is_summarised_resumable_and_engine_independent(tmp_path):
         "1",
         "--num-clients",
         "3",
+        "--audit-references",
+        "2",
         "--run-config",
         "dataset='digits' num-server-rounds=5 unlearn.round=3 unlearn.recovery='until-gold'",
     ]
@@ -134,10 +136,9 @@ def test_harness_grid_is_summarised_resumable_and_engine_independent(tmp_path):
     for f in ("harness.png", "harness_samples-random.png", "harness.csv", "harness.md"):
         assert (out / f).is_file()
     cached = [p.name for p in (tmp_path / "ray" / "gold-cache").iterdir()]
-    # one gold and one original federation per seed, shared by both methods
-    assert (
-        sum(not n.startswith("original-") for n in cached) == 2 and sum(n.startswith("original-") for n in cached) == 2
-    )
+    # one gold, one original and two reference federations per seed, shared by both methods
+    kinds = [n.split("-")[0] if n.startswith(("original-", "reference-")) else "gold" for n in cached]
+    assert (kinds.count("gold"), kinds.count("original"), kinds.count("reference")) == (2, 2, 4)
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("already done, skipped") == 4
     local = subprocess.run(
@@ -159,7 +160,7 @@ def test_harness_grid_is_summarised_resumable_and_engine_independent(tmp_path):
     assert local.returncode == 0, local.stderr[-3000:]
     same = json.loads((tmp_path / "local" / "harness" / "harness.json").read_text())["statistics"]["samples-random"]
     for col in stats:
-        for key in ("test-acc", "forget-acc", "mia-auc", "kl-forget", "l2-to-gold", "relearn-steps"):
+        for key in ("test-acc", "forget-acc", "mia-auc", "kl-forget", "l2-to-gold", "relearn-steps", "rmia-auc"):
             assert same[col][key]["mean"] == pytest.approx(stats[col][key]["mean"], abs=1e-9), (col, key)
 
 
