@@ -350,3 +350,56 @@ def leakage_summary(
                 row[f"{a}-vs-{target}-auc"] = roc_auc(members, np.asarray(scores[target][f"{a}-forget"]))
         out[name] = row
     return out
+
+
+def erasure_verdict(after: Mapping[str, float], gold: Mapping[str, float] | None = None) -> tuple[bool | None, str]:
+    """Whether RMIA still finds erased training samples, in words, from :func:`leakage_summary` figures.
+
+    The yardstick is the gold's TPR at 1 % FPR, or chance without a gold: on a model that never
+    saw the samples, members and non-members are exchangeable and any attack's TPR equals its
+    FPR. With few unseen samples the threshold's own false-positive rate is uncertain (up to
+    ``rmia-tpr@1%-fpr-high``), so the TPR's lower bound must exceed that too before anything
+    is claimed.
+
+    Returns
+    -------
+    (bool or None, str)
+        ``True`` consistent with erasure, ``False`` not, ``None`` too few samples to tell; the sentence.
+    """
+    goal = float(gold["rmia-tpr@1%"]) if gold is not None else 0.01
+    name = "the gold model (retrained without the site)" if gold is not None else "chance (TPR = FPR)"
+    low, high = after.get("rmia-tpr@1%-low", float("nan")), after.get("rmia-tpr@1%-high", float("nan"))
+    bar = max(goal, after.get("rmia-tpr@1%-fpr-high", 0.01))
+    counts = f"{int(after['members'])} training samples, {int(after['nonmembers'])} unseen"
+    if not np.isfinite(low):
+        return None, f"too few samples to read RMIA at 1 % FPR ({counts})"
+    tpr = after["rmia-tpr@1%"]
+    if low <= bar:
+        return True, (
+            "consistent with erasure: RMIA does not find the site's training samples more often than "
+            f"{name} within what {counts} can show: TPR at 1 % FPR {tpr:.3f} "
+            f"(95 % CI {low:.3f}-{high:.3f}) vs {goal:.3f} (the threshold's own FPR may be up to {bar:.3f})"
+        )
+    return False, (
+        "NOT CONSISTENT WITH ERASURE: RMIA still finds the site's training samples more often than "
+        f"{name}: TPR at 1 % FPR {tpr:.3f} (95 % CI {low:.3f}-{high:.3f}, {counts}) "
+        f"vs {goal:.3f} (the threshold's own FPR at most {bar:.3f})"
+    )
+
+
+def roc_on_grid(
+    scores: Mapping[str, Mapping[str, np.ndarray]], attack: str = "rmia", points: int = 61
+) -> dict[str, dict[str, list[float]]]:
+    """``model -> {fpr, tpr}`` of one attack on log-spaced FPRs from 0.001 to 1 (what the ROC plots draw).
+
+    Below one non-member (FPR < 1 / non-members) the curve is not measured: ``nan``, not
+    extrapolated.
+    """
+    grid_fpr = np.logspace(-3, 0, points)
+    out = {}
+    for name, s in scores.items():
+        fpr, tpr = roc_points(s[f"{attack}-forget"], s[f"{attack}-heldout"])
+        curve = np.interp(grid_fpr, fpr, tpr)
+        curve[grid_fpr < 1.0 / max(len(s[f"{attack}-heldout"]), 1)] = np.nan
+        out[name] = {"fpr": grid_fpr.tolist(), "tpr": curve.tolist()}
+    return out

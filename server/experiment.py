@@ -34,7 +34,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from fed_unlearn import protocol as P
-from fed_unlearn.attacks import ATTACKS, leakage_summary, roc_points
+from fed_unlearn.attacks import ATTACKS, leakage_summary, roc_on_grid
 from fed_unlearn.config import ExperimentConfig
 from fed_unlearn.evaluation import summarise
 from fed_unlearn.flower import (
@@ -488,7 +488,7 @@ def reference_federations(
     return refs, cost
 
 
-def attack_scores(
+def strong_audit_scores(
     grid: Grid,
     node_of: dict[int, int],
     arrays: ArrayRecord,
@@ -531,21 +531,6 @@ def attack_scores(
                 raise RuntimeError(f"client {cid} sent non-finite attack scores ({k})")
             pooled[k].extend(values.tolist())
     return {k: np.asarray(v) for k, v in pooled.items()}
-
-
-def roc_curves(
-    scores: Mapping[str, Mapping[str, np.ndarray]], attack: str = "rmia", points: int = 61
-) -> dict[str, dict[str, list[float]]]:
-    """``model -> {fpr, tpr}`` of one attack on log-spaced FPRs (what the ROC plot draws)."""
-    grid_fpr = np.logspace(-3, 0, points)
-    out = {}
-    for name, s in scores.items():
-        fpr, tpr = roc_points(s[f"{attack}-forget"], s[f"{attack}-heldout"])
-        curve = np.interp(grid_fpr, fpr, tpr)
-        # below one non-member the curve is not measured: not drawn rather than extrapolated
-        curve[grid_fpr < 1.0 / max(len(s[f"{attack}-heldout"]), 1)] = np.nan
-        out[name] = {"fpr": grid_fpr.tolist(), "tpr": curve.tolist()}
-    return out
 
 
 class RecoveryRule:
@@ -783,13 +768,13 @@ def run_experiment(
     if cfg.audit.references:
         references, ref_cost = reference_federations(grid, cfg, clients, initial, architecture)
         scores = {
-            name: attack_scores(grid, node_of, arrays, references, cfg.data.seed, cfg.federation.round_timeout)
+            name: strong_audit_scores(grid, node_of, arrays, references, cfg.data.seed, cfg.federation.round_timeout)
             for name, arrays in models.items()
         }
         figures = leakage_summary(scores, target="gold")
         for name, row in figures.items():
             report[name].update({k: v for k, v in row.items() if k in LEAKAGE_REPORT_KEYS})
-        leakage = {"figures": figures, "roc": {a: roc_curves(scores, a) for a in ATTACKS}, "references": ref_cost}
+        leakage = {"figures": figures, "roc": {a: roc_on_grid(scores, a) for a in ATTACKS}, "references": ref_cost}
     weights = {name: to_weights(arrays) for name, arrays in models.items()}
     for name, metrics in report.items():
         metrics["average-gap"] = average_gap(metrics, report["gold"])

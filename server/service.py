@@ -39,13 +39,12 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
 from fed_unlearn import protocol as P
-from fed_unlearn.attacks import ATTACKS, leakage_summary
+from fed_unlearn.attacks import ATTACKS, erasure_verdict, leakage_summary, roc_on_grid
 from fed_unlearn.certificate import load_or_create_key, render_html, sign
 from fed_unlearn.config import ExperimentConfig, ServiceConfig
 from fed_unlearn.erasure import RequestError, SiteRegistry, parse_request
@@ -61,7 +60,6 @@ from fed_unlearn.unlearning import make_method, method_class, online_methods
 
 from .experiment import (
     ClientInfo,
-    attack_scores,
     discover_clients,
     gold_federation,
     initial_model,
@@ -69,7 +67,7 @@ from .experiment import (
     measure,
     new_strategy,
     reference_federations,
-    roc_curves,
+    strong_audit_scores,
 )
 
 #: Requests taken from one site's poll per round (the rest wait for the next poll).
@@ -476,42 +474,20 @@ class ErasureService:
         seed, timeout = self.cfg.data.seed, self.cfg.federation.round_timeout
 
         def scores(model: ArrayRecord) -> dict[str, Any]:
-            return attack_scores(self.grid, reach, model, refs, seed, timeout, [cid])
+            return strong_audit_scores(self.grid, reach, model, refs, seed, timeout, [cid])
 
         audited = {"after": scores(arrays)}
         if gold is not None:
             audited["gold"] = scores(gold)
-        # the yardstick: the gold's figure, or chance — on a model that never saw the samples,
-        # members and non-members are exchangeable and any attack's TPR equals its FPR
-        target = "gold" if gold is not None else None
-        figures = leakage_summary(audited, target=target)
-        after = figures["after"]
-        goal = figures["gold"]["rmia-tpr@1%"] if gold is not None else 0.01
-        goal_name = "the gold model (retrained without the site)" if gold is not None else "chance (TPR = FPR)"
-        low, high = after.get("rmia-tpr@1%-low", float("nan")), after.get("rmia-tpr@1%-high", float("nan"))
-        # the threshold's own false-positive rate is uncertain with few unseen samples: up to fpr_high
-        bar = max(goal, after.get("rmia-tpr@1%-fpr-high", 0.01))
-        counts = f"{int(after['members'])} training samples, {int(after['nonmembers'])} unseen"
-        if not np.isfinite(low):
-            verdict = f"too few samples to read RMIA at 1 % FPR ({counts})"
-        elif low <= bar:
-            verdict = (
-                "consistent with erasure: RMIA does not find the site's training samples more often than "
-                f"{goal_name} within what {counts} can show: TPR at 1 % FPR {after['rmia-tpr@1%']:.3f} "
-                f"(95 % CI {low:.3f}-{high:.3f}) vs {goal:.3f} (the threshold's own FPR may be up to {bar:.3f})"
-            )
-        else:
-            verdict = (
-                "NOT CONSISTENT WITH ERASURE: RMIA still finds the site's training samples more often than "
-                f"{goal_name}: TPR at 1 % FPR {after['rmia-tpr@1%']:.3f} (95 % CI {low:.3f}-{high:.3f}, {counts}) "
-                f"vs {goal:.3f} (the threshold's own FPR at most {bar:.3f})"
-            )
-        roc = roc_curves(audited, "rmia")
+        figures = leakage_summary(audited, target="gold" if gold is not None else None)
+        consistent, verdict = erasure_verdict(figures["after"], figures.get("gold"))
+        roc = roc_on_grid(audited, "rmia")
         png = self.state_dir / "audit" / f"{req.id}.roc.png"
         plot_roc(png, roc, title=f"RMIA on the training samples of site {req.site}")
         strong = {
             "figures": figures,
-            "target": goal_name,
+            "target": "the gold model (retrained without the site)" if gold is not None else "chance (TPR = FPR)",
+            "consistent-with-erasure": consistent,
             "keys": [
                 "members",
                 "nonmembers",

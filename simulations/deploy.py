@@ -264,15 +264,7 @@ class Deployment:
 
     def start_superlink(self, timeout: float = 90.0) -> int:
         """Start the SuperLink and wait until its API answers; returns its PID."""
-        proc = subprocess.Popen(
-            self.superlink_cmd(),
-            env=self.env(),
-            cwd=str(PROJECT_ROOT),
-            stdout=self._log("superlink"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.pids["superlink"] = proc.pid
+        proc = self._spawn("superlink", self.superlink_cmd())
         self.save()
         deadline = time.monotonic() + timeout
         ctx = ssl.create_default_context(cafile=str(self.root / "certs" / "ca.crt")) if self.tls else None
@@ -326,28 +318,25 @@ class Deployment:
         """Start one site's SuperNode; returns its PID."""
         self.inbox(site).mkdir(parents=True, exist_ok=True)
         port = free_port()
+        pid = self._spawn(f"supernode-{site}", self.supernode_cmd(site, port)).pid
+        if self.executor == "warm":  # the SuperNode expects its SuperExec to be started next to it
+            cmd = [sys.executable, "-m", "fed_unlearn.flower.warm_superexec", "--runtime-api-address"]
+            self._spawn(f"superexec-{site}", [*cmd, f"127.0.0.1:{port}", "--insecure", "--parent-pid", str(pid)])
+        self.save()
+        return pid
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        """Start a process in its own session, logging to ``logs/<name>.log``; recorded in ``pids``."""
         proc = subprocess.Popen(
-            self.supernode_cmd(site, port),
+            cmd,
             env=self.env(),
             cwd=str(PROJECT_ROOT),
-            stdout=self._log(f"supernode-{site}"),
+            stdout=self._log(name),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self.pids[f"supernode-{site}"] = proc.pid
-        if self.executor == "warm":  # the SuperNode expects its SuperExec to be started next to it
-            exe = subprocess.Popen(
-                [sys.executable, "-m", "fed_unlearn.flower.warm_superexec", "--runtime-api-address"]
-                + [f"127.0.0.1:{port}", "--insecure", "--parent-pid", str(proc.pid)],
-                env=self.env(),
-                cwd=str(PROJECT_ROOT),
-                stdout=self._log(f"superexec-{site}"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            self.pids[f"superexec-{site}"] = exe.pid
-        self.save()
-        return proc.pid
+        self.pids[name] = proc.pid
+        return proc
 
     def restart_supernode(self, site: str, timeout: float = 240.0, settle: float = 10.0) -> int:
         """Restart a site's SuperNode the way a process supervisor would, until it stays up.

@@ -145,3 +145,35 @@ def test_leakage_summary_reads_each_attack_and_compares_with_the_gold():
     assert 0.45 < g["rmia-auc"] < 0.55 and g["rmia-tpr@1%-low"] <= 0.01 <= g["rmia-tpr@1%-high"]
     assert u["rmia-vs-gold-auc"] == 1.0 and u["lira-vs-gold-auc"] == 0.5  # identical LiRA scores
     assert "rmia-vs-gold-auc" not in g and u["members"] == 1000 and u["nonmembers"] == 1000
+
+
+def test_the_erasure_verdict_reads_the_tpr_bound_against_the_gold_or_chance_and_the_thresholds_uncertainty():
+    def fig(tpr, low, high, fpr_high, members=500, nonmembers=1000):
+        return {
+            "rmia-tpr@1%": tpr,
+            "rmia-tpr@1%-low": low,
+            "rmia-tpr@1%-high": high,
+            "rmia-tpr@1%-fpr-high": fpr_high,
+            "members": members,
+            "nonmembers": nonmembers,
+        }
+
+    ok, text = A.erasure_verdict(fig(0.012, 0.005, 0.025, 0.018))
+    assert ok is True and text.startswith("consistent with erasure") and "chance" in text
+    bad, text = A.erasure_verdict(fig(0.20, 0.16, 0.24, 0.018))
+    assert bad is False and text.startswith("NOT CONSISTENT WITH ERASURE") and "500 training samples" in text
+    # few non-members: the threshold's own FPR may be up to 4.6 %, so a 4 % lower bound proves nothing
+    assert A.erasure_verdict(fig(0.06, 0.04, 0.08, 0.046, nonmembers=120))[0] is True
+    # against the gold: the gold itself finds 15 %, so 16 % with lower bound 12 % is consistent
+    assert A.erasure_verdict(fig(0.16, 0.12, 0.2, 0.018), gold={"rmia-tpr@1%": 0.15})[0] is True
+    assert A.erasure_verdict(fig(float("nan"), float("nan"), float("nan"), float("nan"), nonmembers=50))[0] is None
+
+
+def test_roc_on_grid_interpolates_and_leaves_unmeasured_rates_out():
+    rng = np.random.default_rng(1)
+    scores = {"m": {"rmia-forget": rng.normal(1, 1, 300), "rmia-heldout": rng.normal(0, 1, 100)}}
+    c = A.roc_on_grid(scores, "rmia", points=31)["m"]
+    fpr, tpr = np.array(c["fpr"]), np.array(c["tpr"])
+    assert fpr[0] == pytest.approx(1e-3) and fpr[-1] == pytest.approx(1.0) and tpr[-1] == pytest.approx(1.0)
+    assert np.all(np.isnan(tpr[fpr < 0.01])) and not np.any(np.isnan(tpr[fpr >= 0.01]))
+    assert np.all(np.diff(tpr[fpr >= 0.01]) >= 0)  # a ROC curve never falls

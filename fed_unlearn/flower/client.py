@@ -358,7 +358,10 @@ class _Helper:
     def _train_reply(self, msg: Message, context: Context, which: str) -> Message:
         cfg = self.config(msg)
         train, _ = self.data(context)
-        data = self.part(context, train, which, cfg)
+        return self._trained(msg, context, self.part(context, train, which, cfg), cfg)
+
+    def _trained(self, msg: Message, context: Context, data: ArrayDataset, cfg: Mapping[str, Any]) -> Message:
+        """Train the message's model on ``data``; the reply a training message expects."""
         model = self.model(self.arrays(msg), context)
         metrics = self._train(model, data, cfg, context)
         if bool(cfg.get(P.KEEP_LAST_LOCAL, False)):
@@ -372,11 +375,8 @@ class _Helper:
         cfg = self.config(msg)
         train, _ = self.data(context)
         index = int(cfg[P.REFERENCE_INDEX])
-        data = train.subset(np.flatnonzero(self.reference_masks(context, len(train), cfg)[index]))
-        model = self.model(self.arrays(msg), context)
-        metrics = self._train(model, data, cfg, context)
-        return Message(
-            RecordDict({self.array_key(msg): ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg
+        return self._trained(
+            msg, context, train.subset(np.flatnonzero(self.reference_masks(context, len(train), cfg)[index])), cfg
         )
 
     @staticmethod
