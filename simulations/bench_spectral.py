@@ -7,6 +7,8 @@ prints the median time of :func:`fed_unlearn.spectral.analyze` and, when the opt
 ``weightwatcher`` package is importable, WeightWatcher's time on the same model, the
 time ratio, and the largest |alpha difference| over the layers both fit with the
 same estimator (>= 50 eigenvalues; WeightWatcher fits smaller layers differently).
+For the largest model it then splits the single-threaded work into its two parts, the
+eigenvalues (LAPACK) and the power-law fits, to show what bounds the time.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import torchvision
 
     from fed_unlearn.models import build_model
-    from fed_unlearn.spectral import analyze
+    from fed_unlearn.spectral import analyze, eigenvalues, fit_power_law
 
     try:
         import weightwatcher as ww
@@ -69,6 +71,17 @@ def main(argv: list[str] | None = None) -> int:
             diff = max(abs(a - b) for a, b in zip(mine, theirs, strict=True)) if same_layers else float("nan")
             line += f" {t_ww:>16.3f} {t_ww / t_ours:>8.1f}x {diff:>14.2e}"
         print(line)
+    # where the time goes, on one thread: eigenvalues (LAPACK) vs the power-law fits
+    name, model = list(models.items())[-1]
+    mats = [w.numpy() for k, w in model.state_dict().items() if k.endswith("weight") and w.ndim in (2, 4)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t_eig, evs = _median_time(lambda: [eigenvalues(w, "single") for w in mats], args.repeats)
+        t_fit, _ = _median_time(lambda: [fit_power_law(ev) for ev in evs if len(ev) >= 10], args.repeats)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"{name}, one thread: eigenvalues {t_eig:.3f} s, power-law fits {t_fit:.3f} s")
     if ww is None:
         print("(weightwatcher not installed: pip install weightwatcher for the cross-check)")
     return 0

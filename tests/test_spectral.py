@@ -38,15 +38,80 @@ def test_hill_estimator_hand_computed():
     assert fit.alpha == pytest.approx(candidates[fit.xmin])
 
 
-def test_eigenvalues_are_squared_singular_values():
+def exhaustive_fit(values):
+    """The textbook scan: every candidate x_min, the KS distance over its whole tail."""
+    x = np.sort(np.asarray(values, dtype=np.float64))
+    x = x[x > 0]
+    n, logx, best = len(x), np.log(x), None
+    for i in range(n):
+        if (i > 0 and x[i] == x[i - 1]) or x[i] == x[-1]:
+            continue
+        m = n - i
+        alpha = 1.0 + m / (logx[i:].sum() - m * logx[i])
+        fit_cdf = 1.0 - np.exp((1.0 - alpha) * (logx[i:] - logx[i]))
+        d = float(np.abs(fit_cdf - np.arange(m) / m).max())
+        if best is None or d < best[0] - 1e-12:
+            best = (d, alpha, x[i])
+    return best
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_fast_scan_finds_the_exhaustive_scans_fit(case):
+    rng = np.random.default_rng(100 + case)
+    n = int(rng.integers(30, 3000))
+    kind = case % 4
+    if kind == 0:  # Marchenko-Pastur bulk (a random layer)
+        w = rng.normal(size=(n, max(10, n // 3)))
+        values = np.linalg.eigvalsh(w.T @ w / n)
+    elif kind == 1:
+        values = pareto(rng.uniform(1.5, 6.0), n, seed=case)
+    elif kind == 2:  # bulk + heavy tail
+        values = np.r_[rng.uniform(0.01, 1.0, n), pareto(2.5, n // 4, seed=case)]
+    else:  # ties (rounded values) and a few identical maxima
+        values = np.r_[np.round(pareto(3.0, n, seed=case), 2), [50.0] * 3]
+    fit, (d, alpha, xmin) = fit_power_law(values), exhaustive_fit(values)
+    assert fit.xmin == xmin
+    assert fit.alpha == pytest.approx(alpha, rel=1e-12)
+    assert fit.ks_distance == pytest.approx(d, rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize("precision", ["double", "single"])
+def test_eigenvalues_are_squared_singular_values(precision):
+    tol = {"double": dict(rtol=1e-9), "single": dict(rtol=1e-4, atol=1e-5)}[precision]
     w = np.random.default_rng(3).normal(size=(7, 12))
-    np.testing.assert_allclose(eigenvalues(w), np.sort(np.linalg.svd(w, compute_uv=False) ** 2), rtol=1e-9)
+    np.testing.assert_allclose(eigenvalues(w, precision), np.sort(np.linalg.svd(w, compute_uv=False) ** 2), **tol)
     conv = np.random.default_rng(4).normal(size=(8, 5, 3, 3))
     pooled = np.sort(
         np.concatenate([np.linalg.svd(conv[:, :, i, j], compute_uv=False) ** 2 for i in range(3) for j in range(3)])
     )
-    np.testing.assert_allclose(eigenvalues(conv), pooled, rtol=1e-9)
-    assert len(eigenvalues(np.zeros((20, 20)))) == 0  # all below the 1e-5 floor
+    np.testing.assert_allclose(eigenvalues(conv, precision), pooled, **tol)
+    assert len(eigenvalues(np.zeros((20, 20)), precision)) == 0  # all below the 1e-5 floor
+    with pytest.raises(ValueError, match="precision"):
+        eigenvalues(w, "half")
+
+
+def test_analysis_does_not_depend_on_workers_and_matches_double_precision():
+    rng = np.random.default_rng(6)
+    weights = {f"l{k}.weight": rng.standard_t(df=3 + k, size=(300, 200 + 10 * k)) for k in range(4)}
+    weights["conv.weight"] = rng.normal(size=(64, 48, 3, 3))
+    one, two = analyze(weights, workers=1), analyze(weights, workers=2)
+    assert one == two
+    for s in one:
+        exact = fit_power_law(eigenvalues(weights[f"{s.layer}.weight"], "double"))
+        assert abs(s.alpha - exact.alpha) < 0.05
+
+
+def test_a_tail_reaching_far_below_the_top_is_fitted_in_double_precision():
+    # a pure power law over eight decades: the fitted tail starts ~1e-8 of lambda_max, where
+    # single-precision eigenvalues are noise; the analysis must redo the layer in double
+    rng = np.random.default_rng(7)
+    q, _ = np.linalg.qr(rng.normal(size=(400, 400)))
+    sigma = np.sqrt(np.logspace(-4, 4, 400))
+    w = q * sigma  # singular values sigma exactly
+    (s,) = analyze({"w.weight": w})
+    exact = fit_power_law(eigenvalues(w, "double"))
+    assert s.xmin < 1e-3 * 1e4
+    assert s.alpha == pytest.approx(exact.alpha, abs=1e-9) and s.num_eigenvalues == len(eigenvalues(w, "double"))
 
 
 def test_heavy_tailed_matrix_gets_smaller_exponent_than_gaussian():
