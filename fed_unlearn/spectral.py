@@ -228,8 +228,9 @@ class StabilityGate:
             raise ValueError(f"nu_unfit must be in [nu_min, 1], got {self.nu_unfit}")
 
     def _g(self, alpha: np.ndarray) -> np.ndarray:
-        lo = 1.0 / (1.0 + np.exp(-(alpha - self.alpha_low) / self.tau))
-        hi = 1.0 / (1.0 + np.exp(-(self.alpha_high - alpha) / self.tau))
+        # logistic sigmoid as 0.5 (1 + tanh(z / 2)): the same function, no overflow for alpha in the hundreds
+        lo = 0.5 * (1.0 + np.tanh((alpha - self.alpha_low) / (2.0 * self.tau)))
+        hi = 0.5 * (1.0 + np.tanh((self.alpha_high - alpha) / (2.0 * self.tau)))
         return lo * hi
 
     def __call__(self, alpha: float | np.ndarray) -> float | np.ndarray:

@@ -53,6 +53,22 @@ from .run_experiment import PROJECT_ROOT, executable, free_port, quiet_env
 FEDERATION = "deploy"
 
 
+def exited(pid: int) -> bool:
+    """Whether ``pid`` has ended: reaped if it is this process's child, or gone / a zombie otherwise.
+
+    ``os.kill(pid, 0)`` alone succeeds on a zombie, so an unreaped child would look alive.
+    """
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return True
+    except ChildProcessError:
+        pass  # not our child: ask /proc
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return True
+
+
 def descendants(pid: int) -> list[int]:
     """Every live descendant of ``pid`` (Linux ``/proc``), children first-level before theirs.
 
@@ -350,11 +366,7 @@ class Deployment:
         while True:
             pid = self.start_supernode(site)
             time.sleep(settle)
-            try:
-                exited = os.waitpid(pid, os.WNOHANG)[0] == pid
-            except ChildProcessError:
-                exited = True
-            if not exited or time.monotonic() > deadline:
+            if not exited(pid) or time.monotonic() > deadline:
                 return pid
             time.sleep(settle)
 
@@ -479,12 +491,10 @@ class Deployment:
                     os.killpg(pid, sig)
                 except ProcessLookupError:
                     break
-                for _ in range(20):
-                    try:
-                        os.kill(pid, 0)
-                    except ProcessLookupError:
+                for _ in range(50):
+                    if exited(pid):
                         break
-                    time.sleep(0.25)
+                    time.sleep(0.1)
                 else:
                     continue
                 break

@@ -375,3 +375,32 @@ def test_the_calibration_handler_measures_every_scale_from_the_same_base(default
     for key in ("forget-loss-sum", "forget-correct", "heldout-loss-sum", "heldout-correct"):
         assert together[key][2] == pytest.approx(alone[key][0]), key
     assert together["forget-loss-sum"][0] != pytest.approx(together["forget-loss-sum"][2])
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("amun", {"fastclip.bound": 2.0}),  # AMUN's smoothness condition via FastClip
+        ("trw", {"unlearn.scenario": "class", "unlearn.class": 3}),
+        ("mpru", {"unlearn.scenario": "class", "unlearn.class": 3}),
+    ],
+)
+def test_seed_methods_move_toward_gold(default_run_config, tmp_path, method, extra):
+    rc = {
+        **default_run_config,
+        "dataset": "digits",
+        "num-server-rounds": 5,
+        "unlearn.round": 3,
+        "unlearn.method": method,
+        **extra,
+    }
+    res, _ = run(rc, 3, tmp_path)
+    orig, unl, gold = (res["report"][k] for k in ("original", "unlearned", "gold"))
+    assert res["method"]["name"] == method
+    assert abs(unl["forget-acc"] - gold["forget-acc"]) < abs(orig["forget-acc"] - gold["forget-acc"])
+    if method in ("trw", "mpru"):
+        assert unl["forget-acc"] < 0.05 and "mia-nn-auc" in unl and "tv-forget" in unl
+        assert res["recovery"]["unlearning-rounds"] == (2 if method == "trw" else 1)
+    else:
+        assert res["config"]["fastclip.bound"] == 2.0
+        assert unl["average-gap"] < orig["average-gap"]

@@ -1,5 +1,9 @@
 """End to end through `flwr run` on Flower's Ray simulation engine (slow: ~30-60 s each).
 
+The methods themselves are tested on the in-process engine (tests/test_experiment.py), which
+runs the same ClientApp code; here: the launcher, Ray (private and an existing cluster), the
+harness across engines, with the same numbers as in-process.
+
 The launcher starts a private SuperLink, submits the app with `flwr run`, and
 reports the run's final status (not `flwr run`'s exit code, which is 0 even for a
 failed run).
@@ -10,12 +14,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = "dataset='digits' num-server-rounds=4 unlearn.round=3 unlearn.recovery='fixed'"
+# a method with a client routine and two unlearning rounds (class deletion)
+TRW = "dataset='digits' num-server-rounds=5 unlearn.round=3 unlearn.method='trw' unlearn.scenario='class'"
+TRW += " unlearn.class=3"
 
 
 def launch(tmp_path: Path, run_config: str, clients: int = 3) -> subprocess.CompletedProcess:
@@ -80,19 +88,6 @@ def test_failed_run_is_reported_as_failed(tmp_path):
     )
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "finished:failed" in proc.stdout and "no connected node has partition-id=9" in proc.stderr
-
-
-@pytest.mark.e2e
-def test_sragu_through_flwr_run_on_the_embedded_dataset(tmp_path):
-    proc = launch(tmp_path, "unlearn.method='sragu'", clients=5)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (res_file,) = tmp_path.glob("*/results.json")
-    res = json.loads(res_file.read_text())
-    orig, unl, gold = (res["report"][k] for k in ("original", "unlearned", "gold"))
-    for key in ("test-acc", "forget-acc", "mia-auc", "kl-forget", "disagree-forget", "kl-test", "disagree-test"):
-        assert all(key in m for m in (orig, unl, gold))
-    assert abs(unl["mia-auc"] - gold["mia-auc"]) < abs(orig["mia-auc"] - gold["mia-auc"])
-    assert {layer["layer"] for layer in res["unlearning"]["layers"]} == {"net.1", "net.3", "net.5"}
 
 
 @pytest.mark.e2e
@@ -164,29 +159,35 @@ def test_harness_grid_is_summarised_resumable_and_engine_independent(tmp_path):
             assert same[col][key]["mean"] == pytest.approx(stats[col][key]["mean"], abs=1e-9), (col, key)
 
 
-@pytest.mark.e2e
-@pytest.mark.parametrize(
-    "method, extra",
-    [
-        ("amun", "fastclip.bound=2.0"),  # AMUN's smoothness condition via FastClip (augmentation: test_experiment.py)
-        ("trw", "unlearn.scenario='class' unlearn.class=3"),
-        ("mpru", "unlearn.scenario='class' unlearn.class=3"),
-    ],
-)
-def test_seed_methods_through_flwr_run(tmp_path, method, extra):
-    proc = launch(tmp_path, f"dataset='digits' num-server-rounds=5 unlearn.round=3 unlearn.method='{method}' {extra}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (res_file,) = tmp_path.glob("*/results.json")
-    res = json.loads(res_file.read_text())
-    orig, unl, gold = (res["report"][k] for k in ("original", "unlearned", "gold"))
-    assert res["method"]["name"] == method
-    assert abs(unl["forget-acc"] - gold["forget-acc"]) < abs(orig["forget-acc"] - gold["forget-acc"])
-    if method in ("trw", "mpru"):
-        assert unl["forget-acc"] < 0.05 and "mia-nn-auc" in unl and "tv-forget" in unl
-        assert res["recovery"]["unlearning-rounds"] == (2 if method == "trw" else 1)
-    else:
-        assert res["config"]["fastclip.bound"] == 2.0
-        assert unl["average-gap"] < orig["average-gap"]
+def stop_ray_head(ray_dir: Path, port: int) -> None:
+    """Stop the Ray head started on ``ray_dir`` / ``port`` by PID, its workers included.
+
+    ``ray stop`` would stop every Ray process of the machine, other runs' included. The head's
+    daemons name its temp dir or its GCS address on their command lines; the rest descend
+    from them.
+    """
+    import contextlib
+    import os
+    import signal
+
+    from simulations.deploy import descendants, exited
+
+    roots = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(str(ray_dir) in a or a.endswith(f":{port}") for a in args):
+            roots.append(int(cmdline.parent.name))
+    pids = list(dict.fromkeys(roots + [d for r in roots for d in descendants(r)]))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(exited(pid) for pid in pids):
+            time.sleep(0.2)
 
 
 @pytest.mark.e2e
@@ -206,7 +207,7 @@ def test_a_simulation_runs_on_an_existing_ray_cluster_with_the_same_numbers(tmp_
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "simulations.run_experiment", "--num-clients", "3", "--results-dir"]
-            + [str(tmp_path), "--run-config", SMALL, "--ray-address", f"127.0.0.1:{port}", "--timeout", "600"],
+            + [str(tmp_path), "--run-config", TRW, "--ray-address", f"127.0.0.1:{port}", "--timeout", "600"],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -216,13 +217,16 @@ def test_a_simulation_runs_on_an_existing_ray_cluster_with_the_same_numbers(tmp_
         # the run's driver attached to this cluster (a private Ray would log elsewhere)
         assert list((ray_dir / "session_latest" / "logs").glob("python-core-driver-*"))
     finally:
-        subprocess.run([executable("ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_head(ray_dir, port)
         shutil.rmtree(ray_dir, ignore_errors=True)
     (res_file,) = tmp_path.glob("*/results.json")
     res = json.loads(res_file.read_text())
+    # TRW's client routine ran on the cluster's workers: its two rounds, the class forgotten
+    assert res["method"]["name"] == "trw" and res["recovery"]["unlearning-rounds"] == 2
+    assert res["report"]["unlearned"]["forget-acc"] < 0.05
     from simulations.inprocess import run_inprocess
 
-    local = run_inprocess(str(ROOT), 3, f"{SMALL} results-dir='{tmp_path / 'local'}'")
+    local = run_inprocess(str(ROOT), 3, f"{TRW} results-dir='{tmp_path / 'local'}'")
     for model in ("original", "unlearned", "gold"):
         for key, value in res["report"][model].items():
             assert local["report"][model][key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), (model, key)

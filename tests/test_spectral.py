@@ -162,6 +162,8 @@ def test_gate_is_bounded_monotone_and_smooth():
     assert gate(3.0) > 0.85 and gate(5.0) > 0.85  # well-trained band ~1
     assert gate(0.5) < 0.15 and gate(10.0) < 0.15  # brittle / random-like layers damped
     assert gate(float("nan")) == 1.0
+    with np.errstate(all="raise"):  # a layer fitted with alpha in the hundreds (FastClip) is no error
+        assert gate(400.0) == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize(
