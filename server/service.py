@@ -3,7 +3,9 @@
 Round ``r`` of the service:
 
 1. **Poll** every site still in the federation (``query.erasure``), handing back the
-   verdicts on what it sent last time (``acks`` / ``refused``). Each request it sends is
+   verdicts on what it sent last time (``acks`` / ``refused``). The poll for round ``r + 1``
+   is pushed at the start of round ``r`` and answered while the sites train; only a run's
+   first round waits for its poll. Each request it sends is
    validated (:func:`fed_unlearn.erasure.parse_request`) and checked against the sender's
    identity: a node may only ask for the erasure of the site it is (the site registry
    binds site names to authenticated node ids). Valid requests are written to the
@@ -212,6 +214,8 @@ class ErasureService:
         )
         self.in_flight: list[str] = []
         self.verdicts: dict[int, dict[str, list[str]]] = {}  # node -> {"acks": [...], "refused": [...]}
+        # the next round's poll, pushed ahead: (message ids, the verdicts each node's message carries)
+        self.ahead: tuple[list[str], dict[int, dict[str, list[str]]]] | None = None
         self.history: dict[int, dict[str, float]] = {}
         for site in svc.erase_list:
             if self.journal.add(operator_request_id(site), site, "operator:run-config", self.resumed_from):
@@ -229,7 +233,30 @@ class ErasureService:
         return {c for c, n in self.node_of.items() if n in self.strategy.departed}
 
     def poll(self, rnd: int) -> None:
-        """Ask every site in the federation (and any gone site still owed a verdict) for its requests."""
+        """Take the sites' requests for round ``rnd``, then ask them again for the next round.
+
+        The next round's poll is pushed without waiting (the sites answer it while they train
+        and evaluate) and its replies are read at the start of that round, so only a run's
+        first round spends a message exchange on the poll. A request a site files during a
+        round is therefore served one round later than a synchronous poll would; a reply that
+        has not arrived by then is dropped (the site resends unacknowledged requests, and its
+        verdicts are sent again).
+        """
+        if self.ahead is not None:
+            ids, owed = self.ahead
+            self.ahead = None
+            replies = list(self.grid.pull_messages(ids)) if ids else []
+        else:  # the run's first round: ask and wait
+            msgs, owed = self._poll_messages(rnd)
+            replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout)) if msgs else []
+        self._take_poll(rnd, replies, owed)
+        if rnd < self.cfg.federation.num_server_rounds:
+            msgs, owed = self._poll_messages(rnd + 1)
+            self.ahead = (list(self.grid.push_messages(msgs)) if msgs else [], owed)
+
+    def _poll_messages(self, rnd: int) -> tuple[list[Message], dict[int, dict[str, list[str]]]]:
+        """Poll messages to every connected site in the federation (and any gone site still owed a
+        verdict), each carrying the verdicts owed to it; returns them and what each one carries."""
         client_of = {n: c for c, n in self.node_of.items()}
         connected = set(self.grid.get_node_ids())  # a node that is down would make the poll wait for its timeout
         asked = sorted(
@@ -247,8 +274,13 @@ class ErasureService:
                 }
             )
             msgs.append(Message(RecordDict({"config": cfg}), self.node_of[cid], P.ERASURE))
+        return msgs, owed
+
+    def _take_poll(self, rnd: int, replies: list[Message], owed: dict[int, dict[str, list[str]]]) -> None:
+        """Journal the requests in the poll's replies; verdicts not delivered are owed again."""
+        client_of = {n: c for c, n in self.node_of.items()}
         answered: set[int] = set()
-        for reply in self.grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout):
+        for reply in replies:
             nid = reply.metadata.src_node_id
             if nid not in client_of or nid not in owed:
                 continue

@@ -251,3 +251,39 @@ def test_the_strong_audit_is_signed_as_an_erasure_certificate_that_detects_tampe
     page.write_text(page.read_text().replace(f"{after['rmia-auc']:.4f}", "0.5000", 1))
     assert admin(["verify", str(page), *key]) == 1
     assert "INVALID" in capsys.readouterr().err
+
+
+class FilingGrid(InProcessGrid):
+    """A site files its request while it trains in round 2 (mid-run), and every poll is recorded."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.request = new_request("h1")
+        self.log: list[tuple[str, int]] = []  # (message type, server round) as pushed
+
+    def push_messages(self, messages):
+        msgs = list(messages)
+        for m in msgs:
+            cfg = m.content.config_records.get("config")
+            rnd = int(cfg.get("server-round", 0)) if cfg is not None else 0
+            self.log.append((m.metadata.message_type, rnd))
+            node_config = self.contexts[m.metadata.dst_node_id].node_config
+            if m.metadata.message_type == "train" and rnd == 2 and node_config["site"] == "h1":
+                submit_to_inbox(Path(str(node_config["erasure-inbox"])), self.request)
+        return super().push_messages(msgs)
+
+
+def test_the_next_rounds_poll_is_pushed_ahead_and_a_request_filed_mid_run_is_served(tmp_path):
+    out, grid = start(tmp_path, 5, grid_cls=FilingGrid)
+    polls = [rnd for kind, rnd in grid.log if kind == "query.erasure"]
+    # one poll per site and round; from round 1 on, the poll for round r + 1 goes out before round r trains
+    assert polls == [r for r in range(1, 6) for _ in SITES]
+    first_train = {rnd: grid.log.index(("train", rnd)) for rnd in (1, 2, 3)}
+    assert grid.log.index(("query.erasure", 2)) < first_train[1]
+    assert grid.log.index(("query.erasure", 3)) < first_train[2] < grid.log.index(("query.erasure", 4))
+    # filed during round 2's training: the poll pushed at the start of round 3 carries it,
+    # it is journaled at the start of round 4 and served there
+    with journal(tmp_path) as j:
+        r = j.get(grid.request.id)
+        assert (r.state, r.served_round, r.recovered_round) == ("verified", 4, 5)
+    assert out["sites"]["h1"] == 1 and (tmp_path / "h1" / "acknowledged" / f"{grid.request.id}.json").exists()
