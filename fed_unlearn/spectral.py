@@ -11,6 +11,8 @@ JMLR 2021; the WeightWatcher recipe):
    dimensions, so a bare state dict (the server's global model) is enough.
 2. **Empirical spectral density.** Each matrix is oriented with rows ``N >= cols M``; the
    eigenvalues of ``X = W^T W`` are the squared singular values ``lambda = sigma(W)^2``.
+   :func:`analyze` computes them in single precision and redoes a layer in double when its
+   tail reaches below ``1e-3 * lambda_max``.
    (The ``1/N`` normalisation of the correlation matrix rescales every eigenvalue by the
    same factor: the exponent ``alpha`` is unchanged, ``x_min`` is reported on the
    ``sigma^2`` scale, as WeightWatcher does.) Eigenvalues ``<= 1e-5`` are dropped; layers
@@ -23,8 +25,9 @@ JMLR 2021; the WeightWatcher recipe):
    the tail's empirical CDF ``F_emp(x_j) = (j - i) / m_i`` (the ``powerlaw`` package's
    convention, so WeightWatcher's fits are reproduced) and the fitted
    ``F_i(x) = 1 - (x / x_i)^(1 - alpha_i)``. The fit keeps the ``x_min`` with the smallest
-   ``D``; its standard error is ``sigma = (alpha - 1) / sqrt(m)``. Vectorised in numpy,
-   in blocks of candidates to bound memory.
+   ``D``; its standard error is ``sigma = (alpha - 1) / sqrt(m)``. Vectorised in numpy;
+   distances are bracketed on a coarse grid first and computed in full only for the
+   candidates that can still win (the exhaustive scan's result, see :func:`fit_power_law`).
 
 Reading: ``alpha < 2`` over-trained / very heavy-tailed, ``2 <= alpha <= 6`` well-trained,
 ``alpha > 6`` under-trained (close to random).
