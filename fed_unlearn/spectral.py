@@ -47,10 +47,11 @@ without a fit (too few eigenvalues) gets ``nu_unfit`` (default 1: no evidence to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,14 +88,17 @@ class PowerLawFit:
     n_tail: int
 
 
-def _ks_at(logx: np.ndarray, i: np.ndarray, a: np.ndarray, mi: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """``|F_emp(x_j) - F_i(x_j)|`` for candidate rows ``i`` and point columns ``j`` (0 where ``j < i``)."""
-    # points before a candidate's x_min are masked; clip them to 0 so exp cannot overflow
-    fit_cdf = 1.0 - np.exp((1.0 - a) * np.maximum(logx[j] - logx[i], 0.0))
-    # empirical CDF as the powerlaw package (used by WeightWatcher) takes it: arange(m)/m
-    d = np.abs(fit_cdf - (j - i) / mi)
-    d[np.broadcast_to(j < i, d.shape)] = 0.0
-    return d
+def _tail_cdfs(logx: np.ndarray, i: np.ndarray, a: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Empirical and fitted tail CDFs at points ``j`` (columns) for candidates ``i`` (rows, exponents ``a``).
+
+    Both are 0 at and before a candidate's ``x_min``; the empirical CDF is the ``powerlaw``
+    package's (used by WeightWatcher): ``arange(m) / m``.
+    """
+    n, inside = len(logx), j >= i
+    emp = np.where(inside, (j - i) / (n - i).astype(np.float64), 0.0)
+    # points before x_min are clipped to 0 so that exp cannot overflow
+    fit = np.where(inside, 1.0 - np.exp((1.0 - a) * np.maximum(logx[j] - logx[i], 0.0)), 0.0)
+    return emp, fit
 
 
 def fit_power_law(values: np.ndarray, block: int = 512) -> PowerLawFit:
@@ -112,7 +116,8 @@ def fit_power_law(values: np.ndarray, block: int = 512) -> PowerLawFit:
     values : np.ndarray
         Positive samples (eigenvalues); non-positive ones are ignored.
     block : int
-        Candidates evaluated at once (memory ``~ block * n`` floats).
+        Candidates bracketed at once (memory ``~ block * 2 sqrt(n)`` floats; the exact
+        distances are computed 64 candidates at a time, ``~ 64 * n`` floats).
 
     Raises
     ------
@@ -137,12 +142,7 @@ def fit_power_law(values: np.ndarray, block: int = 512) -> PowerLawFit:
     lower = np.empty(len(starts))
     upper = np.empty(len(starts))
     for lo in range(0, len(starts), block):
-        i = starts[lo : lo + block, None]
-        a = alphas[lo : lo + block, None]
-        mi = (n - i).astype(np.float64)
-        g = grid[None, :]
-        emp = np.where(g >= i, (g - i) / mi, 0.0)  # at and before x_min both CDFs are 0
-        fit = np.where(g >= i, 1.0 - np.exp((1.0 - a) * np.maximum(logx[g] - logx[i], 0.0)), 0.0)
+        emp, fit = _tail_cdfs(logx, starts[lo : lo + block, None], alphas[lo : lo + block, None], grid[None, :])
         lower[lo : lo + block] = np.abs(emp - fit).max(axis=1)
         # between grid neighbours p < q: emp - fit <= emp(q) - fit(p), fit - emp <= fit(q) - emp(p)
         gap = np.maximum(emp[:, 1:] - fit[:, :-1], fit[:, 1:] - emp[:, :-1])
@@ -151,20 +151,19 @@ def fit_power_law(values: np.ndarray, block: int = 512) -> PowerLawFit:
     exact = np.full(len(starts), np.inf)
     order = np.argsort(lower, kind="stable")
     best = upper.min()
-    for lo in range(0, len(order), 64):
+    for lo in range(0, len(order), 64):  # small chunks: the loop stops as soon as the bounds allow
         k = order[lo : lo + 64]
         k = k[lower[k] <= best + 1e-9]  # the margin absorbs rounding in the bounds
         if len(k) == 0:
             break
         i = starts[k, None]
-        j0 = int(i.min())  # only points at or after the smallest x_min of the block matter
-        exact[k] = _ks_at(logx, i, alphas[k, None], (n - i).astype(np.float64), np.arange(j0, n)[None, :]).max(axis=1)
+        # only points at or after the chunk's smallest x_min matter
+        emp, fit = _tail_cdfs(logx, i, alphas[k, None], np.arange(int(i.min()), n)[None, :])
+        exact[k] = np.abs(emp - fit).max(axis=1)
         best = min(best, float(exact[k].min()))
     idx = int(np.argmin(exact))  # first minimum: the same x_min as a scan in candidate order
-    best = (float(exact[idx]), idx)
-    idx = best[1]
     alpha, n_tail = float(alphas[idx]), int(m[idx])
-    return PowerLawFit(alpha, float(x[starts[idx]]), best[0], (alpha - 1.0) / math.sqrt(n_tail), n_tail)
+    return PowerLawFit(alpha, float(x[starts[idx]]), float(exact[idx]), (alpha - 1.0) / math.sqrt(n_tail), n_tail)
 
 
 def eigenvalues(weight: np.ndarray, precision: str = "double") -> np.ndarray:
@@ -264,6 +263,17 @@ def layer_of(param_name: str) -> str:
     return param_name.rsplit(".", 1)[0] if "." in param_name else param_name
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run the block with one torch intra-op thread, restoring the count afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 # a tail starting this far below lambda_max is fitted on double-precision eigenvalues
 SINGLE_PRECISION_RANGE = 1e-3
 
@@ -325,9 +335,7 @@ def analyze(
     workers = max(1, min(workers or torch.get_num_threads(), len(layers)))
     # one BLAS thread per layer: the same arithmetic (and numbers) for any number of workers,
     # and a batch of small eigenproblems scales better across layers than inside LAPACK
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         if workers == 1 or sum(_cost(arr) for _, arr in layers) < PARALLEL_MIN_COST:
             return [_layer_spectrum(name, arr, gate) for name, arr in layers]
         # largest layers first so that no worker is left with a big one at the end
@@ -335,8 +343,6 @@ def analyze(
         with ThreadPoolExecutor(workers) as pool:
             done = dict(zip(order, pool.map(lambda k: _layer_spectrum(*layers[k], gate), order), strict=True))
         return [done[k] for k in range(len(layers))]
-    finally:
-        torch.set_num_threads(threads)
 
 
 def layer_weights(spectra: Iterable[LayerSpectrum]) -> dict[str, float]:

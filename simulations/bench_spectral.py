@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import torchvision
 
     from fed_unlearn.models import build_model
-    from fed_unlearn.spectral import analyze, eigenvalues, fit_power_law
+    from fed_unlearn.spectral import analyze, eigenvalues, fit_power_law, one_torch_thread
 
     try:
         import weightwatcher as ww
@@ -74,13 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     # where the time goes, on one thread: eigenvalues (LAPACK) vs the power-law fits
     name, model = list(models.items())[-1]
     mats = [w.numpy() for k, w in model.state_dict().items() if k.endswith("weight") and w.ndim in (2, 4)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         t_eig, evs = _median_time(lambda: [eigenvalues(w, "single") for w in mats], args.repeats)
         t_fit, _ = _median_time(lambda: [fit_power_law(ev) for ev in evs if len(ev) >= 10], args.repeats)
-    finally:
-        torch.set_num_threads(threads)
     print(f"{name}, one thread: eigenvalues {t_eig:.3f} s, power-law fits {t_fit:.3f} s")
     if ww is None:
         print("(weightwatcher not installed: pip install weightwatcher for the cross-check)")

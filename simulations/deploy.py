@@ -69,6 +69,18 @@ def exited(pid: int) -> bool:
         return True
 
 
+def terminate(pids: list[int], group: bool = False, grace: float = 5.0) -> None:
+    """SIGTERM ``pids`` (their process groups if ``group``), then SIGKILL what is left after ``grace`` s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        live = [p for p in pids if not exited(p)]
+        for p in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p, sig) if group else os.kill(p, sig)
+        deadline = time.monotonic() + grace
+        while live and time.monotonic() < deadline and not all(exited(p) for p in live):
+            time.sleep(0.1)
+
+
 def descendants(pid: int) -> list[int]:
     """Every live descendant of ``pid`` (Linux ``/proc``), children first-level before theirs.
 
@@ -486,18 +498,7 @@ class Deployment:
             for child in descendants(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child, signal.SIGKILL)
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(pid, sig)
-                except ProcessLookupError:
-                    break
-                for _ in range(50):
-                    if exited(pid):
-                        break
-                    time.sleep(0.1)
-                else:
-                    continue
-                break
+            terminate([pid], group=True)
             self.pids.pop(name)
         self.save()
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -166,11 +165,7 @@ def stop_ray_head(ray_dir: Path, port: int) -> None:
     daemons name its temp dir or its GCS address on their command lines; the rest descend
     from them.
     """
-    import contextlib
-    import os
-    import signal
-
-    from simulations.deploy import descendants, exited
+    from simulations.deploy import descendants, terminate
 
     roots = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
@@ -180,14 +175,7 @@ def stop_ray_head(ray_dir: Path, port: int) -> None:
             continue
         if any(str(ray_dir) in a or a.endswith(f":{port}") for a in args):
             roots.append(int(cmdline.parent.name))
-    pids = list(dict.fromkeys(roots + [d for r in roots for d in descendants(r)]))
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not all(exited(pid) for pid in pids):
-            time.sleep(0.2)
+    terminate(list(dict.fromkeys(roots + [d for r in roots for d in descendants(r)])), grace=10.0)
 
 
 @pytest.mark.e2e

@@ -90,7 +90,10 @@ def test_eigenvalues_are_squared_singular_values(precision):
         eigenvalues(w, "half")
 
 
-def test_analysis_does_not_depend_on_workers_and_matches_double_precision():
+def test_analysis_does_not_depend_on_workers_and_matches_double_precision(monkeypatch):
+    import fed_unlearn.spectral as spectral
+
+    monkeypatch.setattr(spectral, "PARALLEL_MIN_COST", 0.0)  # the thread pool even for this small model
     rng = np.random.default_rng(6)
     weights = {f"l{k}.weight": rng.standard_t(df=3 + k, size=(300, 200 + 10 * k)) for k in range(4)}
     weights["conv.weight"] = rng.normal(size=(64, 48, 3, 3))
