@@ -30,28 +30,30 @@ class ClientUpdate:
         The client's stable identifier (its partition id), not Flower's node id.
     weights : Mapping[str, np.ndarray]
         The client's locally trained model.
-    num_examples : int
-        Training examples behind the update (FedAvg weight ``n_k``).
+    num_examples : float
+        The reply's FedAvg weight ``n_k`` (usually its training examples; any positive finite number).
     metrics : Mapping[str, Any]
         The reply's metrics (a method may read statistics its clients computed).
     """
 
     client_id: int
     weights: Weights
-    num_examples: int
+    num_examples: float
     metrics: Mapping[str, Any] = field(default_factory=dict)
+
+
+#: numpy dtype kinds an update may carry: booleans, integers, floats (anything else is not a number).
+NUMERIC_KINDS = ("b", "i", "u", "f")
 
 
 def compatible_dtype(got: np.dtype, want: np.dtype) -> bool:
     """Whether an array of dtype ``got`` may stand for one of dtype ``want``.
 
-    Floats must arrive as floats of at least 32 bits (a float32 client of a float64 global
-    model is fine; int8, bool or float16 in place of float weights are not); any other
-    dtype must match exactly.
+    Both must be real numbers (bool, integer or float of any width: an int64 BatchNorm
+    counter returned for the float64 one a FedAvg average sent, a float16 model): what a
+    stock Flower strategy aggregates. Complex, text, object and raw-byte arrays are not.
     """
-    if np.issubdtype(want, np.floating):
-        return bool(np.issubdtype(got, np.floating) and np.dtype(got).itemsize >= 4)
-    return bool(np.dtype(got) == np.dtype(want))
+    return np.dtype(got).kind in NUMERIC_KINDS and np.dtype(want).kind in NUMERIC_KINDS
 
 
 def validate_update(update: Weights, reference: Weights, source: str) -> None:
@@ -74,20 +76,54 @@ def validate_update(update: Weights, reference: Weights, source: str) -> None:
             raise InvalidUpdateError(f"{source}: array '{name}' has shape {arr.shape}, expected {np.shape(ref)}")
         if not compatible_dtype(arr.dtype, np.asarray(ref).dtype):
             raise InvalidUpdateError(
-                f"{source}: array '{name}' has dtype {arr.dtype}, expected {np.asarray(ref).dtype}"
+                f"{source}: array '{name}' has dtype {arr.dtype}, which is not a real number "
+                f"(the model's is {np.asarray(ref).dtype})"
             )
-        if np.issubdtype(arr.dtype, np.number) and not np.all(np.isfinite(arr)):
-            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-            raise InvalidUpdateError(f"{source}: array '{name}' contains {bad} NaN/inf values")
+        _check_finite(arr, name, source)
+
+
+def _check_finite(arr: np.ndarray, name: str, source: str) -> None:
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise InvalidUpdateError(f"{source}: array '{name}' contains {bad} NaN/inf values")
+
+
+def conform_update(update: Weights, reference: Weights, source: str) -> tuple[dict[str, np.ndarray], bool]:
+    """:func:`validate_update`, then floats wider than the reference's float cast down to it; whether any was.
+
+    A reply never widens the global model's dtype (a float64 reply to a float32 model is
+    cast to float32). Values are checked again after the cast: a finite float64 of 1e300 is
+    infinite as a float32 and refused. Narrower floats (a float32 client of the float64
+    model a server optimizer sends) and integer arrays (an int64 counter for the float64
+    average FedAvg sent) are left as they are, as the strategy would get them.
+
+    Raises
+    ------
+    InvalidUpdateError
+        As :func:`validate_update`, or when a value does not fit the model's dtype.
+    """
+    validate_update(update, reference, source)
+    out: dict[str, np.ndarray] = {}
+    changed = False
+    for name, ref in reference.items():
+        arr, want = np.asarray(update[name]), np.asarray(ref).dtype
+        if arr.dtype.kind == "f" and want.kind == "f" and arr.dtype.itemsize > want.itemsize:
+            with np.errstate(over="ignore"):
+                arr = arr.astype(want)
+            _check_finite(arr, name, f"{source} (as {want})")
+            changed = True
+        out[name] = arr
+    return out, changed
 
 
 def validate_updates(updates: Sequence[ClientUpdate], reference: Weights) -> None:
-    """Validate every update against the global model, and its example count."""
+    """Validate every update against the global model, and its weight (a positive finite number)."""
     for u in updates:
-        if not (isinstance(u.num_examples, (int, np.integer)) and u.num_examples > 0):
-            raise InvalidUpdateError(
-                f"client {u.client_id}: num-examples must be a positive integer, got {u.num_examples!r}"
-            )
+        n = u.num_examples
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, float, np.integer, np.floating)):
+            raise InvalidUpdateError(f"client {u.client_id}: num-examples must be a positive number, got {n!r}")
+        if not (np.isfinite(n) and n > 0):
+            raise InvalidUpdateError(f"client {u.client_id}: num-examples must be a positive number, got {n!r}")
         validate_update(u.weights, reference, f"client {u.client_id}")
 
 

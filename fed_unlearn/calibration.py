@@ -176,6 +176,40 @@ def memorisation(
     return Memorisation(stat > z, stat, auc)
 
 
+def utility_scale(
+    scales: Sequence[float], values: Sequence[float], tolerance: float, higher_is_better: bool = False
+) -> float:
+    """The largest scale whose utility stays within ``tolerance`` (relative) of the utility at scale 0.
+
+    ``values`` are the remaining clients' evaluation (a loss, or with ``higher_is_better``
+    an accuracy) of ``base + c d`` for each ``c`` in ``scales``. Walking up the scales, the
+    first candidate outside ``values[0] * (1 + tolerance)`` (resp. ``1 - tolerance``) ends
+    the walk; the scale is interpolated linearly to where the bound is crossed. The rule a
+    federation has without the forgetting clients' help: the step goes as far as the
+    clients who stay do not pay for it.
+
+    Raises
+    ------
+    ValueError
+        On scales not increasing from 0, lengths that differ, non-finite values or a negative tolerance.
+    """
+    s, v = np.asarray(scales, np.float64), np.asarray(values, np.float64)
+    if not len(s) or s[0] != 0 or np.any(np.diff(s) <= 0):
+        raise ValueError(f"scales must increase from 0, got {list(scales)}")
+    if v.shape != s.shape or not np.all(np.isfinite(v)):
+        raise ValueError("the utility bound needs one finite value per scale")
+    if not (np.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
+    sign = -1.0 if higher_is_better else 1.0
+    cost = sign * v  # lower is better
+    limit = cost[0] + tolerance * abs(cost[0])
+    for i in range(1, len(s)):
+        if cost[i] > limit:
+            frac = (limit - cost[i - 1]) / (cost[i] - cost[i - 1]) if cost[i] > cost[i - 1] else 0.0
+            return float(s[i - 1] + max(0.0, min(1.0, frac)) * (s[i] - s[i - 1]))
+    return float(s[-1])
+
+
 def mann_whitney_z(aucs: Sequence[float], forget_n: Sequence[float], heldout_n: Sequence[float]) -> tuple[float, float]:
     """Stratified Mann-Whitney z (van Elteren) of per-client AUCs, and the pooled AUC.
 

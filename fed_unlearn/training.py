@@ -208,8 +208,16 @@ def train_local(
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Logits of ``model`` on ``x``, computed in batches, as float64 numpy."""
+def predict_logits(
+    model: nn.Module | Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch_size: int = 1024
+) -> np.ndarray:
+    """Logits of ``model`` on ``x``, computed in batches, as float64 numpy.
+
+    ``model`` is a torch module, or any callable ``x -> logits`` (a framework-neutral
+    model of the client helpers: :class:`fed_unlearn.flower.backends.ArrayModel`).
+    """
+    if not isinstance(model, nn.Module):
+        return np.asarray(model(x), dtype=np.float64)
     model.eval()
     xt = torch.from_numpy(np.ascontiguousarray(x))
     outs = [model(xt[i : i + batch_size]).double() for i in range(0, len(x), batch_size)]

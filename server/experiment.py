@@ -101,7 +101,7 @@ def new_strategy(method: UnlearningMethod | None, num_clients: int, **kwargs: An
         min_available_nodes=num_clients,
         evaluate_metrics_aggr_fn=_no_metrics,
     )
-    return Unlearning(inner, method, **{"max_strikes": 0, **kwargs})
+    return Unlearning(inner, method, **{"max_strikes": 0, "reproducible": True, **kwargs})
 
 
 def discover_clients(

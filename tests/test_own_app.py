@@ -60,9 +60,10 @@ def run(tmp_path: Path, app, **overrides) -> dict:
 
 
 def check_departure(res: dict, tolerance: float = 0.01) -> None:
-    orig, unl, gold = res["original"], res["unlearned"], res["gold"]
-    # the departed partition's training data: the original memorised it; the unlearning round pulls it down
-    assert orig["forget-acc"] - gold["forget-acc"] > 0.01 and unl["forget-acc"] < orig["forget-acc"]
+    orig, unl, gold, kept = res["original"], res["unlearned"], res["gold"], res["kept-unlearning-round"]
+    # the departed partition's training data: the original memorised it; the unlearning round pulls it below
+    # what the same round without the request gives (the step the remaining clients' evaluation allows)
+    assert orig["forget-acc"] - gold["forget-acc"] > 0.01 and unl["forget-acc"] < kept["forget-acc"]
     # at the end, against a gold and a federation without the request trained as long: closer to the gold
     rec, gold_end, kept = res["recovered"], res["gold-end"], res["kept-end"]
     assert kept["forget-acc"] - gold_end["forget-acc"] > 0.01
@@ -91,9 +92,9 @@ def test_a_plain_app_departs_a_client_named_by_its_node_config_with_puf(tmp_path
 def test_the_wrapper_around_fedprox_fedadam_and_a_robust_aggregator(tmp_path, strategy):
     res = run(tmp_path, plain.app, strategy=strategy)
     # PUF's negated pseudo-gradient went through the wrapped aggregation (and FedAdam's optimizer): the departed
-    # client's forget accuracy moves down, toward the gold's (the reference scale may overshoot it)
-    orig, unl, gold = res["original"], res["unlearned"], res["gold"]
-    assert orig["forget-acc"] > gold["forget-acc"] and unl["forget-acc"] < orig["forget-acc"] - 0.01
+    # client's forget accuracy falls below what the same round without the request gives
+    orig, unl, gold, kept = res["original"], res["unlearned"], res["gold"], res["kept-unlearning-round"]
+    assert orig["forget-acc"] > gold["forget-acc"] and unl["forget-acc"] < kept["forget-acc"] - 0.005
     assert not [r for _, n, r in res["sent"] if n == res["departing-node"] and r > CONFIG["departure-round"]]
 
 
@@ -118,11 +119,21 @@ def test_ordinary_rounds_of_a_wrapped_strategy_are_the_bare_strategy_bit_for_bit
         strategy = make()
         if wrap:
             strategy = Unlearning(strategy, "puf")
-            strategy.request_unlearning(0, round=99)  # a request that is not due yet changes nothing either
-        result = strategy.start(
-            grid=grid, initial_arrays=initial, num_rounds=3, train_config=ConfigRecord(), evaluate_config=ConfigRecord()
+            strategy.request_unlearning(0, round=3)  # a request not due yet changes nothing before its round
+        seen: dict[int, dict] = {}
+
+        def keep(rnd, arrays, seen=seen):
+            seen[rnd] = {k: v.numpy() for k, v in arrays.items()}
+
+        strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=3,
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+            evaluate_fn=keep,
         )
-        out.append({k: v.numpy() for k, v in result.arrays.items()})
+        out.append(seen[2])
     for k in out[0]:
         np.testing.assert_array_equal(out[0][k], out[1][k])
 
@@ -131,8 +142,8 @@ def test_the_helpers_run_sragu_and_sample_deletion(tmp_path):
     # 40 forget samples: their loss is 0.6 standard errors below the held-out loss, which the default
     # memorisation test (1.0) reads as chance and keeps the model; at 0 any lower loss is memorised
     res = run(tmp_path / "sragu", helped.app, method="sragu", **{"memorisation-z": 0.0})
-    orig, unl, gold = res["original"], res["unlearned"], res["gold"]
-    assert orig["forget-acc"] > gold["forget-acc"] and unl["forget-acc"] < orig["forget-acc"] - 0.01  # SRAGU ascended
+    orig, unl, gold, kept = res["original"], res["unlearned"], res["gold"], res["kept-unlearning-round"]
+    assert orig["forget-acc"] > gold["forget-acc"] and unl["forget-acc"] < kept["forget-acc"] - 0.005  # SRAGU ascended
     assert res["recovered"]["test-acc"] >= res["gold-end"]["test-acc"] - 0.01
     node = res["departing-node"]
     assert ("train.unlearn", node, CONFIG["departure-round"]) in [tuple(s) for s in res["sent"]]

@@ -151,7 +151,7 @@ def test_special_variant_only_asks_departing_clients():
         (weights([np.nan, 1.0], 0.5), "NaN/inf"),
         ({"w": np.zeros(3, np.float32), "b": np.zeros(1, np.float32)}, "shape"),
         ({"w": np.zeros(2, np.float32)}, "missing"),
-        (weights([1, 2], 0.5, np.int8), "dtype"),
+        (weights([1, 2], 0.5, np.complex64), "not a real number"),
     ],
 )
 def test_a_bad_update_costs_its_node_the_round_never_the_round(bad, problem):
@@ -440,16 +440,54 @@ def test_a_model_that_does_not_remember_the_forget_set_is_kept(pre, kept):
     assert s.pending == ()  # served either way
 
 
-def test_a_client_without_the_helpers_gets_the_full_step():
+class EvaluatingGrid(StaticGrid):
+    """Answers evaluate like a remaining client whose loss is ``loss_of(weights)``."""
+
+    def __init__(self, nodes, loss_of) -> None:
+        super().__init__(nodes)
+        self.loss_of = loss_of
+        self.asked: list[Message] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for m in messages:
+            self.asked.append(m)
+            loss = self.loss_of(to_weights(m.content["arrays"]))
+            rec = MetricRecord({"eval_loss": loss, "eval_acc": 0.9, "num-examples": 4})
+            out.append(Message(RecordDict({"metrics": rec}), reply_to=m))
+        return out
+
+
+def test_a_client_without_the_helpers_gets_the_step_the_remaining_clients_evaluation_allows():
+    """No query.calibrate: the remaining clients' own evaluate replies bound the step (loss 1 + 0.4 c: c = 0.125)."""
+    base = {"w": np.array([1.5, 2.0]), "b": np.array([0.5])}  # the remaining clients' FedAvg step alone
+    full = puf_update(
+        GLOBAL,
+        [ClientUpdate(0, weights([2, 2], 0.5), 1), ClientUpdate(1, weights([1, 2], 0.5), 1)],
+        [ClientUpdate(2, weights([1, 4], 1.5), 2)],
+        eta=2.0,
+    )
+    np.testing.assert_allclose(full["w"], [1.25, 0.0])  # PUF's full step
+
+    def loss_of(w):
+        return 1.0 + 0.4 * float((w["w"][1] - base["w"][1]) / (full["w"][1] - base["w"][1]))
+
+    grid = EvaluatingGrid(NODES.values(), loss_of)
     s = strategy(make_method("puf", {"puf.scale": 2.0}), calibrate=True)
     s.capabilities[NODES[2]] = {}  # it answered query.identify with no capabilities: a plain client
     s.request_unlearning(2, round=1)
-    start_round(s, 1)
+    start_round(s, 1, grid)
     out, _ = s.aggregate_train(
         1, [reply(0, weights([2, 2], 0.5), 1), reply(1, weights([1, 2], 0.5), 1), reply(2, weights([1, 4], 1.5), 2)]
     )
-    np.testing.assert_allclose(to_weights(out)["w"], [1.25, 0.0])
-    assert s.unlearning_report["calibration"]["used"] is False
+    cal = s.unlearning_report["calibration"]
+    assert cal["rule"] == "remaining-utility" and cal["utility-key"] == "eval_loss"
+    assert cal["scale"] == pytest.approx(0.125)
+    for k in GLOBAL:
+        np.testing.assert_allclose(to_weights(out)[k], base[k] + 0.125 * (full[k] - base[k]), atol=1e-6)
+    # only the remaining nodes evaluated the candidates (0, 0.25, ..., 1), with their ordinary evaluate message
+    assert {m.metadata.dst_node_id for m in grid.asked} == {NODES[0], NODES[1]}
+    assert {m.metadata.message_type for m in grid.asked} == {"evaluate"} and len(grid.asked) == 2 * 5
 
 
 def test_a_step_too_short_to_reach_the_target_is_extended_up_to_the_departing_step_bound():

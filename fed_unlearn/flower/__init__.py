@@ -21,9 +21,11 @@ from __future__ import annotations
 
 from .client import add_identity, add_unlearning, architecture_mismatch, as_dataset, default_train, train_settings
 from .grid import ActiveNodesGrid, InProcessGrid, PromptGrid, prompt
-from .records import metric_dict, to_record, to_weights
+from .records import metric_dict, to_record, to_weights, torch_record, torch_state
+from .reproducible import ReproducibleFedAvg
+from .requests import SetupError, UnlearningRequest
 from .rounds import FederationRun, NoValidRepliesError, run_rounds
-from .strategy import ReproducibleFedAvg, Unlearning, UnlearningFedAvg, UnlearningRequest
+from .strategy import Unlearning, UnlearningFedAvg
 
 __all__ = [
     "ActiveNodesGrid",
@@ -32,6 +34,7 @@ __all__ = [
     "PromptGrid",
     "NoValidRepliesError",
     "ReproducibleFedAvg",
+    "SetupError",
     "Unlearning",
     "UnlearningFedAvg",
     "UnlearningRequest",
@@ -45,5 +48,7 @@ __all__ = [
     "run_rounds",
     "to_record",
     "to_weights",
+    "torch_record",
+    "torch_state",
     "train_settings",
 ]

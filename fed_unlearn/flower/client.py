@@ -54,7 +54,8 @@ from ..evaluation import attack_scores_client, measure_client
 from ..metrics import cross_entropy, loss_mia_auc
 from ..training import TrainSettings, client_seed, predict_logits, relearn_steps, train_local
 from ..unlearning import METHODS, RoutineInput, client_routine, config_from_run_config
-from .records import number
+from .backends import ArrayBackend, FitFn, PredictFn, TorchBackend
+from .records import number, to_weights
 
 #: Node-state keys the helpers use (the node's own state, persisted by Flower between messages).
 MASK_KEY = "fed-unlearn.forget-mask"
@@ -187,10 +188,10 @@ def default_train(
 
 # -- handlers ----------------------------------------------------------------------------------
 class _Helper:
-    """The handlers of one ClientApp (bound to its model and data functions)."""
+    """The handlers of one ClientApp (bound to its model backend and data function)."""
 
-    def __init__(self, model_fn: ModelFn, data_fn: DataFn, train_fn: TrainFn, handlers: list[str]) -> None:
-        self.model_fn, self.data_fn, self.train_fn = model_fn, data_fn, train_fn
+    def __init__(self, backend: TorchBackend | ArrayBackend, data_fn: DataFn, handlers: list[str]) -> None:
+        self.backend, self.data_fn = backend, data_fn
         self.handlers = handlers
 
     # data and model ------------------------------------------------------------------------
@@ -200,13 +201,8 @@ class _Helper:
             raise ValueError("data_fn must return (train, held_out)")
         return as_dataset(got[0], "train data"), as_dataset(got[1], "held-out data")
 
-    def model(self, record: ArrayRecord | None = None, context: Context | None = None) -> torch.nn.Module:
-        if context is None:
-            raise ValueError("no context")
-        model = self.model_fn(context)
-        if record is not None:
-            model.load_state_dict(record.to_torch_state_dict())
-        return model
+    def model(self, record: ArrayRecord, context: Context) -> Any:
+        return self.backend.load(record, context)
 
     @staticmethod
     def arrays(msg: Message, key: str | None = None) -> ArrayRecord:
@@ -267,11 +263,9 @@ class _Helper:
             raise ValueError(f"this node's '{which}' part is empty")
         return data.subset(idx)
 
-    def _train(
-        self, model: torch.nn.Module, data: ArrayDataset, instruction: Mapping[str, Any], context: Context
-    ) -> MetricRecord:
+    def _train(self, model: Any, data: ArrayDataset, instruction: Mapping[str, Any], context: Context) -> MetricRecord:
         t0 = time.perf_counter()
-        values = dict(self.train_fn(model, data, instruction, context))
+        values = self.backend.fit(model, data, instruction, context)
         values.setdefault("train-seconds", time.perf_counter() - t0)
         return MetricRecord(
             {
@@ -280,8 +274,8 @@ class _Helper:
             }
         )
 
-    def _keep_last(self, context: Context, model: torch.nn.Module, n: int) -> None:
-        context.state[LAST_LOCAL_KEY] = ArrayRecord(model.state_dict())
+    def _keep_last(self, context: Context, model: Any, n: int) -> None:
+        context.state[LAST_LOCAL_KEY] = self.backend.record(model)
         context.state[LAST_LOCAL_N_KEY] = MetricRecord({P.NUM_EXAMPLES: int(n)})
 
     # handlers ------------------------------------------------------------------------------
@@ -299,18 +293,21 @@ class _Helper:
 
     def info(self, msg: Message, context: Context) -> Message:
         train, heldout = self.data(context)
-        model = self.model_fn(context)
-        with torch.no_grad():
-            model.eval()
-            out = model(torch.from_numpy(train.x[:1]))
         check = "ok"
-        if msg.content.array_records:
-            check = architecture_mismatch(model, self.arrays(msg)) or "ok"
+        if self.backend.torch:
+            model = self.backend.fresh(context)
+            if msg.content.array_records:
+                check = architecture_mismatch(model, self.arrays(msg)) or "ok"
+            classes = self.backend.num_classes(model, train.x)
+        elif msg.content.array_records:
+            classes = self.backend.num_classes(self.model(self.arrays(msg), context), train.x)
+        else:
+            classes = int(max(train.num_classes, heldout.num_classes))
         metrics = MetricRecord(
             {
                 "train-n": len(train),
                 "heldout-n": len(heldout),
-                "num-classes": int(out.shape[1]),
+                "num-classes": classes,
                 "input-shape": [int(s) for s in train.input_shape],
             }
         )
@@ -366,9 +363,7 @@ class _Helper:
         metrics = self._train(model, data, cfg, context)
         if bool(cfg.get(P.KEEP_LAST_LOCAL, False)):
             self._keep_last(context, model, len(data))
-        return Message(
-            RecordDict({self.array_key(msg): ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg
-        )
+        return Message(RecordDict({self.array_key(msg): self.backend.record(model), "metrics": metrics}), reply_to=msg)
 
     def train_reference(self, msg: Message, context: Context) -> Message:
         """A round of reference federation ``reference-index``: train on that reference's half of the samples."""
@@ -402,7 +397,7 @@ class _Helper:
                 metrics = self._train(model, self.part(context, train, "retain", cfg), cfg, context)
             else:
                 model, metrics = self._forget_role(record, train, heldout_all, cfg, context)
-            out[akey], out[mkey] = ArrayRecord(model.state_dict()), metrics
+            out[akey], out[mkey] = self.backend.record(model), metrics
         return Message(RecordDict(out), reply_to=msg)
 
     def _forget_role(
@@ -412,13 +407,17 @@ class _Helper:
         heldout_all: ArrayDataset,
         cfg: Mapping[str, Any],
         context: Context,
-    ) -> tuple[torch.nn.Module, MetricRecord]:
+    ) -> tuple[Any, MetricRecord]:
         forget = self.part(context, train, "forget", cfg)
         model = self.model(record, context)
         name = str(cfg.get(P.METHOD, ""))
         if name not in METHODS or METHODS[name].client_routine is None:
             # a method without a client routine (PUF for samples): ordinary training on the forget set
             return model, self._train(model, forget, cfg, context)
+        if not self.backend.torch:
+            raise ValueError(
+                f"method '{name}' runs a client routine on a torch model: add_unlearning(app, model_fn=...) adds it"
+            )
         routine = client_routine(name)
         settings = config_from_run_config(METHODS[name].config_class, cfg, name)
         mask = self.mask(context, train, cfg)
@@ -431,7 +430,7 @@ class _Helper:
         last = None
         last_n = 0
         if LAST_LOCAL_KEY in context.state.array_records:
-            last = {k: v.numpy() for k, v in context.state.array_records[LAST_LOCAL_KEY].items()}
+            last = to_weights(context.state.array_records[LAST_LOCAL_KEY])
             last_n = int(number(context.state.metric_records[LAST_LOCAL_N_KEY], P.NUM_EXAMPLES))
         rc = context.run_config
         seed = client_seed(int(rc.get("seed", 0)), int(cfg.get(P.SERVER_ROUND, 0)), node_client_id(context))
@@ -526,10 +525,9 @@ class _Helper:
         train, heldout = self.data(context)
         forget = self.part(context, train, "forget", cfg)
         recs = msg.content.array_records
-        direction = {k: v.numpy().astype(np.float64) for k, v in recs["direction"].items()}
+        direction = {k: v.astype(np.float64) for k, v in to_weights(recs["direction"]).items()}
         model = self.model(recs["base"], context)
-        # copies: the arrays of state_dict() share memory with the parameters that load_state_dict overwrites
-        state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+        state, wire = self.backend.arrays(model)  # copies (bfloat16 as float32), safe to build candidates from
         like = self._heldout_like(model, context, forget, heldout)
 
         def losses() -> tuple[np.ndarray, float, np.ndarray, float]:
@@ -548,11 +546,8 @@ class _Helper:
             "heldout-correct": [],
         }
         for c in [float(v) for v in cfg.get("scales", [])]:
-            model.load_state_dict(
-                {
-                    k: torch.from_numpy((v.astype(np.float64) + c * direction[k]).astype(v.dtype))
-                    for k, v in state.items()
-                }
+            self.backend.set_arrays(
+                model, {k: (v.astype(np.float64) + c * direction[k]).astype(v.dtype) for k, v in state.items()}, wire
             )
             f, correct, h, h_correct = losses()
             out["forget-loss-sum"].append(float(np.sum(f)))
@@ -560,7 +555,8 @@ class _Helper:
             out["heldout-loss-sum"].append(float(np.sum(h)))
             out["heldout-correct"].append(h_correct)
         if "pre-request" in recs:  # the memorisation test: the pre-request model on the same samples
-            model.load_state_dict(recs["pre-request"].to_torch_state_dict())
+            pre, pre_wire = self.backend.arrays(self.model(recs["pre-request"], context))
+            self.backend.set_arrays(model, pre, pre_wire)
             f, correct, h, _ = losses()
             out.update(
                 {
@@ -632,16 +628,18 @@ def _register(
 
 def add_identity(app: ClientApp) -> None:
     """Register only :data:`~fed_unlearn.protocol.IDENTIFY` (lets the server name clients by a node-config key)."""
-    helper = _Helper(lambda c: torch.nn.Identity(), lambda c: ((), ()), default_train, [P.IDENTIFY])
+    helper = _Helper(TorchBackend(lambda c: torch.nn.Identity(), default_train), lambda c: ((), ()), [P.IDENTIFY])
     _register(app, "query", "identify", helper.identify, [])
 
 
 def add_unlearning(
     app: ClientApp,
-    model_fn: ModelFn,
-    data_fn: DataFn,
+    model_fn: ModelFn | None = None,
+    data_fn: DataFn | None = None,
     *,
     train_fn: TrainFn | None = None,
+    predict_fn: PredictFn | None = None,
+    fit_fn: FitFn | None = None,
     default_handlers: bool = False,
 ) -> None:
     """Add the client side of federated unlearning to ``app`` (see the module docstring).
@@ -650,7 +648,7 @@ def add_unlearning(
     ----------
     app : ClientApp
         Your ClientApp; your own handlers stay as they are.
-    model_fn : callable
+    model_fn : callable, optional
         ``model_fn(context) -> torch.nn.Module``: a fresh model of your architecture.
     data_fn : callable
         ``data_fn(context) -> (train, held_out)`` of this node.
@@ -658,22 +656,49 @@ def add_unlearning(
         ``train_fn(model, data, instruction, context) -> metrics``: local training in place
         (used on retained data after a deletion, and on the forget set for PUF when the
         client stays); default :func:`default_train`.
+    predict_fn : callable, optional
+        Instead of ``model_fn``, for a model of any framework (scikit-learn, numpy, JAX):
+        ``predict_fn(arrays, x) -> logits`` on the named arrays your ClientApp sends
+        (:mod:`fed_unlearn.flower.backends`). Calibration, the deletion request (all but the
+        gradient-based selections) and the evaluation and audit measurements then work
+        without torch; the methods' local routines need ``model_fn``.
+    fit_fn : callable, optional
+        With ``predict_fn``: ``fit_fn(arrays, x, y, instruction, context) -> (arrays, metrics)``,
+        local training for the messages that train (``train.retain``, ``train.reference``,
+        PUF on a forget set).
     default_handlers : bool
         Also register ``train`` (``train_fn`` on all data) and ``evaluate`` (the per-part
         measurements) for an app that has none of its own.
+
+    Raises
+    ------
+    ValueError
+        Without ``data_fn``, or unless exactly one of ``model_fn`` and ``predict_fn`` is given.
     """
+    if data_fn is None:
+        raise ValueError("add_unlearning needs data_fn(context) -> (train, held_out)")
+    if (model_fn is None) == (predict_fn is None):
+        raise ValueError("add_unlearning needs either model_fn (a torch model) or predict_fn (any framework)")
+    backend: TorchBackend | ArrayBackend
+    if model_fn is not None:
+        backend = TorchBackend(model_fn, train_fn or default_train)
+    else:
+        backend = ArrayBackend(predict_fn, fit_fn)  # type: ignore[arg-type]
     handlers: list[str] = []
-    helper = _Helper(model_fn, data_fn, train_fn or default_train, handlers)
+    helper = _Helper(backend, data_fn, handlers)
     _register(app, "query", "identify", helper.identify, handlers)
     _register(app, "query", "info", helper.info, handlers)
     _register(app, "query", "forget", helper.forget, handlers)
-    _register(app, "train", "retain", helper.train_retain, handlers)
-    _register(app, "train", "unlearn", helper.unlearn, handlers)
-    _register(app, "query", "relearn", helper.relearn, handlers)
     _register(app, "evaluate", "audit", helper.audit, handlers)
     _register(app, "query", "erasure", helper.erasure, handlers)
     _register(app, "query", "calibrate", helper.calibrate, handlers)
-    _register(app, "train", "reference", helper.train_reference, handlers)
+    if backend.can_fit:
+        _register(app, "train", "retain", helper.train_retain, handlers)
+        _register(app, "train", "unlearn", helper.unlearn, handlers)
+        _register(app, "train", "reference", helper.train_reference, handlers)
+    if backend.torch:
+        _register(app, "query", "relearn", helper.relearn, handlers)
     if default_handlers:
-        _register(app, "train", None, helper.train_all, handlers)
+        if backend.can_fit:
+            _register(app, "train", None, helper.train_all, handlers)
         _register(app, "evaluate", None, helper.evaluate, handlers)

@@ -1,26 +1,127 @@
-"""Conversions between Flower records and the library's named numpy arrays."""
+"""Conversions between Flower records and the library's named numpy arrays.
+
+Shapes and wire dtypes are kept as they are: a 0-dim array stays 0-dim, an int64 buffer
+stays int64, float16 stays float16. bfloat16 has no numpy dtype: Flower 1.42 stores such an
+array (from ``ml_dtypes``) as 2-byte raw values labelled ``bfloat16``, and refuses torch
+bfloat16 tensors outright. Here a ``bfloat16`` Array reads as the float32 values it holds
+(exactly: a bfloat16 is the upper half of a float32), and :func:`to_record` writes a
+``bfloat16`` Array again, rounding to nearest-even, when asked for that wire dtype.
+:func:`torch_record` / :func:`torch_state` do the same for a torch ``state_dict``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from io import BytesIO
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
+#: The wire name of bfloat16 arrays (torch's and ml_dtypes' name).
+BFLOAT16 = "bfloat16"
+_NUMPY_STYPE = "numpy.ndarray"
+
+
+def is_bfloat16(arr: Array) -> bool:
+    """Whether a Flower Array holds bfloat16 values."""
+    return str(arr.dtype) == BFLOAT16
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (any 2-byte dtype) -> the float32 values they denote, exactly."""
+    u16 = np.ascontiguousarray(bits).reshape(-1).view(np.uint16)
+    return (u16.astype(np.uint32) << np.uint32(16)).view(np.float32).reshape(np.shape(bits))
+
+
+def float_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """Float values -> bfloat16 bit patterns (uint16), rounded to nearest-even; NaN stays NaN."""
+    shape = np.shape(values)
+    f = np.ascontiguousarray(np.asarray(values, dtype=np.float32)).reshape(-1)
+    u = f.view(np.uint32)
+    rounded = ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(f)
+    if nan.any():
+        rounded[nan] = np.uint16(0x7FC0)
+    return rounded.reshape(shape)
+
+
+def array_numpy(arr: Array) -> np.ndarray:
+    """One Flower Array as a numpy array (bfloat16 as its float32 values)."""
+    out = arr.numpy()
+    if is_bfloat16(arr) and out.dtype.itemsize == 2 and out.dtype.kind in ("V", "u", "i"):
+        return bf16_bits_to_float32(out)
+    return out
+
+
+def bf16_array(values: np.ndarray) -> Array:
+    """A ``bfloat16`` Flower Array of ``values`` (2 bytes per value on the wire)."""
+    bits = float_to_bf16_bits(values)
+    buf = BytesIO()
+    np.save(buf, bits.view(np.dtype("V2")), allow_pickle=False)
+    return Array(dtype=BFLOAT16, shape=tuple(int(s) for s in bits.shape), stype=_NUMPY_STYPE, data=buf.getvalue())
+
 
 def to_weights(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """ArrayRecord -> ``{name: ndarray}``.
+    """ArrayRecord -> ``{name: ndarray}`` (bfloat16 arrays as float32).
 
     ``Array.numpy()`` deserialises into a fresh array every call, so the result never
     aliases the record (no second copy needed).
     """
-    return {name: arr.numpy() for name, arr in record.items()}
+    return {name: array_numpy(arr) for name, arr in record.items()}
 
 
-def to_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """``{name: ndarray}`` -> ArrayRecord, keeping the names."""
-    return ArrayRecord(array_dict={name: Array(np.ascontiguousarray(w)) for name, w in weights.items()})
+def wire_dtypes(record: ArrayRecord) -> dict[str, str]:
+    """``{name: dtype}`` as the record carries it (``bfloat16`` included)."""
+    return {name: str(arr.dtype) for name, arr in record.items()}
+
+
+def to_record(weights: Mapping[str, np.ndarray], dtypes: Mapping[str, str] | None = None) -> ArrayRecord:
+    """``{name: ndarray}`` -> ArrayRecord, keeping names and shapes (0-dim stays 0-dim).
+
+    ``dtypes`` (e.g. :func:`wire_dtypes` of the record the arrays came from) gives the wire
+    dtype per name: the array is cast to it, ``bfloat16`` written as such.
+    """
+    out: dict[str, Array] = {}
+    for name, w in weights.items():
+        want = dtypes.get(name) if dtypes is not None else None
+        if want == BFLOAT16:
+            out[name] = bf16_array(np.asarray(w))
+            continue
+        arr = np.asarray(w)
+        if want is not None and arr.dtype != np.dtype(want):
+            arr = arr.astype(np.dtype(want))
+        # np.require keeps 0-dim arrays 0-dim (np.ascontiguousarray would make them 1-dim)
+        out[name] = Array(np.require(arr, requirements="C"))
+    return ArrayRecord(array_dict=out)
+
+
+def torch_record(state: Mapping[str, Any]) -> ArrayRecord:
+    """A torch ``state_dict`` -> ArrayRecord; bfloat16 tensors travel as ``bfloat16`` (Flower refuses them)."""
+    import torch
+
+    out: dict[str, Array] = {}
+    for name, t in state.items():
+        t = t.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            out[name] = bf16_array(bf16_bits_to_float32(t.contiguous().view(torch.int16).numpy()))
+        else:
+            out[name] = Array(np.require(t.numpy(), requirements="C"))
+    return ArrayRecord(array_dict=out)
+
+
+def torch_state(record: ArrayRecord) -> dict[str, Any]:
+    """ArrayRecord -> torch tensors (``bfloat16`` arrays as bfloat16 tensors), for ``load_state_dict``."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for name, arr in record.items():
+        if is_bfloat16(arr):
+            bits = np.ascontiguousarray(arr.numpy()).view(np.int16)  # the raw bfloat16 bit patterns
+            out[name] = torch.from_numpy(bits.copy()).view(torch.bfloat16)
+        else:
+            out[name] = torch.from_numpy(np.array(arr.numpy(), copy=True))
+    return out
 
 
 def metric_dict(record: MetricRecord) -> dict[str, float]:

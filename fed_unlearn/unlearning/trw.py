@@ -78,7 +78,7 @@ class TRWConfig:
             raise ValueError(f"trw needs tau, kl-weight, momentum >= 0, epochs and batch-size >= 1, lr > 0; got {self}")
 
 
-def similarity(prob_sums: Sequence[Sequence[float]], counts: Sequence[int], removed: int) -> np.ndarray:
+def similarity(prob_sums: Sequence[Sequence[float]], counts: Sequence[float], removed: int) -> np.ndarray:
     """``s``: mean probability of each class on the removed class's samples, over clients; ``s_f = 0``, sums to 1.
 
     Raises

@@ -123,6 +123,7 @@ def main(grid: Grid, context: Context) -> None:
         "recovered": accuracies(result.arrays, departing, num),
         "gold-end": accuracies(snapshots["gold"][rounds], departing, num),
         "kept-end": accuracies(snapshots["kept"][rounds], departing, num),
+        "kept-unlearning-round": accuracies(snapshots["kept"][d], departing, num),
         "train-metrics": {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()},
         "evaluate-metrics": {str(r): dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
         "departing-node": node,

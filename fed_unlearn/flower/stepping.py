@@ -1,0 +1,347 @@
+"""How far the unlearning round moves the model: the departing-step bound and the calibrated scale.
+
+The unlearning round's model is ``base + d``: ``base`` what the remaining clients alone
+give (their FedAvg step, or the round's model when they did not train), ``d`` the method's
+step. Three rules act on ``d``, in this order:
+
+* **the departing-step bound**: ``||d||`` at most ``departing_step_bound`` times the
+  remaining clients' mean update norm (a malicious departing client cannot throw the model
+  anywhere);
+* **calibration on the forgetting clients' own data** (``query.calibrate``): the smallest
+  scale at which their forget set looks like data the model never saw
+  (:mod:`fed_unlearn.calibration`), after a memorisation test that keeps the model when
+  nothing was memorised;
+* **the utility bound, when no forgetting client can calibrate**: the remaining clients
+  evaluate ``base + c d`` for a few ``c`` with their ordinary ``evaluate`` handler (every
+  Flower app has one) and the largest ``c`` whose loss stays within ``utility_tolerance``
+  of the loss at ``c = 0`` is taken (:func:`fed_unlearn.calibration.utility_scale`).
+
+Arrays that are carried rather than unlearned (integer buffers, BatchNorm statistics) take
+no part in any norm and never move along ``d``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from .. import protocol as P
+from ..aggregation import ClientUpdate, fedavg
+from ..calibration import Calibration, choose_scale, memorisation, pooled, target_for, utility_scale
+from .records import metric_dict, to_record
+from .requests import UnlearningRequest, client_failure
+
+#: The scales the utility bound evaluates on the remaining clients (fractions of the step).
+UTILITY_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def update_norm(weights: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray], names: Sequence[str]) -> float:
+    """L2 norm of ``weights - start`` over ``names``, in float64."""
+    return float(
+        np.sqrt(
+            sum(
+                float(np.sum((np.asarray(weights[k], np.float64) - np.asarray(start[k], np.float64)) ** 2))
+                for k in names
+            )
+        )
+    )
+
+
+def mean_update_norm(
+    updates: Sequence[ClientUpdate], start: Mapping[str, np.ndarray], names: Sequence[str]
+) -> float | None:
+    """Mean L2 norm of the updates' pseudo-gradients against ``start`` over ``names`` (``None`` without updates)."""
+    if not updates:
+        return None
+    return float(np.mean([update_norm(u.weights, start, names) for u in updates]))
+
+
+def clip_update(
+    weights: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray], bound: float, names: Sequence[str]
+) -> dict[str, np.ndarray] | None:
+    """``start + (w - start) * min(1, bound / ||w - start||)`` on ``names``, or ``None`` when already within."""
+    norm = update_norm(weights, start, names)
+    if norm <= bound:
+        return None
+    scale = bound / norm
+    moving = set(names)
+    return {
+        k: (
+            (
+                np.asarray(start[k], np.float64)
+                + (np.asarray(w, np.float64) - np.asarray(start[k], np.float64)) * scale
+            ).astype(np.asarray(w).dtype)
+            if k in moving
+            else w
+        )
+        for k, w in weights.items()
+    }
+
+
+def step_from(
+    base: Mapping[str, np.ndarray], direction: Mapping[str, np.ndarray], scale: float, like: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """``base + scale * direction`` in float64, cast to the dtypes of ``like``."""
+    return {
+        k: (np.asarray(base[k], np.float64) + scale * np.asarray(direction[k], np.float64)).astype(np.asarray(g).dtype)
+        for k, g in like.items()
+    }
+
+
+class StepControl:
+    """The step-sizing part of :class:`~fed_unlearn.flower.Unlearning` (state lives on the strategy)."""
+
+    departing_step_bound: float | None
+    last_update_norm: float | None
+    calibration_scales: tuple[float, ...]
+    class_floor: float
+    memorisation_z: float
+    utility_tolerance: float
+    utility_key: str | None
+    identify_timeout: float
+    capabilities: dict[int, dict[str, Any]]
+    current_round: int
+    _batch: UnlearningRequest | None
+    _grid: Grid | None
+    _global: dict[str, np.ndarray] | None
+    _wire: dict[str, str]
+    _moving: list[str]
+
+    def _evaluate_template(self, grid: Grid, arrays: ArrayRecord) -> list[Message]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _with_arrays(self, messages: Sequence[Message], arrays: ArrayRecord) -> list[Message]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _aggregate_evaluation(self, server_round: int, replies: list[Message]) -> dict[str, float]:  # pragma: no cover
+        raise NotImplementedError
+
+    # -- the departing-step bound -------------------------------------------------------------
+    def _bound_departing_step(
+        self, new: dict[str, np.ndarray], retain: list[ClientUpdate], forget: list[ClientUpdate]
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Scale the departing clients' step down to ``departing_step_bound`` x the remaining clients' update norm."""
+        if self._global is None or not forget:
+            return new, {}
+        base = fedavg(retain) if retain else self._global
+        norm = update_norm(new, base, self._moving)
+        ref = mean_update_norm(retain, self._global, self._moving) if retain else self.last_update_norm
+        info: dict[str, Any] = {"departing-step-norm": norm, "reference-update-norm": ref}
+        if self.departing_step_bound is None or not ref or not np.isfinite(norm):
+            return new, info
+        info["departing-step-ratio"] = norm / ref
+        limit = self.departing_step_bound * ref
+        if norm <= limit:
+            return new, {**info, "departing-step-bounded": 0}
+        log(
+            WARNING,
+            "the departing clients' step (%.3g) exceeds %.3g x the remaining clients' update norm (%.3g): "
+            "scaled down to the bound",
+            norm,
+            self.departing_step_bound,
+            ref,
+        )
+        direction = {k: np.asarray(new[k], np.float64) - np.asarray(base[k], np.float64) for k in self._global}
+        return step_from(base, direction, limit / norm, self._global), {**info, "departing-step-bounded": 1}
+
+    def _longer_scales(self, direction: Mapping[str, np.ndarray]) -> list[float]:
+        """Scales beyond 1 (doubling) up to the departing-step bound, for a step too short to reach the target."""
+        norm = float(np.sqrt(sum(float(np.sum(np.asarray(direction[k]) ** 2)) for k in self._moving)))
+        if self.departing_step_bound is None or not self.last_update_norm or not norm or not np.isfinite(norm):
+            return []
+        limit = self.departing_step_bound * self.last_update_norm / norm
+        out = [2.0**k for k in range(1, 13) if 2.0**k < limit]
+        return [*out, limit] if limit > 1 else []
+
+    # -- calibration on the forgetting clients' data ------------------------------------------
+    def _calibrate(
+        self, new: dict[str, np.ndarray], retain: list[ClientUpdate], nodes: list[int]
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Scale the step: on the forgetting clients' own data if they can, else the utility bound."""
+        batch, grid, start = self._batch, self._grid, self._global
+        if batch is None or grid is None or start is None:
+            return new, {"used": False, "why": "no request being served"}
+        lacking = [
+            n for n in nodes if n in self.capabilities and P.CALIBRATE not in self.capabilities[n].get("handlers", [])
+        ]
+        base = fedavg(retain) if retain else start
+        base = {k: np.asarray(base[k]).astype(np.asarray(start[k]).dtype) for k in start}
+        direction = {k: np.asarray(new[k], np.float64) - np.asarray(base[k], np.float64) for k in start}
+        if lacking or not nodes:
+            why = f"node(s) {lacking} have no {P.CALIBRATE} handler" if lacking else "no forgetting client replied"
+            return self._utility_bound(new, base, direction, why)
+        scenario = batch.deletion.scenario if batch.deletion is not None else ("client" if batch.leave else "samples")
+        target = target_for(scenario)
+
+        def ask(scales: Sequence[float], pre_request: bool) -> dict[str, Any]:
+            """The forgetting clients' pooled measurements of ``base + c * direction`` for each scale ``c``."""
+            cfg = ConfigRecord({"scales": list(scales), P.FORGET_ALL: batch.leave, P.SERVER_ROUND: self.current_round})
+            content: dict[str, ArrayRecord | ConfigRecord] = {
+                "base": to_record(base, self._wire),
+                "direction": to_record(direction),
+                P.CONFIG_RECORD: cfg,
+            }
+            if pre_request:
+                content["pre-request"] = to_record(start, self._wire)
+            msgs = [Message(RecordDict(dict(content)), n, P.CALIBRATE) for n in nodes]
+            stats, why = [], []
+            for reply in grid.send_and_receive(msgs, timeout=self.identify_timeout):
+                if reply.has_error() or "calibration" not in reply.content.metric_records:
+                    why.append(
+                        f"node {reply.metadata.src_node_id}: "
+                        + (client_failure(reply.error.reason or "") if reply.has_error() else "no calibration record")
+                    )
+                    continue
+                stats.append(dict(reply.content["calibration"]))
+            if why or len(stats) != len(nodes):
+                raise ValueError("; ".join(why) or "some clients did not answer")
+            return pooled(stats)  # type: ignore[arg-type]  # malformed lists raise and are caught below
+
+        scales = list(self.calibration_scales)
+        m: dict[str, Any] = {}
+
+        def decide() -> Calibration:
+            f, h, a = m["forget-loss"], m["heldout-loss"], m["forget-acc"]
+            return choose_scale(scales, f, h, a, target, self.class_floor, m.get("heldout-acc"))
+
+        try:
+            m = ask(scales, pre_request=True)
+            pre = memorisation(m["pre"], target, self.class_floor, self.memorisation_z) if "pre" in m else None
+            cal = decide()
+            longer = [] if cal.reached or (pre is not None and not pre.memorised) else self._longer_scales(direction)
+            better = 1.0 if target == "loss-match" else -1.0  # the sign in which a gap moves toward the target
+            if longer and better * cal.gaps[-1] >= better * cal.gaps[0]:
+                # the full step falls short without moving away from the target (an ascent step that
+                # barely starts): candidates beyond it, up to the departing-step bound
+                more = ask(longer, pre_request=False)
+                scales += longer
+                for key in ("forget-loss", "heldout-loss", "forget-acc", "heldout-acc"):
+                    if key in m:
+                        m[key] = list(m[key]) + list(more[key])
+                cal = decide()
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            return self._utility_bound(new, base, direction, f"calibration failed ({exc})")
+        figures = {k: v for k, v in m.items() if k != "pre"}
+        test = {} if pre is None else {"pre-request": m["pre"], "memorised": pre.memorised}
+        if pre is not None and not pre.memorised:
+            log(
+                INFO,
+                "calibration (%s): the pre-request model does not remember the forget set (%s): it is kept unchanged",
+                target,
+                f"forget vs held-out mean loss {pre.statistic:.2f} standard errors apart <= {self.memorisation_z}"
+                if target == "loss-match"
+                else f"forget accuracy {m['pre']['forget-acc']:.3f} <= {self.class_floor}",
+            )
+            kept = {k: np.asarray(v).copy() for k, v in start.items()}
+            return kept, {"used": True, "kept": True, "scale": 0.0, "reached": True, "target": target, **test}
+        log(
+            INFO,
+            "calibration (%s): scale %.3f of the unlearning step%s",
+            cal.target,
+            cal.scale,
+            "" if cal.reached else f" (the target is not reached even by {scales[-1]:g} x the step)",
+        )
+        return step_from(base, direction, cal.scale, start), {
+            "used": True,
+            "kept": False,
+            "rule": "forget-set",
+            "scale": cal.scale,
+            "reached": cal.reached,
+            "target": cal.target,
+            "scales": scales,
+            "gaps": list(cal.gaps),
+            **figures,
+            **test,
+        }
+
+    # -- the utility bound: the remaining clients' own evaluation -------------------------------
+    def _utility_bound(
+        self, new: dict[str, np.ndarray], base: dict[str, np.ndarray], direction: dict[str, np.ndarray], why: str
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The largest scale whose remaining-client evaluation loss stays within the tolerance (module docstring)."""
+        grid, start = self._grid, self._global
+        info: dict[str, Any] = {"used": True, "kept": False, "rule": "remaining-utility", "why": why}
+        if grid is None or start is None:
+            return new, {**info, "used": False}
+        losses: list[float] = []
+        key = ""
+        # one node set for every candidate (a strategy evaluating a fraction samples anew at each call)
+        template = self._evaluate_template(grid, to_record(base, self._wire))
+        for c in UTILITY_SCALES:
+            msgs = self._with_arrays(template, to_record(step_from(base, direction, c, start), self._wire))
+            replies = list(grid.send_and_receive(msgs, timeout=self.identify_timeout)) if msgs else []
+            metrics = self._aggregate_evaluation(self.current_round, replies)
+            key = self.utility_key or _loss_key(metrics)
+            if not key or key not in metrics or not np.isfinite(metrics[key]):
+                # no evidence at all of how far to go: the departing clients simply stop contributing
+                log(
+                    WARNING,
+                    "%s and the remaining clients' evaluation reports no loss (metrics %s): the step cannot be "
+                    "sized without the gold, so none is taken and the departing clients simply stop "
+                    "contributing. Name the evaluation loss with utility_key=, or let the clients calibrate "
+                    "(fed_unlearn.flower.add_unlearning)",
+                    why,
+                    sorted(metrics),
+                )
+                return step_from(base, direction, 0.0, start), {
+                    **info,
+                    "rule": "no-evidence",
+                    "scale": 0.0,
+                    "why": f"{why}; no evaluation loss",
+                }
+            losses.append(float(metrics[key]))
+        scale = utility_scale(UTILITY_SCALES, losses, self.utility_tolerance, higher_is_better=_higher_is_better(key))
+        log(
+            INFO,
+            "%s: the step is bounded by the remaining clients' evaluation instead: scale %.2f, the largest "
+            "whose '%s' stays within %.0f%% of the model without the step (%s)",
+            why,
+            scale,
+            key,
+            100 * self.utility_tolerance,
+            ", ".join(f"{c:g}: {v:.4g}" for c, v in zip(UTILITY_SCALES, losses, strict=True)),
+        )
+        return step_from(base, direction, scale, start), {
+            **info,
+            "scale": scale,
+            "scales": list(UTILITY_SCALES),
+            "utility-key": key,
+            "utility": losses,
+            "tolerance": self.utility_tolerance,
+        }
+
+
+def _loss_key(metrics: Mapping[str, float]) -> str:
+    """The evaluation loss among an app's metric names (``eval_loss``, ``loss``, ``test-loss``, ...), else ``""``."""
+    keys = sorted(k for k in metrics if "loss" in k.lower() and isinstance(metrics[k], (int, float)))
+    exact = [k for k in keys if k.lower() in ("loss", "eval_loss", "eval-loss", "val_loss", "test_loss", "test-loss")]
+    return (exact or keys or [""])[0]
+
+
+def _higher_is_better(key: str) -> bool:
+    low = key.lower()
+    return any(w in low for w in ("acc", "auc", "f1", "r2", "score")) and "loss" not in low
+
+
+def evaluation_means(replies: Sequence[Message], weight_key: str, skip: Callable[[int], bool]) -> dict[str, float]:
+    """Weighted means of the scalar evaluation metrics of ``replies`` (nodes for which ``skip`` is true left out)."""
+    sums: dict[str, float] = {}
+    total: dict[str, float] = {}
+    for r in replies:
+        if r.has_error() or skip(r.metadata.src_node_id) or len(r.content.metric_records) != 1:
+            continue
+        rec = metric_dict(next(iter(r.content.metric_records.values())))
+        n = rec.get(weight_key)
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or not (np.isfinite(n) and n > 0):
+            continue
+        for k, v in rec.items():
+            if k != weight_key and isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
+                sums[k] = sums.get(k, 0.0) + float(n) * float(v)
+                total[k] = total.get(k, 0.0) + float(n)
+    return {k: sums[k] / total[k] for k in sums}
