@@ -42,6 +42,15 @@ class ClientUpdate:
     metrics: Mapping[str, Any] = field(default_factory=dict)
 
 
+#: Array-name endings of torch's BatchNorm buffers: statistics, not weights (never unlearned, never in a weight norm).
+BATCHNORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def is_batchnorm_buffer(name: str) -> bool:
+    """Whether ``name`` is a torch BatchNorm buffer (``running_mean``, ``running_var``, ``num_batches_tracked``)."""
+    return name.rsplit(".", 1)[-1] in BATCHNORM_BUFFERS
+
+
 #: numpy dtype kinds an update may carry: booleans, integers, floats (anything else is not a number).
 NUMERIC_KINDS = ("b", "i", "u", "f")
 

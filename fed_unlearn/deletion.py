@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .metrics import cross_entropy
-from .training import predict_logits
+from .training import named_trainable, predict_logits, trainable
 
 SCENARIOS = ("client", "samples", "class")
 SELECTIONS = ("random", "class", "high-loss", "low-margin", "high-grad-norm", "influence")
@@ -146,7 +146,7 @@ def per_example_grads(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size
     from torch.func import functional_call, grad, vmap
 
     model.eval()
-    params = {k: v.detach() for k, v in model.named_parameters()}
+    params = {k: v.detach() for k, v in named_trainable(model)}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
 
     def loss(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
@@ -165,7 +165,7 @@ def per_example_grads(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size
 def mean_grad(model: nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Gradient of the mean cross-entropy over ``(x, y)``, flattened (float64)."""
     model.eval()
-    params = list(model.parameters())
+    params = list(trainable(model))
     loss = F.cross_entropy(model(torch.from_numpy(np.ascontiguousarray(x))), torch.from_numpy(np.ascontiguousarray(y)))
     grads = torch.autograd.grad(loss, params)
     return torch.cat([g.reshape(-1) for g in grads]).double().numpy()

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 import numpy as np
 from scipy.special import log_softmax
 
+from .aggregation import is_batchnorm_buffer
+
 
 def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
     """Top-1 accuracy; ``nan`` on an empty set."""
@@ -146,10 +148,16 @@ def mia_nn_auc(member_logits: np.ndarray, nonmember_logits: np.ndarray, removed:
 
 
 def weight_distance(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
-    """L2 distance between two models in weight space (all arrays of the state dict, flattened)."""
+    """L2 distance between two models in weight space (their float arrays, flattened).
+
+    Integer arrays and BatchNorm statistics are not weights: a step counter would dominate.
+    """
     if set(a) != set(b):
         raise ValueError(f"models have different arrays: {sorted(set(a) ^ set(b))}")
-    return float(np.sqrt(sum(np.sum((np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)) ** 2) for k in a)))
+    names = [k for k in a if np.asarray(a[k]).dtype.kind == "f" and not is_batchnorm_buffer(k)]
+    return float(
+        np.sqrt(sum(np.sum((np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)) ** 2) for k in names))
+    )
 
 
 #: Metrics averaged by the Average Gap (retain, forget and test accuracy, MIA).

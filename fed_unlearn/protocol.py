@@ -22,8 +22,9 @@ What a client needs, by use
   client stays (some samples, a class). ``fed_unlearn.flower.add_unlearning(app, ...)``
   registers all of them from a model factory and a data loader.
 * **:data:`CALIBRATE`** for the calibrated unlearning step (how far to go, measured on
-  the departing client's own forget and held-out data); without it a method takes its
-  full, uncalibrated step.
+  the departing client's own forget and held-out data; the helpers answer it for torch
+  models and, through ``predict_fn``, for any other); without it the remaining clients'
+  ordinary ``evaluate`` replies bound the step.
 * **:data:`INFO`, :data:`AUDIT`, :data:`RELEARN`** for the experiment and the audit
   (what the gold comparison and the leakage audit measure on the client's own data).
 * **:data:`ERASURE`** for a deployed site that files its own erasure requests.
@@ -92,8 +93,9 @@ Messages
     ``heldout-loss-sum``, the counts ``forget-n``, ``heldout-n``, and for the pre-request
     model one-element lists ``pre-forget-loss-sum``, ``pre-forget-loss-sq``,
     ``pre-forget-correct``, ``pre-heldout-loss-sum``, ``pre-heldout-loss-sq``, ``pre-auc``
-    (without them the memorisation test is skipped). A departing client without the
-    handler gets the method's uncalibrated step.
+    (without them the memorisation test is skipped). Without the handler, the remaining
+    clients evaluate the candidate models with their ordinary ``evaluate`` handler instead
+    (:mod:`fed_unlearn.flower.stepping`).
 ``train.reference`` (:data:`TRAIN_REFERENCE`)
     A round of a reference federation of the strong leakage audit: like ``train``, on the
     half of the node's training samples that reference model :data:`REFERENCE_INDEX` of

@@ -117,7 +117,7 @@ def local_steps(
     """
     if (optimizer is None) == (update is None):
         raise ValueError("local_steps needs exactly one of optimizer and update")
-    params: list[torch.Tensor] = list(model.parameters())
+    params: list[torch.Tensor] = list(trainable(model))
     done, seen, loss_sum = 0, 0, 0.0
     for t in range(1, steps + 1):
         idx = batches.next()
@@ -179,7 +179,7 @@ def train_local(
         raise ValueError("cannot train on an empty dataset")
     model.train()
     opt = torch.optim.SGD(
-        model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+        trainable(model), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
     batches = Minibatches(len(x), settings.batch_size, np.random.default_rng(seed))
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
@@ -205,6 +205,16 @@ def train_local(
     if clip is not None:
         clip()
     return stats
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters local training moves: those requiring gradients (a LoRA model's adapters, not its base)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def named_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """:func:`trainable` with the parameters' names."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 @torch.no_grad()
@@ -276,7 +286,7 @@ def relearn_steps(
     if current >= target_accuracy or max_steps == 0:
         return RelearnResult(0, current >= target_accuracy, start, current)
     opt = torch.optim.SGD(
-        model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+        trainable(model), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
     batches = Minibatches(len(x), settings.batch_size, np.random.default_rng(seed))

@@ -21,7 +21,6 @@ from flwr.serverapp.strategy import (
     FedAvg,
     FedTrimmedAvg,
     Krum,
-    QFedAvg,
 )
 
 from fed_unlearn.flower import InProcessGrid, SetupError, Unlearning, add_identity, to_weights
@@ -267,11 +266,6 @@ def test_dp_around_the_wrapper_runs_with_flowers_accountant():
     assert wrapper.departed and accountant.get_privacy_spent().num_releases == 3
     dp = wrapper.unlearning_report["dp"]
     assert dp["clipping"] == "client" and dp["accountant"] and dp["step-norm"] * dp["kept-fraction"] <= 1.0 + 1e-9
-
-
-def test_qfedavg_gets_the_step_added_to_its_own_rule():
-    q = Unlearning(QFedAvg(client_learning_rate=0.1, train_loss_key="train_loss", min_available_nodes=NODES), "puf")
-    assert q._composition() == "additive"
 
 
 def test_adaptive_dp_inside_is_seen_through():

@@ -10,8 +10,9 @@ Server side::
     result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=10)
 
 Client side: nothing for server-side methods such as PUF; ``add_identity(app)`` to be
-named by a node-config key; ``add_unlearning(app, model_fn=..., data_fn=...)`` for the
-methods with a client routine and for sample or class deletion. The wire protocol is
+named by a node-config key; ``add_unlearning(app, model_fn=..., data_fn=...)`` (torch) or
+``add_unlearning(app, data_fn=..., predict_fn=...)`` (any framework) for calibration, the
+methods with a client routine and sample or class deletion. The wire protocol is
 :mod:`fed_unlearn.protocol`.
 
 This subpackage is the only part of ``fed_unlearn`` that imports Flower.

@@ -239,7 +239,15 @@ class StepControl:
                 else f"forget accuracy {m['pre']['forget-acc']:.3f} <= {self.class_floor}",
             )
             kept = {k: np.asarray(v).copy() for k, v in start.items()}
-            return kept, {"used": True, "kept": True, "scale": 0.0, "reached": True, "target": target, **test}
+            return kept, {
+                "used": True,
+                "kept": True,
+                "rule": "forget-set",
+                "scale": 0.0,
+                "reached": True,
+                "target": target,
+                **test,
+            }
         log(
             INFO,
             "calibration (%s): scale %.3f of the unlearning step%s",

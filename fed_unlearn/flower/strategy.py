@@ -53,7 +53,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, Result, Strategy
 
 from .. import protocol as P
-from ..aggregation import ClientUpdate, InvalidUpdateError, fedavg, validate_update
+from ..aggregation import ClientUpdate, InvalidUpdateError, fedavg, is_batchnorm_buffer, validate_update
 from ..calibration import DEFAULT_SCALES, target_for
 from ..spectral import analyze, motion_share
 from ..unlearning import UnlearningMethod, make_method
@@ -66,15 +66,8 @@ from .requests import RequestBook, SetupError, UnlearningRequest, client_failure
 from .stepping import StepControl, clip_update, evaluation_means, mean_update_norm
 
 COMPOSITIONS = ("auto", "mean", "additive")
-#: Array-name endings of torch's BatchNorm buffers: statistics, not weights (carried, never negated).
-BATCHNORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 __all__ = ["ReproducibleFedAvg", "SetupError", "Unlearning", "UnlearningFedAvg", "UnlearningRequest"]
-
-
-def is_batchnorm_buffer(name: str) -> bool:
-    """Whether ``name`` is a torch BatchNorm buffer (``running_mean``, ``running_var``, ``num_batches_tracked``)."""
-    return name.rsplit(".", 1)[-1] in BATCHNORM_BUFFERS
 
 
 class _Reply:

@@ -3,8 +3,8 @@
 A method decides three things about the *unlearning round* (the first round after
 a deletion request): who trains, what the clients holding the data to forget are
 asked to do, and how the replies are combined into the next global model. Every
-other round is plain FedAvg over the clients still in the federation, and the
-strategy keeps no per-client history, so a method must work from that round's
+other round is the wrapped strategy's ordinary round over the clients still in the
+federation, and the strategy keeps no per-client history, so a method must work from that round's
 replies alone. Two baselines bend these rules and say so: ``retrain`` and
 ``federaser`` take several server rounds (:attr:`UnlearningMethod.num_rounds`), and
 FedEraser keeps per-client history through :meth:`UnlearningMethod.observe`, inside

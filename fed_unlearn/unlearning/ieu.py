@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..training import trainable
 from .base import ClientRoutine, LocalRoutineMethod, RoutineInput, forget_loss
 from .gradient_ascent import GradientAscentConfig, gradient_ascent
 from .registry import register_method
@@ -86,7 +87,7 @@ def add_relative_noise(model: nn.Module, sigma: float, seed: int) -> None:
         return
     rng = np.random.default_rng(np.random.SeedSequence([seed, 4_243]))
     with torch.no_grad():
-        for p in model.parameters():
+        for p in trainable(model):
             rms = float(torch.sqrt(torch.mean(p.double() ** 2)))
             p.add_(torch.from_numpy(sigma * rms * rng.standard_normal(tuple(p.shape))).to(p.dtype))
 

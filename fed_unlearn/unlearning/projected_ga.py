@@ -46,7 +46,7 @@ from torch.nn import functional as F
 
 from ..aggregation import ClientUpdate, Weights
 from ..deletion import DeletionRequest
-from ..training import Minibatches, local_steps, predict_logits
+from ..training import Minibatches, local_steps, predict_logits, trainable
 from .base import ClientRoutine, LocalRoutineMethod, RoutineInput, forget_loss
 from .registry import register_method
 
@@ -124,7 +124,7 @@ def random_like(model: nn.Module, seed: int) -> nn.Module:
 
 def flat_params(model: nn.Module) -> torch.Tensor:
     """All parameters as one flat vector (a copy)."""
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+    return torch.cat([p.detach().reshape(-1) for p in trainable(model)]).clone()
 
 
 def radius(model_ref: nn.Module, cfg: PGAConfig, seed: int) -> float:
@@ -141,7 +141,7 @@ def project(model: nn.Module, ref: torch.Tensor, delta: float) -> bool:
     if dist <= delta:
         return False
     proj = ref + (theta - ref) * (delta / dist)
-    torch.nn.utils.vector_to_parameters(proj, model.parameters())
+    torch.nn.utils.vector_to_parameters(proj, trainable(model))
     return True
 
 
@@ -152,7 +152,7 @@ def projected_ascent(
     if len(x) == 0:
         raise ValueError("projected gradient ascent needs a non-empty forget set")
     ref = flat_params(model)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    opt = torch.optim.SGD(trainable(model), lr=cfg.lr, momentum=cfg.momentum)
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
 
     def acc() -> float:

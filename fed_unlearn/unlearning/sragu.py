@@ -75,7 +75,7 @@ from torch.nn import functional as F
 from ..aggregation import ClientUpdate, Weights, pseudo_gradient
 from ..metrics import cross_entropy
 from ..spectral import StabilityGate, analyze, layer_of, layer_weights
-from ..training import Minibatches, local_steps, predict_logits
+from ..training import Minibatches, local_steps, named_trainable, predict_logits
 from .base import ClientRoutine, RoutineInput, UnlearningMethod, apply_departing_motion
 from .puf import PUF_VARIANTS, PUFConfig, puf_update
 from .registry import register_method
@@ -172,7 +172,7 @@ class SRAGUResult:
 
 def parameter_weights(model: nn.Module, nu: Mapping[str, float], default: float = 1.0) -> dict[str, float]:
     """``nu`` of every parameter's layer (parameters of layers without a weight get ``default``)."""
-    return {name: float(nu.get(layer_of(name), default)) for name, _ in model.named_parameters()}
+    return {name: float(nu.get(layer_of(name), default)) for name, _ in named_trainable(model)}
 
 
 def agu_sensitivity(grads: Sequence[torch.Tensor], eps: float = 1e-12) -> list[torch.Tensor]:
@@ -227,7 +227,7 @@ def sragu_unlearn(
     if bad:
         raise ValueError(f"stability weights must be finite and in [0, 1]: {bad}")
     scale = parameter_weights(model, nu, default=cfg.nu_unfit)
-    weights = [scale[name] for name, _ in model.named_parameters()]
+    weights = [scale[name] for name, _ in named_trainable(model)]
     has_heldout = heldout is not None and len(heldout[0]) > 0
     ref = _mean_loss(model, *heldout) if has_heldout and heldout is not None else float("nan")
     start_loss = _mean_loss(model, forget_x, forget_y)

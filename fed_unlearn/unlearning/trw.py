@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from ..aggregation import ClientUpdate, Weights, fedavg
 from ..deletion import DeletionRequest
-from ..training import Minibatches, local_steps, predict_logits
+from ..training import Minibatches, local_steps, predict_logits, trainable
 from .base import ClientRoutine, LocalRoutineMethod, RoutineInput, forget_loss
 from .registry import register_method
 
@@ -128,7 +128,7 @@ def trw_finetune(
         raise ValueError("TRW fine-tuning needs retained and forget samples")
     xr, yr = torch.from_numpy(np.ascontiguousarray(retain[0])), torch.from_numpy(np.ascontiguousarray(retain[1]))
     xf, qt = torch.from_numpy(np.ascontiguousarray(forget_x)), torch.from_numpy(q).float()
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    opt = torch.optim.SGD(trainable(model), lr=cfg.lr, momentum=cfg.momentum)
     rng = np.random.default_rng(seed)
     forget_batches = Minibatches(len(xf), cfg.batch_size, rng)  # drawn first: the two streams share the generator
     retain_batches = Minibatches(len(xr), cfg.batch_size, rng)
