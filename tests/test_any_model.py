@@ -250,22 +250,41 @@ def test_under_dp_a_robust_aggregator_gets_the_additive_step_and_a_server_optimi
     assert strategy.departed and adam.moments == {1: False, 2: True, 3: False, 4: True}
 
 
-def test_dp_around_the_wrapper_runs_with_flowers_accountant():
+def accountant():
     from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
     from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-    accountant = RdpAccountant(
+    return RdpAccountant(
         PrivacyConfig(1e-5, NODES, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION)
     )
+
+
+@pytest.mark.parametrize(
+    "dp_class", [DifferentialPrivacyClientSideFixedClipping, DifferentialPrivacyServerSideFixedClipping]
+)
+def test_dp_around_the_wrapper_runs_with_flowers_accountant(dp_class):
+    acc = accountant()
     wrapper = Unlearning(fedavg(), "puf", calibrate=False)
-    strategy = DifferentialPrivacyClientSideFixedClipping(
-        wrapper, noise_multiplier=1.0, clipping_norm=1.0, num_sampled_clients=NODES, accountant=accountant
-    )
+    strategy = dp_class(wrapper, noise_multiplier=1.0, clipping_norm=1.0, num_sampled_clients=NODES, accountant=acc)
     wrapper.request_unlearning(0, round=2)
     start(strategy, rounds=3, extra={"weight": 1})
-    assert wrapper.departed and accountant.get_privacy_spent().num_releases == 3
+    assert wrapper.departed and acc.get_privacy_spent().num_releases == 3  # every release accounted
     dp = wrapper.unlearning_report["dp"]
-    assert dp["clipping"] == "client" and dp["accountant"] and dp["step-norm"] * dp["kept-fraction"] <= 1.0 + 1e-9
+    assert dp["accountant"] and dp["step-norm"] * dp["kept-fraction"] <= 1.0 + 1e-9  # one clipped update
+    assert strategy.num_sampled_clients == NODES - 1  # the departure lowered DP's cohort too
+
+
+def test_the_wrapper_around_dp_with_an_accountant_serves_a_departure():
+    acc = accountant()
+    inner = DifferentialPrivacyServerSideFixedClipping(
+        fedavg(), noise_multiplier=1.0, clipping_norm=1.0, num_sampled_clients=NODES, accountant=acc
+    )
+    strategy = Unlearning(inner, "puf", calibrate=False)
+    strategy.request_unlearning(0, round=2)
+    start(strategy, rounds=3, extra={"weight": 1})
+    assert strategy.departed and acc.get_privacy_spent().num_releases == 3
+    with pytest.raises(ValueError, match="accountant"):
+        Unlearning(inner, "sragu")  # only the departing clients train in its round: refused up front
 
 
 def test_adaptive_dp_inside_is_seen_through():
