@@ -367,16 +367,21 @@ class ExperimentConfig:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def original_key(self, num_clients: int, architecture: str = "") -> str:
-        """Hash of everything the original federation (rounds ``1..d-1`` with everyone) depends on.
+        """Hash of everything the original federation (rounds ``1..d-1`` with everyone) and its record depend on.
 
-        The same for every method and every deletion of a (data, model, seed) setting: the
-        methods that need nothing from those rounds share one cached run.
+        The model is the same for every deletion of a (data, model, seed) setting, but its
+        per-round record is not: every round's evaluation reports forgetting and held-out
+        accuracy on the parts the deletion defines (the clients that stay, the samples that
+        go). So the deletion and who asks are part of the key, and the methods that need
+        nothing from those rounds share one cached run per deletion.
         """
         payload = {
             "kind": "original",
             **self._common_key(num_clients),
             "architecture": architecture,
             "fastclip": [self.fastclip.bound, self.fastclip.every],
+            "deletion": self.request.deletion.to_dict(),
+            "departing": list(self.request.departing),
         }
         return "original-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

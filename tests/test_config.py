@@ -98,6 +98,10 @@ def test_gold_key_depends_on_what_gold_depends_on():
     )
     assert base.gold_key(5) == later.gold_key(5)
     assert base.original_key(5) == later.original_key(5) != replace(base, data=DataConfig(seed=2)).original_key(5)
+    # the original's per-round record reports on the parts the deletion defines: one cache entry per deletion
+    other = ExperimentConfig.from_run_config({"unlearn.scenario": "samples", "unlearn.selection": "high-loss"})
+    assert base.original_key(5) != other.original_key(5)
+    assert base.original_key(5) != ExperimentConfig(request=RequestConfig(departing=(1,))).original_key(5)
 
 
 def test_every_method_setting_is_a_run_config_key_with_the_same_default():

@@ -55,6 +55,21 @@ def test_default_experiment_moves_toward_gold(default_run_config, tmp_path):
     assert next(out).stat().st_size > 10_000
 
 
+def test_a_cells_figures_are_the_same_alone_and_after_another_cell(default_run_config, tmp_path):
+    """The caches key everything that changes what they hold: no figure depends on the order of cells."""
+    small = {**default_run_config, "dataset": "digits", "unlearn.round": 3, "num-server-rounds": 4}
+    client = {**small, "unlearn.scenario": "client"}
+    samples = {**small, "unlearn.scenario": "samples", "unlearn.selection": "high-loss", "unlearn.fraction": 0.3}
+    alone, _ = run(samples, 3, tmp_path / "alone", cache=tmp_path / "cache-alone")
+    run(client, 3, tmp_path / "first", cache=tmp_path / "cache-shared")
+    after, _ = run(samples, 3, tmp_path / "after", cache=tmp_path / "cache-shared")
+    def untimed(history):  # wall-clock figures aside
+        return {r: {k: v for k, v in h.items() if "seconds" not in k} for r, h in history.items()}
+
+    assert after["report"] == alone["report"] and untimed(after["history"]) == untimed(alone["history"])
+    assert after["recovery"] == alone["recovery"]
+
+
 def test_same_seed_same_numbers_and_gold_cache_reused(default_run_config, tmp_path):
     rc = {**default_run_config, "dataset": "digits", "unlearn.round": 3, "num-server-rounds": 5}
     first, grid1 = run(rc, 3, tmp_path, cache=tmp_path / "gold")
