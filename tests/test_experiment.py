@@ -63,6 +63,7 @@ def test_a_cells_figures_are_the_same_alone_and_after_another_cell(default_run_c
     alone, _ = run(samples, 3, tmp_path / "alone", cache=tmp_path / "cache-alone")
     run(client, 3, tmp_path / "first", cache=tmp_path / "cache-shared")
     after, _ = run(samples, 3, tmp_path / "after", cache=tmp_path / "cache-shared")
+
     def untimed(history):  # wall-clock figures aside
         return {r: {k: v for k, v in h.items() if "seconds" not in k} for r, h in history.items()}
 
