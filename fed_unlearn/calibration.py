@@ -8,21 +8,23 @@ and their own held-out data (nothing else leaves them: sums and counts), and the
 picks the smallest ``c`` at which the forget set looks like data the model never saw — what
 a model retrained without it shows. The gold model is never consulted.
 
-Before that, the same clients measure the pre-request model: if their forget set already
-meets the target there — for ``loss-match``, its mean loss is not below the held-out mean
-loss by more than ``z`` standard errors (:func:`memorisation`; default one); for a class,
-the model no longer predicts it — nothing was memorised and the pre-request model is kept:
-no step at all, not even the remaining clients' round (which would only add SGD noise).
-The loss-threshold attack's AUC on the same samples is reported beside it; it is not the
-test, because most samples of a well-fit model have near-zero loss whether seen or not,
-which leaves the rank test blind to the memorisation a retrained model would undo.
+Before that, the same clients measure the pre-request model: unless their forget set is
+more member-like than their held-out data by more than ``z`` standard errors — the
+loss-threshold attack's AUC above chance (a stratified Mann-Whitney test over the
+clients), or the forget accuracy above the held-out accuracy — nothing was memorised and
+the pre-request model is kept (:func:`memorisation`): no step at all, not even the
+remaining clients' round (which would only add SGD noise). For a class: kept when the model
+no longer predicts it. Weak evidence moves nothing; a difference in the mean loss alone,
+which a few hard held-out samples make, is not evidence.
 
 What "looks like unseen data" means depends on what is deleted (:func:`target_for`):
 
-* ``loss-match`` (a whole client, random samples, hard samples): the mean loss on the forget
-  set reaches the mean loss on held-out samples like them (same classes; for hard samples,
-  the held-out samples the same selection rule ranks highest), and its accuracy falls to
-  theirs;
+* ``loss-match`` (a whole client, random samples, hard samples): the forget set's loss
+  distribution reaches that of held-out samples like them (same classes; for hard samples,
+  the held-out samples the same selection rule ranks highest) — the loss-threshold attack
+  at chance, AUC 0.5, a two-sample statistic of the whole distributions rather than of one
+  mean — and its accuracy falls to theirs; the smallest such scale, so the forget set never
+  ends less member-like than unseen data;
 * ``accuracy-floor`` (a class): the model no longer predicts the class on its samples —
   accuracy on the forget set at or below ``floor`` (a retrained model never saw the class
   and never predicts it).
@@ -60,8 +62,10 @@ class Calibration:
     target : str
         ``loss-match`` or ``accuracy-floor``.
     gaps : tuple of float
-        Per candidate: forget loss minus held-out loss (``loss-match``) or forget accuracy
-        minus the floor (``accuracy-floor``); the target is ``gap >= 0`` resp. ``gap <= 0``.
+        Per candidate: how far from looking unseen (``loss-match``: 0.5 minus the attack's
+        AUC, or forget minus held-out mean loss; with the held-out accuracy, the smaller of
+        that and the accuracy gap; the target is ``gap >= 0``) or forget accuracy minus the
+        floor (``accuracy-floor``; the target is ``gap <= 0``).
     """
 
     scale: float
@@ -78,13 +82,18 @@ def choose_scale(
     target: str = "loss-match",
     floor: float = 0.02,
     heldout_acc: Sequence[float] | None = None,
+    auc: Sequence[float] | None = None,
 ) -> Calibration:
     """The smallest scale reaching the target, linearly interpolated between candidates.
 
-    With ``heldout_acc``, ``loss-match`` asks for both: the forget set's mean loss at least
-    the held-out one, *and* its accuracy at most the held-out one. The mean loss alone is
-    pulled by a few confidently wrong held-out samples (hard samples above all) and is met
-    while the forget set is still predicted far better than unseen data.
+    ``loss-match`` with ``auc`` (per candidate, the loss-threshold attack's AUC on the forget
+    set against held-out samples like it): the forget set's whole loss distribution must
+    look unseen — the attack at chance, ``auc <= 0.5`` — rather than its mean loss, which a
+    few confidently wrong held-out samples pull up (the mean is then met while most forget
+    samples still have far lower losses than unseen ones). Without ``auc``, the mean losses.
+    With ``heldout_acc`` the forget set's accuracy must also be at most the held-out one.
+    Stopping at the first candidate that looks unseen never takes the forget set past the
+    point where it looks *less* member-like than unseen data (itself a membership signal).
 
     When no candidate reaches it, the one closest to it (the largest gap): a step that moves
     the forget set away from the target is not taken further.
@@ -111,7 +120,10 @@ def choose_scale(
     if not len(s) or s[0] != 0 or np.any(np.diff(s) <= 0):
         raise ValueError(f"scales must increase from 0, got {list(scales)}")
     if target == "loss-match":
-        gap = np.asarray(forget_loss, np.float64) - np.asarray(heldout_loss, np.float64)  # target: gap >= 0
+        if auc is not None:
+            gap = 0.5 - np.asarray(auc, np.float64)  # target: the attack at chance or below
+        else:
+            gap = np.asarray(forget_loss, np.float64) - np.asarray(heldout_loss, np.float64)  # target: gap >= 0
         if heldout_acc is not None:
             held, fa = np.asarray(heldout_acc, np.float64), np.asarray(forget_acc, np.float64)
             if held.shape != gap.shape or fa.shape != gap.shape:
@@ -141,11 +153,14 @@ class Memorisation:
     Attributes
     ----------
     memorised : bool
-        ``loss-match``: the forget mean loss is below the held-out mean loss by more than
-        ``z`` standard errors of the difference; ``accuracy-floor``: the forget accuracy is
-        above the floor.
+        ``loss-match``: the forget set is more member-like than held-out data by more than
+        ``z`` standard errors — the loss-threshold attack's AUC above chance (stratified
+        Mann-Whitney), or the forget accuracy above the held-out accuracy; without the
+        attack's figures, the forget mean loss below the held-out one. ``accuracy-floor``:
+        the forget accuracy is above the floor.
     statistic : float
-        ``(held-out - forget mean loss) / standard error``, resp. forget accuracy minus the floor.
+        The larger of the two z scores (resp. the mean-loss z, or the forget accuracy minus
+        the floor).
     auc : float
         The loss-threshold attack's AUC, forget set vs held-out (0.5: indistinguishable).
     """
@@ -172,6 +187,11 @@ def memorisation(
         raise ValueError("the memorisation test needs finite figures")
     if target == "accuracy-floor":
         return Memorisation(acc > floor, acc - floor, auc)
+    if "auc-z" in pre and "acc-z" in pre:
+        stat = max(float(pre["auc-z"]), float(pre["acc-z"]))
+        if not np.isfinite(stat):
+            raise ValueError("the memorisation test needs finite figures")
+        return Memorisation(stat > z, stat, auc)
     stat = (h - f) / se if se > 0 else (float("inf") if h > f else 0.0)
     return Memorisation(stat > z, stat, auc)
 
@@ -248,6 +268,17 @@ def pooled(stats: Sequence[dict[str, Sequence[float]]]) -> dict[str, Any]:
         out["forget-acc"].append(sum(float(st["forget-correct"][j]) for st in stats) / fn)
     if all("heldout-correct" in st for st in stats):
         out["heldout-acc"] = [sum(float(st["heldout-correct"][j]) for st in stats) / hn for j in range(k)]
+    if all("forget-auc" in st for st in stats):
+        zs, aucs = [], []
+        for j in range(k):
+            z_j, a_j = mann_whitney_z(
+                [float(st["forget-auc"][j]) for st in stats],
+                [float(st["forget-n"][0]) for st in stats],
+                [float(st["heldout-n"][0]) for st in stats],
+            )
+            zs.append(z_j)
+            aucs.append(a_j)
+        out["auc"], out["auc-z"] = aucs, zs
     if all("pre-forget-loss-sum" in st for st in stats):
 
         def total(key: str) -> float:
@@ -261,12 +292,20 @@ def pooled(stats: Sequence[dict[str, Sequence[float]]]) -> dict[str, Any]:
         f, h = total("pre-forget-loss-sum") / fn, total("pre-heldout-loss-sum") / hn
         var_f = max(total("pre-forget-loss-sq") / fn - f * f, 0.0)
         var_h = max(total("pre-heldout-loss-sq") / hn - h * h, 0.0)
+        fa = total("pre-forget-correct") / fn
         out["pre"] = {
             "forget-loss": f,
             "heldout-loss": h,
-            "forget-acc": total("pre-forget-correct") / fn,
+            "forget-acc": fa,
             "se": float(np.sqrt(var_f / fn + var_h / hn)),
             "auc": auc,
             "auc-z": auc_z,
         }
+        if all("pre-heldout-correct" in st for st in stats):
+            ha = total("pre-heldout-correct") / hn
+            p = (fa * fn + ha * hn) / (fn + hn)
+            se_acc = float(np.sqrt(p * (1 - p) * (1 / fn + 1 / hn)))
+            diff = fa - ha
+            out["pre"]["heldout-acc"] = ha
+            out["pre"]["acc-z"] = diff / se_acc if se_acc > 0 else (float("inf") if diff > 0 else 0.0)
     return out

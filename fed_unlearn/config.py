@@ -137,8 +137,21 @@ class DataConfig:
     holdout_fraction: float = setting(
         0.2, "holdout-fraction", "each client's held-out share (test data, MIA non-members)"
     )
+    unique_class: int = setting(0, "unique-class", "the `unique-class` partitioner: the class only client 0 holds")
+    label_noise: float = setting(
+        0.0, "label-noise", "share of the noisy clients' training labels changed to another class (0 = none)"
+    )
+    noisy_clients: str = setting("0", "label-noise-clients", "the clients whose labels `label-noise` changes")
 
     def __post_init__(self) -> None:
+        _check("unique-class", self.unique_class, self.unique_class >= 0, ">= 0")
+        _check("label-noise", self.label_noise, 0 <= self.label_noise <= 1, "in [0, 1]")
+        try:
+            _ = self.noisy_client_ids
+        except ValueError:
+            raise ValueError(
+                f"label-noise-clients must be client ids, comma-separated, got {self.noisy_clients!r}"
+            ) from None
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset '{self.dataset}'; valid: {', '.join(sorted(DATASETS))}")
         if self.model not in MODELS:
@@ -153,15 +166,24 @@ class DataConfig:
         """Whether the project's own task (``model`` on ``dataset``) is used."""
         return self.task == BUILTIN_TASK
 
+    @property
+    def noisy_client_ids(self) -> tuple[int, ...]:
+        """The client ids of ``label-noise-clients``."""
+        return tuple(int(c) for c in str(self.noisy_clients).split(",") if c.strip())
+
     def key(self) -> dict[str, Any]:
         """What determines every client's data (part of the cache keys)."""
-        common = {
+        common: dict[str, Any] = {
             "seed": self.seed,
             "data_dir": self.data_dir,
             "partitioner": self.partitioner,
             "dirichlet_alpha": self.dirichlet_alpha,
             "holdout_fraction": self.holdout_fraction,
         }
+        if self.partitioner == "unique-class":
+            common["unique_class"] = self.unique_class
+        if self.label_noise > 0:
+            common["label_noise"] = [self.label_noise, list(self.noisy_client_ids)]
         return {**common, "dataset": self.dataset} if self.builtin else {**common, "task": self.task}
 
 
@@ -207,9 +229,10 @@ class RequestConfig:
     deletion: DeletionRequest = field(default_factory=DeletionRequest)
     calibrate: bool = setting(True, "unlearn.calibrate", "scale the step on the forgetting clients' own data")
     memorisation_z: float = setting(
-        1.0,
+        2.0,
         "unlearn.memorisation-z",
-        "calibration keeps the model unless the forget loss is this many standard errors below held-out",
+        "calibration keeps the model unless the forget set is this many standard errors more member-like "
+        "than held-out data (loss-attack AUC or accuracy)",
     )
     recovery: str = setting("validation", "unlearn.recovery", "when recovery stops: " + ", ".join(RECOVERY_MODES))
     recovery_tolerance: float = setting(0.01, "unlearn.recovery-tolerance", "accuracy gap counted as recovered")

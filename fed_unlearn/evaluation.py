@@ -92,6 +92,8 @@ def measure_client(
         else None
     )
     out: dict[str, float] = {}
+    # the ordinary evaluation loss, over all held-out data (what the server's utility bound reads)
+    out["eval-loss"] = float(np.mean(cross_entropy(logits["heldout"], heldout.y))) if len(heldout.y) else 0.0
     parts = split_parts(train, heldout, forget, removed_classes)
     for part, (src, idx) in parts.items():
         lg, y = logits[src][idx], labels[src][idx]

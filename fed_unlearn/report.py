@@ -569,6 +569,66 @@ def seed_verdicts(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, 
     return out
 
 
+#: The metrics a model is judged on against the gold's seed spread (absolute values; the distances are 0 for it).
+SPREAD_METRICS = GAP_METRICS + ("relearn-steps",)
+#: The core ones: utility, forgetting and the loss attack.
+CORE_METRICS = ("test-acc", "retain-acc", "forget-acc", "mia-auc")
+
+
+def inside_gold_spread(stats: Stats, column: str, keys: Sequence[str] = SPREAD_METRICS) -> dict[str, bool]:
+    """Per metric (of ``keys`` measured for both), whether ``column``'s mean over seeds is within one std of the gold's.
+
+    ``|mean(column) - mean(gold)| <= std(gold)``: the method cannot be told from a retrained
+    model by this metric at the seed-to-seed variation of retraining itself.
+    """
+    out: dict[str, bool] = {}
+    gold, model = stats.get("gold", {}), stats.get(column, {})
+    for key in keys:
+        if key not in gold or key not in model or not gold[key][2] or not model[key][2]:
+            continue
+        (gm, gs, _), (mm, _, _) = gold[key], model[key]
+        if math.isfinite(gm) and math.isfinite(mm):
+            out[key] = abs(mm - gm) <= max(gs, 1e-12)
+    return out
+
+
+def spread_table(stats: Mapping[str, Stats]) -> str:
+    """Markdown: per scenario and method, the metrics outside the gold's seed spread (core ones first), and counts."""
+    scenarios = list(stats)
+    cols: list[str] = []
+    for st in stats.values():
+        cols += [c for c in st if c not in cols and c != "gold"]
+    lines = ["| model | " + " | ".join(scenarios) + " |", "|---|" + "---|" * len(scenarios)]
+    inside_all = inside_core = cells = 0
+    for c in cols:
+        row = []
+        for sc in scenarios:
+            if c not in stats[sc]:
+                row.append("")
+                continue
+            verdict = inside_gold_spread(stats[sc], c)
+            outside = [k for k in verdict if not verdict[k]]
+            core_out = [k for k in CORE_METRICS if k in outside]
+            if c != "original":
+                cells += 1
+                inside_all += not outside
+                inside_core += not core_out
+            if not outside:
+                row.append("**inside on all**")
+            else:
+                rest = [k for k in outside if k not in core_out]
+                row.append(", ".join([f"**{k}**" for k in core_out] + rest))
+        lines.append(f"| {c} | " + " | ".join(row) + " |")
+    lines.append("")
+    lines.append(
+        f"Method cells inside the gold's seed spread on every metric: **{inside_all} of {cells}**; on the core "
+        f"metrics ({', '.join(CORE_METRICS)}): **{inside_core} of {cells}**. A cell lists the metrics where the "
+        "method's mean over seeds is further from the gold's mean than the gold's own standard deviation (core "
+        "metrics in bold)."
+    )
+    return "\n".join(lines)
+
+
 #: The measures a harness ranking uses together (one headline must not hide the others).
 RANKING_KEYS = ("average-gap", "kl-forget", "disagree-forget", "disagree-test")
 

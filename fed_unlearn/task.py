@@ -74,6 +74,9 @@ def load_data(partition_id: int, num_partitions: int, run_config: Mapping[str, A
         alpha=float(run_config.get("dirichlet-alpha", 0.5)),
         holdout_fraction=float(run_config.get("holdout-fraction", 0.2)),
         seed=int(run_config.get("seed", 0)),
+        unique_class=int(run_config.get("unique-class", 0)),
+        label_noise=float(run_config.get("label-noise", 0.0)),
+        noisy_clients=tuple(int(c) for c in str(run_config.get("label-noise-clients", "0")).split(",") if c.strip()),
     )
 
 

@@ -44,6 +44,7 @@ from fed_unlearn.report import (
     ranking_table,
     seed_statistics,
     seed_verdicts,
+    spread_table,
     statistics_table,
     write_json,
     write_statistics_csv,
@@ -68,6 +69,18 @@ SCENARIOS: dict[str, str] = {
     "class": "unlearn.scenario='class'",
     # a non-IID federation (Dirichlet 0.2) whose departing client holds a skewed, distinctive share of the classes
     "noniid-client": "unlearn.scenario='client' unlearn.departing='0' partitioner='dirichlet' dirichlet-alpha=0.2",
+    # client 0 alone holds class 0: what a model retrained without it cannot know at all
+    "unique-class": "unlearn.scenario='client' unlearn.departing='0' partitioner='unique-class' unique-class=0",
+    # a strongly non-IID federation (Dirichlet 0.1): the departing client's classes are mostly its own
+    "noniid-client-0.1": "unlearn.scenario='client' unlearn.departing='0' partitioner='dirichlet' dirichlet-alpha=0.1",
+    # the PUF authors' protocol (Mora et al. 2025, their reference code's settings): 10 clients, Dirichlet 0.3,
+    # one local epoch of plain SGD, lr 0.1, weight decay 1e-3, the CNN, 40 rounds before the request,
+    # recovery until the retrained model's test accuracy (their protocol's oracle); run with --num-clients 10
+    "puf-paper": (
+        "unlearn.scenario='client' unlearn.departing='0' partitioner='dirichlet' dirichlet-alpha=0.3 model='cnn' "
+        "local-epochs=1 lr=0.1 momentum=0.0 weight-decay=0.001 unlearn.round=41 num-server-rounds=50 "
+        "unlearn.recovery='until-gold'"
+    ),
     # logistic regression on UCI Adult: the convex setting where ascent can end further from the retrained model
     "adult-linear": (
         f"unlearn.scenario='client' unlearn.departing='0' dataset='uci-adult' data-dir='{ADULT_DIR}' "
@@ -82,6 +95,8 @@ SCENARIOS: dict[str, str] = {
     },
 }
 DEFAULT_SCENARIOS = ("client", "samples-random", "samples-high-loss", "class")
+#: Scenarios whose protocol fixes the federation's size (others use --num-clients).
+SCENARIO_CLIENTS = {"puf-paper": 10}
 
 
 def deletion_scenario(name: str) -> str:
@@ -223,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"audit.references={args.audit_references} "
                 f"{SCENARIOS[scenario]} {args.run_config}"
             ).strip()
-            code = run_cell(args.engine, out, args.num_clients, rc, args.ray_address)
+            code = run_cell(args.engine, out, SCENARIO_CLIENTS.get(scenario, args.num_clients), rc, args.ray_address)
             if code != 0:
                 print(
                     f"{scenario} / {method} / seed {seed}: run failed (exit {code}); finished cells are kept, "
@@ -261,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# fed-unlearn harness\n\n{setup}\n\n## Ranking: Average Gap, KL and disagreement to gold together\n\n"
         f"{ranking_table(stats)}\n\n## Average Gap to gold (lower is better)\n\n{overview_table(stats)}\n\n"
         "## Further from the gold than the original (mean over seeds, beyond one std)\n\n"
-        f"| method | {' | '.join(verdicts)} |\n|---|{'---|' * len(verdicts)}\n" + "\n".join(further)
+        f"| method | {' | '.join(verdicts)} |\n|---|{'---|' * len(verdicts)}\n" + "\n".join(further),
+        f"## Inside the gold's seed spread\n\n{spread_table(stats)}",
     ]
     if args.audit_references:
         sections.append(leakage_section(stats, runs, args.audit_references))

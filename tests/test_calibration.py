@@ -167,3 +167,50 @@ def test_on_logistic_regression_fixed_ascent_overshoots_the_gold_and_the_calibra
     assert further_than_original(report, "fixed") == ["kl-forget", "l2-to-gold"]
     assert further_than_original(report, "calibrated") == []
     assert cal.scale < 0.5
+
+
+def test_the_target_is_the_whole_loss_distribution_at_chance_not_one_mean():
+    # mean losses cross at c = 0.5 but the attack's AUC only reaches chance at c = 0.75: the distribution decides
+    loss = [0.1 + 0.8 * c for c in S]
+    auc = [0.8, 0.7, 0.6, 0.5, 0.4]
+    cal = choose_scale(S, loss, [0.5] * 5, [1.0] * 5, auc=auc)
+    assert cal.scale == pytest.approx(0.75) and cal.reached
+    # never past chance: the first candidate at or below 0.5 (interpolated), not the one furthest below
+    assert choose_scale(S, loss, [0.5] * 5, [1.0] * 5, auc=[0.6, 0.45, 0.3, 0.2, 0.1]).scale == pytest.approx(
+        0.25 * 0.1 / 0.15
+    )
+
+
+def test_pooled_auc_per_scale_is_the_stratified_mann_whitney_and_memorisation_needs_strong_evidence():
+    from fed_unlearn.calibration import memorisation
+
+    def client(auc, n, m, pre_auc, pre_fa, pre_ha):
+        return {
+            "forget-loss-sum": [0.0, 0.0],
+            "forget-correct": [0.0, 0.0],
+            "heldout-loss-sum": [0.0, 0.0],
+            "forget-auc": auc,
+            "forget-n": [n],
+            "heldout-n": [m],
+            "pre-forget-loss-sum": [0.3 * n],
+            "pre-forget-loss-sq": [0.1 * n],
+            "pre-forget-correct": [pre_fa * n],
+            "pre-heldout-correct": [pre_ha * m],
+            "pre-heldout-loss-sum": [0.35 * m],
+            "pre-heldout-loss-sq": [0.13 * m],
+            "pre-auc": [pre_auc],
+        }
+
+    m = pooled([client([0.6, 0.5], 100.0, 100.0, 0.6, 0.9, 0.8), client([0.5, 0.5], 300.0, 100.0, 0.5, 0.9, 0.8)])
+    assert m["auc"][0] == pytest.approx((0.6 * 1e4 + 0.5 * 3e4) / 4e4) and m["auc"][1] == pytest.approx(0.5)
+    assert m["auc-z"][1] == pytest.approx(0.0)
+    pre = m["pre"]
+    # accuracy 0.9 vs 0.8 on 400 + 200 samples: z = 0.1 / sqrt(p (1 - p) (1/400 + 1/200)), p = 2.6 / 3
+    p = (0.9 * 400 + 0.8 * 200) / 600
+    assert pre["acc-z"] == pytest.approx(0.1 / np.sqrt(p * (1 - p) * (1 / 400 + 1 / 200)))
+    assert memorisation(pre, z=2.0).memorised and memorisation(pre, z=2.0).statistic == pytest.approx(pre["acc-z"])
+    # what a well-fit convex model shows by sampling alone (UCI Adult: AUC 0.508, accuracy 1.2 points over
+    # 1,200 held-out samples): about one standard error, not evidence
+    adult = pooled([client([0.508, 0.508], 4800.0, 1200.0, 0.508, 0.850, 0.838)])["pre"]
+    assert 0.5 < adult["auc-z"] < 2.0 and 0.5 < adult["acc-z"] < 2.0
+    assert not memorisation(adult, z=2.0).memorised

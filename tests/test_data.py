@@ -180,3 +180,28 @@ def test_client_datasets_cover_the_dataset_once():
     assert sizes == 1797
     with pytest.raises(ValueError, match="partition-id 3"):
         client_datasets("digits", 3, 3)
+
+
+def test_unique_class_partition_gives_one_client_a_class_nobody_else_has():
+    y = labels()
+    parts = partition_indices(y, 4, "unique-class", seed=0, unique_class=3)
+    allidx = np.concatenate(parts)
+    assert len(allidx) == len(y) and len(np.unique(allidx)) == len(y)
+    assert set(np.flatnonzero(y == 3)) <= set(parts[0])  # all of class 3 on client 0
+    assert all(3 not in y[p] for p in parts[1:]) and all(len(np.unique(y[p])) == 9 for p in parts[1:])
+    with pytest.raises(ValueError, match="no example"):
+        partition_indices(y, 4, "unique-class", unique_class=11)
+
+
+def test_label_noise_changes_that_share_of_the_noisy_clients_training_labels_only():
+    from fed_unlearn.data.partition import flip_labels
+
+    y = labels(20)
+    noisy = flip_labels(y, 0.3, 10, seed=1)
+    assert int(np.sum(noisy != y)) == 60 and noisy.min() >= 0 and noisy.max() < 10  # 30 % of 200, all changed
+    np.testing.assert_array_equal(noisy, flip_labels(y, 0.3, 10, seed=1))
+    clean_train, clean_held = client_datasets("digits", 0, 3, seed=4)
+    train, held = client_datasets("digits", 0, 3, seed=4, label_noise=0.5, noisy_clients=(0,))
+    assert int(np.sum(train.y != clean_train.y)) == round(0.5 * len(train)) and np.array_equal(held.y, clean_held.y)
+    other, _ = client_datasets("digits", 1, 3, seed=4, label_noise=0.5, noisy_clients=(0,))
+    assert np.array_equal(other.y, client_datasets("digits", 1, 3, seed=4)[0].y)  # only the noisy clients

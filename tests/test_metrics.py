@@ -216,3 +216,16 @@ def test_seed_statistics_and_table():
     assert stats["puf"]["recovery-rounds"] == (1.0, 0.0, 1)  # a run that never recovered is not averaged in
     table = statistics_table(stats)
     assert "| Average Gap to gold (retain, forget, test acc, MIA) | 0.0200 ± 0.0000 | 0.0200 ± 0.0141 |" in table
+
+
+def test_inside_the_gold_seed_spread_is_within_one_gold_standard_deviation():
+    from fed_unlearn.report import inside_gold_spread, spread_table
+
+    stats = {
+        "gold": {"forget-acc": (0.90, 0.02, 3), "test-acc": (0.95, 0.0, 3), "mia-auc": (0.50, 0.01, 3)},
+        "puf": {"forget-acc": (0.915, 0.05, 3), "test-acc": (0.95, 0.01, 3), "mia-auc": (0.53, 0.01, 3)},
+        "original": {"forget-acc": (0.98, 0.0, 3), "test-acc": (0.96, 0.0, 3), "mia-auc": (0.52, 0.0, 3)},
+    }
+    assert inside_gold_spread(stats, "puf") == {"test-acc": True, "forget-acc": True, "mia-auc": False}
+    table = spread_table({"client": stats})
+    assert "**mia-auc**" in table and "0 of 1" in table  # one method cell, outside on a core metric

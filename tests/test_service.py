@@ -47,7 +47,8 @@ class CrashingGrid(InProcessGrid):
 def start(tmp: Path, rounds: int, extra: str = "", grid_cls=None, crash_round: int = -1, offline=()):
     rc = fused_run_config(
         str(ROOT),
-        f"mode='service' dataset='digits' num-server-rounds={rounds} "
+        # memorisation-z 0: the small federation's evidence is weak; the serving path moves the model anyway
+        f"mode='service' dataset='digits' num-server-rounds={rounds} unlearn.memorisation-z=0.0 "
         f"service.state-dir='{tmp / 'state'}' service.recovery-rounds=1 {extra}",
     )
     grid = (grid_cls or CrashingGrid)(

@@ -358,16 +358,28 @@ def test_unlearning_fedavg_takes_every_fedavg_argument_and_aggregates_user_metri
 
 
 class CalibratingGrid(StaticGrid):
-    """Answers query.calibrate like a client whose forget loss is ``a + b c`` and held-out loss is ``h`` at scale c."""
+    """Answers query.calibrate like a client whose forget loss is ``a + b c`` and held-out loss is ``h`` at scale c.
 
-    def __init__(self, nodes, a: float, b: float, h: float, pre: tuple[float, float] | None = None) -> None:
+    Evaluation messages (the remaining clients' utility) get ``eval_loss`` = ``utility`` (no loss when ``None``).
+    """
+
+    def __init__(
+        self, nodes, a: float, b: float, h: float, pre: tuple[float, float] | None = None, utility=None
+    ) -> None:
         super().__init__(nodes)
-        self.a, self.b, self.h, self.pre = a, b, h, pre
+        self.a, self.b, self.h, self.pre, self.utility = a, b, h, pre, utility
         self.asked: list[Message] = []
+        self.evaluated: list[Message] = []
 
     def send_and_receive(self, messages, *, timeout=None):
         out = []
         for m in messages:
+            if m.metadata.message_type == "evaluate":
+                self.evaluated.append(m)
+                loss = {} if self.utility is None else {"eval_loss": float(self.utility)}
+                rec = MetricRecord({**loss, "num-examples": 4})
+                out.append(Message(RecordDict({"metrics": rec}), reply_to=m))
+                continue
             self.asked.append(m)
             scales = list(m.content["config"]["scales"])
             rec = MetricRecord(

@@ -16,7 +16,7 @@ import numpy as np
 
 from .datasets import ArrayDataset, load_dataset
 
-PARTITIONERS = ("iid", "dirichlet")
+PARTITIONERS = ("iid", "dirichlet", "unique-class")
 
 
 def partition_indices(
@@ -26,6 +26,7 @@ def partition_indices(
     alpha: float = 0.5,
     seed: int = 0,
     min_partition_size: int = 10,
+    unique_class: int = 0,
 ) -> list[np.ndarray]:
     """Assign example indices to ``num_partitions`` disjoint clients.
 
@@ -35,9 +36,12 @@ def partition_indices(
         Integer labels, shape ``(N,)``.
     num_partitions : int
         Number of clients, ``>= 1`` and ``<= N``.
-    partitioner : {"iid", "dirichlet"}
+    partitioner : {"iid", "dirichlet", "unique-class"}
         ``iid``: equal-size random shards. ``dirichlet``: per-class proportions drawn
         from Dirichlet(``alpha``) (Hsu et al. 2019); smaller ``alpha`` = more label skew.
+        ``unique-class``: client 0 holds every example of class ``unique_class`` and an
+        equal random share of the others; the other clients never see that class (what a
+        model retrained without client 0 cannot know at all).
     alpha : float
         Dirichlet concentration, ``> 0``.
     seed : int
@@ -57,6 +61,15 @@ def partition_indices(
         raise ValueError(f"num_partitions must be in [1, {n}], got {num_partitions}")
     if partitioner == "dirichlet" and not alpha > 0:
         raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
+
+    if partitioner == "unique-class":
+        perm = np.random.default_rng(seed).permutation(n)
+        labels = np.asarray(labels)
+        if not np.any(labels == unique_class):
+            raise ValueError(f"unique-class {unique_class} has no example in the dataset")
+        shards = np.array_split(perm[labels[perm] != unique_class], num_partitions)
+        shards[0] = np.concatenate([shards[0], perm[labels[perm] == unique_class]])
+        return [np.sort(s.astype(np.int64)) for s in shards]
 
     from datasets import Dataset  # heavy import, only where partitions are built
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
@@ -94,12 +107,26 @@ def train_holdout_split(indices: np.ndarray, holdout_fraction: float, seed: int)
     return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
 
 
+def flip_labels(y: np.ndarray, fraction: float, num_classes: int, seed: int) -> np.ndarray:
+    """``y`` with ``round(fraction * len(y))`` labels, chosen at random, changed to another class (seeded)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"label-noise must be in [0, 1], got {fraction}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 77]))
+    out = np.array(y, copy=True)
+    k = int(round(fraction * len(y)))
+    if k == 0 or num_classes < 2:
+        return out
+    idx = rng.choice(len(y), size=k, replace=False)
+    out[idx] = (out[idx] + rng.integers(1, num_classes, size=k)) % num_classes
+    return out
+
+
 @lru_cache(maxsize=8)
 def _cached_partitions(
-    name: str, data_dir: str, num_partitions: int, partitioner: str, alpha: float, seed: int
+    name: str, data_dir: str, num_partitions: int, partitioner: str, alpha: float, seed: int, unique_class: int = 0
 ) -> tuple[np.ndarray, ...]:
     labels = load_dataset(name, data_dir).y
-    return tuple(partition_indices(labels, num_partitions, partitioner, alpha, seed))
+    return tuple(partition_indices(labels, num_partitions, partitioner, alpha, seed, unique_class=unique_class))
 
 
 def client_datasets(
@@ -112,14 +139,24 @@ def client_datasets(
     alpha: float = 0.5,
     holdout_fraction: float = 0.2,
     seed: int = 0,
+    unique_class: int = 0,
+    label_noise: float = 0.0,
+    noisy_clients: tuple[int, ...] = (0,),
 ) -> tuple[ArrayDataset, ArrayDataset]:
     """Return the (train, held-out) data of one client.
 
-    Deterministic in its arguments; partitions are computed once per process.
+    ``label_noise``: on the clients in ``noisy_clients``, that share of the *training* labels
+    is changed to another class (mislabeled samples only that client holds: what a model
+    memorises and a model retrained without the client cannot predict); held-out data stays
+    clean. Deterministic in its arguments; partitions are computed once per process.
     """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
     ds = load_dataset(name, data_dir)
-    idx = _cached_partitions(name, data_dir, num_partitions, partitioner, float(alpha), seed)[partition_id]
-    train_idx, hold_idx = train_holdout_split(idx, holdout_fraction, seed * 1_000_003 + partition_id)
-    return ds.subset(train_idx), ds.subset(hold_idx)
+    parts = _cached_partitions(name, data_dir, num_partitions, partitioner, float(alpha), seed, int(unique_class))
+    train_idx, hold_idx = train_holdout_split(parts[partition_id], holdout_fraction, seed * 1_000_003 + partition_id)
+    train = ds.subset(train_idx)
+    if label_noise > 0 and partition_id in noisy_clients:
+        noisy = flip_labels(train.y, label_noise, ds.num_classes, seed * 1_000_003 + partition_id)
+        train = ArrayDataset(train.x, noisy, train.num_classes, train.name)
+    return train, ds.subset(hold_idx)

@@ -544,6 +544,7 @@ class _Helper:
             "forget-correct": [],
             "heldout-loss-sum": [],
             "heldout-correct": [],
+            "forget-auc": [],  # the loss-threshold attack's AUC, forget vs held-out: the whole distributions
         }
         for c in [float(v) for v in cfg.get("scales", [])]:
             self.backend.set_arrays(
@@ -554,15 +555,17 @@ class _Helper:
             out["forget-correct"].append(correct)
             out["heldout-loss-sum"].append(float(np.sum(h)))
             out["heldout-correct"].append(h_correct)
+            out["forget-auc"].append(loss_mia_auc(f, h))
         if "pre-request" in recs:  # the memorisation test: the pre-request model on the same samples
             pre, pre_wire = self.backend.arrays(self.model(recs["pre-request"], context))
             self.backend.set_arrays(model, pre, pre_wire)
-            f, correct, h, _ = losses()
+            f, correct, h, h_correct = losses()
             out.update(
                 {
                     "pre-forget-loss-sum": [float(np.sum(f))],
                     "pre-forget-loss-sq": [float(np.sum(f * f))],
                     "pre-forget-correct": [correct],
+                    "pre-heldout-correct": [h_correct],
                     "pre-heldout-loss-sum": [float(np.sum(h))],
                     "pre-heldout-loss-sq": [float(np.sum(h * h))],
                     "pre-auc": [loss_mia_auc(f, h)],
@@ -571,9 +574,7 @@ class _Helper:
         rec = MetricRecord({**out, "forget-n": [float(len(forget))], "heldout-n": [float(len(like))]})
         return Message(RecordDict({"calibration": rec}), reply_to=msg)
 
-    def _heldout_like(
-        self, model: torch.nn.Module, context: Context, forget: ArrayDataset, heldout: ArrayDataset
-    ) -> ArrayDataset:
+    def _heldout_like(self, model: Any, context: Context, forget: ArrayDataset, heldout: ArrayDataset) -> ArrayDataset:
         """Held-out samples like the forget set: its classes; for hard samples, those the same rule ranks highest."""
         same = heldout.subset(np.flatnonzero(np.isin(heldout.y, np.unique(forget.y))))
         if len(same) == 0:

@@ -208,20 +208,22 @@ class StepControl:
 
         def decide() -> Calibration:
             f, h, a = m["forget-loss"], m["heldout-loss"], m["forget-acc"]
-            return choose_scale(scales, f, h, a, target, self.class_floor, m.get("heldout-acc"))
+            return choose_scale(scales, f, h, a, target, self.class_floor, m.get("heldout-acc"), m.get("auc"))
 
         try:
             m = ask(scales, pre_request=True)
             pre = memorisation(m["pre"], target, self.class_floor, self.memorisation_z) if "pre" in m else None
             cal = decide()
-            longer = [] if cal.reached or (pre is not None and not pre.memorised) else self._longer_scales(direction)
+            still = target != "loss-match" or "auc-z" not in m or m["auc-z"][-1] > self.memorisation_z
+            stop = cal.reached or not still or (pre is not None and not pre.memorised)
+            longer = [] if stop else self._longer_scales(direction)
             better = 1.0 if target == "loss-match" else -1.0  # the sign in which a gap moves toward the target
             if longer and better * cal.gaps[-1] >= better * cal.gaps[0]:
-                # the full step falls short without moving away from the target (an ascent step that
-                # barely starts): candidates beyond it, up to the departing-step bound
+                # the full step falls short, the forget set still clearly member-like, without moving away
+                # from the target (an ascent step that barely starts): candidates beyond it, up to the bound
                 more = ask(longer, pre_request=False)
                 scales += longer
-                for key in ("forget-loss", "heldout-loss", "forget-acc", "heldout-acc"):
+                for key in ("forget-loss", "heldout-loss", "forget-acc", "heldout-acc", "auc", "auc-z"):
                     if key in m:
                         m[key] = list(m[key]) + list(more[key])
                 cal = decide()
@@ -229,37 +231,13 @@ class StepControl:
             return self._utility_bound(new, base, direction, f"calibration failed ({exc})")
         figures = {k: v for k, v in m.items() if k != "pre"}
         test = {} if pre is None else {"pre-request": m["pre"], "memorised": pre.memorised}
-        if pre is not None and not pre.memorised:
-            log(
-                INFO,
-                "calibration (%s): the pre-request model does not remember the forget set (%s): it is kept unchanged",
-                target,
-                f"forget vs held-out mean loss {pre.statistic:.2f} standard errors apart <= {self.memorisation_z}"
-                if target == "loss-match"
-                else f"forget accuracy {m['pre']['forget-acc']:.3f} <= {self.class_floor}",
-            )
-            kept = {k: np.asarray(v).copy() for k, v in start.items()}
-            return kept, {
-                "used": True,
-                "kept": True,
-                "rule": "forget-set",
-                "scale": 0.0,
-                "reached": True,
-                "target": target,
-                **test,
-            }
-        log(
-            INFO,
-            "calibration (%s): scale %.3f of the unlearning step%s",
-            cal.target,
-            cal.scale,
-            "" if cal.reached else f" (the target is not reached even by {scales[-1]:g} x the step)",
-        )
-        return step_from(base, direction, cal.scale, start), {
+        memorised = pre is None or pre.memorised
+        scale = cal.scale if memorised else 0.0
+        info: dict[str, Any] = {
             "used": True,
             "kept": False,
             "rule": "forget-set",
-            "scale": cal.scale,
+            "scale": scale,
             "reached": cal.reached,
             "target": cal.target,
             "scales": scales,
@@ -267,16 +245,36 @@ class StepControl:
             **figures,
             **test,
         }
+        if scale == 0.0 and not memorised:
+            log(
+                INFO,
+                "calibration (%s): the pre-request model does not remember the forget set (%s): it is kept unchanged",
+                target,
+                f"forget set {pre.statistic:.2f} standard errors more member-like than held-out data "
+                f"(loss attack AUC {pre.auc:.3f}) <= {self.memorisation_z}"
+                if pre is not None and target == "loss-match"
+                else f"forget accuracy {m['pre']['forget-acc']:.3f} <= {self.class_floor}",
+            )
+            kept = {k: np.asarray(v).copy() for k, v in start.items()}
+            return kept, {**info, "kept": True, "reached": True}
+        log(
+            INFO,
+            "calibration (%s): scale %.3f of the unlearning step%s",
+            cal.target,
+            scale,
+            "" if cal.reached else f" (the target is not reached even by {scales[-1]:g} x the step)",
+        )
+        return step_from(base, direction, scale, start), info
 
-    # -- the utility bound: the remaining clients' own evaluation -------------------------------
-    def _utility_bound(
-        self, new: dict[str, np.ndarray], base: dict[str, np.ndarray], direction: dict[str, np.ndarray], why: str
-    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """The largest scale whose remaining-client evaluation loss stays within the tolerance (module docstring)."""
+    def _utility_scale(self, base: dict[str, np.ndarray], direction: dict[str, np.ndarray]) -> dict[str, Any] | None:
+        """The remaining clients' evaluation of ``base + c d`` for the utility scales; ``None`` without a loss to read.
+
+        Returns the scale (:func:`fed_unlearn.calibration.utility_scale`), the metric, the
+        values and a line for the log.
+        """
         grid, start = self._grid, self._global
-        info: dict[str, Any] = {"used": True, "kept": False, "rule": "remaining-utility", "why": why}
         if grid is None or start is None:
-            return new, {**info, "used": False}
+            return None
         losses: list[float] = []
         key = ""
         # one node set for every candidate (a strategy evaluating a fraction samples anew at each call)
@@ -287,40 +285,56 @@ class StepControl:
             metrics = self._aggregate_evaluation(self.current_round, replies)
             key = self.utility_key or _loss_key(metrics)
             if not key or key not in metrics or not np.isfinite(metrics[key]):
-                # no evidence at all of how far to go: the departing clients simply stop contributing
-                log(
-                    WARNING,
-                    "%s and the remaining clients' evaluation reports no loss (metrics %s): the step cannot be "
-                    "sized without the gold, so none is taken and the departing clients simply stop "
-                    "contributing. Name the evaluation loss with utility_key=, or let the clients calibrate "
-                    "(fed_unlearn.flower.add_unlearning)",
-                    why,
-                    sorted(metrics),
-                )
-                return step_from(base, direction, 0.0, start), {
-                    **info,
-                    "rule": "no-evidence",
-                    "scale": 0.0,
-                    "why": f"{why}; no evaluation loss",
-                }
+                return {"scale": None, "key": key, "metrics": sorted(metrics)}
             losses.append(float(metrics[key]))
         scale = utility_scale(UTILITY_SCALES, losses, self.utility_tolerance, higher_is_better=_higher_is_better(key))
+        line = ", ".join(f"{c:g}: {v:.4g}" for c, v in zip(UTILITY_SCALES, losses, strict=True))
+        return {"scale": scale, "key": key, "values": losses, "tolerance": self.utility_tolerance, "line": line}
+
+    # -- the utility bound: the remaining clients' own evaluation -------------------------------
+    def _utility_bound(
+        self, new: dict[str, np.ndarray], base: dict[str, np.ndarray], direction: dict[str, np.ndarray], why: str
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The largest scale whose remaining-client evaluation loss stays within the tolerance (module docstring)."""
+        start = self._global
+        info: dict[str, Any] = {"used": True, "kept": False, "rule": "remaining-utility", "why": why}
+        utility = self._utility_scale(base, direction)
+        if utility is None or start is None:
+            return new, {**info, "used": False}
+        if utility["scale"] is None:
+            # no evidence at all of how far to go: the departing clients simply stop contributing
+            log(
+                WARNING,
+                "%s and the remaining clients' evaluation reports no loss (metrics %s): the step cannot be "
+                "sized without the gold, so none is taken and the departing clients simply stop "
+                "contributing. Name the evaluation loss with utility_key=, or let the clients calibrate "
+                "(fed_unlearn.flower.add_unlearning)",
+                why,
+                utility["metrics"],
+            )
+            return step_from(base, direction, 0.0, start), {
+                **info,
+                "rule": "no-evidence",
+                "scale": 0.0,
+                "why": f"{why}; no evaluation loss",
+            }
+        scale = float(utility["scale"])
         log(
             INFO,
             "%s: the step is bounded by the remaining clients' evaluation instead: scale %.2f, the largest "
             "whose '%s' stays within %.0f%% of the model without the step (%s)",
             why,
             scale,
-            key,
+            utility["key"],
             100 * self.utility_tolerance,
-            ", ".join(f"{c:g}: {v:.4g}" for c, v in zip(UTILITY_SCALES, losses, strict=True)),
+            utility["line"],
         )
         return step_from(base, direction, scale, start), {
             **info,
             "scale": scale,
             "scales": list(UTILITY_SCALES),
-            "utility-key": key,
-            "utility": losses,
+            "utility-key": utility["key"],
+            "utility": utility["values"],
             "tolerance": self.utility_tolerance,
         }
 
@@ -328,7 +342,8 @@ class StepControl:
 def _loss_key(metrics: Mapping[str, float]) -> str:
     """The evaluation loss among an app's metric names (``eval_loss``, ``loss``, ``test-loss``, ...), else ``""``."""
     keys = sorted(k for k in metrics if "loss" in k.lower() and isinstance(metrics[k], (int, float)))
-    exact = [k for k in keys if k.lower() in ("loss", "eval_loss", "eval-loss", "val_loss", "test_loss", "test-loss")]
+    names = ("loss", "eval_loss", "eval-loss", "val_loss", "test_loss", "test-loss", "test_logloss")
+    exact = [k for k in keys if k.lower() in names]
     return (exact or keys or [""])[0]
 
 

@@ -137,9 +137,10 @@ class Unlearning(RequestBook, StepControl, Strategy):
     class_floor : float
         The forget accuracy that counts as "the class is gone" when a class is deleted.
     memorisation_z : float
-        Unless the forgetting clients' forget mean loss is below their held-out mean loss by
-        more than this many standard errors (or, for a class, the model still predicts it),
-        nothing was memorised and the pre-request model is kept.
+        Unless the forgetting clients' forget set is more member-like than their held-out
+        data by more than this many standard errors (the loss-threshold attack's AUC, or the
+        accuracy; for a class: unless the model still predicts it), nothing was memorised
+        and the pre-request model is kept.
     utility_tolerance : float
         The utility bound's tolerance: the remaining clients' evaluation loss may rise by
         this fraction of its value without the step.
@@ -191,7 +192,7 @@ class Unlearning(RequestBook, StepControl, Strategy):
         calibrate: bool = True,
         calibration_scales: Sequence[float] = DEFAULT_SCALES,
         class_floor: float = 0.02,
-        memorisation_z: float = 1.0,
+        memorisation_z: float = 2.0,
         utility_tolerance: float = 0.05,
         utility_key: str | None = None,
         reproducible: bool = False,

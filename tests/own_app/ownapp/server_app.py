@@ -108,7 +108,7 @@ def main(grid: Grid, context: Context) -> None:
 
     # the federation: a plain strategy, wrapped; the departure is requested before start()
     strategy = Unlearning(
-        wrapped(str(rc["strategy"]), num), str(rc["method"]), memorisation_z=float(rc.get("memorisation-z", 1.0))
+        wrapped(str(rc["strategy"]), num), str(rc["method"]), memorisation_z=float(rc.get("memorisation-z", 2.0))
     )
     samples = str(rc["scenario"]) == "samples"
     strategy.request_unlearning(
