@@ -13,24 +13,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from fed_unlearn.erasure import MAX_REQUEST_BYTES, RequestError, new_request, parse_request, submit_to_inbox
+from fed_unlearn.erasure import RequestError, new_request, parse_request, read_inbox_file, submit_to_inbox
 
 
 def status(inbox: Path) -> list[str]:
-    """One line per file in the inbox's folders; unreadable or malformed files are said so, not fatal."""
+    """One line per file in the inbox's folders; unreadable or malformed files are said so, not fatal.
+
+    Files are read as a poll reads them: links are not followed, at most the size of a request.
+    """
     lines = []
     for folder in ("pending", "acknowledged", "refused"):
-        for f in sorted((inbox / folder).glob("*.json")):
-            try:
-                if not f.is_file() or f.stat().st_size > MAX_REQUEST_BYTES:
-                    raise RequestError("not a request file (a folder, or too large)")
-                req = parse_request(f.read_bytes().decode("utf-8"))
+        where = inbox / folder
+        for name in sorted(os.listdir(where)) if where.is_dir() else []:
+            if name.startswith("."):
+                continue
+            entry = read_inbox_file(where, name)
+            if entry.problem:
+                lines.append(f"{folder:12s} {entry.name}: unreadable ({entry.problem})")
+            else:
+                req = parse_request(entry.text)
                 lines.append(f"{folder:12s} {req.id} site={req.site} reason={req.reason!r}")
-            except (RequestError, UnicodeDecodeError, OSError) as exc:
-                lines.append(f"{folder:12s} {f.name}: unreadable ({exc})")
     return lines
 
 

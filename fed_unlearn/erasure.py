@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 import time
 import uuid
@@ -34,12 +35,16 @@ from typing import Any
 
 SITE_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 ID_RE = re.compile(r"\A[0-9a-f]{32}\Z")
-#: Names of request files the server may tell a site to file away (no path separators).
-FILE_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
 SCOPES = ("site",)
 MAX_REASON = 500
-#: Largest request file a site reads (a request is well under 1 KiB).
-MAX_REQUEST_BYTES = 64 * 1024
+#: Largest request file a site reads (a request is well under 1 KiB; 500 escaped characters of reason fit).
+MAX_REQUEST_BYTES = 8 * 1024
+#: Pending files a site hands over per poll (valid requests first; the rest wait for the next poll).
+MAX_FILES_PER_POLL = 50
+#: Pending files a site looks at per poll (oldest first), so a flooded inbox costs bounded work.
+MAX_FILES_INSPECTED = 1000
+#: A file that does not parse and changed less than this many seconds ago is still being written: retried.
+SETTLE_SECONDS = 2.0
 #: Latest accepted ``created`` time, relative to now (clocks differ; a request is not from the future).
 MAX_CLOCK_SKEW = 86_400.0
 
@@ -117,6 +122,7 @@ def parse_request(payload: Any) -> ErasureRequest:
     reason = payload.get("reason", "")
     if not isinstance(reason, str) or len(reason) > MAX_REASON:
         raise RequestError(f"request reason must be text of at most {MAX_REASON} characters")
+    check_text("reason", reason)
     created = payload.get("created", 0.0)
     if isinstance(created, bool) or not isinstance(created, (int, float)):
         raise RequestError(f"request 'created' must be a number, got {created!r}")
@@ -127,6 +133,32 @@ def parse_request(payload: Any) -> ErasureRequest:
     if not math.isfinite(when) or not 0.0 <= when <= time.time() + MAX_CLOCK_SKEW:
         raise RequestError(f"request 'created' must be a Unix time between 0 and now, got {when!r}")
     return ErasureRequest(rid, site, scope, reason, when)
+
+
+def check_text(name: str, text: str) -> str:
+    """``text`` if it is valid Unicode that encodes as UTF-8 (no lone surrogates); raises :class:`RequestError`.
+
+    A lone surrogate comes from a JSON escape such as ``"\\ud800"`` or from a command line
+    typed in a non-UTF-8 terminal (Python keeps the undecodable byte as ``\\udcXX``); it
+    cannot be stored or sent, so it is refused here with the place it is at.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        ch = ord(text[exc.start])
+        if 0xDC80 <= ch <= 0xDCFF:  # a byte the terminal's encoding could not decode
+            raise RequestError(
+                f"{name} is not UTF-8 text (byte 0x{ch - 0xDC00:02x} at character {exc.start}): "
+                "write it in UTF-8 (e.g. a UTF-8 terminal locale)"
+            ) from None
+        raise RequestError(f"{name} holds a lone surrogate (U+{ch:04X} at character {exc.start}), not text") from None
+    return text
+
+
+def safe_text(text: str, limit: int | None = None) -> str:
+    """``text`` made storable (invalid code points escaped as ``\\udXXX``), cut to ``limit`` characters."""
+    out = str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+    return out if limit is None else out[:limit]
 
 
 # -- the site's inbox ----------------------------------------------------------------------
@@ -151,7 +183,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def submit_to_inbox(inbox: str | Path, request: ErasureRequest) -> Path:
-    """Write a request into ``<inbox>/pending/<id>.json``; returns the file."""
+    """Write a request into ``<inbox>/pending/<id>.json`` (atomically: a poll never sees half a file)."""
     path = Path(inbox) / "pending" / f"{request.id}.json"
     _atomic_write(path, json.dumps(request.to_dict(), sort_keys=True))
     return path
@@ -159,74 +191,130 @@ def submit_to_inbox(inbox: str | Path, request: ErasureRequest) -> Path:
 
 @dataclass(frozen=True)
 class InboxEntry:
-    """A file in ``<inbox>/pending/``: its name, its text, or why it cannot be read."""
+    """A file in ``<inbox>/pending/``: its name (as text), its text, or why it cannot be taken.
+
+    ``request_id``: the id inside when the text is a valid request (files are answered by it).
+    """
 
     name: str
     text: str
     problem: str = ""
+    request_id: str = ""
 
 
-def _read_entry(path: Path) -> InboxEntry:
-    """One pending file, read defensively: never more than the size cap, never a crash."""
+def wire_name(name: str) -> str:
+    """A file name as text any message can carry (bytes that are not UTF-8 escaped as ``\\xNN``)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _read_entry(folder: Path, name: str, now: float) -> InboxEntry | None:
+    """One pending file, read defensively; ``None``: still being written (retried at the next poll).
+
+    Only a regular file with one link is read, opened without following links: a symbolic
+    or hard link to another file (a key, ``/proc/self/environ``) would make the site send
+    that file's contents. Never more than :data:`MAX_REQUEST_BYTES` is read.
+    """
+    shown = wire_name(name)
     try:
-        if not path.is_file():
-            return InboxEntry(path.stem, "", "not a regular file")
-        size = path.stat().st_size
-        if size > MAX_REQUEST_BYTES:
-            return InboxEntry(path.stem, "", f"{size} bytes, more than the {MAX_REQUEST_BYTES} a request may have")
-        with open(path, "rb") as fh:
+        st = os.lstat(folder / name)
+        if stat.S_ISLNK(st.st_mode):
+            return InboxEntry(shown, "", "a symbolic link (links are not followed)")
+        if not stat.S_ISREG(st.st_mode):
+            return InboxEntry(shown, "", "not a regular file")
+        if st.st_nlink > 1:
+            return InboxEntry(shown, "", "a hard link to another file (not read)")
+        if st.st_size > MAX_REQUEST_BYTES:
+            return InboxEntry(shown, "", f"{st.st_size} bytes, more than the {MAX_REQUEST_BYTES} a request may have")
+        fd = os.open(folder / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            opened = os.fstat(fh.fileno())
+            if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(opened.st_mode):
+                return None  # replaced between the look and the open: look again next poll
             raw = fh.read(MAX_REQUEST_BYTES + 1)
-        if len(raw) > MAX_REQUEST_BYTES:
-            return InboxEntry(path.stem, "", f"more than the {MAX_REQUEST_BYTES} bytes a request may have")
-        return InboxEntry(path.stem, raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        return InboxEntry(path.stem, "", f"not UTF-8 text ({exc.reason} at byte {exc.start})")
     except OSError as exc:
-        return InboxEntry(path.stem, "", f"cannot be read ({exc.strerror or exc})")
+        return InboxEntry(shown, "", f"cannot be read ({exc.strerror or exc})")
+    if len(raw) > MAX_REQUEST_BYTES:
+        return InboxEntry(shown, "", f"more than the {MAX_REQUEST_BYTES} bytes a request may have")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return InboxEntry(shown, "", f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+    try:
+        req = parse_request(text)
+    except RequestError as exc:
+        if now - st.st_mtime < SETTLE_SECONDS:
+            return None  # a file being written by a tool that does not write atomically
+        return InboxEntry(shown, "", f"malformed: {exc}")
+    return InboxEntry(shown, text, "", req.id)
 
 
-def inbox_entries(inbox: str | Path) -> list[InboxEntry]:
-    """Every pending request file, oldest first; unreadable ones carry their problem (the server refuses them)."""
+def read_inbox_file(folder: str | Path, name: str) -> InboxEntry:
+    """A file of an inbox folder as a poll reads it (links refused, size capped, parsed); never raises."""
+    return _read_entry(Path(folder), name, float("inf")) or InboxEntry(wire_name(name), "", "changed while read")
+
+
+def _pending_names(folder: Path) -> list[str]:
+    """Names in ``pending/``, oldest first; hidden names (``.tmp-*`` of a writer in progress) are skipped."""
+    try:
+        names = [n for n in os.listdir(folder) if not n.startswith(".")]
+    except OSError:
+        return []
+
+    def key(n: str) -> tuple[float, str]:
+        try:
+            return (os.lstat(folder / n).st_mtime, n)
+        except OSError:
+            return (0.0, n)
+
+    return sorted(names, key=key)
+
+
+def inbox_entries(inbox: str | Path, now: float | None = None) -> list[InboxEntry]:
+    """What a poll hands over: valid requests first, then files the server should refuse, at most
+    :data:`MAX_FILES_PER_POLL` in all, oldest first within each (a flood of junk cannot delay a
+    request); a file still being written is left for the next poll."""
     folder = Path(inbox) / "pending"
     if not folder.is_dir():
         return []
-
-    def key(p: Path) -> tuple[float, str]:
-        try:
-            return (p.stat().st_mtime, p.name)
-        except OSError:
-            return (0.0, p.name)
-
-    return [_read_entry(p) for p in sorted(folder.glob("*.json"), key=key) if FILE_RE.match(p.stem)]
+    when = time.time() if now is None else now
+    entries = [e for n in _pending_names(folder)[:MAX_FILES_INSPECTED] if (e := _read_entry(folder, n, when))]
+    return ([e for e in entries if not e.problem] + [e for e in entries if e.problem])[:MAX_FILES_PER_POLL]
 
 
 def pending_in_inbox(inbox: str | Path) -> list[tuple[str, str]]:
-    """``(file stem, raw text)`` of every readable pending request file, oldest first (validated by the server)."""
+    """``(file name, raw text)`` of every valid pending request, oldest first (validated again by the server)."""
     return [(e.name, e.text) for e in inbox_entries(inbox) if not e.problem]
 
 
-def acknowledge_in_inbox(inbox: str | Path, request_ids: list[str], folder: str = "acknowledged") -> list[str]:
-    """Move answered request files (by id, or file name for a malformed one) to ``<inbox>/<folder>/``.
+def acknowledge_in_inbox(inbox: str | Path, answered: list[str], folder: str = "acknowledged") -> list[str]:
+    """Move answered pending files to ``<inbox>/<folder>/``: a file is answered by the request id
+    inside it, by its name, or by its name without ``.json``.
 
-    ``folder`` is ``acknowledged`` or ``refused``; names that could leave the inbox are ignored.
-    Returns the names moved.
+    Only names found in ``pending/`` are moved, so a verdict cannot name a path outside it.
+    ``folder`` is ``acknowledged`` or ``refused``. Returns the verdicts that moved a file.
     """
     if folder not in ("acknowledged", "refused"):
         raise ValueError(f"folder must be 'acknowledged' or 'refused', got {folder!r}")
-    moved = []
+    wanted = {str(a) for a in answered}
+    pending = Path(inbox) / "pending"
     done = Path(inbox) / folder
-    done.mkdir(parents=True, exist_ok=True)
-    for rid in request_ids:
-        if not FILE_RE.match(str(rid)):
+    moved: list[str] = []
+    for name in _pending_names(pending)[:MAX_FILES_INSPECTED] if wanted else []:
+        shown = wire_name(name)
+        stem = shown[:-5] if shown.endswith(".json") else shown
+        hit = next((w for w in (shown, stem) if w in wanted), None)
+        if hit is None:  # a hand-named file, or one whose name is not its id: answered by the id inside
+            entry = _read_entry(pending, name, float("inf"))
+            hit = entry.request_id if entry is not None and entry.request_id in wanted else None
+        if hit is None:
             continue
-        src = Path(inbox) / "pending" / f"{rid}.json"
-        if src.exists() or src.is_symlink():
-            dest = done / src.name
-            if dest.exists() and dest.is_dir():  # a directory named like a request was filed before
-                dest = done / f"{src.stem}-{uuid.uuid4().hex[:8]}.json"
-            os.replace(src, dest)
-            moved.append(rid)
-    return moved
+        done.mkdir(parents=True, exist_ok=True)
+        dest = done / name
+        if os.path.lexists(dest):  # filed before under this name: keep both
+            dest = done / f"{uuid.uuid4().hex[:8]}-{name}"
+        os.replace(pending / name, dest)
+        moved.append(hit)
+    return list(dict.fromkeys(moved))
 
 
 def erasure_poll(inbox: str | None, site: str, verdicts: Mapping[str, Any]) -> dict[str, Any]:
@@ -234,8 +322,9 @@ def erasure_poll(inbox: str | None, site: str, verdicts: Mapping[str, Any]) -> d
 
     ``verdicts``: ``acks`` (request ids the server journaled) and ``refused`` (ids or file
     names it refused). Returns the reply's fields: ``site``, ``count``, ``acknowledged``,
-    ``refused`` and, when requests are pending, ``requests`` (raw texts, validated by the
-    server) and ``files`` (their names). A node without an inbox never has requests.
+    ``refused`` and, when files are pending, ``requests`` (raw texts of valid requests, validated
+    again by the server; empty for the others), ``files`` (their names) and ``problems`` (why a
+    file is not a request). A node without an inbox never has requests.
     """
     acks = [str(a) for a in verdicts.get("acks", [])] if isinstance(verdicts.get("acks"), list) else []
     refused = [str(a) for a in verdicts.get("refused", [])] if isinstance(verdicts.get("refused"), list) else []

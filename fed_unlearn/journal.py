@@ -29,12 +29,15 @@ import io
 import json
 import sqlite3
 import time
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .erasure import safe_text
 
 STATES = ("pending", "unlearning", "recovered", "verified")
 #: Allowed transitions (``unlearning -> pending``: the attempt failed or was never committed).
@@ -203,6 +206,8 @@ class Journal:
         """
         if not request_id or not site or not requested_by:
             raise JournalError("a request needs an id, a site and who requested it")
+        # text from sites is stored whatever it holds (a lone surrogate would make SQLite raise at every poll)
+        request_id, site, requested_by, reason = (safe_text(x) for x in (request_id, site, requested_by, reason))
 
         def write() -> bool:
             if self._db.execute("SELECT 1 FROM requests WHERE id = ?", (request_id,)).fetchone():
@@ -230,7 +235,10 @@ class Journal:
         server_round: int | None,
     ) -> None:
         """Record a refused request (who sent it, what it named, why); the same refusal again is recorded once."""
-        body = payload if isinstance(payload, str) else json.dumps(payload, sort_keys=True, default=str)
+        text = payload if isinstance(payload, str) else json.dumps(payload, sort_keys=True, default=str)
+        body = safe_text(text, 2000)
+        source, reason = safe_text(source, 500), safe_text(reason, 2000)
+        named_site = None if named_site is None else safe_text(named_site, 200)
         seen = self._db.execute(
             "SELECT 1 FROM refusals WHERE source = ? AND named_site IS ? AND reason = ? AND payload = ?",
             (source, named_site, reason, body),
@@ -250,7 +258,7 @@ class Journal:
         self._transaction(
             lambda: self._db.execute(
                 "INSERT INTO events (at, server_round, source, kind, detail) VALUES (?, ?, ?, ?, ?)",
-                (time.time(), server_round, source, kind, detail[:2000]),
+                (time.time(), server_round, safe_text(source, 500), kind, safe_text(detail, 2000)),
             )
         )
 
@@ -432,7 +440,13 @@ class Journal:
         row = self._db.execute("SELECT server_round, weights, state, digest FROM checkpoint WHERE id = 1").fetchone()
         if row is None:
             return None
-        return Checkpoint(int(row[0]), _from_blob(row[1]), json.loads(row[2]), row[3])
+        try:
+            return Checkpoint(int(row[0]), _from_blob(row[1]), json.loads(row[2]), row[3])
+        except (zipfile.BadZipFile, ValueError, OSError, TypeError, KeyError, EOFError) as exc:
+            raise JournalError(
+                f"{self.path}: the checkpoint of round {row[0]} does not read ({type(exc).__name__}: {exc}); "
+                "restore the file from a backup"
+            ) from None
 
     def reconcile(self) -> list[str]:
         """After a restart: requests whose unlearning round was not committed go back to ``pending``.
@@ -443,6 +457,32 @@ class Journal:
         if stale:
             self.back_to_pending(stale, None, "restart: unlearning round was not committed", count_attempt=False)
         return stale
+
+
+def check_state_dir(state_dir: str | Path) -> None:
+    """Refuse a state directory whose journal is gone while its erasures' traces remain.
+
+    A missing or empty ``journal.sqlite`` beside audit reports or the certificate key means the
+    record of what was erased is lost: starting anyway would begin a new federation that trains
+    the erased sites again while their certificates still say they were erased.
+
+    Raises
+    ------
+    JournalError
+        Naming what is there and what to do.
+    """
+    state = Path(state_dir)
+    db = state / "journal.sqlite"
+    if db.is_file() and db.stat().st_size > 0:
+        return
+    audit = state / "audit"
+    key = state / "certificate-key.pem"
+    traces = [p.name for p in (audit, key) if p.is_file() or (p.is_dir() and any(p.iterdir()))]
+    if traces:
+        raise JournalError(
+            f"{db} is {'empty' if db.exists() else 'missing'} but {state} holds {' and '.join(traces)} of earlier "
+            "erasures: restore journal.sqlite from a backup (a new federation needs a new service.state-dir)"
+        )
 
 
 class StateDirBusy(RuntimeError):

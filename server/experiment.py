@@ -135,9 +135,16 @@ def discover_clients(
         new = sorted(set(grid.get_node_ids()) - seen)
         if new:
             seen |= set(new)
-            problems = _describe(grid, new, timeout, check, handlers, infos)
+            found, problems = describe_nodes(grid, new, timeout, check, handlers)
             if problems:
                 raise ClientProtocolError(describe_problems(problems, handlers))
+            for info in found:
+                if info.client_id in infos:
+                    raise RuntimeError(
+                        f"nodes {infos[info.client_id].node_id} and {info.node_id} both claim client id "
+                        f"{info.client_id}"
+                    )
+                infos[info.client_id] = info
         expected = max((i.num_partitions for i in infos.values()), default=None)
         if expected is not None and len(infos) >= expected:
             return infos
@@ -166,16 +173,16 @@ def describe_problems(problems: Mapping[int, str], handlers: Sequence[str]) -> s
     return text
 
 
-def _describe(
+def describe_nodes(
     grid: Grid,
     nodes: list[int],
     timeout: float,
     check: ArrayRecord | None,
-    handlers: Sequence[str],
-    infos: dict[int, ClientInfo],
-) -> dict[int, str]:
-    """Identify and describe ``nodes`` into ``infos``; returns node -> problem."""
+    handlers: Sequence[str] = EXPERIMENT_HANDLERS,
+) -> tuple[list[ClientInfo], dict[int, str]]:
+    """Identify and describe ``nodes``: what each says it is, and node -> problem for the others."""
     problems: dict[int, str] = {}
+    found: list[ClientInfo] = []
     keys = ["partition-id", "num-partitions", "site"]
     msgs = [Message(RecordDict({P.CONFIG_RECORD: ConfigRecord({P.KEYS: keys})}), n, P.IDENTIFY) for n in nodes]
     identity: dict[int, dict[str, Any]] = {}
@@ -209,26 +216,26 @@ def _describe(
         if arch != "ok":
             problems[node] = f"the task's model does not fit its architecture: {arch}"
             continue
-        m = reply.content["info"]
-        ident = identity[node]
-        info = ClientInfo(
-            client_id=int(ident["partition-id"]),
-            node_id=node,
-            num_partitions=int(ident["num-partitions"]),
-            train_n=int(m["train-n"]),
-            heldout_n=int(m["heldout-n"]),
-            input_shape=tuple(int(s) for s in m["input-shape"]),  # type: ignore[union-attr]
-            num_classes=int(m["num-classes"]),
-            site=str(ident.get("site", "")),
-        )
-        if info.client_id in infos:
-            raise RuntimeError(
-                f"nodes {infos[info.client_id].node_id} and {info.node_id} both claim client id {info.client_id}"
+        try:
+            m = reply.content["info"]
+            ident = identity[node]
+            info = ClientInfo(
+                client_id=int(ident["partition-id"]),
+                node_id=node,
+                num_partitions=int(ident["num-partitions"]),
+                train_n=int(m["train-n"]),
+                heldout_n=int(m["heldout-n"]),
+                input_shape=tuple(int(s) for s in m["input-shape"]),  # type: ignore[union-attr]
+                num_classes=int(m["num-classes"]),
+                site=str(ident.get("site", "")),
             )
-        infos[info.client_id] = info
-    for node in set(ok) - {i.node_id for i in infos.values()} - set(problems):
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # a node's description is hostile too
+            problems[node] = f"its {P.INFO} / {P.IDENTIFY} reply is malformed ({type(exc).__name__}: {exc})"
+            continue
+        found.append(info)
+    for node in set(ok) - {i.node_id for i in found} - set(problems):
         problems[node] = f"did not answer {P.INFO} within {timeout:.0f} s"
-    return problems
+    return found, problems
 
 
 def last_line(text: str) -> str:

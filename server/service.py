@@ -51,9 +51,9 @@ from fed_unlearn.certificate import load_or_create_key, render_html, sign
 from fed_unlearn.config import ExperimentConfig, ServiceConfig
 from fed_unlearn.erasure import RequestError, SiteRegistry, parse_request
 from fed_unlearn.evaluation import summarise
-from fed_unlearn.flower import FederationRun, run_rounds, to_record, to_weights
+from fed_unlearn.flower import ActiveNodesGrid, FederationRun, run_rounds, to_record, to_weights
 from fed_unlearn.gold_cache import code_fingerprint
-from fed_unlearn.journal import Journal, StateDirLock, weights_digest
+from fed_unlearn.journal import Journal, StateDirLock, check_state_dir, weights_digest
 from fed_unlearn.metrics import average_gap
 from fed_unlearn.models import get_weights
 from fed_unlearn.report import plot_roc, write_json
@@ -61,8 +61,6 @@ from fed_unlearn.task import load_task
 from fed_unlearn.unlearning import make_method, method_class, online_methods
 
 from .experiment import (
-    ClientInfo,
-    discover_clients,
     gold_federation,
     initial_model,
     last_line,
@@ -71,6 +69,7 @@ from .experiment import (
     reference_federations,
     strong_audit_scores,
 )
+from .membership import Membership
 
 #: Requests taken from one site's poll per round (the rest wait for the next poll).
 MAX_REQUESTS_PER_POLL = 50
@@ -81,49 +80,6 @@ AUDIT_KEYS = ("forget-acc", "forget-heldout-acc", "forget-loss", "mia-auc", "mia
 def service_methods() -> list[str]:
     """Methods a long-running service can erase a site with: one round, no stored history, serving whole clients."""
     return [m for m in online_methods() if "client" in method_class(m).scenarios]
-
-
-def resolve_sites(clients: dict[int, ClientInfo], registry: SiteRegistry | None, journal: Journal) -> dict[str, int]:
-    """Site name -> client id, from the registry (authenticated node ids) or from what the nodes say.
-
-    Raises
-    ------
-    RuntimeError
-        A connected node missing from the registry, a registered partition that does not
-        match the node's data, or two nodes naming the same site.
-    """
-    sites: dict[str, int] = {}
-    for cid, info in sorted(clients.items()):
-        if registry is not None:
-            name = registry.site_of_node(info.node_id)
-            if name is None:
-                raise RuntimeError(f"node {info.node_id} (says it is {info.site!r}) is not in the site registry")
-            if registry.sites[name]["partition-id"] != cid:
-                raise RuntimeError(
-                    f"site {name!r} is registered with partition {registry.sites[name]['partition-id']}, "
-                    f"but its node serves partition {cid}"
-                )
-            if info.site and info.site != name:
-                journal.refuse(
-                    f"node {info.node_id}",
-                    info.site,
-                    f"node registered as {name!r} claims to be {info.site!r}",
-                    {"node-id": info.node_id},
-                    None,
-                )
-                log(
-                    WARNING,
-                    "node %s is registered as %r but claims %r; the registry wins",
-                    info.node_id,
-                    name,
-                    info.site,
-                )
-        else:
-            name = info.site or f"site-{cid}"
-        if name in sites:
-            raise RuntimeError(f"two nodes are site {name!r}")
-        sites[name] = cid
-    return sites
 
 
 def operator_request_id(site: str) -> str:
@@ -149,41 +105,17 @@ class ErasureService:
             raise ValueError(
                 f"service.erase-sites names unknown site(s) {unknown}; registered: {sorted(registry.sites)}"
             )
+        check_state_dir(self.state_dir)  # a lost journal must not restart a federation its certificates erased
         self.journal = Journal(self.state_dir / "journal.sqlite")
         ck = self.journal.checkpoint()
         known: dict[str, int] = dict(ck.state.get("sites", {})) if ck else {}
         self.gone_sites = set(ck.state.get("departed-sites", [])) if ck else set()
-        # after a restart only the sites still in the federation must connect; erased ones may be gone for good
-        required = {c for s, c in known.items() if s not in self.gone_sites} if ck else None
+        self.excluded_sites = set(ck.state.get("excluded-sites", [])) if ck else set()
+        # a site's replies may not weigh more than its registered size, or than what it described when it
+        # first joined (kept in the checkpoint: a restarted node cannot raise it)
+        self.declared: dict[str, int] = dict(ck.state.get("declared", {})) if ck else {}
         task = load_task(cfg.data.task)
         check = None if task.builtin else to_record(get_weights(task.model(run_config)))
-        self.clients = discover_clients(
-            grid, cfg.federation.node_wait_seconds, cfg.federation.round_timeout, required=required, check=check
-        )
-        self.sites = resolve_sites(self.clients, registry, self.journal)
-        if (
-            ck is not None
-            and any(known.get(s, c) != c for s, c in self.sites.items())
-            or ck is not None
-            and set(known) - set(self.sites) - self.gone_sites
-        ):
-            raise RuntimeError(
-                f"the checkpoint in {self.state_dir} belongs to another federation (sites {known}, now {self.sites})"
-            )
-        self.sites = {**known, **self.sites}
-        self.site_of = {cid: s for s, cid in self.sites.items()}
-        bad = sorted(set(svc.erase_list) - set(self.sites))
-        if bad:
-            raise ValueError(
-                f"service.erase-sites names unknown site(s) {bad}; the federation has {sorted(self.sites)}"
-            )
-        self.node_of = {c: i.node_id for c, i in self.clients.items()}
-        first = self.clients[min(self.clients)]
-        self.initial = to_weights(check if check is not None else initial_model(task, run_config, first))
-        self.resumed_from = ck.server_round if ck else 0
-        self.weights = ck.weights if ck else dict(self.initial)
-        departed = [self.node_of[self.sites[s]] for s in self.gone_sites if self.sites[s] in self.node_of]
-        self.stale = self.journal.reconcile()
         # every connected site each round (none is waited for: a site that is down just misses the round)
         self.strategy = new_strategy(
             None,
@@ -194,24 +126,41 @@ class ErasureService:
             memorisation_z=cfg.request.memorisation_z,
             max_strikes=svc.max_strikes,
         )
-        for c, i in self.clients.items():
-            self.strategy.set_identity(i.node_id, **{"partition-id": c})
-        self.strategy.exclude(*departed)
-        # a site's replies may not weigh more than its registered size, or than what it described when it
-        # first joined (kept in the checkpoint: a restarted node cannot raise it)
-        self.declared: dict[str, int] = dict(ck.state.get("declared", {})) if ck else {}
-        for site, cid in self.sites.items():
-            if cid not in self.clients:
-                continue
-            registered = registry.sites[site].get("num-examples") if registry is not None else None
-            self.declared[site] = int(registered) if registered else self.declared.get(site, self.clients[cid].train_n)
-            self.strategy.declare_examples(self.node_of[cid], self.declared[site])
-        self.excluded_sites = set(ck.state.get("excluded-sites", [])) if ck else set()
-        kept = ck.state.get("strikes", {}) if ck else {}  # a restart forgives nothing
-        self.strategy.restore(
-            strikes={self.node_of[self.sites[s]]: int(n) for s, n in kept.items() if self.sites.get(s) in self.node_of},
-            excluded=[self.node_of[self.sites[s]] for s in self.excluded_sites if self.sites.get(s) in self.node_of],
+        self.members = Membership(
+            grid,
+            self.journal,
+            self.strategy,
+            registry,
+            known,
+            self.gone_sites,
+            self.excluded_sites,
+            self.declared,
+            ck.state.get("strikes", {}) if ck else {},  # a restart forgives nothing
+            cfg.federation.round_timeout,
+            check,
         )
+        # a restart waits only for the sites still in the federation (erased and excluded ones may be gone for
+        # good), and not forever for those: the others carry on, the absent ones rejoin when they connect
+        expected = (
+            set(known) - self.gone_sites - self.excluded_sites if ck else set(registry.sites) if registry else None
+        )
+        self.members.connect(expected, cfg.federation.node_wait_seconds)
+        self.sites, self.node_of, self.clients = self.members.sites, self.members.node_of, self.members.clients
+        if ck is not None and known and not set(known) & {self.site_of[c] for c in self.node_of}:
+            raise RuntimeError(
+                f"the checkpoint in {self.state_dir} belongs to another federation (sites {known}, "
+                f"now {sorted(self.site_of[c] for c in self.node_of)})"
+            )
+        bad = sorted(set(svc.erase_list) - set(self.sites))
+        if bad:
+            raise ValueError(
+                f"service.erase-sites names unknown site(s) {bad}; the federation has {sorted(self.sites)}"
+            )
+        first = self.clients[min(self.clients)]
+        self.initial = to_weights(check if check is not None else initial_model(task, run_config, first))
+        self.resumed_from = ck.server_round if ck else 0
+        self.weights = ck.weights if ck else dict(self.initial)
+        self.stale = self.journal.reconcile()
         self.in_flight: list[str] = []
         self.verdicts: dict[int, dict[str, list[str]]] = {}  # node -> {"acks": [...], "refused": [...]}
         # the next round's poll, pushed ahead: (message ids, the verdicts each node's message carries)
@@ -222,6 +171,11 @@ class ErasureService:
                 log(INFO, "operator request (run config): erase site %r", site)
 
     # -- 1. intake ----------------------------------------------------------------------
+    @property
+    def site_of(self) -> dict[int, str]:
+        """Partition -> site name."""
+        return self.members.site_of
+
     @property
     def active(self) -> list[int]:
         """Client ids of the sites still in the federation."""
@@ -312,7 +266,7 @@ class ErasureService:
         self, name: str, sender: str, nid: int, rnd: int, problem: str, verdict: dict[str, list[str]]
     ) -> None:
         """A file in a site's inbox that is not a request at all (unreadable, too large, a folder)."""
-        self.journal.refuse(f"node {nid} ({sender})", None, f"unreadable inbox file {name!r}: {problem}", "", rnd)
+        self.journal.refuse(f"node {nid} ({sender})", None, f"inbox file {name!r}: {problem}", "", rnd)
         if name:
             verdict["refused"].append(name)
         log(WARNING, "refused inbox file %r of site %r: %s", name, sender, problem)
@@ -355,9 +309,9 @@ class ErasureService:
         method = make_method(name, self.run_config)
         connected = set(self.grid.get_node_ids())
         absent = (
-            [r for r in batch if self.node_of[self.sites[r.site]] not in connected]
+            [r for r in batch if self.node_of.get(self.sites[r.site]) not in connected]
             if method.departing_clients_train
-            else []
+            else [r for r in batch if self.sites[r.site] not in self.node_of]  # not seen in this run yet
         )
         if absent:
             ids = [r.id for r in absent]
@@ -609,9 +563,12 @@ class ErasureService:
             self.cfg.request.method,
         )
         serving: list[str] = []
+        # a crash between a recovery round's commit and its certificate: the audit is owed (it reads that model)
+        unaudited = [r.id for r in self.journal.requests("recovered")]
 
         def before(rnd: int, arrays: ArrayRecord) -> None:
             self.journal.event(rnd, "server", "round-start", f"round {rnd}")
+            self.members.admit(rnd)  # sites that came (back) since the last round
             self.poll(rnd)
             self.maybe_serve(rnd, arrays)
             serving[:] = self.in_flight
@@ -639,9 +596,12 @@ class ErasureService:
                 "declared": self.declared,
                 "excluded-sites": sorted(self.excluded_sites),
                 "strikes": {
-                    self.site_of[c]: int(self.strategy.strikes[n])
-                    for c, n in self.node_of.items()
-                    if self.strategy.strikes[n]
+                    **{s: n for s, n in self.members.strikes.items() if self.sites.get(s) not in self.node_of},
+                    **{
+                        self.site_of[c]: int(self.strategy.strikes[n])
+                        for c, n in self.node_of.items()
+                        if self.strategy.strikes[n]
+                    },
                 },
             }
             self.journal.commit_round(
@@ -664,8 +624,11 @@ class ErasureService:
             if recovered:
                 self.audit(rnd, arrays, recovered)
 
+        if unaudited:
+            log(WARNING, "restart: requests %s were recovered but not audited; auditing them now", unaudited)
+            self.audit(self.resumed_from, to_record(self.weights), unaudited)
         run_rounds(
-            self.grid,
+            ActiveNodesGrid(self.grid, self.members.hidden),  # nodes that are no checked site get nothing
             self.strategy,
             FederationRun(arrays=to_record(self.weights)),
             range(start, self.cfg.federation.num_server_rounds + 1),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,7 @@ def test_a_poisoned_inbox_file_is_refused_and_another_sites_request_is_served(tm
     (tmp_path / "h0" / "pending").mkdir(parents=True)
     bad = tmp_path / "h0" / "pending" / f"{name}.json"
     write(bad)
+    os.utime(bad, (1.0, 1.0), follow_symlinks=False)  # written long ago (a fresh unparsable file is waited for)
     good = new_request("h2", "leaving")
     submit_to_inbox(tmp_path / "h2", good)
     out, _ = start(tmp_path, 3)

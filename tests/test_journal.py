@@ -8,15 +8,18 @@ import numpy as np
 import pytest
 
 from fed_unlearn.erasure import (
+    MAX_FILES_PER_POLL,
     RequestError,
     SiteRegistry,
     acknowledge_in_inbox,
+    erasure_poll,
+    inbox_entries,
     new_request,
     parse_request,
     pending_in_inbox,
     submit_to_inbox,
 )
-from fed_unlearn.journal import Journal, JournalError, weights_digest
+from fed_unlearn.journal import Journal, JournalError, check_state_dir, weights_digest
 
 TIER = "unit"  # see tests/conftest.py
 
@@ -118,7 +121,7 @@ def test_inbox_round_trip(tmp_path):
     assert parse_request(json.dumps(req.to_dict())) == req
     path = submit_to_inbox(tmp_path, req)
     assert path.parent.name == "pending" and not list(tmp_path.glob("pending/.tmp-*"))
-    assert pending_in_inbox(tmp_path) == [(req.id, path.read_text())]
+    assert pending_in_inbox(tmp_path) == [(path.name, path.read_text())]
     assert acknowledge_in_inbox(tmp_path, [req.id, "../../etc/passwd", "f" * 32]) == [req.id]
     assert pending_in_inbox(tmp_path) == [] and (tmp_path / "acknowledged" / f"{req.id}.json").exists()
     with pytest.raises(ValueError):
@@ -169,3 +172,87 @@ def test_one_service_process_per_state_dir_and_kill_9_releases_it(tmp_path):
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
     StateDirLock(tmp_path, timeout=5).acquire().release()
+
+
+def test_text_that_cannot_be_stored_is_refused_naming_the_field_and_stored_safely_if_it_comes():
+    lone = json.dumps({"id": "a" * 32, "site": "h1", "reason": "\ud800"})  # a JSON escape: valid ASCII
+    with pytest.raises(RequestError, match="reason holds a lone surrogate"):
+        parse_request(lone)
+    with pytest.raises(RequestError, match="reason is not UTF-8 text \\(byte 0xf6"):
+        new_request("h1", "L\udcf6schung")  # what Python makes of a Latin-1 terminal's argument
+
+
+def test_the_journal_stores_any_text(tmp_path):
+    with Journal(tmp_path / "j.sqlite") as j:
+        j.add("r1", "h1", "site:h1", 1, "L\udcf6schung \ud800")
+        j.refuse("node \ud800", "h\udcff", "why \ud800", "payload \ud800", 1)
+        j.event(1, "site:\ud800", "poll-failed", "detail \ud800")
+        assert j.get("r1").reason == "L\\udcf6schung \\ud800" and len(j.refusals()) == len(j.events()) == 1
+
+
+def _pending(tmp_path: Path) -> Path:
+    folder = tmp_path / "pending"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_the_inbox_never_reads_through_links(tmp_path):
+    secret = tmp_path / "site-key.pem"
+    secret.write_text('{"id": "' + "b" * 32 + '", "site": "h1"}')  # even a valid request is not read via a link
+    folder = _pending(tmp_path)
+    (folder / "key.json").symlink_to(secret)
+    (folder / "hard.json").hardlink_to(secret)
+    entries = {e.name: e for e in inbox_entries(tmp_path)}
+    assert entries["key.json"].problem.startswith("a symbolic link") and entries["key.json"].text == ""
+    assert entries["hard.json"].problem.startswith("a hard link") and entries["hard.json"].text == ""
+    assert pending_in_inbox(tmp_path) == []
+
+
+def test_any_file_name_is_served_and_filed_by_the_id_inside(tmp_path):
+    folder = _pending(tmp_path)
+    reqs = [new_request("h1") for _ in range(3)]
+    names = ["request (1).json", "löschung.json", "c" * 32 + ".json"]  # the last: an id that is not its own
+    for name, req in zip(names, reqs, strict=True):
+        (folder / name).write_text(json.dumps(req.to_dict()))
+    assert sorted(n for n, _ in pending_in_inbox(tmp_path)) == sorted(names)
+    assert sorted(acknowledge_in_inbox(tmp_path, [r.id for r in reqs])) == sorted(r.id for r in reqs)
+    assert sorted(p.name for p in (tmp_path / "acknowledged").iterdir()) == sorted(names)
+    assert pending_in_inbox(tmp_path) == []
+
+
+def test_a_file_being_written_is_retried_and_junk_never_delays_a_request(tmp_path):
+    import os
+
+    folder = _pending(tmp_path)
+    (folder / "half.json").write_text('{"id": "' + "d" * 32)  # a writer that does not write atomically
+    assert inbox_entries(tmp_path) == []  # still being written: not sent, not refused
+    later = inbox_entries(tmp_path, now=os.path.getmtime(folder / "half.json") + 10)
+    assert [e.problem.split(":")[0] for e in later] == ["malformed"]
+    for i in range(3 * MAX_FILES_PER_POLL):
+        (folder / f"junk-{i:04d}.json").write_text("x" * 100)
+        os.utime(folder / f"junk-{i:04d}.json", (1.0, 1.0))  # older than the request
+    req = new_request("h1")
+    submit_to_inbox(tmp_path, req)
+    poll = erasure_poll(str(tmp_path), "h1", {})
+    assert len(poll["files"]) == MAX_FILES_PER_POLL and poll["files"][0] == f"{req.id}.json"
+    assert sum(len(t) for t in poll["requests"]) < 1000  # junk goes over the wire as its problem only
+    refused = erasure_poll(str(tmp_path), "h1", {"refused": poll["files"][1:]})
+    assert refused["refused"] == MAX_FILES_PER_POLL - 1
+
+
+def test_a_state_dir_without_its_journal_but_with_erasures_is_refused(tmp_path):
+    check_state_dir(tmp_path)  # a new one is fine
+    (tmp_path / "audit").mkdir()
+    check_state_dir(tmp_path)  # an empty audit folder too
+    (tmp_path / "audit" / "r.json").write_text("{}")
+    (tmp_path / "journal.sqlite").write_bytes(b"")
+    with pytest.raises(JournalError, match="journal.sqlite is empty but .* holds audit .*restore journal.sqlite"):
+        check_state_dir(tmp_path)
+
+
+def test_a_checkpoint_that_does_not_read_names_the_file(tmp_path):
+    with Journal(tmp_path / "j.sqlite") as j:
+        j.commit_round(1, W, {})
+        j._db.execute("UPDATE checkpoint SET weights = ?", (b"not a zip",))
+        with pytest.raises(JournalError, match="j.sqlite: the checkpoint of round 1 does not read"):
+            j.checkpoint()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -119,13 +120,14 @@ def test_bad_requests_are_refused_and_change_nothing(tmp_path):
     submit_to_inbox(tmp_path / "h0", new_request("h9"))  # an unknown site
     (tmp_path / "h1" / "pending").mkdir(parents=True)
     (tmp_path / "h1" / "pending" / "garbage.json").write_text('{"site": "h1"}')  # malformed
+    os.utime(tmp_path / "h1" / "pending" / "garbage.json", (1.0, 1.0))  # and not being written any more
     start(tmp_path / "clean", 2)
     start(tmp_path, 2)
     with journal(tmp_path) as j, journal(tmp_path / "clean") as clean:
         assert j.requests() == []
         reasons = sorted(r["reason"] for r in j.refusals())
         assert len(reasons) == 3 and any("may not request" in x for x in reasons)
-        assert any("unknown site 'h9'" in x for x in reasons) and any(x.startswith("malformed") for x in reasons)
+        assert any("unknown site 'h9'" in x for x in reasons) and any("malformed" in x for x in reasons)
         assert j.checkpoint().digest == clean.checkpoint().digest  # the model never moved because of them
     assert len(list((tmp_path / "h0" / "refused").glob("*.json"))) == 2
     assert (tmp_path / "h1" / "refused" / "garbage.json").exists()  # filed by name: not resent forever

@@ -170,7 +170,7 @@ def test_a_bad_update_costs_its_node_the_round_never_the_round(bad, problem):
 
 
 def test_claimed_examples_are_capped_at_what_the_node_declared():
-    s = strategy()
+    s = strategy(max_update_ratio=None)  # the cap alone (by default this update is refused as an outlier)
     for c in NODES:
         s.declare_examples(NODES[c], 10)
     start_round(s, 1)
@@ -184,6 +184,44 @@ def test_claimed_examples_are_capped_at_what_the_node_declared():
     )
     # the attacker weighs what it declared (a third), not 10**12 / (10**12 + 20)
     np.testing.assert_allclose(to_weights(out)["w"], [1e6 / 3] * 2, rtol=1e-6)
+
+
+def test_without_declarations_a_sudden_claim_is_capped_at_twice_the_nodes_largest_before():
+    s = strategy(max_update_ratio=None)
+    start_round(s, 1)
+    s.aggregate_train(1, [reply(c, GLOBAL, 10) for c in NODES])  # what each node held in its first round
+    start_round(s, 2)
+    out, _ = s.aggregate_train(
+        2,
+        [reply(0, weights([0, 0], 0.0), 10), reply(1, weights([0, 0], 0.0), 10), reply(2, weights([3, 3], 3), 10**12)],
+    )
+    # capped at 20: the attacker weighs half, not 10**12 / (10**12 + 20)
+    np.testing.assert_allclose(to_weights(out)["w"], [1.5, 1.5], rtol=1e-6)
+    assert s.claimed[NODES[2]] == 20
+
+
+@pytest.mark.parametrize("value", [1e38, 1e300])
+def test_a_finite_but_absurd_update_costs_its_node_the_round_and_the_model_stays_finite(value):
+    s = strategy()
+    start_round(s, 1)
+    dtype = np.float64 if value > 1e38 else np.float32
+    out, _ = s.aggregate_train(
+        1,
+        [
+            reply(0, weights([1, 2], 0.5), 10),
+            reply(1, weights([1, 2], 0.5), 10),
+            reply(2, weights([value] * 2, value, dtype), 10),
+        ],
+    )
+    np.testing.assert_allclose(to_weights(out)["w"], [1.0, 2.0])
+    assert s.strikes[NODES[2]] == 1 and s.last_round_problems[NODES[2]] != "ok"
+
+
+def test_a_federation_whose_every_client_is_excluded_stops_with_one_line():
+    s = strategy(max_strikes=1)
+    s.restore(excluded=list(NODES.values()))
+    with pytest.raises(RuntimeError, match="every connected client has left or was excluded"):
+        start_round(s, 1)
 
 
 def test_missing_departing_reply_raises_or_leaves_the_request_pending():

@@ -5,7 +5,11 @@ dtype (an int64 BatchNorm counter for the float64 average FedAvg sent, float16, 
 0-dim arrays, fractional weights, extra ConfigRecords. Refused, costing only its node that
 round: arrays whose names or shapes differ from the model sent, non-finite values (also
 after the cast to the model's dtype: 1e300 is infinite as a float32), a weight that is not
-a positive finite number. A weight above what the node declared is capped.
+a positive finite number. A weight above what the node declared is capped, and so is one
+more than ``examples_growth`` times the largest the node claimed before (a sudden 10¹² claim).
+A reply whose update is more than ``max_update_ratio`` times larger than the others' (their
+median norm) is not used: finite values such as 1e38 would make the next model non-finite
+on every client.
 
 Consistency across replies (Flower raises ``InconsistentMessageReplies`` when metric keys
 differ): a key set held by more than half of the replies is the round's; a reply without
@@ -29,6 +33,31 @@ from .records import to_record, to_weights, with_content
 
 class StructureError(ValueError):
     """A reply whose records are not what a training reply is (stock Flower would refuse the whole round)."""
+
+
+def examples_cap(declared: float | None, seen: float | None, growth: float | None) -> float | None:
+    """The most examples a node may claim: what it declared, and ``growth`` times its largest claim so far."""
+    caps = [c for c in (declared, seen * growth if seen is not None and growth is not None else None) if c]
+    return min(caps) if caps else None
+
+
+def update_outliers(norms: Mapping[int, float], ratio: float, *fallbacks: float | None) -> dict[int, str]:
+    """Nodes whose update norm is more than ``ratio`` times the median of the other replies' norms.
+
+    When the others did not move (or there are none), the comparison is with the first
+    positive ``fallbacks`` (e.g. the last rounds' mean update norm, then the model's own
+    norm). Returns node -> why its reply is not used.
+    """
+    out: dict[int, str] = {}
+    for node, n in norms.items():
+        others = [v for k, v in norms.items() if k != node]
+        refs = [float(np.median(others))] if others else []
+        ref = next((r for r in (*refs, *fallbacks) if r is not None and r > 0), None)
+        if not np.isfinite(n):
+            out[node] = "its update's norm is not finite"
+        elif ref is not None and n > ratio * ref:
+            out[node] = f"its update (norm {n:.3g}) is more than {ratio:g} times the others' ({ref:.3g})"
+    return out
 
 
 def weight_of(metrics: Mapping[str, Any], key: str) -> float:

@@ -60,14 +60,30 @@ from ..unlearning import UnlearningMethod, make_method
 from . import inner as I
 from .grid import ActiveNodesGrid
 from .records import metric_dict, to_record, to_weights, wire_dtypes, with_content
-from .replies import Checked, StructureError, check_role, harmonise, majority_keys, training_records, weighted_means
+from .replies import (
+    Checked,
+    StructureError,
+    check_role,
+    examples_cap,
+    harmonise,
+    majority_keys,
+    training_records,
+    update_outliers,
+    weighted_means,
+)
 from .reproducible import ReproducibleFedAvg
 from .requests import RequestBook, SetupError, UnlearningRequest, client_failure
-from .stepping import StepControl, clip_update, evaluation_means, mean_update_norm
+from .stepping import StepControl, clip_update, evaluation_means, update_norm
 
 COMPOSITIONS = ("auto", "mean", "additive")
 
 __all__ = ["ReproducibleFedAvg", "SetupError", "Unlearning", "UnlearningFedAvg", "UnlearningRequest"]
+
+
+def _finite(arrays: ArrayRecord) -> bool:
+    """Whether every floating-point value of ``arrays`` is finite."""
+    values = [np.asarray(a) for a in to_weights(arrays).values()]
+    return all(bool(np.isfinite(a).all()) for a in values if np.issubdtype(a.dtype, np.inexact))
 
 
 class _Reply:
@@ -124,6 +140,14 @@ class Unlearning(RequestBook, StepControl, Strategy):
     max_update_norm : float, optional
         Clip every reply's pseudo-gradient ``w_k - w`` to this L2 norm before aggregation
         (off by default: exact FedAvg).
+    max_update_ratio : float, optional
+        A reply whose update norm is more than this many times the median of the other
+        replies' is not used (a strike): a finite but absurd update (values of 1e38) would
+        make every client's next round non-finite. Default 100; ``None`` turns it off.
+    examples_growth : float, optional
+        A node's ``num-examples`` above this many times its largest earlier claim is capped
+        there (a sudden 10¹² claim would make its update the new model). Default 2;
+        ``None`` turns it off. :meth:`declare_examples` bounds the first claim too.
     departing_step_bound : float, optional
         The departing clients' step (the new model minus the remaining clients' plain
         average) is scaled down to at most this many times the remaining clients' mean
@@ -188,6 +212,8 @@ class Unlearning(RequestBook, StepControl, Strategy):
         diagnostics: bool = True,
         query_timeout: float = 600.0,
         max_update_norm: float | None = None,
+        max_update_ratio: float | None = 100.0,
+        examples_growth: float | None = 2.0,
         departing_step_bound: float | None = 10.0,
         calibrate: bool = True,
         calibration_scales: Sequence[float] = DEFAULT_SCALES,
@@ -216,7 +242,12 @@ class Unlearning(RequestBook, StepControl, Strategy):
             raise ValueError(f"composition must be one of {', '.join(COMPOSITIONS)}, got {composition!r}")
         if max_strikes < 0:
             raise ValueError(f"max_strikes must be >= 0, got {max_strikes}")
-        for name, bound in (("max_update_norm", max_update_norm), ("departing_step_bound", departing_step_bound)):
+        for name, bound in (
+            ("max_update_norm", max_update_norm),
+            ("departing_step_bound", departing_step_bound),
+            ("max_update_ratio", max_update_ratio),
+            ("examples_growth", examples_growth),
+        ):
             if bound is not None and not (np.isfinite(bound) and bound > 0):
                 raise ValueError(f"{name} must be a positive finite number or None, got {bound!r}")
         scales = [float(c) for c in calibration_scales]
@@ -243,6 +274,10 @@ class Unlearning(RequestBook, StepControl, Strategy):
         self.diagnostics = diagnostics
         self.identify_timeout = query_timeout
         self.max_update_norm = max_update_norm
+        self.max_update_ratio, self.examples_growth = max_update_ratio, examples_growth
+        #: Node -> the largest ``num-examples`` it was accepted with (bounds the next claim).
+        self.claimed: dict[int, float] = {}
+        self._norms: dict[int, float] = {}
         self.departing_step_bound = departing_step_bound
         self.calibrate = calibrate
         self.calibration_scales = tuple(scales)
@@ -510,6 +545,12 @@ class Unlearning(RequestBook, StepControl, Strategy):
         if not self.pending:
             self._start_due_requests(server_round, grid, arrays)
         self._adjust_minimums()
+        connected = set(grid.get_node_ids())
+        if connected and connected <= self._hidden():
+            raise RuntimeError(
+                f"round {server_round}: every connected client has left or was excluded for invalid replies "
+                f"({len(self.excluded)} excluded): nobody is left to train"
+            )
         active = ActiveNodesGrid(grid, self._hidden)
         keep_last = self.method is not None and self.method.client_keeps_last_local
         if not self.is_unlearning_round(server_round):
@@ -653,7 +694,8 @@ class Unlearning(RequestBook, StepControl, Strategy):
                 return None, f"its reply lacks the records '{akey}' / '{mkey}'", True
             try:
                 checked, notes = check_role(
-                    reply, akey, mkey, self._global, weight_key, self.client_id(node), self.declared.get(node),
+                    reply, akey, mkey, self._global, weight_key, self.client_id(node),
+                    examples_cap(self.declared.get(node), self.claimed.get(node), self.examples_growth),
                     clip, keep_others="*" in asked,
                 )  # fmt: skip
             except InvalidUpdateError as exc:
@@ -725,9 +767,31 @@ class Unlearning(RequestBook, StepControl, Strategy):
             for p in parsed:
                 if not p.own and p.retain is not None and p.retain.metric_keys != keys:
                     p.retain = harmonise(p.retain, ordered, means)
+        self._drop_outliers(parsed)
+        for p in parsed:
+            if p.retain is not None:
+                self.claimed[p.node] = max(self.claimed.get(p.node, 0.0), float(p.retain.update.num_examples))
         if self.reproducible:
             parsed.sort(key=lambda p: (self.client_id(p.node), p.node))
         return parsed, False
+
+    def _drop_outliers(self, parsed: list[_Reply]) -> None:
+        """Strike the replies whose update dwarfs the others' (:func:`update_outliers`); keeps the round's norms."""
+        self._norms = {
+            p.node: update_norm(p.retain.update.weights, self._global, self._moving)
+            for p in parsed
+            if p.retain is not None and self._global is not None
+        }
+        if self.max_update_ratio is None:
+            return
+        still = len(self._norms) < 3 or float(np.median(list(self._norms.values()))) == 0.0
+        g = self._global
+        size = update_norm(g, {k: np.zeros_like(v) for k, v in g.items()}, self._moving) if g and still else None
+        for node, problem in update_outliers(self._norms, self.max_update_ratio, self.last_update_norm, size).items():
+            self.last_round_problems[node] = problem
+            self._strike(node, problem)
+            parsed[:] = [p for p in parsed if p.node != node]
+            del self._norms[node]
 
     def _rollup(self, parsed: Sequence[_Reply]) -> MetricRecord:
         """The round's cost over every role's valid reply: clients, weights, and the steps and seconds reported."""
@@ -767,6 +831,9 @@ class Unlearning(RequestBook, StepControl, Strategy):
         if not plan.messages:
             return None, plan.rollup
         arrays, metrics = self.strategy.aggregate_train(server_round, plan.messages)
+        if arrays is not None and not plan.unlearning and not _finite(arrays):
+            log(WARNING, "round %s: the aggregate is not finite; the global model is kept", server_round)
+            return None, _merge(metrics, plan.rollup)
         if plan.correction is not None and arrays is not None:
             arrays = self._add(arrays, plan.correction)
         if arrays is not None:
@@ -818,7 +885,8 @@ class Unlearning(RequestBook, StepControl, Strategy):
             if self.method is not None and self._round_start is not None:
                 self.method.observe(server_round, self._round_start, retain_updates)
             if self._global is not None:
-                self.last_update_norm = mean_update_norm(retain_updates, self._global, self._moving)
+                kept = [self._norms[p.node] for p in parsed if p.node in self._norms and p.node not in self.departed]
+                self.last_update_norm = float(np.mean(kept)) if kept else None
             return _Plan(messages=retain_msgs, rollup=rollup, recode=bf16)
         return self._plan_unlearning(server_round, parsed, retain, rollup)
 
