@@ -7,7 +7,7 @@ whitespace) and signed. The same certificate is rendered as one self-contained H
 a data-protection officer can open without anything else (plots inlined), with the signed
 JSON embedded so the page itself verifies::
 
-    python -m server.erasure_admin verify <state-dir>/audit/<id>.certificate.html
+    python -m server.erasure_admin verify <state-dir>/audit/<id>.certificate.html --state-dir <state-dir>
 
 Changing any field of the payload, or any inlined plot, makes verification fail.
 """
@@ -91,24 +91,44 @@ def sign(payload: Mapping[str, Any], key: Ed25519PrivateKey, images: Mapping[str
         "payload": body,
         "signature": base64.b64encode(key.sign(canonical(body))).decode(),
         "public-key": base64.b64encode(public).decode(),
-        "key-id": hashlib.sha256(public).hexdigest()[:16],
+        "key-id": key_id(public),
     }
 
 
+def _strict(v: Any, where: str = "payload") -> None:
+    """Refuse values :func:`sign` never writes (NaN, infinities): they would verify as the ``null`` signed."""
+    if isinstance(v, float) and not math.isfinite(v):
+        raise CertificateError(f"{where} holds {v!r}, which no signed certificate has: it was altered")
+    if isinstance(v, Mapping):
+        for k, x in v.items():
+            _strict(x, f"{where}.{k}")
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            _strict(x, f"{where}[{i}]")
+
+
 def verify(
-    cert: Mapping[str, Any], trusted_key: bytes | None = None, images: Mapping[str, bytes] | None = None
+    cert: Any,
+    trusted_key: bytes,
+    images: Mapping[str, bytes] | None = None,
+    request_id: str | None = None,
 ) -> dict[str, Any]:
-    """Check ``cert``'s signature (and, given, that it is by ``trusted_key`` and that ``images`` match).
+    """Check that ``cert`` is signed by ``trusted_key`` (and that ``images`` and ``request_id`` match).
+
+    A certificate only says something when it is signed by the server's key: anybody can
+    sign a certificate with a key of their own, so the key it names is never trusted.
 
     Parameters
     ----------
     cert : mapping
         As :func:`sign` returns it (or :func:`read` reads it).
-    trusted_key : bytes, optional
-        The server's public key (raw 32 bytes, or PEM): without it, the certificate is only
-        checked to be consistent with the key it names.
+    trusted_key : bytes
+        The server's public key (raw 32 bytes, or PEM: ``<state-dir>/certificate-key.pub``).
     images : mapping, optional
         Plots shown with the certificate (name -> PNG bytes); each must match its pinned hash.
+    request_id : str, optional
+        The request the certificate must be for (a certificate renamed to another request
+        fails).
 
     Returns
     -------
@@ -120,26 +140,32 @@ def verify(
     CertificateError
         Naming what does not verify.
     """
+    if not isinstance(cert, Mapping):
+        raise CertificateError(f"not an erasure certificate (a JSON {type(cert).__name__}, not an object)")
     if cert.get("schema") != SCHEMA:
         raise CertificateError(f"not an erasure certificate (schema {cert.get('schema')!r})")
+    want = public_key_bytes(trusted_key)
+    payload = cert.get("payload")
+    if not isinstance(payload, Mapping):
+        raise CertificateError("malformed certificate (its payload is not an object)")
+    _strict(payload)
     try:
         public = base64.b64decode(str(cert["public-key"]), validate=True)
         signature = base64.b64decode(str(cert["signature"]), validate=True)
-        payload = cert["payload"]
-        Ed25519PublicKey.from_public_bytes(public).verify(signature, canonical(payload))
     except (KeyError, ValueError, TypeError) as exc:
+        raise CertificateError(f"malformed certificate ({exc})") from None
+    if public != want:
+        raise CertificateError(f"signed by another key ({key_id(public)}) than the server's ({key_id(want)})")
+    try:
+        Ed25519PublicKey.from_public_bytes(want).verify(signature, canonical(payload))
+    except (ValueError, TypeError) as exc:
         raise CertificateError(f"malformed certificate ({exc})") from None
     except InvalidSignature:
         raise CertificateError("the signature does not match the contents: the certificate was altered") from None
-    if trusted_key is not None:
-        want = trusted_key
-        if trusted_key.lstrip().startswith(b"-----BEGIN"):
-            loaded = serialization.load_pem_public_key(trusted_key)
-            if not isinstance(loaded, Ed25519PublicKey):
-                raise CertificateError("the trusted key is not an Ed25519 public key")
-            want = _raw(loaded)
-        if want != public:
-            raise CertificateError("signed by another key than the server's")
+    req = payload.get("request")
+    got = req.get("id") if isinstance(req, Mapping) else None
+    if request_id is not None and got != request_id:
+        raise CertificateError(f"the certificate is for request {got!r}, not {request_id!r}")
     pinned = dict(payload.get("images-sha256", {}))
     for name, data in (images or {}).items():
         if pinned.get(name) != hashlib.sha256(data).hexdigest():
@@ -147,6 +173,34 @@ def verify(
     if images is not None and set(pinned) - set(images):
         raise CertificateError(f"plots missing from the page: {sorted(set(pinned) - set(images))}")
     return dict(payload)
+
+
+def key_id(public: bytes) -> str:
+    """The short id a certificate names its key by (the SHA-256 of the raw key, 16 hex characters)."""
+    return hashlib.sha256(public).hexdigest()[:16]
+
+
+def public_key_bytes(key: bytes) -> bytes:
+    """The raw 32 bytes of an Ed25519 public key given raw or as PEM; raises :class:`CertificateError`."""
+    if key.lstrip().startswith(b"-----BEGIN"):
+        try:
+            loaded = serialization.load_pem_public_key(key)
+        except ValueError as exc:
+            raise CertificateError(f"the trusted key does not read ({exc})") from None
+        if not isinstance(loaded, Ed25519PublicKey):
+            raise CertificateError("the trusted key is not an Ed25519 public key")
+        return _raw(loaded)
+    if len(key) != 32:
+        raise CertificateError("the trusted key is neither PEM nor 32 raw bytes")
+    return key
+
+
+def _no_constants(name: str) -> Any:
+    raise CertificateError(f"the file holds {name}, which is not JSON (a signed certificate never has it)")
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, parse_constant=_no_constants)
 
 
 def read(path: str | Path) -> tuple[dict[str, Any], dict[str, bytes] | None]:
@@ -158,8 +212,8 @@ def read(path: str | Path) -> tuple[dict[str, Any], dict[str, bytes] | None]:
         if found is None:
             raise CertificateError(f"{path}: no embedded certificate")
         images = {m.group(1): base64.b64decode(m.group(2)) for m in _IMAGE.finditer(text)}
-        return json.loads(found.group(1).replace("<\\/", "</")), images
-    return json.loads(text), None
+        return _loads(found.group(1).replace("<\\/", "</")), images
+    return _loads(text), None
 
 
 def _rows(rows: Mapping[str, Any]) -> str:
@@ -244,8 +298,8 @@ def render_html(cert: Mapping[str, Any], images: Mapping[str, bytes] | None = No
     return "\n".join(parts)
 
 
-def verify_file(path: str | Path, trusted_key: bytes | None = None) -> dict[str, Any]:
-    """Verify a certificate file (``.json`` or ``.html``); returns the payload.
+def verify_file(path: str | Path, trusted_key: bytes, request_id: str | None = None) -> dict[str, Any]:
+    """Verify a certificate file (``.json`` or ``.html``) against the server's key; returns the payload.
 
     An HTML page must also be exactly the page the signed certificate renders to, so a
     changed table cell, caption or plot fails even though the embedded JSON is intact.
@@ -257,9 +311,11 @@ def verify_file(path: str | Path, trusted_key: bytes | None = None) -> dict[str,
     """
     try:
         cert, images = read(path)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+    except CertificateError as exc:
+        raise CertificateError(f"{path}: {exc}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as exc:
         raise CertificateError(f"{path}: cannot read a certificate ({exc})") from None
-    payload = verify(cert, trusted_key, images)
+    payload = verify(cert, trusted_key, images, request_id)
     if images is not None and render_html(cert, images) != Path(path).read_text(encoding="utf-8"):
         raise CertificateError("the page differs from the signed certificate it embeds: it was altered")
     return payload

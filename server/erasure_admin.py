@@ -10,9 +10,10 @@ running service serves it at its next round. The state directory must hold the s
 journal (``--init`` creates one for a federation that has not run yet, which then needs
 ``--sites-file``). The site must exist (in the site registry, or in the federation the
 journal's checkpoint records) and must not have been erased already. ``verify`` checks an
-erasure certificate (JSON or its HTML page): valid, exit 0; altered or signed by another
-key, one line naming why and exit 1. Any other error is one line on stderr and exit code 2;
-nothing is changed.
+erasure certificate (JSON or its HTML page) against the server's public key (``--public-key``
+or ``--state-dir``; required): valid, exit 0; altered, signed by another key, not the
+``--request`` asked about, or not a certificate, one line naming why and exit 1. Any other
+error is one line on stderr and exit code 2; nothing is changed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fed_unlearn.certificate import CertificateError, verify_file
+from fed_unlearn.certificate import CertificateError, key_id, public_key_bytes, verify_file
 from fed_unlearn.erasure import RequestError, SiteRegistry, new_request
 from fed_unlearn.journal import Journal, JournalError
 
@@ -58,15 +59,21 @@ def _request(args: argparse.Namespace) -> str:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    trusted = Path(args.public_key).read_bytes() if args.public_key else None
+    if not args.public_key and not args.state_dir:
+        raise ValueError(
+            "verify needs the server's public key: --public-key <state-dir>/certificate-key.pub or --state-dir "
+            "<state-dir> (a certificate checked only against the key it names proves nothing)"
+        )
+    key_file = Path(args.public_key) if args.public_key else Path(args.state_dir) / "certificate-key.pub"
+    trusted = key_file.read_bytes()
     try:
-        payload = verify_file(args.certificate, trusted_key=trusted)
+        payload = verify_file(args.certificate, trusted, request_id=args.request or None)
+        signer = key_id(public_key_bytes(trusted))
     except CertificateError as exc:
         print(f"INVALID: {exc}", file=sys.stderr)
         return 1
     req = payload.get("request", {})
-    by = "the given key" if trusted else "the key it names (pass --public-key to check it is the server's)"
-    print(f"valid: erasure of site {req.get('site')!r} (request {req.get('id')}), signed by {by}")
+    print(f"valid: erasure of site {req.get('site')!r} (request {req.get('id')}), signed by key {signer} ({key_file})")
     print(f"verdict: {payload.get('verdict')}")
     return 0
 
@@ -84,14 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     req.add_argument("--init", action="store_true", help="create the journal if the state directory has none")
     st = sub.add_parser("status", help="print the checkpoint, every request, refusal and event")
     st.add_argument("--state-dir", required=True)
-    ver = sub.add_parser("verify", help="check an erasure certificate's signature (JSON or HTML)")
+    ver = sub.add_parser("verify", help="check an erasure certificate against the server's key (JSON or HTML)")
     ver.add_argument("certificate")
-    ver.add_argument(
-        "--public-key",
-        default="",
-        help="the server's key (<state-dir>/certificate-key.pub); without it, only "
-        "the certificate's consistency with the key it names is checked",
-    )
+    ver.add_argument("--public-key", default="", help="the server's key (<state-dir>/certificate-key.pub)")
+    ver.add_argument("--state-dir", default="", help="the service's state dir (its certificate-key.pub is used)")
+    ver.add_argument("--request", default="", help="the request id the certificate must be for")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "verify":

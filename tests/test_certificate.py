@@ -79,4 +79,55 @@ def test_an_altered_page_or_plot_or_another_key_fails(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(C.sign(PAYLOAD, other)))
     with pytest.raises(C.CertificateError, match="another key"):
         C.verify_file(tmp_path / "c.json", trusted_key=pub)
-    C.verify_file(tmp_path / "c.json")  # consistent with the key it names: only a trusted key catches it
+    with pytest.raises(TypeError):
+        C.verify_file(tmp_path / "c.json")  # the server's key is required: a re-signed certificate is self-consistent
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("[1, 2]", "a JSON list, not an object"),
+        ('"a string"', "a JSON str"),
+        ("null", "a JSON NoneType"),
+        ("{not json", "cannot read"),
+    ],
+)
+def test_a_file_that_is_no_certificate_is_one_line(tmp_path, text, why):
+    _, _, pub = make(tmp_path)
+    (tmp_path / "x.json").write_text(text)
+    with pytest.raises(C.CertificateError, match=why):
+        C.verify_file(tmp_path / "x.json", pub)
+
+
+def test_nan_where_null_was_signed_and_another_requests_id_fail(tmp_path):
+    cert, _, pub = make(tmp_path)
+    text = json.dumps(cert).replace('"rmia-auc": null', '"rmia-auc": NaN')
+    assert "NaN" in text
+    (tmp_path / "c.json").write_text(text)
+    with pytest.raises(C.CertificateError, match="NaN"):
+        C.verify_file(tmp_path / "c.json", pub)
+    cert["payload"]["strong-audit"]["figures"]["after"]["rmia-auc"] = float("nan")  # built in memory
+    with pytest.raises(C.CertificateError, match="nan"):
+        C.verify(cert, pub)
+    (tmp_path / "c.json").write_text(json.dumps(make(tmp_path)[0]))
+    assert C.verify_file(tmp_path / "c.json", pub, request_id="r-1")
+    with pytest.raises(C.CertificateError, match="for request 'r-1', not 'r-2'"):
+        C.verify_file(tmp_path / "c.json", pub, request_id="r-2")
+
+
+def test_the_admin_tool_requires_the_servers_key_and_names_the_signer(tmp_path, capsys):
+    from server.erasure_admin import main as admin
+
+    make(tmp_path)
+    cert = str(tmp_path / "c.json")
+    assert admin(["verify", cert]) == 2 and "needs the server's public key" in capsys.readouterr().err
+    assert admin(["verify", cert, "--state-dir", str(tmp_path), "--request", "r-1"]) == 0
+    assert "signed by key" in capsys.readouterr().out
+    other = C.load_or_create_key(tmp_path / "o" / "other.pem")  # re-signed with anybody's key
+    (tmp_path / "r.json").write_text(json.dumps(C.sign(PAYLOAD, other)))
+    assert admin(["verify", str(tmp_path / "r.json"), "--state-dir", str(tmp_path)]) == 1
+    assert "signed by another key" in capsys.readouterr().err
+    assert admin(["verify", cert, "--state-dir", str(tmp_path), "--request", "r-2"]) == 1
+    (tmp_path / "l.json").write_text("[]")
+    assert admin(["verify", str(tmp_path / "l.json"), "--state-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.count("\n") == 2
