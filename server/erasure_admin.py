@@ -19,6 +19,7 @@ error is one line on stderr and exit code 2; nothing is changed.
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             print(describe(args.state_dir), end="")
         else:
             print(_request(args))
-    except (RequestError, JournalError, ValueError, OSError) as exc:
+    except (RequestError, JournalError, ValueError, OSError, sqlite3.Error) as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)

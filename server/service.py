@@ -82,6 +82,31 @@ def service_methods() -> list[str]:
     return [m for m in online_methods() if "client" in method_class(m).scenarios]
 
 
+def check_service(cfg: ExperimentConfig, svc: ServiceConfig) -> SiteRegistry | None:
+    """The service's settings checked before any message (also by a deployment before it submits a run).
+
+    Returns the site registry, if one is configured.
+
+    Raises
+    ------
+    ValueError
+        Naming the setting: a method that cannot serve, a site registry that does not read,
+        an operator request for a site it does not know, a state directory whose journal is lost.
+    """
+    usable = service_methods()
+    if cfg.request.method not in usable:
+        raise ValueError(
+            f"unlearn.method '{cfg.request.method}' cannot serve requests in a long-running federation "
+            f"(it stores history, retrains or does not erase sites); use one of {', '.join(usable)}"
+        )
+    registry = SiteRegistry.from_file(svc.sites_file) if svc.sites_file else None
+    unknown = sorted(set(svc.erase_list) - set(registry.sites)) if registry else []
+    if unknown and registry is not None:
+        raise ValueError(f"service.erase-sites names unknown site(s) {unknown}; registered: {sorted(registry.sites)}")
+    check_state_dir(svc.state_dir)
+    return registry
+
+
 def operator_request_id(site: str) -> str:
     """Stable id of the run-config request for ``site`` (a rerun does not serve it twice)."""
     return hashlib.sha256(f"run-config:{site}".encode()).hexdigest()[:32]
@@ -91,20 +116,9 @@ class ErasureService:
     """The state of one service run (see the module docstring)."""
 
     def __init__(self, grid: Grid, cfg: ExperimentConfig, svc: ServiceConfig, run_config: dict[str, Any]) -> None:
-        usable = service_methods()
-        if cfg.request.method not in usable:
-            raise ValueError(
-                f"unlearn.method '{cfg.request.method}' cannot serve requests in a long-running federation "
-                f"(it stores history, retrains or does not erase sites); use one of {', '.join(usable)}"
-            )
+        registry = check_service(cfg, svc)
         self.grid, self.cfg, self.svc, self.run_config = grid, cfg, svc, run_config
         self.state_dir = Path(svc.state_dir)
-        registry = SiteRegistry.from_file(svc.sites_file) if svc.sites_file else None
-        unknown = sorted(set(svc.erase_list) - set(registry.sites)) if registry else []
-        if unknown:
-            raise ValueError(
-                f"service.erase-sites names unknown site(s) {unknown}; registered: {sorted(registry.sites)}"
-            )
         check_state_dir(self.state_dir)  # a lost journal must not restart a federation its certificates erased
         self.journal = Journal(self.state_dir / "journal.sqlite")
         ck = self.journal.checkpoint()

@@ -242,8 +242,23 @@ class Deployment:
 
     @classmethod
     def load(cls, folder: str | Path) -> Deployment:
-        """Read ``deployment.json``."""
-        return cls(**json.loads((Path(folder) / "deployment.json").read_text()))
+        """Read ``deployment.json`` (written by ``up``).
+
+        Raises
+        ------
+        ValueError
+            If it is missing or is not a deployment's description (naming the file).
+        """
+        path = Path(folder) / "deployment.json"
+        if not path.is_file():
+            raise ValueError(f"no deployment in {folder} ({path.name} is missing): start one with `up --dir {folder}`")
+        try:
+            fields = json.loads(path.read_text())
+            if not isinstance(fields, dict):
+                raise TypeError("not a JSON object")
+            return cls(**fields)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path} is not a deployment written by `up` ({exc})") from None
 
     def env(self) -> dict[str, str]:
         """The offline environment for every process (shared FLWR_HOME for the CLI)."""
@@ -479,6 +494,26 @@ class Deployment:
             rc += f" service.sites-file='{self.registry}'"
         return f"{rc} {extra}".strip()
 
+    def checked(self, run_config: str) -> str:
+        """``run_config`` once the service's settings in it pass their checks (here, before any run is submitted).
+
+        Raises
+        ------
+        ValueError
+            Naming the setting (the same checks the ServerApp makes, minutes earlier).
+        """
+        if self.app:  # a user's app reads its own settings
+            return run_config
+        from fed_unlearn.config import ExperimentConfig, ServiceConfig
+        from fed_unlearn.unlearning import config_from_run_config
+        from server.service import check_service
+
+        from .inprocess import fused_run_config
+
+        rc = fused_run_config(str(PROJECT_ROOT), run_config)
+        check_service(ExperimentConfig.from_run_config(rc), config_from_run_config(ServiceConfig, rc, "service"))
+        return run_config
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to a process by its name in ``pids``, its session and every descendant.
 
@@ -503,9 +538,17 @@ class Deployment:
         self.save()
 
 
+def _sites(text: str) -> int:
+    n = int(text)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"a federation needs at least 2 sites (one may leave), got {n}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code."""
+    """Entry point; returns the process exit code (one line on stderr and 2 for any error)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = ap.add_subparsers(dest="cmd", required=True)
     certs = sub.add_parser("certs", help="a CA and a SuperLink certificate for the given host names / IPs")
     certs.add_argument("--dir", required=True, help="where ca.crt, server.crt and server.key are written")
@@ -514,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name)
         p.add_argument("--dir", default=str(PROJECT_ROOT / "results" / "deploy"))
         if name in ("up", "demo"):
-            p.add_argument("--sites", type=int, default=3)
+            p.add_argument("--sites", type=_sites, default=3)
             p.add_argument("--insecure", action="store_true", help="no TLS")
             p.add_argument("--no-auth", action="store_true", help="no SuperNode authentication (no site registry)")
             p.add_argument(
@@ -534,6 +577,18 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--site", required=True)
             p.add_argument("--reason", default="")
     args = ap.parse_args(argv)
+    try:
+        return _run(args)
+    except Exception as exc:  # noqa: BLE001  (a CLI: one line, the traceback with --debug)
+        if args.debug:
+            raise
+        print(
+            f"error: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}", file=sys.stderr
+        )
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.cmd == "certs":
         paths = make_tls(Path(args.dir), args.host)
         print(
@@ -550,7 +605,11 @@ def main(argv: list[str] | None = None) -> int:
             executor=args.executor,
             poll_interval=args.poll_interval,
         )
-        dep.up()
+        try:
+            dep.up()
+        except BaseException:
+            dep.down()  # nothing half-started is left running
+            raise
         print(
             f"SuperLink on 127.0.0.1:{dep.port} (TLS {'on' if dep.tls else 'off'}, "
             f"node auth {'on' if dep.auth else 'off'}); "
@@ -575,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(describe(dep.state_dir), end="")
         return 0
-    run_id = dep.submit(dep.service_config(args.rounds, args.run_config))
+    run_id = dep.submit(dep.checked(dep.service_config(args.rounds, args.run_config)))
     status = dep.wait(run_id)
     print(f"run {run_id}: {status}")
     return 0 if status == "finished:completed" else 1
@@ -587,7 +646,7 @@ def demo(dep: Deployment, rounds: int, run_config: str) -> int:
     from server.service import describe
 
     first = max(2, rounds // 2)
-    run_id = dep.submit(dep.service_config(first, run_config))
+    run_id = dep.submit(dep.checked(dep.service_config(first, run_config)))
     print(f"run {run_id}: {dep.wait(run_id)}")
     request(["--inbox", str(dep.inbox(dep.sites[1])), "--site", dep.sites[1], "--reason", "demo: the site leaves"])
     run_id = dep.submit(dep.service_config(rounds, run_config))
