@@ -242,8 +242,8 @@ def _read_entry(folder: Path, name: str, now: float) -> InboxEntry | None:
     try:
         req = parse_request(text)
     except RequestError as exc:
-        if now - st.st_mtime < SETTLE_SECONDS:
-            return None  # a file being written by a tool that does not write atomically
+        if not _is_json(text) and now - st.st_mtime < SETTLE_SECONDS:
+            return None  # half a document: a tool that does not write atomically is still writing it
         return InboxEntry(shown, "", f"malformed: {exc}")
     return InboxEntry(shown, text, "", req.id)
 
@@ -251,6 +251,15 @@ def _read_entry(folder: Path, name: str, now: float) -> InboxEntry | None:
 def read_inbox_file(folder: str | Path, name: str) -> InboxEntry:
     """A file of an inbox folder as a poll reads it (links refused, size capped, parsed); never raises."""
     return _read_entry(Path(folder), name, float("inf")) or InboxEntry(wire_name(name), "", "changed while read")
+
+
+def _is_json(text: str) -> bool:
+    """Whether ``text`` is one whole JSON document (a half-written file is not)."""
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def _pending_names(folder: Path) -> list[str]:

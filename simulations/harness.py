@@ -86,6 +86,11 @@ SCENARIOS: dict[str, str] = {
         f"unlearn.scenario='client' unlearn.departing='0' dataset='uci-adult' data-dir='{ADULT_DIR}' "
         "model='linear' local-epochs=1 lr=0.05"
     ),
+    # the same with 5 local epochs: the setting where a calibration that reads too much into weak evidence overshoots
+    "adult-linear-5": (
+        f"unlearn.scenario='client' unlearn.departing='0' dataset='uci-adult' data-dir='{ADULT_DIR}' "
+        "model='linear' local-epochs=5 lr=0.05"
+    ),
     # the hard deletions at a large fraction
     **{
         f"hard30-{sel}": (
