@@ -156,7 +156,7 @@ def check_text(name: str, text: str) -> str:
 
 
 def safe_text(text: str, limit: int | None = None) -> str:
-    """``text`` made storable (invalid code points escaped as ``\\udXXX``), cut to ``limit`` characters."""
+    """``text`` made storable (a lone surrogate becomes its backslash escape), cut to ``limit`` characters."""
     out = str(text).encode("utf-8", "backslashreplace").decode("utf-8")
     return out if limit is None else out[:limit]
 

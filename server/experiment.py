@@ -22,7 +22,7 @@ Flower user adds to their own app.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from logging import INFO, WARNING
 from pathlib import Path
@@ -108,7 +108,6 @@ def discover_clients(
     grid: Grid,
     wait_seconds: float,
     timeout: float,
-    required: Collection[int] | None = None,
     check: ArrayRecord | None = None,
     handlers: Sequence[str] = EXPERIMENT_HANDLERS,
 ) -> dict[int, ClientInfo]:
@@ -117,8 +116,6 @@ def discover_clients(
     Each node is asked :data:`~fed_unlearn.protocol.IDENTIFY` (its ``partition-id``,
     ``num-partitions``, ``site`` and the handlers it has) and :data:`~fed_unlearn.protocol.INFO`
     (its data sizes and, with ``check``, whether that model loads into its architecture).
-    ``required``: wait only for these client ids (a restarted service: sites that already
-    left may be gone for good); the others that have answered by then are returned too.
 
     Raises
     ------
@@ -147,8 +144,6 @@ def discover_clients(
                 infos[info.client_id] = info
         expected = max((i.num_partitions for i in infos.values()), default=None)
         if expected is not None and len(infos) >= expected:
-            return infos
-        if required is not None and infos and set(required) <= set(infos):
             return infos
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {len(infos)} of {expected or '?'} clients connected within {wait_seconds:.0f}s")

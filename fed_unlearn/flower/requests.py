@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from types import EllipsisType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -128,12 +128,12 @@ class RequestBook:
     _method: UnlearningMethod | None
     _asked: dict[int, dict[str, str]]
 
-    def check_method(self, method: UnlearningMethod) -> None:  # pragma: no cover - the strategy's
-        """Refuse a method the wrapped strategy cannot host (see the strategy)."""
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by the strategy this mixin is part of
 
-    def _array_key(self) -> str:  # pragma: no cover - the strategy's
-        raise NotImplementedError
+        def check_method(self, method: UnlearningMethod) -> None:
+            """Refuse a method the wrapped strategy cannot host (see the strategy)."""
+
+        def _array_key(self) -> str: ...
 
     # -- the public request API ------------------------------------------------------------
     def request_unlearning(

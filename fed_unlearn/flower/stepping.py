@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from logging import INFO, WARNING
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -113,14 +113,13 @@ class StepControl:
     _wire: dict[str, str]
     _moving: list[str]
 
-    def _evaluate_template(self, grid: Grid, arrays: ArrayRecord) -> list[Message]:  # pragma: no cover
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by the strategy this mixin is part of
 
-    def _with_arrays(self, messages: Sequence[Message], arrays: ArrayRecord) -> list[Message]:  # pragma: no cover
-        raise NotImplementedError
+        def _evaluate_template(self, grid: Grid, arrays: ArrayRecord) -> list[Message]: ...
 
-    def _aggregate_evaluation(self, server_round: int, replies: list[Message]) -> dict[str, float]:  # pragma: no cover
-        raise NotImplementedError
+        def _with_arrays(self, messages: Sequence[Message], arrays: ArrayRecord) -> list[Message]: ...
+
+        def _aggregate_evaluation(self, server_round: int, replies: list[Message]) -> dict[str, float]: ...
 
     # -- the departing-step bound -------------------------------------------------------------
     def _bound_departing_step(
