@@ -33,6 +33,7 @@ from typing import Any
 from .data import DATASETS, PARTITIONERS
 from .deletion import DeletionRequest
 from .models import MODELS
+from .settings import read_settings, setting
 from .training import TrainSettings
 
 RECOVERY_MODES = ("validation", "fixed", "until-gold")
@@ -41,53 +42,6 @@ FALLBACKS = ("wait", "fine-tune", "not")
 #: Bumped when the gold federation's procedure changes (besides the code fingerprint in every key).
 GOLD_FORMAT_VERSION = 1
 BUILTIN_TASK = "fed_unlearn.task"
-
-
-def setting(default: Any, key: str, help: str) -> Any:  # noqa: A002  (the field's help text)
-    """A dataclass field that is a run-config setting: its key and what it does (shown in the reference)."""
-    return field(default=default, metadata={"key": key, "help": help})
-
-
-def typed_value(key: str, value: Any, default: Any) -> Any:
-    """``value`` of ``key`` as the type of ``default`` (ints for floats, integral floats for ints), finite."""
-    if isinstance(default, bool) or isinstance(value, bool):
-        if not (isinstance(value, bool) and isinstance(default, bool)):
-            raise ValueError(f"run-config '{key}' must be true or false, got {value!r}")
-        return value
-    if isinstance(default, float):
-        if not isinstance(value, (int, float)):
-            raise ValueError(f"run-config '{key}' must be a number, got {value!r}")
-        if not math.isfinite(float(value)):
-            raise ValueError(f"run-config '{key}' must be a finite number, got {value!r}")
-        return float(value)
-    if isinstance(default, int):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)  # "3.0" where a count is expected
-        if not isinstance(value, int):
-            raise ValueError(f"run-config '{key}' must be an integer, got {value!r}")
-        return value
-    if not isinstance(value, type(default)):
-        raise ValueError(f"run-config '{key}' must be {type(default).__name__}, got {value!r}")
-    return value
-
-
-def read_settings(cls: type, rc: Mapping[str, Any], **fixed: Any) -> Any:
-    """Build the settings dataclass ``cls`` from the run config (its fields' keys; defaults for absent keys).
-
-    ``fixed`` gives fields that are not plain settings (nested sections, parsed values).
-
-    Raises
-    ------
-    ValueError
-        On a value of the wrong type, not finite, or out of range, naming the key.
-    """
-    kwargs: dict[str, Any] = dict(fixed)
-    for f in fields(cls):
-        key = f.metadata.get("key")
-        if key is None or f.name in kwargs or key not in rc:
-            continue
-        kwargs[f.name] = typed_value(key, rc[key], f.default)
-    return cls(**kwargs)
 
 
 def _check(key: str, value: float, ok: bool, want: str) -> None:

@@ -43,6 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .metrics import cross_entropy
+from .settings import read_settings
 from .training import named_trainable, predict_logits, trainable
 
 SCENARIOS = ("client", "samples", "class")
@@ -260,7 +261,5 @@ def request_from_run_config(rc: Mapping[str, Any]) -> DeletionRequest:
     ValueError
         On wrong types or impossible values, naming the key.
     """
-    from .config import read_settings
-
     request: DeletionRequest = read_settings(DeletionRequest, rc)
     return request

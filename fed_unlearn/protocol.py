@@ -179,6 +179,27 @@ REFERENCE_SEED = "reference-seed"
 #: Weight key of every reply (FedAvg's default ``weighted_by_key``).
 NUM_EXAMPLES = "num-examples"
 
+# -- query records and keys (read and written by :mod:`fed_unlearn.flower.wire` only) ------
+#: ``query.info``: reply MetricRecord, its keys; ConfigRecord ``check`` and its key.
+INFO_RECORD = "info"
+TRAIN_N, HELDOUT_N, NUM_CLASSES, INPUT_SHAPE = "train-n", "heldout-n", "num-classes", "input-shape"
+CHECK_RECORD = "check"
+ARCHITECTURE = "architecture"
+#: ``query.forget``: the request's config keys; reply MetricRecord ``metrics`` + ConfigRecord ``receipt``.
+SCENARIO, SELECTION, FRACTION, FORGET_CLASS, SEED = "scenario", "selection", "fraction", "class", "seed"
+METRICS_RECORD = "metrics"
+FORGET_N, RETAIN_N = "forget-n", "retain-n"
+RECEIPT_RECORD = "receipt"
+DIGEST = "digest"
+#: ``query.relearn``: config keys and reply metrics.
+TARGET_ACCURACY, MAX_STEPS = "target-accuracy", "max-steps"
+RELEARN_STEPS, RELEARN_REACHED = "relearn-steps", "relearn-reached"
+RELEARN_START_ACC, RELEARN_FINAL_ACC = "relearn-start-acc", "relearn-final-acc"
+#: ``evaluate.audit``: the membership-inference switch, the gold model's record, the scores' record.
+MIA = "mia"
+REFERENCE_RECORD = "reference"
+ATTACK_SCORES_RECORD = "attack-scores"
+
 #: What a client must answer, by what the server needs (see the module docstring).
 NEEDS = {
     "name clients by a node-config key": (IDENTIFY,),

@@ -32,7 +32,7 @@ from fed_unlearn.erasure import SiteRegistry
 from fed_unlearn.flower import Unlearning
 from fed_unlearn.journal import Journal
 
-from .experiment import ClientInfo, describe_nodes
+from .queries import ClientInfo, describe_nodes
 
 #: Rounds a node that does not answer its identification is asked again before it is refused.
 MAX_IDENTIFY_TRIES = 3
@@ -140,9 +140,9 @@ class Membership:
                 self._refuse(node, problem, server_round)
         joined = []
         for info in found:
-            name, problem = self._conflict(info)
+            name, conflict = self._conflict(info)
             if name is None:
-                self._refuse(info.node_id, problem or "no site", server_round)
+                self._refuse(info.node_id, conflict or "no site", server_round)
             else:
                 joined.append(self._admit(info, name))
         return joined

@@ -25,8 +25,13 @@ app = ServerApp()
 
 
 @app.main()
-def main(grid: Grid, context: Context) -> dict[str, Any]:
-    """Run one federated-unlearning experiment as configured in ``context.run_config``; return its results."""
+def main(grid: Grid, context: Context) -> None:
+    """The ServerApp: one experiment, or the erasure service, as ``context.run_config`` says."""
+    run_server(grid, context)
+
+
+def run_server(grid: Grid, context: Context) -> dict[str, Any]:
+    """Run one federated-unlearning experiment (or the service) as configured in ``context.run_config``; its results."""
     run_config = dict(context.run_config)
     grid = prompt(grid)  # deployed: replies picked up every 0.1 s, not every 3 s
     cfg = ExperimentConfig.from_run_config(run_config)  # bad settings fail here, before any round

@@ -60,16 +60,9 @@ from fed_unlearn.report import plot_roc, write_json
 from fed_unlearn.task import load_task
 from fed_unlearn.unlearning import make_method, method_class, online_methods
 
-from .experiment import (
-    gold_federation,
-    initial_model,
-    last_line,
-    measure,
-    new_strategy,
-    reference_federations,
-    strong_audit_scores,
-)
+from .federations import gold_federation, initial_model, new_strategy, reference_federations
 from .membership import Membership
+from .queries import last_line, measure, strong_audit_scores
 
 #: Requests taken from one site's poll per round (the rest wait for the next poll).
 MAX_REQUESTS_PER_POLL = 50
@@ -598,8 +591,10 @@ class ErasureService:
             self.history[rnd] = dict(summary)
             weights = to_weights(arrays)
             digest = weights_digest(weights)
-            recovering = [r for r in self.journal.requests("unlearning") if r.served_round is not None]
-            recovered = [r.id for r in recovering if rnd - r.served_round >= self.svc.recovery_rounds]
+            served_at = {
+                r.id: r.served_round for r in self.journal.requests("unlearning") if r.served_round is not None
+            }
+            recovered = [i for i, at in served_at.items() if rnd - at >= self.svc.recovery_rounds]
             if self.svc.recovery_rounds == 0:
                 recovered += served
             self.gone_sites |= {self.site_of[c] for c in self.departed_clients}
@@ -665,9 +660,9 @@ class ErasureService:
                 rnd, f"site:{site}", "failed" if problem.startswith("failed") else "rejected-update", problem
             )
         for node in sorted(self.strategy.excluded):
-            site = self.site_of.get(client_of.get(node, -1))
-            if site is not None and site not in self.excluded_sites:
-                self.excluded_sites.add(site)
+            gone = self.site_of.get(client_of.get(node, -1))
+            if gone is not None and gone not in self.excluded_sites:
+                self.excluded_sites.add(gone)
                 self.journal.event(
                     rnd,
                     f"site:{site}",

@@ -60,7 +60,7 @@ def child(clients: int, rounds: int, departures: int, method_name: str) -> dict[
         if rnd in schedule:
             strategy.request_unlearning(schedule[rnd], round=rnd, method=make_method(method_name))
         msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
-        start = to_weights(msgs[0].content["arrays"]) if msgs else base
+        start = to_weights(msgs[0].content.array_records["arrays"]) if msgs else base
         replies = []
         for m in msgs:
             content: dict[str, Any] = {}

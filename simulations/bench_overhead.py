@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from flwr.app import ConfigRecord
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fed_unlearn.flower import InProcessGrid
 
@@ -39,7 +39,7 @@ class TimedGrid(InProcessGrid):
         t0 = time.perf_counter()
         out = list(super().send_and_receive(messages, timeout=timeout))
         self.client_seconds += time.perf_counter() - t0
-        failed = [m.error.reason for m in out if m.has_error()]
+        failed = [m.error.reason or "" for m in out if m.has_error()]
         if failed:  # a benchmark of failing rounds measures nothing
             raise RuntimeError(f"{len(failed)} client(s) failed: {failed[0][:500]}")
         return out
@@ -59,7 +59,7 @@ def run_once(kind: str, clients: int, rounds: int, overrides: str) -> dict[str, 
     model = build_model(str(rc["model"]), ds.input_shape, ds.num_classes, seed=int(rc["seed"]))
     initial = to_record(get_weights(model))
     if kind == "fed-unlearn":
-        strategy = Unlearning(
+        wrapped = Unlearning(
             ReproducibleFedAvg(
                 fraction_train=1.0,
                 fraction_evaluate=1.0,
@@ -69,7 +69,8 @@ def run_once(kind: str, clients: int, rounds: int, overrides: str) -> dict[str, 
             )
         )
         for i, n in enumerate(node_ids):
-            strategy.set_identity(n, **{"partition-id": i})
+            wrapped.set_identity(n, **{"partition-id": i})
+        strategy: Strategy = wrapped
     else:
         strategy = FedAvg(
             fraction_train=1.0,

@@ -100,7 +100,7 @@ def pytorch(folder: Path, seeds: list[int]) -> None:
     nodes, rounds, depart, samples = 10, 10, 6, 6000
     perm = np.random.default_rng(42).permutation(len(y))[:samples]
 
-    class Items(Dataset):  # type: ignore[type-arg]
+    class Items(Dataset):
         def __init__(self, idx: np.ndarray) -> None:
             self.idx = idx
 
@@ -111,13 +111,14 @@ def pytorch(folder: Path, seeds: list[int]) -> None:
             j = self.idx[i]
             return {"img": torch.from_numpy(x[j]), "label": int(y[j])}
 
-    def load_data(partition_id: int, num_partitions: int, batch_size: int) -> tuple[DataLoader, DataLoader]:  # type: ignore[type-arg]
+    def load_data(partition_id: int, num_partitions: int, batch_size: int) -> tuple[DataLoader, DataLoader]:
         idx = np.array_split(perm, num_partitions)[partition_id]
         cut = int(0.8 * len(idx))
         train = DataLoader(Items(idx[:cut]), batch_size=batch_size, shuffle=True)
         return train, DataLoader(Items(idx[cut:]), batch_size=batch_size)
 
-    task.load_data = client.load_data = load_data  # the data swapped in; nothing else of the app changes
+    task.load_data = load_data  # type: ignore[attr-defined]  # a module loaded from the checkout
+    client.load_data = load_data  # type: ignore[attr-defined]  # a module loaded from the checkout
     add_identity(client.app)
     lr = 0.05
     rc = {"num-server-rounds": rounds, "local-epochs": 5, "learning-rate": lr, "batch-size": 32}
@@ -173,7 +174,8 @@ def sklearn(folder: Path, seeds: list[int]) -> None:
         cut = int(0.8 * len(idx))
         return features[:cut], labels[:cut], features[cut:], labels[cut:]
 
-    task.load_data = client.load_data = load_data
+    task.load_data = load_data  # type: ignore[attr-defined]  # a module loaded from the checkout
+    client.load_data = load_data  # type: ignore[attr-defined]  # a module loaded from the checkout
     add_identity(client.app)
     initial = ArrayRecord(task.get_model_params(task.create_log_reg_and_instantiate_parameters("l2")))
     print(

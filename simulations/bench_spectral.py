@@ -19,12 +19,20 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import torch
 
 
-def _median_time(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
+def _weightwatcher(ww: Any, model: Any) -> Any:
+    return ww.WeightWatcher(model=model).analyze()
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    times: list[float] = []
+    out: Any = None
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = fn()
@@ -61,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     for name, model in models.items():
         state = model.state_dict()
-        t_ours, ours = _median_time(lambda state=state: analyze(state), args.repeats)
+        t_ours, ours = _median_time(partial(analyze, state), args.repeats)
         line = f"{name:<24} {len(ours):>6} {t_ours:>14.3f}"
         if ww is not None:
-            t_ww, details = _median_time(lambda model=model: ww.WeightWatcher(model=model).analyze(), args.repeats)
+            t_ww, details = _median_time(partial(_weightwatcher, ww, model), args.repeats)
             theirs = sorted(a for a, n in zip(details["alpha"], details["num_evals"], strict=False) if n >= 50)
             mine = sorted(s.alpha for s in ours if s.num_eigenvalues >= 50)
             same_layers = len(mine) == len(theirs) and mine

@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-config", default="", help="overrides shared by every method")
     ap.add_argument("--results-dir", default=str(PROJECT_ROOT / "results"))
     args = ap.parse_args(argv)
-    scenario = re.search(r"unlearn\.scenario\s*=\s*['\"]?(\w+)", args.run_config)
-    scenario = scenario.group(1) if scenario else "client"
+    found = re.search(r"unlearn\.scenario\s*=\s*['\"]?(\w+)", args.run_config)
+    scenario = found.group(1) if found else "client"
     if args.methods is None:
         args.methods = [m for m in METHODS if serves(m, scenario)]
     unknown = sorted(set(args.methods) - set(METHODS))

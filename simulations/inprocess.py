@@ -29,7 +29,7 @@ def run_inprocess(project_dir: str, num_clients: int, overrides: str) -> dict[st
     """
 
     from clients.client_app import app as client_app
-    from server.server_app import main as server_main
+    from server.server_app import run_server as server_main
 
     rc = fused_run_config(project_dir, overrides)
     grid = InProcessGrid(client_app, num_clients, rc)

@@ -320,7 +320,12 @@ def main(argv: list[str] | None = None) -> int:
             text=True,
         )
         shown = LogFilter(args.debug)
-        reader = threading.Thread(target=lambda: [shown(line) for line in stream.stdout or []], daemon=True)
+
+        def show_all() -> None:
+            for line in stream.stdout or []:
+                shown(line)
+
+        reader = threading.Thread(target=show_all, daemon=True)
         reader.start()
         deadline = time.monotonic() + args.timeout
         status = run_status(env, run_id)

@@ -10,7 +10,7 @@ from flwr.app import Context, RecordDict
 
 from clients.client_app import app as client_app
 from fed_unlearn.flower import InProcessGrid
-from server.server_app import main as server_main
+from server.server_app import run_server as server_main
 
 TIER = "integration"  # see tests/conftest.py
 

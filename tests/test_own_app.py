@@ -233,8 +233,8 @@ def test_the_experiment_and_the_harness_run_on_a_task_module_from_outside_the_re
 
 
 def test_the_project_server_refuses_a_plain_client_before_any_training(tmp_path):
-    from server.experiment import ClientProtocolError
-    from server.server_app import main as project_server
+    from server.queries import ClientProtocolError
+    from server.server_app import run_server as project_server
     from simulations.inprocess import fused_run_config
 
     bare = ClientApp()

@@ -13,7 +13,7 @@ from clients.client_app import app as client_app
 from fed_unlearn.erasure import SiteRegistry, new_request, submit_to_inbox
 from fed_unlearn.flower import InProcessGrid
 from fed_unlearn.journal import Journal
-from server.server_app import main as server_main
+from server.server_app import run_server as server_main
 from simulations.inprocess import fused_run_config
 
 TIER = "integration"  # see tests/conftest.py

@@ -15,7 +15,7 @@ from fed_unlearn.erasure import SiteRegistry, new_request, submit_to_inbox
 from fed_unlearn.flower import InProcessGrid
 from fed_unlearn.journal import Journal, JournalError
 from server import service as service_module
-from server.server_app import main as server_main
+from server.server_app import run_server as server_main
 from simulations.inprocess import fused_run_config
 from tests.test_hostile import HostileGrid
 

@@ -49,13 +49,22 @@ from flwr.clientapp import ClientApp
 from .. import protocol as P
 from ..attacks import client_reference_masks
 from ..data import ArrayDataset
-from ..deletion import MODEL_SELECTIONS, DeletionRequest, forget_mask, mask_digest, selection_scores
+from ..deletion import MODEL_SELECTIONS, forget_mask, mask_digest, selection_scores
 from ..evaluation import attack_scores_client, measure_client
 from ..metrics import cross_entropy, loss_mia_auc
 from ..training import TrainSettings, client_seed, predict_logits, relearn_steps, train_local
 from ..unlearning import METHODS, RoutineInput, client_routine, config_from_run_config
 from .backends import ArrayBackend, FitFn, PredictFn, TorchBackend
 from .records import number, to_weights
+from .wire import (
+    NodeData,
+    forget_reply,
+    forget_request,
+    info_reply,
+    read_forget_request,
+    read_relearn_request,
+    relearn_reply,
+)
 
 #: Node-state keys the helpers use (the node's own state, persisted by Flower between messages).
 MASK_KEY = "fed-unlearn.forget-mask"
@@ -303,24 +312,12 @@ class _Helper:
             classes = self.backend.num_classes(self.model(self.arrays(msg), context), train.x)
         else:
             classes = int(max(train.num_classes, heldout.num_classes))
-        metrics = MetricRecord(
-            {
-                "train-n": len(train),
-                "heldout-n": len(heldout),
-                "num-classes": classes,
-                "input-shape": [int(s) for s in train.input_shape],
-            }
-        )
-        return Message(RecordDict({"info": metrics, "check": ConfigRecord({"architecture": check})}), reply_to=msg)
+        data = NodeData(len(train), len(heldout), int(classes), tuple(int(s) for s in train.input_shape), check)
+        return Message(info_reply(data), reply_to=msg)
 
     def forget(self, msg: Message, context: Context) -> Message:
         cfg = self.config(msg)
-        request = DeletionRequest(
-            scenario=str(cfg.get("scenario", "client")),
-            selection=str(cfg.get("selection", "random")),
-            fraction=float(cfg.get("fraction", 0.1)),
-            forget_class=int(cfg.get("class", 0)),
-        )
+        request, seed = read_forget_request(cfg)
         train, heldout = self.data(context)
         model = self.model(self.arrays(msg), context) if msg.content.array_records else None
         mask = forget_mask(
@@ -328,23 +325,13 @@ class _Helper:
             node_client_id(context),
             train.x,
             train.y,
-            int(cfg.get("seed", context.run_config.get("seed", 0))),
+            seed if seed is not None else int(context.run_config.get("seed", 0)),
             model=model,
             heldout=(heldout.x, heldout.y),
         )
         context.state[MASK_KEY] = ArrayRecord({"mask": Array(mask.astype(np.uint8))})
-        context.state[REQUEST_KEY] = ConfigRecord(
-            {
-                "scenario": request.scenario,
-                "class": request.forget_class,
-                "selection": request.selection,
-                "fraction": request.fraction,
-            }
-        )
-        metrics = MetricRecord({"forget-n": int(mask.sum()), "retain-n": int((~mask).sum())})
-        return Message(
-            RecordDict({"metrics": metrics, "receipt": ConfigRecord({"digest": mask_digest(mask)})}), reply_to=msg
-        )
+        context.state[REQUEST_KEY] = forget_request(request)
+        return Message(forget_reply(int(mask.sum()), int((~mask).sum()), mask_digest(mask)), reply_to=msg)
 
     def train_all(self, msg: Message, context: Context) -> Message:
         return self._train_reply(msg, context, "all")
@@ -460,35 +447,21 @@ class _Helper:
         return model, MetricRecord(metrics)
 
     def relearn(self, msg: Message, context: Context) -> Message:
-        cfg = self.config(msg)
+        target, max_steps = read_relearn_request(self.config(msg))
         train, _ = self.data(context)
-        data = self.part(context, train, "forget", cfg)
+        data = self.part(context, train, "forget", self.config(msg))
         model = self.model(self.arrays(msg), context)
         rc = context.run_config
         res = relearn_steps(
             model,
             data.x,
             data.y,
-            float(cfg["target-accuracy"]),
+            target,
             train_settings(rc),
-            max_steps=int(cfg["max-steps"]),
+            max_steps=max_steps,
             seed=client_seed(int(rc.get("seed", 0)), 10_000, node_client_id(context)),
         )
-        return Message(
-            RecordDict(
-                {
-                    "metrics": MetricRecord(
-                        {
-                            "relearn-steps": res.steps,
-                            "relearn-reached": int(res.reached),
-                            "relearn-start-acc": res.start_accuracy,
-                            "relearn-final-acc": res.final_accuracy,
-                        }
-                    )
-                }
-            ),
-            reply_to=msg,
-        )
+        return Message(relearn_reply(res.steps, res.reached, res.start_accuracy, res.final_accuracy), reply_to=msg)
 
     def audit(self, msg: Message, context: Context) -> Message:
         return self._measure(msg, context, audit=True)
@@ -501,7 +474,7 @@ class _Helper:
         train, heldout = self.data(context)
         recs = msg.content.array_records
         model = self.model(recs[self.array_key(msg)] if self.array_key(msg) in recs else self.arrays(msg), context)
-        reference = self.model(recs["reference"], context) if audit and "reference" in recs else None
+        reference = self.model(recs[P.REFERENCE_RECORD], context) if audit and P.REFERENCE_RECORD in recs else None
         values = measure_client(
             model,
             train,
@@ -509,15 +482,15 @@ class _Helper:
             forget=self.mask(context, train, cfg),
             removed_classes=self.removed_classes(context),
             reference=reference,
-            mia=audit and bool(cfg.get("mia", False)),
+            mia=audit and bool(cfg.get(P.MIA, False)),
         )
-        content: dict[str, Any] = {"metrics": MetricRecord({**values, P.NUM_EXAMPLES: len(heldout)})}
+        content: dict[str, Any] = {P.METRICS_RECORD: MetricRecord({**values, P.NUM_EXAMPLES: len(heldout)})}
         count = int(cfg.get(P.REFERENCE_COUNT, 0)) if audit else 0
         if count:
             refs = [self.model(recs[f"ref-{j}"], context) for j in range(count)]
             masks, forget = self.reference_masks(context, len(train), cfg), self.mask(context, train, cfg)
             scores = attack_scores_client(model, refs, train, heldout, forget, masks)
-            content["attack-scores"] = MetricRecord(scores)  # type: ignore[arg-type]
+            content[P.ATTACK_SCORES_RECORD] = MetricRecord(scores)  # type: ignore[arg-type]
         return Message(RecordDict(content), reply_to=msg)
 
     def calibrate(self, msg: Message, context: Context) -> Message:

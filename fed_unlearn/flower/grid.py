@@ -33,8 +33,8 @@ class InProcessGrid(Grid):
 
     Parameters
     ----------
-    client_app : ClientApp
-        The ClientApp every node runs.
+    client_app : ClientApp or None
+        The ClientApp every node runs (``None``: the nodes are only listed; every message fails).
     num_nodes : int
         Number of nodes; node ``i`` gets ``partition-id = i`` and ``num-partitions = num_nodes``.
     run_config : Mapping
@@ -51,7 +51,7 @@ class InProcessGrid(Grid):
 
     def __init__(
         self,
-        client_app: ClientApp,
+        client_app: ClientApp | None,
         num_nodes: int,
         run_config: Mapping[str, Any],
         node_ids: Iterable[int] | None = None,
@@ -104,6 +104,8 @@ class InProcessGrid(Grid):
         self.sent.append(msg.metadata.message_type)
         if context is None:
             return Message(Error(_CLIENT_EXCEPTION, f"no node {msg.metadata.dst_node_id}"), reply_to=msg)
+        if self.client_app is None:  # a grid that only lists its nodes (a benchmark makes the replies itself)
+            return Message(Error(_CLIENT_EXCEPTION, "this grid has no ClientApp"), reply_to=msg)
         try:
             copied = Message(metadata=copy.deepcopy(msg.metadata), content=copy.deepcopy(msg.content))  # type: ignore[call-overload]
             reply = self.client_app(copied, context)

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from .. import protocol as P
 from ..deletion import DeletionRequest
 from ..unlearning import UnlearningMethod
-from .records import number
+from .wire import forget_request, read_forget_reply
 
 #: Which helper registers each handler of the protocol (named in refusals).
 HELPER_OF = {P.IDENTIFY: "fed_unlearn.flower.add_identity(app)"}
@@ -107,7 +107,7 @@ class RequestBook:
     client_key: str
     requests_fn: Any
     on_missing: str
-    identify_timeout: float
+    query_timeout: float
     identities: dict[int, dict[str, Any]]
     capabilities: dict[int, dict[str, Any]]
     declared: dict[int, float]
@@ -285,7 +285,7 @@ class RequestBook:
         cfg = ConfigRecord({P.KEYS: keys})
         msgs = [Message(RecordDict({P.CONFIG_RECORD: cfg}), n, P.IDENTIFY) for n in todo]
         answered = set()
-        timeout = self.identify_timeout if timeout is None else timeout
+        timeout = self.query_timeout if timeout is None else timeout
         for reply in grid.send_and_receive(msgs, timeout=timeout):
             node = reply.metadata.src_node_id
             answered.add(node)
@@ -386,17 +386,10 @@ class RequestBook:
 
     def _deliver(self, grid: Grid, nodes: list[int], deletion: DeletionRequest, arrays: ArrayRecord) -> list[str]:
         """Send the deletion request to ``nodes`` with the current model; record their receipts; returns problems."""
-        spec = ConfigRecord(
-            {
-                "scenario": deletion.scenario,
-                "selection": deletion.selection,
-                "fraction": deletion.fraction,
-                "class": deletion.forget_class,
-            }
-        )
+        spec = forget_request(deletion)
         msgs = [Message(RecordDict({self._array_key(): arrays, P.CONFIG_RECORD: spec}), n, P.FORGET) for n in nodes]
         problems, answered = [], set()
-        for reply in grid.send_and_receive(msgs, timeout=self.identify_timeout):
+        for reply in grid.send_and_receive(msgs, timeout=self.query_timeout):
             node = reply.metadata.src_node_id
             answered.add(node)
             if reply.has_error():
@@ -406,12 +399,7 @@ class RequestBook:
                 )
                 continue
             try:
-                m = reply.content["metrics"]
-                self.receipts[node] = {
-                    "forget-n": int(number(m, "forget-n")),
-                    "retain-n": int(number(m, "retain-n")),
-                    "digest": str(reply.content["receipt"]["digest"]),
-                }
+                self.receipts[node] = read_forget_reply(reply.content)
             except (KeyError, TypeError, ValueError) as exc:
                 problems.append(f"node {node}: malformed {P.FORGET} reply ({exc})")
         problems += [f"node {n} did not answer the deletion request" for n in nodes if n not in answered]
@@ -448,7 +436,7 @@ class RequestBook:
             and arrays is not None
         ):
             problems += self._deliver(grid, sorted(set(nodes)), first.deletion, arrays)
-            nothing = [n for n in nodes if self.receipts.get(n, {}).get("forget-n", 1) == 0]
+            nothing = [n for n in nodes if self.receipts.get(n, {}).get(P.FORGET_N, 1) == 0]
             if nothing:
                 log(INFO, "node(s) %s have nothing to forget under this request", nothing)
                 nodes = [n for n in nodes if n not in nothing]

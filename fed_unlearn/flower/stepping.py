@@ -104,7 +104,7 @@ class StepControl:
     memorisation_z: float
     utility_tolerance: float
     utility_key: str | None
-    identify_timeout: float
+    query_timeout: float
     capabilities: dict[int, dict[str, Any]]
     current_round: int
     _batch: UnlearningRequest | None
@@ -190,7 +190,7 @@ class StepControl:
                 content["pre-request"] = to_record(start, self._wire)
             msgs = [Message(RecordDict(dict(content)), n, P.CALIBRATE) for n in nodes]
             stats, why = [], []
-            for reply in grid.send_and_receive(msgs, timeout=self.identify_timeout):
+            for reply in grid.send_and_receive(msgs, timeout=self.query_timeout):
                 if reply.has_error() or "calibration" not in reply.content.metric_records:
                     why.append(
                         f"node {reply.metadata.src_node_id}: "
@@ -280,7 +280,7 @@ class StepControl:
         template = self._evaluate_template(grid, to_record(base, self._wire))
         for c in UTILITY_SCALES:
             msgs = self._with_arrays(template, to_record(step_from(base, direction, c, start), self._wire))
-            replies = list(grid.send_and_receive(msgs, timeout=self.identify_timeout)) if msgs else []
+            replies = list(grid.send_and_receive(msgs, timeout=self.query_timeout)) if msgs else []
             metrics = self._aggregate_evaluation(self.current_round, replies)
             key = self.utility_key or _loss_key(metrics)
             if not key or key not in metrics or not np.isfinite(metrics[key]):

@@ -12,17 +12,17 @@ replies, bit for bit, and attributes the wrapper does not own are the wrapped st
 * **The unlearning round.** The configured method decides who trains and how the
   replies combine (:mod:`fed_unlearn.unlearning`); the step is bounded and scaled
   (:mod:`fed_unlearn.flower.stepping`). The result enters the wrapped strategy's own
-  aggregation (:mod:`fed_unlearn.flower.inner` says how): as one more reply of a weighted
-  mean (FedAvg, FedProx; a server optimizer then applies it like any pseudo-gradient, its
-  first moment reset so momentum built from the departed client's past updates is not
-  replayed), or added to the aggregate of the remaining replies (robust aggregators,
-  QFedAvg). Under one of Flower's DP wrappers, in either order, the step enters the
-  release as one client's update: clipped to the clipping norm and noised like any, so the
-  accountant's epsilon covers the departing clients too (the log says how much the clip
-  shortened it).
+  aggregation (:mod:`fed_unlearn.flower.compose`; :mod:`fed_unlearn.flower.inner` tells
+  what the wrapped strategy is): as one more reply of a weighted mean (FedAvg, FedProx;
+  a server optimizer then applies it like any pseudo-gradient, its first moment reset so
+  momentum built from the departed client's past updates is not replayed), or added to
+  the aggregate of the remaining replies (robust aggregators, QFedAvg). Under one of
+  Flower's DP wrappers, in either order, the step enters the release as one client's
+  update: clipped to the clipping norm and noised like any, so the accountant's epsilon
+  covers the departing clients too (the log says how much the clip shortened it).
 * **Checked replies.** Every reply is checked against what was sent
-  (:mod:`fed_unlearn.flower.replies`); a bad one costs its node that round, never the
-  round, and ``max_strikes`` bad replies exclude the node. A node that has left is hidden
+  (:mod:`fed_unlearn.flower.intake`, :mod:`fed_unlearn.flower.replies`); a bad one costs
+  its node that round, never the round, and ``max_strikes`` bad replies exclude the node. A node that has left is hidden
   from the wrapped strategy's sampling (its node minimums drop accordingly) and is sent
   nothing; a node that deleted some samples is sent ``train.retain`` instead of ``train``.
 
@@ -53,52 +53,27 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, Result, Strategy
 
 from .. import protocol as P
-from ..aggregation import ClientUpdate, InvalidUpdateError, fedavg, is_batchnorm_buffer, validate_update
-from ..calibration import DEFAULT_SCALES, target_for
-from ..spectral import analyze, motion_share
+from ..aggregation import is_batchnorm_buffer
+from ..calibration import DEFAULT_SCALES
 from ..unlearning import UnlearningMethod, make_method
 from . import inner as I
+from .compose import Composition, finite
 from .grid import ActiveNodesGrid
+from .outbox import MessageBuilder
 from .records import metric_dict, to_record, to_weights, wire_dtypes, with_content
 from .replies import (
-    Checked,
-    StructureError,
-    check_role,
-    examples_cap,
-    harmonise,
     majority_keys,
-    training_records,
-    update_outliers,
-    weighted_means,
 )
 from .reproducible import ReproducibleFedAvg
 from .requests import RequestBook, SetupError, UnlearningRequest, client_failure
-from .stepping import StepControl, clip_update, evaluation_means, update_norm
+from .stepping import evaluation_means
 
 COMPOSITIONS = ("auto", "mean", "additive")
 
 __all__ = ["ReproducibleFedAvg", "SetupError", "Unlearning", "UnlearningFedAvg", "UnlearningRequest"]
 
 
-def _finite(arrays: ArrayRecord) -> bool:
-    """Whether every floating-point value of ``arrays`` is finite."""
-    values = [np.asarray(a) for a in to_weights(arrays).values()]
-    return all(bool(np.isfinite(a).all()) for a in values if np.issubdtype(a.dtype, np.inexact))
-
-
-class _Reply:
-    """A checked reply, split by role."""
-
-    __slots__ = ("node", "retain", "forget", "own")
-
-    def __init__(self, node: int, own: bool) -> None:
-        self.node = node
-        self.retain: Checked | None = None
-        self.forget: Checked | None = None
-        self.own = own  # a reply to the wrapped strategy's own message type
-
-
-class Unlearning(RequestBook, StepControl, Strategy):
+class Unlearning(RequestBook, MessageBuilder, Composition, Strategy):
     """Add federated unlearning to any Flower strategy.
 
     Parameters
@@ -272,7 +247,7 @@ class Unlearning(RequestBook, StepControl, Strategy):
         self.reset_server_momentum = reset_server_momentum
         self.max_strikes = max_strikes
         self.diagnostics = diagnostics
-        self.identify_timeout = query_timeout
+        self.query_timeout = query_timeout
         self.max_update_norm = max_update_norm
         self.max_update_ratio, self.examples_growth = max_update_ratio, examples_growth
         #: Node -> the largest ``num-examples`` it was accepted with (bounds the next claim).
@@ -484,31 +459,6 @@ class Unlearning(RequestBook, StepControl, Strategy):
     def _hidden(self) -> set[int]:
         return self.departed | self.excluded
 
-    def _message(self, node: int, content: RecordDict, mtype: str, asked: dict[str, str]) -> Message:
-        msg = Message(content, node, mtype)
-        self._asked[node] = asked
-        self._sent[node] = msg
-        return msg
-
-    def _content(
-        self, template: RecordDict | None, arrays: ArrayRecord, config: ConfigRecord, extra: Mapping[str, Any]
-    ) -> RecordDict:
-        """A fresh RecordDict: the template's records (or arrays + config) with ``extra`` config keys."""
-        _, akey, ckey = self._keys()
-        if template is None:
-            return RecordDict({akey: arrays, ckey: ConfigRecord({**dict(config), **extra})})
-        records: dict[str, Any] = {}
-        for k, rec in template.items():
-            if isinstance(rec, ConfigRecord) and k == ckey:
-                records[k] = ConfigRecord({**dict(rec), **extra})
-            elif isinstance(rec, ArrayRecord) and k == akey:
-                records[k] = arrays
-            else:
-                records[k] = rec
-        if ckey not in records:
-            records[ckey] = ConfigRecord(dict(extra))
-        return RecordDict(records)
-
     def _carried(self) -> set[str]:
         """Arrays carried rather than unlearned: integer ones and those ``carry`` names."""
         return {k for k, dt in self._wire.items() if np.dtype(_numpy_dtype(dt)).kind != "f" or self.carry(k)}
@@ -567,247 +517,6 @@ class Unlearning(RequestBook, StepControl, Strategy):
             return out
         return self._configure_unlearning(server_round, arrays, config, grid, active)
 
-    def _configure_unlearning(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, active: Grid
-    ) -> list[Message]:
-        method, batch = self._method, self._batch
-        if method is None or batch is None or self._global is None:
-            raise RuntimeError("unlearning round without a request being served")
-        if self.unlearning_rounds_run == 0:
-            self._unlearn_start = self._global
-            method.begin([self.client_id(n) for n in self.pending], batch.leave, batch.deletion)
-        # a method may transform the model it sends out (NoT negates layers, FedEraser and
-        # retrain rebuild from the initial model); replies are pseudo-gradients against it
-        prepared = method.prepare_global(self._global)
-        if prepared is not self._global:
-            validate_update(prepared, self._global, f"method {method.name}")
-            self._global = {k: np.asarray(v) for k, v in prepared.items()}
-            arrays = self._record(self._global)
-        template_msgs = list(self.strategy.configure_train(server_round, arrays, config, active))
-        template = template_msgs[0].content if template_msgs else None
-        if template_msgs:
-            self._own_type = template_msgs[0].metadata.message_type
-        connected = set(grid.get_node_ids())
-        pending = set(self.pending)
-        messages: list[Message] = []
-        retain_extra = method.remaining_config()
-        if method.remaining_clients_train:
-            for msg in template_msgs:
-                node = msg.metadata.dst_node_id
-                if node in pending:
-                    continue
-                mtype = P.TRAIN_RETAIN if node in self.retain_only else msg.metadata.message_type
-                content = self._content(msg.content, arrays, config, retain_extra) if retain_extra else msg.content
-                messages.append(self._message(node, content, mtype, {"*": "retain"}))
-        if method.departing_clients_train:
-            # a client that leaves forgets all its data: say so (it needs no deletion request of its own)
-            scenario = (
-                batch.deletion.scenario if batch.deletion is not None else ("client" if batch.leave else "samples")
-            )
-            forget_extra = {
-                **({P.FORGET_ALL: True} if batch.leave else {}),
-                P.TARGET: target_for(scenario),
-                P.FLOOR: self.class_floor,
-                **batch.extra_config,
-                **method.departing_config(self._global),
-            }
-            for node in sorted(pending):
-                if node not in connected:
-                    continue  # no reply: handled as missing in aggregate_train
-                retain = method.remaining_clients_train and not batch.leave
-                if batch.leave and method.departing_task == "train":
-                    # a departing client's PUF round is an ordinary training round on all its data
-                    messages.append(
-                        self._message(
-                            node, self._content(template, arrays, config, {}), self._own_type, {"*": "forget"}
-                        )
-                    )
-                    continue
-                extra = {**forget_extra, P.ROLES_KEY: "retain,forget" if retain else "forget"}
-                if retain:
-                    extra = {**retain_extra, **extra}
-                asked = {P.ROLE_KEYS["forget"][0]: "forget", **({P.ROLE_KEYS["retain"][0]: "retain"} if retain else {})}
-                messages.append(
-                    self._message(node, self._content(template, arrays, config, extra), P.TRAIN_UNLEARN, asked)
-                )
-        elif not batch.leave and method.remaining_clients_train:
-            # the requesting clients stay: they train on their retained data in the round
-            for node in sorted(pending & connected):
-                if node not in self._asked:
-                    messages.append(
-                        self._message(
-                            node, self._content(template, arrays, config, retain_extra), P.TRAIN_RETAIN, {"*": "retain"}
-                        )
-                    )
-        n_forget = sum("forget" in k.values() for k in self._asked.values())
-        log(
-            INFO,
-            "configure_train: unlearning round %d/%d, %s clients (%s with a forget role)",
-            self.unlearning_rounds_run + 1,
-            method.num_rounds,
-            len(messages),
-            n_forget,
-        )
-        return messages
-
-    # -- replies -----------------------------------------------------------------------------
-    def _check(self, reply: Message) -> tuple[_Reply | None, str | None, bool]:
-        """Check one reply against what its node was asked; returns the roles, the problem, whether it is structural."""
-        node = reply.metadata.src_node_id
-        asked = self._asked.get(node)
-        if asked is None:
-            return None, "a reply to an instruction it was not sent this round", False
-        if reply.has_error():
-            return None, f"failed: {client_failure(reply.error.reason or '')}", False
-        if self._global is None:
-            return None, "no round in progress", False
-        sent = self._sent.get(node)
-        out = _Reply(node, own=sent is not None and sent.metadata.message_type == self._own_type)
-        content = reply.content
-        if "*" in asked:  # a plain training reply: one ArrayRecord, one MetricRecord
-            try:
-                akey, mkey = training_records(reply)
-            except StructureError as exc:
-                return None, str(exc), True
-            roles = {asked["*"]: (akey, mkey)}
-        else:
-            metric_of = {a: m for a, m in P.ROLE_KEYS.values()}
-            expected = set(asked) | {metric_of[a] for a in asked}
-            got = set(content.array_records) | set(content.metric_records)
-            if got != expected:
-                return (
-                    None,
-                    f"a {P.TRAIN_UNLEARN} reply needs exactly the records {sorted(expected)}, got {sorted(got)}",
-                    False,
-                )
-            roles = {role: (akey, metric_of[akey]) for akey, role in asked.items()}
-        weight_key = self._weight_key()
-        moving = self._moving
-
-        def clip(w: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-            if self.max_update_norm is None or self._global is None:
-                return None
-            return clip_update(w, self._global, self.max_update_norm, moving)
-
-        for role, (akey, mkey) in roles.items():
-            if mkey not in content.metric_records or akey not in content.array_records:
-                return None, f"its reply lacks the records '{akey}' / '{mkey}'", True
-            try:
-                checked, notes = check_role(
-                    reply, akey, mkey, self._global, weight_key, self.client_id(node),
-                    examples_cap(self.declared.get(node), self.claimed.get(node), self.examples_growth),
-                    clip, keep_others="*" in asked,
-                )  # fmt: skip
-            except InvalidUpdateError as exc:
-                return None, str(exc), False
-            for note in notes:
-                log(WARNING, "node %s %s", node, note)
-            if role == "retain":
-                out.retain = checked
-            else:
-                out.forget = checked
-        return out, None, False
-
-    def _strike(self, node: int, problem: str) -> None:
-        self.strikes[node] += 1
-        log(
-            WARNING,
-            "round %s: the reply of node %s is not used: %s (strike %d of %s)",
-            self.current_round,
-            node,
-            problem,
-            self.strikes[node],
-            self.max_strikes or "unlimited",
-        )
-        if self.max_strikes and self.strikes[node] >= self.max_strikes and node not in self.excluded:
-            self.excluded.add(node)
-            log(WARNING, "node %s is excluded from the federation after %d invalid replies", node, self.strikes[node])
-
-    def _collect(self, replies: Sequence[Message]) -> tuple[list[_Reply], bool]:
-        """Checked replies (arrival order, or client order with ``reproducible``); whether to hand all over unchecked.
-
-        When no reply is usable and every one failed on its structure (the app's own reply
-        format, e.g. two ArrayRecords), the wrapped strategy gets them as they are and
-        decides as stock Flower does.
-        """
-        parsed: list[_Reply] = []
-        self.last_round_problems = {}
-        structural: list[tuple[int, str]] = []
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            p, problem, is_structure = self._check(reply)
-            if p is None:
-                self.last_round_problems[node] = problem or "invalid"
-                if is_structure:
-                    structural.append((node, problem or "invalid"))
-                elif problem and not problem.startswith("failed"):
-                    self._strike(node, problem)
-                else:
-                    log(WARNING, "round %s: node %s %s", self.current_round, node, problem)
-                continue
-            self.last_round_problems[node] = "ok"
-            parsed.append(p)
-        if not parsed and structural and len(structural) == len([r for r in replies if not r.has_error()]):
-            return [], True
-        for node, problem in structural:
-            self._strike(node, problem)
-        # metric keys: the majority key set among the replies to the strategy's own messages is the round's
-        own = [p.retain for p in parsed if p.own and p.retain is not None]
-        keys = majority_keys([c.metric_keys for c in own])
-        if keys is not None:
-            for p in list(parsed):
-                if p.own and p.retain is not None and p.retain.metric_keys != keys:
-                    problem = f"its metric keys {sorted(p.retain.metric_keys)} differ from the round's {sorted(keys)}"
-                    self.last_round_problems[p.node] = problem
-                    self._strike(p.node, problem)
-                    parsed.remove(p)
-            holders = [c for c in own if c.metric_keys == keys]
-            ordered = list(holders[0].message.content.metric_records[holders[0].metric_key].keys())
-            means = weighted_means(holders, self._weight_key())
-            for p in parsed:
-                if not p.own and p.retain is not None and p.retain.metric_keys != keys:
-                    p.retain = harmonise(p.retain, ordered, means)
-        self._drop_outliers(parsed)
-        for p in parsed:
-            if p.retain is not None:
-                self.claimed[p.node] = max(self.claimed.get(p.node, 0.0), float(p.retain.update.num_examples))
-        if self.reproducible:
-            parsed.sort(key=lambda p: (self.client_id(p.node), p.node))
-        return parsed, False
-
-    def _drop_outliers(self, parsed: list[_Reply]) -> None:
-        """Strike the replies whose update dwarfs the others' (:func:`update_outliers`); keeps the round's norms."""
-        self._norms = {
-            p.node: update_norm(p.retain.update.weights, self._global, self._moving)
-            for p in parsed
-            if p.retain is not None and self._global is not None
-        }
-        if self.max_update_ratio is None:
-            return
-        still = len(self._norms) < 3 or float(np.median(list(self._norms.values()))) == 0.0
-        g = self._global
-        size = update_norm(g, {k: np.zeros_like(v) for k, v in g.items()}, self._moving) if g and still else None
-        for node, problem in update_outliers(self._norms, self.max_update_ratio, self.last_update_norm, size).items():
-            self.last_round_problems[node] = problem
-            self._strike(node, problem)
-            parsed[:] = [p for p in parsed if p.node != node]
-            del self._norms[node]
-
-    def _rollup(self, parsed: Sequence[_Reply]) -> MetricRecord:
-        """The round's cost over every role's valid reply: clients, weights, and the steps and seconds reported."""
-        ms = [c.update.metrics for p in parsed for c in (p.retain, p.forget) if c is not None]
-        weight_key = self._weight_key()
-        total = sum(float(m.get(weight_key, 0)) for m in ms)
-        out: dict[str, Any] = {
-            "clients": len(parsed),
-            "total-examples": int(total) if float(total).is_integer() else total,
-        }
-        if any("train-steps" in m for m in ms):
-            out["total-train-steps"] = int(sum(float(m.get("train-steps", 0)) for m in ms))
-        if any("train-seconds" in m for m in ms):
-            out["total-train-seconds"] = float(sum(float(m.get("train-seconds", 0.0)) for m in ms))
-        return MetricRecord(out)
-
     # -- aggregation ---------------------------------------------------------------------------
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -831,7 +540,7 @@ class Unlearning(RequestBook, StepControl, Strategy):
         if not plan.messages:
             return None, plan.rollup
         arrays, metrics = self.strategy.aggregate_train(server_round, plan.messages)
-        if arrays is not None and not plan.unlearning and not _finite(arrays):
+        if arrays is not None and not plan.unlearning and not finite(arrays):
             log(WARNING, "round %s: the aggregate is not finite; the global model is kept", server_round)
             return None, _merge(metrics, plan.rollup)
         if plan.correction is not None and arrays is not None:
@@ -841,300 +550,6 @@ class Unlearning(RequestBook, StepControl, Strategy):
         if plan.unlearning and arrays is None:
             raise RuntimeError(f"{type(self.strategy).__name__} aggregated nothing in the unlearning round")
         return arrays, _merge(metrics, plan.rollup)
-
-    def _add(self, arrays: ArrayRecord, correction: Mapping[str, np.ndarray]) -> ArrayRecord:
-        """The wrapped strategy's aggregate plus the unlearning correction, in the aggregate's dtypes."""
-        got = to_weights(arrays)
-        return to_record(
-            {
-                k: (np.asarray(v, np.float64) + np.asarray(correction[k], np.float64)).astype(v.dtype)
-                if k in correction
-                else v
-                for k, v in got.items()
-            }
-        )
-
-    def _recode(self, arrays: ArrayRecord) -> ArrayRecord:
-        """The wrapped strategy's aggregate with the round's bfloat16 arrays written as bfloat16 again.
-
-        Strategies average bfloat16 replies as float32 (numpy has no bfloat16); every other
-        array stays as the strategy returned it.
-        """
-        bf16 = [k for k, v in self._wire.items() if v == "bfloat16" and k in arrays]
-        if not bf16:
-            return arrays
-        out = dict(arrays.items())
-        recoded = to_record({k: to_weights(ArrayRecord({k: arrays[k]}))[k] for k in bf16}, self._wire)
-        out.update(recoded.items())
-        return ArrayRecord(array_dict=out)
-
-    def _plan(self, server_round: int, replies: list[Message]) -> _Plan:
-        """What goes to the wrapped strategy this round (see :class:`_Plan`)."""
-        parsed, unchecked = self._collect(replies)
-        rollup = self._rollup(parsed)
-        if unchecked:
-            return _Plan(unchecked=replies, rollup=rollup)
-        bf16 = any(v == "bfloat16" for v in self._wire.values())
-        retain = [p.retain for p in parsed if p.retain is not None and p.node not in self.departed]
-        retain_updates = [c.update for c in retain]
-        retain_msgs = [c.message for c in retain]
-        if not self.is_unlearning_round(server_round):
-            if not retain:
-                log(WARNING, "aggregate_train: no valid replies in round %s; global model unchanged", server_round)
-                return _Plan(rollup=rollup)
-            if self.method is not None and self._round_start is not None:
-                self.method.observe(server_round, self._round_start, retain_updates)
-            if self._global is not None:
-                kept = [self._norms[p.node] for p in parsed if p.node in self._norms and p.node not in self.departed]
-                self.last_update_norm = float(np.mean(kept)) if kept else None
-            return _Plan(messages=retain_msgs, rollup=rollup, recode=bf16)
-        return self._plan_unlearning(server_round, parsed, retain, rollup)
-
-    def _plan_unlearning(
-        self, server_round: int, parsed: list[_Reply], retain: list[Checked], rollup: MetricRecord
-    ) -> _Plan:
-        method, start = self._method, self._global
-        if method is None or start is None:
-            raise RuntimeError("unlearning round without a method")
-        retain_updates = [c.update for c in retain]
-        retain_msgs = [c.message for c in retain]
-        forget_updates = [p.forget.update for p in parsed if p.forget is not None]
-        asked_forget = {n for n, k in self._asked.items() if "forget" in k.values()}
-        expected = asked_forget | (set(self.pending) if method.departing_clients_train else set())
-        got = {p.node for p in parsed if p.forget is not None}
-        missing = sorted(expected - got)
-        if missing and self.on_missing == "skip":
-            self.failed = self.cancel()
-            log(
-                WARNING,
-                "node(s) %s did not reply in unlearning round %s; their requests stay pending",
-                missing,
-                server_round,
-            )
-            return _Plan(messages=retain_msgs, rollup=rollup, recode=True)
-        if missing:
-            why = {n: self.last_round_problems.get(n, "no reply") for n in missing}
-            raise RuntimeError(
-                f"departing node(s) {why} did not reply in unlearning round {server_round}; nothing was unlearned"
-            )
-        replied = [*retain, *(p.forget for p in parsed if p.forget is not None)]
-        integer = {k for c in replied for k, v in c.update.weights.items() if np.asarray(v).dtype.kind != "f"}
-        if integer & set(self._moving):
-            # clients return these as integers (a counter FedAvg turned into float64): carried, never unlearned
-            self._moving = [k for k in self._moving if k not in integer]
-        new = method.aggregate(start, retain_updates, forget_updates)
-        validate_update(new, start, f"method {method.name}")  # the method itself must not emit NaN
-        new = self._carry(new, retain_updates)
-        new, step = self._bound_departing_step(new, retain_updates, forget_updates)
-        if self.calibrate and method.calibratable and method.num_rounds == 1 and forget_updates:
-            new, cal = self._calibrate(new, retain_updates, [p.node for p in parsed if p.forget is not None])
-            step = {**step, "calibration": cal}
-        plan = self._compose(
-            server_round, new, retain, forget_updates, rollup, kept=bool(step.get("calibration", {}).get("kept"))
-        )
-        if plan.dp is not None:
-            step = {**step, "dp": plan.dp}
-        self.unlearning_rounds_run += 1
-        if self.unlearning_rounds_run >= method.num_rounds:
-            batch = self._batch
-            if self.diagnostics:
-                self.unlearning_report = {**self._diagnose(server_round, new, parsed), **step}
-            if batch is not None and batch.leave:
-                self.departed |= set(self.pending)
-            else:
-                self.retain_only |= set(self.pending)
-            log(INFO, "aggregate_train: %s served the requests of nodes %s", method.name, list(self.pending))
-            self.pending, self._batch = (), None
-        return plan
-
-    def _carry(self, new: dict[str, np.ndarray], retain: list[ClientUpdate]) -> dict[str, np.ndarray]:
-        """Carried arrays take the remaining clients' weighted mean (or stay) instead of the method's value."""
-        if self._global is None:
-            return new
-        carried = set(self._global) - set(self._moving)
-        if not carried:
-            return new
-        mean = fedavg(retain) if retain else self._global
-        out = dict(new)
-        for k in carried:
-            out[k] = np.asarray(mean[k], np.float64).astype(np.asarray(self._global[k]).dtype)
-        return out
-
-    def _compose(
-        self,
-        server_round: int,
-        new: dict[str, np.ndarray],
-        retain: list[Checked],
-        forget: list[ClientUpdate],
-        rollup: MetricRecord,
-        kept: bool = False,
-    ) -> _Plan:
-        """How the unlearning round's model enters the wrapped strategy (module docstring)."""
-        start = self._global
-        if start is None:
-            raise RuntimeError("no round in progress")
-        if kept:
-            # nothing memorised: the pre-request model stands, the wrapped strategy's state untouched
-            return _Plan(direct=self._record(new), rollup=rollup)
-        if self.reset_server_momentum and self.unlearning_rounds_run == 0 and I.reset_server_momentum(self.strategy):
-            log(INFO, "the server optimizer's momentum was reset for the unlearning round")
-        found = I.describe(self.strategy)
-        dp, where = self._dp()
-        retain_msgs = [c.message for c in retain]
-        retain_updates = [c.update for c in retain]
-        if found.aggregation == "mean" and dp is None and not isinstance(self, UnlearningMean):
-            return _Plan(messages=retain_msgs, direct_metrics_only=True, direct=self._record(new), rollup=rollup)
-        if self._composition() == "additive":
-            if not retain_msgs:
-                return _Plan(direct=self._record(new), rollup=rollup)
-            mean = fedavg(retain_updates)
-            correction = {k: np.asarray(new[k], np.float64) - np.asarray(mean[k], np.float64) for k in self._moving}
-            dp_info = None
-            if dp is not None:
-                n_rem = float(sum(u.num_examples for u in retain_updates))
-                n_syn = float(sum(u.num_examples for u in forget)) or n_rem
-                correction, dp_info = self._dp_bound(correction, dp, where, n_syn / (n_rem + n_syn))
-            return _Plan(messages=retain_msgs, correction=correction, rollup=rollup, unlearning=True, dp=dp_info)
-        synthetic, dp_info = self._synthetic_replies(new, retain, forget, dp, where)
-        return _Plan(messages=[*retain_msgs, *synthetic], rollup=rollup, recode=True, unlearning=True, dp=dp_info)
-
-    def _synthetic_replies(
-        self,
-        new: dict[str, np.ndarray],
-        retain: list[Checked],
-        forget: list[ClientUpdate],
-        dp: Strategy | None,
-        where: str | None,
-    ) -> tuple[list[Message], dict[str, Any] | None]:
-        """Replies (one per departing client) chosen so that the weighted mean of all replies is ``new``."""
-        start = self._global
-        if start is None:
-            raise RuntimeError("no round in progress")
-        weight_key, akey, _ = self._keys()
-        retain_updates = [c.update for c in retain]
-        n_rem = float(sum(u.num_examples for u in retain_updates))
-        weights = [float(u.num_examples) for u in forget] or [max(n_rem, 1.0)]
-        common = {float(u.num_examples) for u in retain_updates}
-        accountant = dp is not None and getattr(dp, "accountant", None) is not None
-        if accountant and len(common) == 1:
-            weights = [common.pop()] * len(weights)  # the accountant needs equal weights in every reply
-        n_syn = float(sum(weights))
-        total = n_rem + n_syn
-        syn: dict[str, np.ndarray] = {}
-        for k in start:
-            acc = total * np.asarray(new[k], np.float64)
-            for u in retain_updates:
-                acc -= u.num_examples * np.asarray(u.weights[k], np.float64)
-            syn[k] = acc / n_syn
-        dp_info = None
-        if dp is not None:
-            delta = {k: syn[k] - np.asarray(start[k], np.float64) for k in self._moving}
-            delta, dp_info = self._dp_bound(delta, dp, where, 1.0)
-            syn = {k: (np.asarray(start[k], np.float64) + delta[k]) if k in delta else syn[k] for k in start}
-        syn = {k: v.astype(np.asarray(start[k]).dtype) for k, v in syn.items()}
-        template = retain[0] if retain else None
-        mkey = template.metric_key if template is not None else "metrics"
-        akey = template.array_key if template is not None else akey
-        keys = list(template.message.content.metric_records[mkey].keys()) if template is not None else [weight_key]
-        means = weighted_means(retain, weight_key) if retain else {}
-        source = forget[0].metrics if forget else {}
-        origin = (
-            template.message if template is not None else (self._sent.get(self.pending[0]) if self.pending else None)
-        )
-        if origin is None:
-            raise RuntimeError("no message to attach the unlearning reply to")
-        record = to_record(syn)
-        out = []
-        for w in weights:
-            values: dict[str, Any] = {}
-            for key in keys:
-                v = source.get(key, means.get(key))
-                values[key] = v if isinstance(v, (int, float)) and not isinstance(v, bool) else means.get(key, 0.0)
-            values[weight_key] = int(w) if float(w).is_integer() else w
-            out.append(with_content(origin, RecordDict({akey: record, mkey: MetricRecord(values)})))
-        return out, dp_info
-
-    def _dp_bound(
-        self, delta: dict[str, np.ndarray], dp: Strategy, where: str | None, share: float
-    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """The unlearning step as one client's update under DP: clipped to ``share`` x the clipping norm."""
-        clip = float(getattr(dp, "clipping_norm", 0.0) or 0.0)
-        norm = float(np.sqrt(sum(float(np.sum(v**2)) for v in delta.values())))
-        limit = clip * share
-        kept = 1.0 if norm <= limit or norm == 0 else limit / norm
-        out = {k: v * kept for k, v in delta.items()} if kept < 1.0 else delta
-        z = float(getattr(dp, "noise_multiplier", 0.0))
-        m = int(getattr(dp, "num_sampled_clients", 1) or 1)
-        std = z * clip / m
-        info = {
-            "clipping": where,
-            "clipping-norm": clip,
-            "step-norm": norm,
-            "kept-fraction": kept,
-            "noise-std": std,
-            "accountant": getattr(dp, "accountant", None) is not None,
-        }
-        log(
-            WARNING if kept < 1.0 else INFO,
-            "differential privacy (%s-side clipping): the unlearning step enters the release as one client's "
-            "update: norm %.3g clipped to %.3g (%.0f%% of the step kept), then noised with std %.3g like every "
-            "release; the privacy accounting covers the departing clients too",
-            where,
-            norm,
-            limit,
-            100 * kept,
-            std,
-        )
-        return out, info
-
-    def _diagnose(self, server_round: int, new: dict[str, np.ndarray], parsed: Sequence[_Reply]) -> dict[str, Any]:
-        """Per-layer exponent, stability weight and share of the unlearning motion ``||dw_l|| / ||dw||``."""
-        start = self._unlearn_start
-        method = self._method
-        if start is None or method is None:
-            return {}
-        spectra = {s.layer: s for s in analyze(start, getattr(method, "gate", None))}
-        share = motion_share(
-            {
-                k: np.asarray(new[k], np.float64) - np.asarray(g, np.float64)
-                for k, g in start.items()
-                if k in self._moving
-            }
-        )
-        layers = []
-        for layer, frac in share.items():
-            s = spectra.get(layer)
-            layers.append(
-                {
-                    "layer": layer,
-                    "motion-share": frac,
-                    **(
-                        {
-                            "shape": list(s.shape),
-                            "alpha": s.alpha,
-                            "xmin": s.xmin,
-                            "ks-distance": s.ks_distance,
-                            "nu": s.nu,
-                        }
-                        if s
-                        else {}
-                    ),
-                }
-            )
-        clients = {
-            str(self.client_id(p.node)): {k: v for k, v in p.forget.update.metrics.items() if not isinstance(v, list)}
-            for p in parsed
-            if p.forget is not None and p.node in self.pending
-        }
-        return {
-            "round": server_round,
-            "rounds": self.unlearning_rounds_run,
-            "method": method.name,
-            "departing": sorted(self.client_id(n) for n in self.pending),
-            "layers": layers,
-            "departing-clients": clients,
-            "history-bytes": method.history_bytes(),
-        }
 
     # -- evaluation -----------------------------------------------------------------------
     def configure_evaluate(
@@ -1155,25 +570,6 @@ class Unlearning(RequestBook, StepControl, Strategy):
                 )
                 msgs.append(Message(content, node, MessageType.EVALUATE))
         return msgs
-
-    def _evaluate_template(self, grid: Grid, arrays: ArrayRecord) -> list[Message]:
-        """The wrapped strategy's evaluation messages to the remaining clients (the utility bound's)."""
-        hidden = self._hidden() | set(self.pending)
-        active = ActiveNodesGrid(grid, lambda: hidden)
-        self._adjust_minimums(also_hidden=len(set(self.pending) - self._hidden()))
-        try:
-            return list(self.strategy.configure_evaluate(self.current_round, arrays, ConfigRecord(), active))
-        finally:
-            self._adjust_minimums()
-
-    def _with_arrays(self, messages: Sequence[Message], arrays: ArrayRecord) -> list[Message]:
-        """Copies of ``messages`` (same nodes, types and records) carrying ``arrays``."""
-        _, akey, _ = self._keys()
-        out = []
-        for m in messages:
-            records = {k: (arrays if isinstance(r, ArrayRecord) and k == akey else r) for k, r in m.content.items()}
-            out.append(Message(RecordDict(records), m.metadata.dst_node_id, m.metadata.message_type))
-        return out
 
     def _aggregate_evaluation(self, server_round: int, replies: list[Message]) -> dict[str, float]:
         return evaluation_means(replies, self._weight_key(), lambda n: n in self.departed or n in self.pending)
@@ -1250,52 +646,6 @@ class Unlearning(RequestBook, StepControl, Strategy):
             log(INFO, "\t└──> Requests: %d queued, nodes %s being served", len(self.queue), list(self.pending))
 
 
-class _Plan:
-    """What a round hands the wrapped strategy.
-
-    ``messages`` to aggregate (checked replies, plus synthetic ones in a mean-composed
-    unlearning round); or ``direct``: the round's model as it is (the wrapped strategy's
-    aggregation is still run for its metrics when ``direct_metrics_only``); or
-    ``unchecked``: the raw replies, for the strategy to judge. ``correction`` is added to
-    the strategy's aggregate (additive composition); ``recode`` writes the aggregate back
-    in the round's dtypes (bfloat16).
-    """
-
-    __slots__ = (
-        "messages",
-        "direct",
-        "direct_metrics_only",
-        "unchecked",
-        "correction",
-        "rollup",
-        "recode",
-        "unlearning",
-        "dp",
-    )
-
-    def __init__(
-        self,
-        messages: list[Message] | None = None,
-        direct: ArrayRecord | None = None,
-        direct_metrics_only: bool = False,
-        unchecked: list[Message] | None = None,
-        correction: dict[str, np.ndarray] | None = None,
-        rollup: MetricRecord | None = None,
-        recode: bool = False,
-        unlearning: bool = False,
-        dp: dict[str, Any] | None = None,
-    ) -> None:
-        self.messages = messages or []
-        self.direct = direct
-        self.direct_metrics_only = direct_metrics_only
-        self.unchecked = unchecked
-        self.correction = correction
-        self.rollup = rollup
-        self.recode = recode
-        self.unlearning = unlearning
-        self.dp = dp
-
-
 class UnlearningMean(Unlearning, FedAvg):
     """:class:`Unlearning` around a strategy that aggregates with FedAvg's own rule (FedAvg, FedProx).
 
@@ -1307,6 +657,7 @@ class UnlearningMean(Unlearning, FedAvg):
     """
 
     aggregate_train = FedAvg.aggregate_train
+    _mean_rule = True
 
     def _check_and_log_replies(
         self, replies: Iterable[Message], is_train: bool, validate: bool = True

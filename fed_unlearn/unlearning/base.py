@@ -22,13 +22,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import MISSING, dataclass, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
 from ..aggregation import ClientUpdate, Weights
 from ..deletion import SCENARIOS, DeletionRequest
+from ..settings import config_from_run_config
 
 
 @dataclass
@@ -238,28 +239,6 @@ def forget_loss(model: Any, forget: tuple[np.ndarray, np.ndarray]) -> float:
     from ..training import predict_logits
 
     return float(np.mean(cross_entropy(predict_logits(model, forget[0]), forget[1])))
-
-
-def config_from_run_config(cls: type, run_config: Mapping[str, Any], prefix: str) -> Any:
-    """Build the config dataclass ``cls`` from ``<prefix>.<field-name>`` run-config keys.
-
-    Field names map to hyphenated keys (``recovery_rounds`` -> ``prefix.recovery-rounds``).
-    Missing keys take the dataclass default; ints are accepted for float fields.
-
-    Raises
-    ------
-    ValueError
-        On a value of the wrong type, naming the key.
-    """
-    from ..config import typed_value
-
-    kwargs: dict[str, Any] = {}
-    for f in fields(cls):
-        key = f"{prefix}.{f.name.replace('_', '-')}"
-        if key in run_config:
-            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[operator]
-            kwargs[f.name] = typed_value(key, run_config[key], default)
-    return cls(**kwargs)
 
 
 def apply_departing_motion(

@@ -1,0 +1,171 @@
+"""Encoders and decoders of the query messages: one of each, shared by the client helpers and the server.
+
+:mod:`fed_unlearn.protocol` names every record and key; this module is the only place that
+builds or reads the records of ``query.info``, ``query.forget`` and ``query.relearn``, so
+the client side (:mod:`fed_unlearn.flower.client`) and the server side (the strategy's
+deletion request, the project's ServerApp) cannot drift apart. A decoder reads a reply
+from a node as hostile: a missing record or key raises ``KeyError``, a value of the wrong
+kind ``TypeError`` or ``ValueError``; the caller turns that into one line about the node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from .. import protocol as P
+from ..deletion import DeletionRequest
+
+
+def as_int(value: Any) -> int:
+    """An integer a node sent (a number, or a string of one); anything else is refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return int(value)
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+# -- query.info ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NodeData:
+    """What a node's ``query.info`` reply says about its data and model."""
+
+    train_n: int
+    heldout_n: int
+    num_classes: int
+    input_shape: tuple[int, ...]
+    #: ``"ok"``, or what does not match when the node was sent a model to check.
+    architecture: str = "ok"
+
+
+def info_reply(data: NodeData) -> RecordDict:
+    """The ``query.info`` reply's records."""
+    metrics = MetricRecord(
+        {
+            P.TRAIN_N: data.train_n,
+            P.HELDOUT_N: data.heldout_n,
+            P.NUM_CLASSES: data.num_classes,
+            P.INPUT_SHAPE: [int(s) for s in data.input_shape],
+        }
+    )
+    return RecordDict({P.INFO_RECORD: metrics, P.CHECK_RECORD: ConfigRecord({P.ARCHITECTURE: data.architecture})})
+
+
+def read_info_reply(content: RecordDict) -> NodeData:
+    """A node's ``query.info`` reply (``KeyError`` / ``TypeError`` / ``ValueError`` when malformed)."""
+    m = content.metric_records[P.INFO_RECORD]
+    checks = content.config_records
+    arch = str(checks[P.CHECK_RECORD].get(P.ARCHITECTURE, "ok")) if P.CHECK_RECORD in checks else "ok"
+    shape = m[P.INPUT_SHAPE]
+    if not isinstance(shape, list):
+        raise TypeError(f"{P.INPUT_SHAPE} must be a list, got {type(shape).__name__}")
+    return NodeData(
+        train_n=as_int(m[P.TRAIN_N]),
+        heldout_n=as_int(m[P.HELDOUT_N]),
+        num_classes=as_int(m[P.NUM_CLASSES]),
+        input_shape=tuple(as_int(s) for s in shape),
+        architecture=arch,
+    )
+
+
+# -- query.forget ----------------------------------------------------------------------------
+def forget_request(deletion: DeletionRequest, seed: int | None = None) -> ConfigRecord:
+    """The deletion request's config (``seed``: the selection's seed; the node's run config otherwise)."""
+    values: dict[str, Any] = {
+        P.SCENARIO: deletion.scenario,
+        P.SELECTION: deletion.selection,
+        P.FRACTION: deletion.fraction,
+        P.FORGET_CLASS: deletion.forget_class,
+    }
+    if seed is not None:
+        values[P.SEED] = int(seed)
+    return ConfigRecord(values)
+
+
+def read_forget_request(config: Mapping[str, Any]) -> tuple[DeletionRequest, int | None]:
+    """The deletion request a node was sent, and the selection's seed if the server gave one."""
+    request = DeletionRequest(
+        scenario=str(config.get(P.SCENARIO, "client")),
+        selection=str(config.get(P.SELECTION, "random")),
+        fraction=_float(config.get(P.FRACTION, 0.1)),
+        forget_class=as_int(config.get(P.FORGET_CLASS, 0)),
+    )
+    seed = config.get(P.SEED)
+    return request, (None if seed is None else as_int(seed))
+
+
+def forget_reply(forget_n: int, retain_n: int, digest: str) -> RecordDict:
+    """The ``query.forget`` reply: counts and the digest of the node's selection (never the samples)."""
+    return RecordDict(
+        {
+            P.METRICS_RECORD: MetricRecord({P.FORGET_N: int(forget_n), P.RETAIN_N: int(retain_n)}),
+            P.RECEIPT_RECORD: ConfigRecord({P.DIGEST: digest}),
+        }
+    )
+
+
+def read_forget_reply(content: RecordDict) -> dict[str, Any]:
+    """A node's receipt: ``{"forget-n", "retain-n", "digest"}`` (``KeyError`` / ``TypeError`` when malformed)."""
+    m = content.metric_records[P.METRICS_RECORD]
+    digest = content.config_records[P.RECEIPT_RECORD][P.DIGEST]
+    if not isinstance(digest, str):
+        raise TypeError(f"{P.DIGEST} must be text, got {type(digest).__name__}")
+    forget_n, retain_n = as_int(m[P.FORGET_N]), as_int(m[P.RETAIN_N])
+    if forget_n < 0 or retain_n < 0:
+        raise ValueError(f"negative counts ({P.FORGET_N} {forget_n}, {P.RETAIN_N} {retain_n})")
+    return {P.FORGET_N: forget_n, P.RETAIN_N: retain_n, P.DIGEST: digest}
+
+
+# -- query.relearn ---------------------------------------------------------------------------
+def relearn_request(target_accuracy: float, max_steps: int) -> ConfigRecord:
+    """The relearn probe's config: SGD on the forget set until ``target_accuracy`` or ``max_steps``."""
+    return ConfigRecord({P.TARGET_ACCURACY: float(target_accuracy), P.MAX_STEPS: int(max_steps)})
+
+
+def read_relearn_request(config: Mapping[str, Any]) -> tuple[float, int]:
+    """The relearn probe's target accuracy and step limit."""
+    return _float(config[P.TARGET_ACCURACY]), as_int(config[P.MAX_STEPS])
+
+
+def relearn_reply(steps: int, reached: bool, start_accuracy: float, final_accuracy: float) -> RecordDict:
+    """The relearn probe's reply."""
+    return RecordDict(
+        {
+            P.METRICS_RECORD: MetricRecord(
+                {
+                    P.RELEARN_STEPS: steps,
+                    P.RELEARN_REACHED: int(reached),
+                    P.RELEARN_START_ACC: start_accuracy,
+                    P.RELEARN_FINAL_ACC: final_accuracy,
+                }
+            )
+        }
+    )
+
+
+def read_relearn_reply(content: RecordDict) -> tuple[float, bool]:
+    """A node's relearn steps and whether it reached the target."""
+    m = content.metric_records[P.METRICS_RECORD]
+    return _float(m[P.RELEARN_STEPS]), bool(as_int(m[P.RELEARN_REACHED]))
+
+
+__all__ = [
+    "NodeData",
+    "forget_reply",
+    "forget_request",
+    "info_reply",
+    "read_forget_reply",
+    "read_forget_request",
+    "read_info_reply",
+    "read_relearn_reply",
+    "read_relearn_request",
+    "relearn_reply",
+]
