@@ -256,14 +256,14 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         d, r = self.request.deletion, self.request
-        if d.scenario == "class" and r.departing:
+        if d.joint and r.departing:
             raise ValueError(
                 "the class scenario removes a class from every client: unlearn.departing must be empty "
                 f"(got {list(r.departing)})"
             )
         if d.scenario == "samples" and not r.departing:
             raise ValueError("sample deletion needs the requesting client ids in unlearn.departing")
-        if (r.departing or d.scenario == "class") and not 2 <= r.round <= self.federation.num_server_rounds:
+        if (r.departing or d.joint) and not 2 <= r.round <= self.federation.num_server_rounds:
             raise ValueError(
                 f"unlearn.round {r.round} is impossible: it must be in "
                 f"[2, num-server-rounds={self.federation.num_server_rounds}] (round 1 has nothing to unlearn; "
@@ -281,7 +281,7 @@ class ExperimentConfig:
         """
         deletion = read_settings(DeletionRequest, rc)
         departing = parse_client_ids(rc.get("unlearn.departing", "0"))
-        if deletion.scenario == "class" or rc.get("mode") == "service":
+        if deletion.joint or rc.get("mode") == "service":
             # class: every client deletes the class, nobody leaves; service: requests arrive at run time
             departing = ()
         return cls(
@@ -301,7 +301,7 @@ class ExperimentConfig:
 
     def involved(self, clients: Iterable[int]) -> tuple[int, ...]:
         """The clients that hold data to forget: the departing/requesting ones, or all (class scenario)."""
-        return tuple(sorted(clients)) if self.request.deletion.scenario == "class" else tuple(self.request.departing)
+        return tuple(self.request.departing) if self.request.deletion.names_clients else tuple(sorted(clients))
 
     @property
     def leaving(self) -> tuple[int, ...]:
@@ -338,7 +338,7 @@ class ExperimentConfig:
             payload["architecture"] = architecture
         if self.fastclip.bound > 0:  # the gold trains with the same clipping
             payload["fastclip"] = [self.fastclip.bound, self.fastclip.every]
-        if self.request.deletion.scenario != "client":
+        if not self.request.deletion.clients_leave:
             payload["deletion"] = self.request.deletion.to_dict()
             payload["forget"] = {str(c): d for c, d in sorted((forget_digests or {}).items())}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

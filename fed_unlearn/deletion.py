@@ -33,7 +33,7 @@ here is pure NumPy/PyTorch: the client computes its own mask; the mask never lea
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,12 +111,50 @@ class DeletionRequest:
         """Whether the requesting clients leave the federation (whole-client deletion)."""
         return self.scenario == "client"
 
+    @property
+    def by_class(self) -> bool:
+        """Whether samples are chosen by their class (the class scenario, or the ``class`` selection)."""
+        return self.scenario == "class" or self.scenario == "samples" and self.selection == "class"
+
+    @property
+    def joint(self) -> bool:
+        """Whether one request spans every client (a class leaves everyone's data at once)."""
+        return self.scenario == "class"
+
+    @property
+    def calibration_target(self) -> str:
+        """What "forgotten" means: the class predicted no more (``accuracy-floor``), else ``loss-match``."""
+        return "accuracy-floor" if self.scenario == "class" else "loss-match"
+
+    @property
+    def names_clients(self) -> bool:
+        """Whether the request names the clients it concerns (every scenario but ``class``)."""
+        return self.scenario != "class"
+
+    def describe(self, clients: Sequence[int] = ()) -> str:
+        """One line naming what is forgotten (``clients``: the requesting clients' ids)."""
+        if self.scenario == "client":
+            return f"client(s) {list(clients)} leave"
+        if self.scenario == "class":
+            return f"class {self.forget_class} removed"
+        what = f"class-{self.forget_class} samples" if self.selection == "class" else f"{self.selection} samples"
+        return f"client(s) {list(clients)} delete {self.fraction:.0%} ({what})"
+
+    def label(self, clients: Sequence[int] = ()) -> str:
+        """A short name for file and folder names (``dep0-high-loss0.1``, ``class3``)."""
+        if self.scenario == "class":
+            return f"class{self.forget_class}"
+        what = "dep" + "-".join(map(str, clients))
+        if self.scenario == "samples":
+            what += f"-{f'class{self.forget_class}' if self.selection == 'class' else self.selection}{self.fraction:g}"
+        return what
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view (only the fields that matter for the scenario)."""
         out: dict[str, Any] = {"scenario": self.scenario}
         if self.scenario == "samples":
             out.update(selection=self.selection, fraction=self.fraction)
-        if self.scenario == "class" or self.selection == "class" and self.scenario == "samples":
+        if self.by_class:
             out["class"] = self.forget_class
         return out
 

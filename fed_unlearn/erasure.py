@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import protocol as P
+
 SITE_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 ID_RE = re.compile(r"\A[0-9a-f]{32}\Z")
 SCOPES = ("site",)
@@ -335,8 +337,8 @@ def erasure_poll(inbox: str | None, site: str, verdicts: Mapping[str, Any]) -> d
     again by the server; empty for the others), ``files`` (their names) and ``problems`` (why a
     file is not a request). A node without an inbox never has requests.
     """
-    acks = [str(a) for a in verdicts.get("acks", [])] if isinstance(verdicts.get("acks"), list) else []
-    refused = [str(a) for a in verdicts.get("refused", [])] if isinstance(verdicts.get("refused"), list) else []
+    acks = [str(a) for a in verdicts.get(P.ACKS, [])] if isinstance(verdicts.get(P.ACKS), list) else []
+    refused = [str(a) for a in verdicts.get(P.REFUSED, [])] if isinstance(verdicts.get(P.REFUSED), list) else []
     moved = acknowledge_in_inbox(inbox, acks) if inbox and acks else []
     moved_refused = acknowledge_in_inbox(inbox, refused, "refused") if inbox and refused else []
     pending = inbox_entries(inbox) if inbox else []

@@ -200,6 +200,24 @@ MIA = "mia"
 REFERENCE_RECORD = "reference"
 ATTACK_SCORES_RECORD = "attack-scores"
 
+
+#: ``evaluate.audit``: reference model ``j`` travels as ArrayRecord ``ref-{j}``.
+REFERENCE_MODEL_PREFIX = "ref-"
+
+
+def reference_model_record(index: int) -> str:
+    """The ArrayRecord name of reference model ``index`` in ``evaluate.audit``."""
+    return f"{REFERENCE_MODEL_PREFIX}{index}"
+
+
+#: ``query.calibrate``: the candidate models' records, the scales, the reply record.
+BASE_RECORD, DIRECTION_RECORD, PRE_REQUEST_RECORD = "base", "direction", "pre-request"
+SCALES = "scales"
+CALIBRATION_RECORD = "calibration"
+#: ``query.erasure``: the server's verdicts in the poll's config, the reply record.
+ACKS, REFUSED = "acks", "refused"
+ERASURE_RECORD = "erasure"
+
 #: What a client must answer, by what the server needs (see the module docstring).
 NEEDS = {
     "name clients by a node-config key": (IDENTIFY,),

@@ -138,8 +138,7 @@ def run_experiment(
         raise ValueError(f"unknown departing client id(s) {unknown}; the federation has clients {sorted(clients)}")
     first = clients[min(clients)]
     d = cfg.request.deletion
-    by_class = d.scenario == "class" or d.selection == "class" and d.scenario == "samples"
-    if by_class and d.forget_class >= first.num_classes:
+    if d.by_class and d.forget_class >= first.num_classes:
         raise ValueError(f"unlearn.class {d.forget_class} does not exist: the task has {first.num_classes} classes")
     needed, last = method.rounds_needed(cfg.gold_rounds), cfg.federation.num_server_rounds
     if cfg.request.round + needed - 1 > last:
@@ -191,7 +190,7 @@ def run_experiment(
         round=cfg.request.round,
         leave=cfg.request.deletion.clients_leave,
         deletion=cfg.request.deletion,
-        joint=cfg.request.deletion.scenario == "class",
+        joint=cfg.request.deletion.joint,
         send_request=False,
     )
     gold_arrays, gold_meta = gold_federation(grid, cfg, clients, initial, request, architecture)
@@ -345,24 +344,11 @@ def task_label(cfg: ExperimentConfig) -> str:
 
 def describe_request(cfg: ExperimentConfig) -> str:
     """One line naming what is forgotten."""
-    d = cfg.request.deletion
-    if d.scenario == "client":
-        return f"client(s) {list(cfg.request.departing)} leave"
-    if d.scenario == "class":
-        return f"class {d.forget_class} removed"
-    what = f"class-{d.forget_class} samples" if d.selection == "class" else f"{d.selection} samples"
-    return f"client(s) {list(cfg.request.departing)} delete {d.fraction:.0%} ({what})"
+    return cfg.request.deletion.describe(cfg.request.departing)
 
 
 def experiment_name(cfg: ExperimentConfig, method: UnlearningMethod) -> str:
     """Folder name of an experiment's results."""
-    d = cfg.request.deletion
-    if d.scenario == "class":
-        what = f"class{d.forget_class}"
-    else:
-        what = "dep" + "-".join(map(str, cfg.request.departing))
-        if d.scenario == "samples":
-            sel = f"class{d.forget_class}" if d.selection == "class" else d.selection
-            what += f"-{sel}{d.fraction:g}"
+    what = cfg.request.deletion.label(cfg.request.departing)
     data = f"{cfg.data.dataset}_{cfg.data.model}" if cfg.data.builtin else cfg.data.task.replace(".", "-")
     return f"{data}_{method.name}_{what}_r{cfg.request.round}of{cfg.federation.num_server_rounds}_seed{cfg.data.seed}"

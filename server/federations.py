@@ -89,7 +89,7 @@ def gold_federation(
     the deleted data: the departing clients left out, or the requesting clients
     training on their retained samples only.
     """
-    digests = {c: str(r["digest"]) for c, r in request.items()} if cfg.request.deletion.scenario != "client" else None
+    digests = {c: str(r["digest"]) for c, r in request.items()} if not cfg.request.deletion.clients_leave else None
     key = cfg.gold_key(len(clients), digests, architecture)
     cached = load_gold(cfg.output.gold_cache_dir, key)
     if cached is not None:

@@ -306,7 +306,7 @@ def strong_audit_scores(
     (clients with nothing to forget answer none). ``allow_missing`` as in :func:`measure`.
     """
     config = {P.REFERENCE_COUNT: len(references), P.REFERENCE_SEED: int(seed), P.MIA: False}
-    content = {"arrays": arrays, **{f"ref-{j}": r for j, r in enumerate(references)}}
+    content = {"arrays": arrays, **{P.reference_model_record(j): r for j, r in enumerate(references)}}
     msgs = [
         Message(
             RecordDict({**content, "config": ConfigRecord({**config, P.FORGET_ALL: cid in set(forget_all)})}),

@@ -230,8 +230,8 @@ class ErasureService:
             cfg = ConfigRecord(
                 {
                     "server-round": rnd,
-                    **({"acks": v["acks"]} if v.get("acks") else {}),
-                    **({"refused": v["refused"]} if v.get("refused") else {}),
+                    **({P.ACKS: v["acks"]} if v.get("acks") else {}),
+                    **({P.REFUSED: v["refused"]} if v.get("refused") else {}),
                 }
             )
             msgs.append(Message(RecordDict({"config": cfg}), self.node_of[cid], P.ERASURE))
@@ -246,13 +246,13 @@ class ErasureService:
             if nid not in client_of or nid not in owed:
                 continue
             sender = self.site_of[client_of[nid]]
-            if reply.has_error() or "erasure" not in reply.content.config_records:
+            if reply.has_error() or P.ERASURE_RECORD not in reply.content.config_records:
                 why = last_line(reply.error.reason) if reply.has_error() else "no 'erasure' record in its reply"
                 log(WARNING, "round %d: the erasure poll of site %r failed (%s); retried next round", rnd, sender, why)
                 self.journal.event(rnd, f"site:{sender}", "poll-failed", why)
                 continue
             answered.add(nid)
-            record = reply.content["erasure"]
+            record = reply.content.config_records[P.ERASURE_RECORD]
             texts, files, problems = (record.get(k, []) for k in ("requests", "files", "problems"))
             texts = texts if isinstance(texts, list) else []
             files = files if isinstance(files, list) and len(files) == len(texts) else [""] * len(texts)

@@ -202,11 +202,7 @@ def preflight(overrides: str, num_clients: int) -> None:
         except (OSError, ValueError) as exc:
             raise ValueError(f"client {pid}'s data: {exc}") from None
         classes = max(train.num_classes, held.num_classes)
-        if (
-            (cfg.request.deletion.scenario == "class" or cfg.request.deletion.selection == "class")
-            and cfg.request.deletion.forget_class >= classes
-            and task.builtin
-        ):
+        if cfg.request.deletion.by_class and cfg.request.deletion.forget_class >= classes and task.builtin:
             raise ValueError(
                 f"run-config 'unlearn.class' is {cfg.request.deletion.forget_class}, but the data has {classes} classes"
             )

@@ -226,7 +226,11 @@ class _Helper:
 
     @staticmethod
     def array_key(msg: Message) -> str:
-        recs = [k for k in msg.content.array_records if k != "reference" and not k.startswith("ref-")]
+        recs = [
+            k
+            for k in msg.content.array_records
+            if k != P.REFERENCE_RECORD and not k.startswith(P.REFERENCE_MODEL_PREFIX)
+        ]
         return recs[0] if recs else P.ROLE_KEYS["retain"][0]
 
     @staticmethod
@@ -487,7 +491,7 @@ class _Helper:
         content: dict[str, Any] = {P.METRICS_RECORD: MetricRecord({**values, P.NUM_EXAMPLES: len(heldout)})}
         count = int(cfg.get(P.REFERENCE_COUNT, 0)) if audit else 0
         if count:
-            refs = [self.model(recs[f"ref-{j}"], context) for j in range(count)]
+            refs = [self.model(recs[P.reference_model_record(j)], context) for j in range(count)]
             masks, forget = self.reference_masks(context, len(train), cfg), self.mask(context, train, cfg)
             scores = attack_scores_client(model, refs, train, heldout, forget, masks)
             content[P.ATTACK_SCORES_RECORD] = MetricRecord(scores)  # type: ignore[arg-type]
@@ -498,8 +502,8 @@ class _Helper:
         train, heldout = self.data(context)
         forget = self.part(context, train, "forget", cfg)
         recs = msg.content.array_records
-        direction = {k: v.astype(np.float64) for k, v in to_weights(recs["direction"]).items()}
-        model = self.model(recs["base"], context)
+        direction = {k: v.astype(np.float64) for k, v in to_weights(recs[P.DIRECTION_RECORD]).items()}
+        model = self.model(recs[P.BASE_RECORD], context)
         state, wire = self.backend.arrays(model)  # copies (bfloat16 as float32), safe to build candidates from
         like = self._heldout_like(model, context, forget, heldout)
 
@@ -519,7 +523,7 @@ class _Helper:
             "heldout-correct": [],
             "forget-auc": [],  # the loss-threshold attack's AUC, forget vs held-out: the whole distributions
         }
-        for c in [float(v) for v in cfg.get("scales", [])]:
+        for c in [float(v) for v in cfg.get(P.SCALES, [])]:
             self.backend.set_arrays(
                 model, {k: (v.astype(np.float64) + c * direction[k]).astype(v.dtype) for k, v in state.items()}, wire
             )
@@ -529,8 +533,8 @@ class _Helper:
             out["heldout-loss-sum"].append(float(np.sum(h)))
             out["heldout-correct"].append(h_correct)
             out["forget-auc"].append(loss_mia_auc(f, h))
-        if "pre-request" in recs:  # the memorisation test: the pre-request model on the same samples
-            pre, pre_wire = self.backend.arrays(self.model(recs["pre-request"], context))
+        if P.PRE_REQUEST_RECORD in recs:  # the memorisation test: the pre-request model on the same samples
+            pre, pre_wire = self.backend.arrays(self.model(recs[P.PRE_REQUEST_RECORD], context))
             self.backend.set_arrays(model, pre, pre_wire)
             f, correct, h, h_correct = losses()
             out.update(
@@ -545,7 +549,7 @@ class _Helper:
                 }
             )
         rec = MetricRecord({**out, "forget-n": [float(len(forget))], "heldout-n": [float(len(like))]})
-        return Message(RecordDict({"calibration": rec}), reply_to=msg)
+        return Message(RecordDict({P.CALIBRATION_RECORD: rec}), reply_to=msg)
 
     def _heldout_like(self, model: Any, context: Context, forget: ArrayDataset, heldout: ArrayDataset) -> ArrayDataset:
         """Held-out samples like the forget set: its classes; for hard samples, those the same rule ranks highest."""
@@ -566,7 +570,9 @@ class _Helper:
         inbox = context.node_config.get("erasure-inbox")
         site = str(context.node_config.get("site", f"site-{node_client_id(context)}"))
         return Message(
-            RecordDict({"erasure": ConfigRecord(erasure_poll(str(inbox) if inbox else None, site, self.config(msg)))}),
+            RecordDict(
+                {P.ERASURE_RECORD: ConfigRecord(erasure_poll(str(inbox) if inbox else None, site, self.config(msg)))}
+            ),
             reply_to=msg,
         )
 

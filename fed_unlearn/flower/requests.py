@@ -168,7 +168,7 @@ class RequestBook:
         elif self.method is None:
             raise ValueError("this strategy has no unlearning method: pass method= to the request or the strategy")
         use_key = self.client_key if key is ... else key
-        if not leave and deletion is not None and deletion.scenario == "client":
+        if not leave and deletion is not None and deletion.clients_leave:
             raise ValueError("a client-level deletion means the clients leave: use leave=True")
         self.queue.append(
             UnlearningRequest(

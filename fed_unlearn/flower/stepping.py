@@ -180,24 +180,24 @@ class StepControl:
 
         def ask(scales: Sequence[float], pre_request: bool) -> dict[str, Any]:
             """The forgetting clients' pooled measurements of ``base + c * direction`` for each scale ``c``."""
-            cfg = ConfigRecord({"scales": list(scales), P.FORGET_ALL: batch.leave, P.SERVER_ROUND: self.current_round})
+            cfg = ConfigRecord({P.SCALES: list(scales), P.FORGET_ALL: batch.leave, P.SERVER_ROUND: self.current_round})
             content: dict[str, ArrayRecord | ConfigRecord] = {
-                "base": to_record(base, self._wire),
-                "direction": to_record(direction),
+                P.BASE_RECORD: to_record(base, self._wire),
+                P.DIRECTION_RECORD: to_record(direction),
                 P.CONFIG_RECORD: cfg,
             }
             if pre_request:
-                content["pre-request"] = to_record(start, self._wire)
+                content[P.PRE_REQUEST_RECORD] = to_record(start, self._wire)
             msgs = [Message(RecordDict(dict(content)), n, P.CALIBRATE) for n in nodes]
             stats, why = [], []
             for reply in grid.send_and_receive(msgs, timeout=self.query_timeout):
-                if reply.has_error() or "calibration" not in reply.content.metric_records:
+                if reply.has_error() or P.CALIBRATION_RECORD not in reply.content.metric_records:
                     why.append(
                         f"node {reply.metadata.src_node_id}: "
                         + (client_failure(reply.error.reason or "") if reply.has_error() else "no calibration record")
                     )
                     continue
-                stats.append(dict(reply.content["calibration"]))
+                stats.append(dict(reply.content.metric_records[P.CALIBRATION_RECORD]))
             if why or len(stats) != len(nodes):
                 raise ValueError("; ".join(why) or "some clients did not answer")
             return pooled(stats)  # type: ignore[arg-type]  # malformed lists raise and are caught below
