@@ -1,4 +1,4 @@
-"""On-disk cache of federations: the gold (retrained without the deleted data) and the original.
+"""On-disk cache of federations: the gold (retrained without the deleted data), the original, the references.
 
 One folder per key (see :meth:`fed_unlearn.config.ExperimentConfig.gold_key` and
 ``original_key``) with ``weights.npz`` (the final model) and ``meta.json`` (per-round
@@ -41,8 +41,8 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def load_gold(cache_dir: str | Path, key: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
-    """Return ``(weights, meta)`` of a cached gold federation, or ``None`` if absent."""
+def load_federation(cache_dir: str | Path, key: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """Return ``(weights, meta)`` of a cached federation (gold, original or reference), or ``None`` if absent."""
     entry = Path(cache_dir) / key
     if not (entry / "meta.json").is_file() or not (entry / "weights.npz").is_file():
         return None
@@ -53,8 +53,10 @@ def load_gold(cache_dir: str | Path, key: str) -> tuple[dict[str, np.ndarray], d
     return weights, meta
 
 
-def save_gold(cache_dir: str | Path, key: str, weights: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
-    """Store a gold federation under ``key`` atomically; returns the entry folder."""
+def save_federation(
+    cache_dir: str | Path, key: str, weights: Mapping[str, np.ndarray], meta: Mapping[str, Any]
+) -> Path:
+    """Store a federation (gold, original or reference) under ``key`` atomically; returns the entry folder."""
     root = Path(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     entry = root / key

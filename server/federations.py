@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from fed_unlearn import protocol as P
 from fed_unlearn.config import ExperimentConfig
 from fed_unlearn.flower import FederationRun, ReproducibleFedAvg, Unlearning, run_rounds, to_record, to_weights
-from fed_unlearn.gold_cache import load_gold, save_gold
+from fed_unlearn.gold_cache import load_federation, save_federation
 from fed_unlearn.models import get_weights
 from fed_unlearn.task import Task
 from fed_unlearn.unlearning import UnlearningMethod
@@ -91,7 +91,7 @@ def gold_federation(
     """
     digests = {c: str(r["digest"]) for c, r in request.items()} if not cfg.request.deletion.clients_leave else None
     key = cfg.gold_key(len(clients), digests, architecture)
-    cached = load_gold(cfg.output.gold_cache_dir, key)
+    cached = load_federation(cfg.output.gold_cache_dir, key)
     if cached is not None:
         weights, meta = cached
         log(INFO, "gold federation loaded from cache %s", Path(cfg.output.gold_cache_dir) / key)
@@ -119,7 +119,7 @@ def gold_federation(
     }
     if run.arrays is None:
         raise RuntimeError("the gold federation produced no model")
-    save_gold(cfg.output.gold_cache_dir, key, to_weights(run.arrays), meta)
+    save_federation(cfg.output.gold_cache_dir, key, to_weights(run.arrays), meta)
     return run.arrays, {**meta, "cached": False}
 
 
@@ -159,7 +159,7 @@ def reference_federations(
     accuracies: list[float] = []
     for index in range(count):
         key = cfg.reference_key(len(clients), index, count, architecture, members=sorted(clients) if members else ())
-        cached = load_gold(cfg.output.gold_cache_dir, key)
+        cached = load_federation(cfg.output.gold_cache_dir, key)
         if cached is not None:
             weights, meta = cached
             from_cache += 1
@@ -181,7 +181,7 @@ def reference_federations(
                 "compute": run.compute(),
                 "wall-seconds": run.wall_seconds,
             }
-            save_gold(cfg.output.gold_cache_dir, key, to_weights(run.arrays), meta)
+            save_federation(cfg.output.gold_cache_dir, key, to_weights(run.arrays), meta)
             trained += 1
             wall += run.wall_seconds
             refs.append(run.arrays)
@@ -222,7 +222,7 @@ def original_federation(
     """
     key = cfg.original_key(num_clients, architecture)
     if not uses_ordinary_rounds(method):
-        cached = load_gold(cfg.output.gold_cache_dir, key)
+        cached = load_federation(cfg.output.gold_cache_dir, key)
         if cached is not None:
             weights, meta = cached
             log(INFO, "original federation (rounds 1..%d) loaded from cache %s", cfg.gold_rounds, key)
@@ -244,7 +244,7 @@ def original_federation(
         train_config=train_config(cfg),
     )
     if run.arrays is not None:
-        save_gold(
+        save_federation(
             cfg.output.gold_cache_dir,
             key,
             to_weights(run.arrays),
