@@ -121,3 +121,16 @@ def test_no_shipped_module_is_over_800_lines():
         if (n := len(p.read_text().splitlines())) > MAX_LINES
     }
     assert long == {}
+
+
+def test_imports_go_the_documented_way():
+    """docs/development.md "What may import what": the strategy's parts never import the strategy, and so on."""
+    files = _modules(ROOT, SHIPPED)
+    graph = {m: _imports(p, m, set(files)) for m, p in files.items()}
+    importers = {m: {a for a, deps in graph.items() if m in deps} for m in files}
+    parts = {"requests", "outbox", "intake", "stepping", "compose", "records", "wire", "replies", "client"}
+    assert not importers["fed_unlearn.flower.strategy"] & {f"fed_unlearn.flower.{p}" for p in parts}
+    assert importers["server.experiment"] <= {"server.server_app"}
+    assert not any(d.startswith("server") for m in files if m.startswith("clients") for d in graph[m])
+    assert not any(d.startswith("fed_unlearn.flower.") for d in graph["fed_unlearn.config"])
+    assert "fed_unlearn.config" not in {d for m in files if m.startswith("fed_unlearn.unlearning") for d in graph[m]}
