@@ -149,6 +149,8 @@ MESSAGE_TYPES = (
 IDENTITY_RECORD = "identity"
 CAPABILITIES_RECORD = "capabilities"
 CONFIG_RECORD = "config"
+#: Keys of the :data:`CAPABILITIES_RECORD`.
+PROTOCOL, HANDLERS, ROUTINES = "protocol", "handlers", "routines"
 #: The roles a client may play in an unlearning round (see :mod:`fed_unlearn.unlearning.base`).
 ROLES = ("retain", "forget")
 #: Reply record names per role: (ArrayRecord key, MetricRecord key). The retain role uses

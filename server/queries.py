@@ -26,7 +26,10 @@ from fed_unlearn.flower import metric_dict
 from fed_unlearn.flower.wire import (
     as_int,
     forget_request,
+    handlers_of,
+    identify_request,
     read_forget_reply,
+    read_identify_reply,
     read_info_reply,
     read_relearn_reply,
     relearn_request,
@@ -129,20 +132,19 @@ def describe_nodes(
     problems: dict[int, str] = {}
     found: list[ClientInfo] = []
     keys = ["partition-id", "num-partitions", "site"]
-    msgs = [Message(RecordDict({P.CONFIG_RECORD: ConfigRecord({P.KEYS: keys})}), n, P.IDENTIFY) for n in nodes]
+    msgs = [Message(identify_request(keys), n, P.IDENTIFY) for n in nodes]
     identity: dict[int, dict[str, Any]] = {}
     for reply in grid.send_and_receive(msgs, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
             problems[node] = f"no {P.IDENTIFY} handler ({last_line(reply.error.reason)})"
             continue
-        ident = dict(reply.content[P.IDENTITY_RECORD]) if P.IDENTITY_RECORD in reply.content.config_records else {}
-        caps = (
-            dict(reply.content[P.CAPABILITIES_RECORD]) if P.CAPABILITIES_RECORD in reply.content.config_records else {}
-        )
+        try:
+            ident, caps = read_identify_reply(reply.content)
+        except KeyError:
+            ident, caps = {}, {}  # said below as the node-config keys it lacks
         missing_keys = [k for k in ("partition-id", "num-partitions") if k not in ident]
-        answered = caps.get("handlers", [])
-        has = list(answered) if isinstance(answered, list) else []
+        has = handlers_of(caps)
         missing = [h for h in handlers if h != P.IDENTIFY and h not in has]
         if missing_keys or missing:
             problems[node] = "; ".join(

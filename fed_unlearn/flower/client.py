@@ -60,8 +60,10 @@ from .wire import (
     NodeData,
     forget_reply,
     forget_request,
+    identify_reply,
     info_reply,
     read_forget_request,
+    read_identify_request,
     read_relearn_request,
     relearn_reply,
 )
@@ -293,16 +295,14 @@ class _Helper:
 
     # handlers ------------------------------------------------------------------------------
     def identify(self, msg: Message, context: Context) -> Message:
-        keys = [str(k) for k in self.config(msg).get(P.KEYS, [])]
-        ident = ConfigRecord({k: context.node_config[k] for k in keys if k in context.node_config})
-        caps = ConfigRecord(
-            {
-                "protocol": P.VERSION,
-                "handlers": list(self.handlers),
-                "routines": sorted(n for n, c in METHODS.items() if c.client_routine is not None),
-            }
-        )
-        return Message(RecordDict({P.IDENTITY_RECORD: ident, P.CAPABILITIES_RECORD: caps}), reply_to=msg)
+        keys = read_identify_request(self.config(msg))
+        ident = {k: context.node_config[k] for k in keys if k in context.node_config}
+        caps = {
+            P.PROTOCOL: P.VERSION,
+            P.HANDLERS: list(self.handlers),
+            P.ROUTINES: sorted(n for n, c in METHODS.items() if c.client_routine is not None),
+        }
+        return Message(identify_reply(ident, caps), reply_to=msg)
 
     def info(self, msg: Message, context: Context) -> Message:
         train, heldout = self.data(context)

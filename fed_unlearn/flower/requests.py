@@ -18,14 +18,14 @@ from types import EllipsisType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
 from .. import protocol as P
 from ..deletion import DeletionRequest
 from ..unlearning import UnlearningMethod
-from .wire import forget_request, read_forget_reply
+from .wire import forget_request, handlers_of, identify_request, read_forget_reply, read_identify_reply
 
 #: Which helper registers each handler of the protocol (named in refusals).
 HELPER_OF = {P.IDENTIFY: "fed_unlearn.flower.add_identity(app)"}
@@ -282,8 +282,7 @@ class RequestBook:
         problems: dict[int, str] = {}
         if not todo:
             return problems
-        cfg = ConfigRecord({P.KEYS: keys})
-        msgs = [Message(RecordDict({P.CONFIG_RECORD: cfg}), n, P.IDENTIFY) for n in todo]
+        msgs = [Message(identify_request(keys), n, P.IDENTIFY) for n in todo]
         answered = set()
         timeout = self.query_timeout if timeout is None else timeout
         for reply in grid.send_and_receive(msgs, timeout=timeout):
@@ -292,18 +291,14 @@ class RequestBook:
             if reply.has_error():
                 problems[node] = f"does not answer {P.IDENTIFY}: {client_failure(reply.error.reason or '')}"
                 continue
-            content = reply.content
-            if P.IDENTITY_RECORD not in content.config_records:
-                problems[node] = f"its {P.IDENTIFY} reply has no '{P.IDENTITY_RECORD}' ConfigRecord"
+            try:
+                ident, caps = read_identify_reply(reply.content)
+            except KeyError as exc:
+                problems[node] = str(exc.args[0])
                 continue
-            ident = dict(content.config_records[P.IDENTITY_RECORD])
             self.identities[node] = {**self.identities.get(node, {}), **ident}
             # no capabilities record: a hand-written identify handler, no fed-unlearn helpers
-            self.capabilities[node] = (
-                dict(content.config_records[P.CAPABILITIES_RECORD])
-                if P.CAPABILITIES_RECORD in content.config_records
-                else {}
-            )
+            self.capabilities[node] = caps
         for node in set(todo) - answered:
             problems[node] = f"did not answer {P.IDENTIFY} within {timeout:.0f} s"
         return problems
@@ -370,7 +365,7 @@ class RequestBook:
         for node in nodes:
             if not need or node not in self.capabilities:
                 continue
-            have = list(self.capabilities.get(node, {}).get("handlers", []))
+            have = handlers_of(self.capabilities.get(node, {}))
             missing = [h for h in dict.fromkeys(need) if h not in have]
             if missing:
                 what = (

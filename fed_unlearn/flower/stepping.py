@@ -36,6 +36,7 @@ from ..aggregation import ClientUpdate, fedavg
 from ..calibration import Calibration, choose_scale, memorisation, pooled, target_for, utility_scale
 from .records import metric_dict, to_record
 from .requests import UnlearningRequest, client_failure
+from .wire import handlers_of
 
 #: The scales the utility bound evaluates on the remaining clients (fractions of the step).
 UTILITY_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -166,9 +167,7 @@ class StepControl:
         batch, grid, start = self._batch, self._grid, self._global
         if batch is None or grid is None or start is None:
             return new, {"used": False, "why": "no request being served"}
-        lacking = [
-            n for n in nodes if n in self.capabilities and P.CALIBRATE not in self.capabilities[n].get("handlers", [])
-        ]
+        lacking = [n for n in nodes if n in self.capabilities and P.CALIBRATE not in handlers_of(self.capabilities[n])]
         base = fedavg(retain) if retain else start
         base = {k: np.asarray(base[k]).astype(np.asarray(start[k]).dtype) for k in start}
         direction = {k: np.asarray(new[k], np.float64) - np.asarray(base[k], np.float64) for k in start}

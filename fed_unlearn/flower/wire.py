@@ -1,16 +1,17 @@
 """Encoders and decoders of the query messages: one of each, shared by the client helpers and the server.
 
 :mod:`fed_unlearn.protocol` names every record and key; this module is the only place that
-builds or reads the records of ``query.info``, ``query.forget`` and ``query.relearn``, so
-the client side (:mod:`fed_unlearn.flower.client`) and the server side (the strategy's
-deletion request, the project's ServerApp) cannot drift apart. A decoder reads a reply
+builds or reads the records of ``query.identify``, ``query.info``, ``query.forget`` and
+``query.relearn``, so the client side (:mod:`fed_unlearn.flower.client`) and the server side
+(the strategy's identification and deletion request, the project's ServerApp) cannot drift
+apart. A decoder reads a reply
 from a node as hostile: a missing record or key raises ``KeyError``, a value of the wrong
 kind ``TypeError`` or ``ValueError``; the caller turns that into one line about the node.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,44 @@ def _float(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"expected a number, got {type(value).__name__}")
     return float(value)
+
+
+# -- query.identify -------------------------------------------------------------------------
+def identify_request(keys: Sequence[str]) -> RecordDict:
+    """``query.identify``: the node-config keys the server asks for."""
+    return RecordDict({P.CONFIG_RECORD: ConfigRecord({P.KEYS: [str(k) for k in keys]})})
+
+
+def read_identify_request(config: Mapping[str, Any]) -> list[str]:
+    """The node-config keys a ``query.identify`` asks for."""
+    keys = config.get(P.KEYS, [])
+    return [str(k) for k in keys] if isinstance(keys, list) else []
+
+
+def identify_reply(identity: Mapping[str, Any], capabilities: Mapping[str, Any] | None = None) -> RecordDict:
+    """The ``query.identify`` reply: the asked keys the node's config has, and what the node can do."""
+    records: dict[str, Any] = {P.IDENTITY_RECORD: ConfigRecord(dict(identity))}
+    if capabilities is not None:
+        records[P.CAPABILITIES_RECORD] = ConfigRecord(dict(capabilities))
+    return RecordDict(records)
+
+
+def read_identify_reply(content: RecordDict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A node's identity and capabilities (``{}`` without the record: a hand-written handler).
+
+    Raises ``KeyError`` without an identity record.
+    """
+    records = content.config_records
+    if P.IDENTITY_RECORD not in records:
+        raise KeyError(f"its {P.IDENTIFY} reply has no '{P.IDENTITY_RECORD}' ConfigRecord")
+    caps = dict(records[P.CAPABILITIES_RECORD]) if P.CAPABILITIES_RECORD in records else {}
+    return dict(records[P.IDENTITY_RECORD]), caps
+
+
+def handlers_of(capabilities: Mapping[str, Any]) -> list[str]:
+    """The message types a node said it answers (none when it did not say, or said it wrongly)."""
+    handlers = capabilities.get(P.HANDLERS, [])
+    return [str(h) for h in handlers] if isinstance(handlers, list) else []
 
 
 # -- query.info ------------------------------------------------------------------------------
@@ -159,6 +198,11 @@ def read_relearn_reply(content: RecordDict) -> tuple[float, bool]:
 
 __all__ = [
     "NodeData",
+    "handlers_of",
+    "identify_reply",
+    "identify_request",
+    "read_identify_reply",
+    "read_identify_request",
     "forget_reply",
     "forget_request",
     "info_reply",
