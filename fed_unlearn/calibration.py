@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .deletion import DeletionRequest
+from .deletion import CALIBRATION_TARGETS
 
 TARGETS = ("loss-match", "accuracy-floor")
 #: The default candidate scales (fractions of the method's own step; never more than it).
@@ -47,7 +47,7 @@ DEFAULT_SCALES = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 def target_for(scenario: str) -> str:
     """The calibration target of a deletion scenario (``client``, ``samples`` or ``class``)."""
-    return DeletionRequest(scenario=scenario).calibration_target  # the one place that knows what a scenario means
+    return CALIBRATION_TARGETS[scenario]
 
 
 @dataclass(frozen=True)

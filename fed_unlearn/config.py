@@ -301,7 +301,7 @@ class ExperimentConfig:
 
     def involved(self, clients: Iterable[int]) -> tuple[int, ...]:
         """The clients that hold data to forget: the departing/requesting ones, or all (class scenario)."""
-        return tuple(self.request.departing) if self.request.deletion.names_clients else tuple(sorted(clients))
+        return tuple(sorted(clients)) if self.request.deletion.joint else tuple(self.request.departing)
 
     @property
     def leaving(self) -> tuple[int, ...]:

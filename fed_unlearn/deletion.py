@@ -47,6 +47,8 @@ from .settings import read_settings
 from .training import named_trainable, predict_logits, trainable
 
 SCENARIOS = ("client", "samples", "class")
+#: What "forgotten" means per scenario: the class predicted no more, else losses like unseen data's.
+CALIBRATION_TARGETS = {"client": "loss-match", "samples": "loss-match", "class": "accuracy-floor"}
 SELECTIONS = ("random", "class", "high-loss", "low-margin", "high-grad-norm", "influence")
 #: Selections that need the model at the time of the request.
 MODEL_SELECTIONS = ("high-loss", "low-margin", "high-grad-norm", "influence")
@@ -124,12 +126,7 @@ class DeletionRequest:
     @property
     def calibration_target(self) -> str:
         """What "forgotten" means: the class predicted no more (``accuracy-floor``), else ``loss-match``."""
-        return "accuracy-floor" if self.scenario == "class" else "loss-match"
-
-    @property
-    def names_clients(self) -> bool:
-        """Whether the request names the clients it concerns (every scenario but ``class``)."""
-        return self.scenario != "class"
+        return CALIBRATION_TARGETS[self.scenario]
 
     def describe(self, clients: Sequence[int] = ()) -> str:
         """One line naming what is forgotten (``clients``: the requesting clients' ids)."""

@@ -11,8 +11,8 @@ This module imports nothing of the project, so every settings class can use it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import MISSING, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, Field, field, fields
 from typing import Any
 
 
@@ -44,6 +44,18 @@ def typed_value(key: str, value: Any, default: Any) -> Any:
     return value
 
 
+def _build(cls: type, rc: Mapping[str, Any], key_of: Callable[[Field[Any]], str | None], **fixed: Any) -> Any:
+    """``cls`` from the run config: each field's value read under ``key_of(field)`` (``None``: not a setting)."""
+    kwargs: dict[str, Any] = dict(fixed)
+    for f in fields(cls):
+        key = key_of(f)
+        if key is None or f.name in kwargs or key not in rc:
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[operator]
+        kwargs[f.name] = typed_value(key, rc[key], default)
+    return cls(**kwargs)
+
+
 def read_settings(cls: type, rc: Mapping[str, Any], **fixed: Any) -> Any:
     """Build the settings dataclass ``cls`` from the run config (its fields' keys; defaults for absent keys).
 
@@ -54,13 +66,7 @@ def read_settings(cls: type, rc: Mapping[str, Any], **fixed: Any) -> Any:
     ValueError
         On a value of the wrong type, not finite, or out of range, naming the key.
     """
-    kwargs: dict[str, Any] = dict(fixed)
-    for f in fields(cls):
-        key = f.metadata.get("key")
-        if key is None or f.name in kwargs or key not in rc:
-            continue
-        kwargs[f.name] = typed_value(key, rc[key], f.default)
-    return cls(**kwargs)
+    return _build(cls, rc, lambda f: f.metadata.get("key"), **fixed)
 
 
 def config_from_run_config(cls: type, run_config: Mapping[str, Any], prefix: str) -> Any:
@@ -74,10 +80,4 @@ def config_from_run_config(cls: type, run_config: Mapping[str, Any], prefix: str
     ValueError
         On a value of the wrong type, naming the key.
     """
-    kwargs: dict[str, Any] = {}
-    for f in fields(cls):
-        key = f"{prefix}.{f.name.replace('_', '-')}"
-        if key in run_config:
-            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[operator]
-            kwargs[f.name] = typed_value(key, run_config[key], default)
-    return cls(**kwargs)
+    return _build(cls, run_config, lambda f: f"{prefix}.{f.name.replace('_', '-')}")

@@ -179,6 +179,19 @@ def eigenvalues(weight: np.ndarray, precision: str = "double") -> np.ndarray:
         ``1e-6 * lambda_max``, negligible in a tail that starts above ``1e-3 * lambda_max``
         (:func:`analyze` checks this and redoes a layer in double otherwise).
     """
+    # eigvalsh of the Gram matrices, batched over kernel positions: the squared singular
+    # values, several times faster than an SVD; the precision lost on eigenvalues far
+    # below lambda_max does not reach the tail that is fitted.
+    ev = np.sort(torch.linalg.eigvalsh(gram_matrices(weight, precision)).reshape(-1).numpy().astype(np.float64))
+    return ev[ev > EIGEN_FLOOR]
+
+
+def gram_matrices(weight: np.ndarray, precision: str = "double") -> torch.Tensor:
+    """The Gram matrices ``W^T W`` (``W`` with rows >= cols) a layer's eigenvalues come from, batched.
+
+    A Linear weight is one matrix; a conv weight ``(out, in, kh, kw)`` is ``kh * kw``
+    matrices ``(out, in)``, one per kernel position.
+    """
     if precision not in ("double", "single"):
         raise ValueError(f"precision must be 'double' or 'single', got {precision!r}")
     w = torch.as_tensor(np.asarray(weight)).to(torch.float64 if precision == "double" else torch.float32)
@@ -190,11 +203,7 @@ def eigenvalues(weight: np.ndarray, precision: str = "double") -> np.ndarray:
         raise ValueError(f"expected a 2-D or 4-D weight, got shape {tuple(w.shape)}")
     if w.shape[1] < w.shape[2]:
         w = w.transpose(1, 2)  # rows >= cols: the M eigenvalues of W^T W
-    # eigvalsh of the Gram matrices, batched over kernel positions: the squared singular
-    # values, several times faster than an SVD; the precision lost on eigenvalues far
-    # below lambda_max does not reach the tail that is fitted.
-    ev = np.sort(torch.linalg.eigvalsh(w.transpose(1, 2) @ w).reshape(-1).numpy().astype(np.float64))
-    return ev[ev > EIGEN_FLOOR]
+    return w.transpose(1, 2) @ w
 
 
 @dataclass(frozen=True)

@@ -28,15 +28,6 @@ import numpy as np
 import torch
 
 
-def _gram(weight: np.ndarray) -> np.ndarray:
-    """The float32 Gram matrices ``W^T W`` (rows >= cols) of a Linear or conv weight, batched over kernel positions."""
-    w = np.asarray(weight, np.float32)
-    w = w.transpose(2, 3, 0, 1).reshape(-1, w.shape[0], w.shape[1]) if w.ndim == 4 else w[None]
-    if w.shape[1] < w.shape[2]:
-        w = w.transpose(0, 2, 1)
-    return np.ascontiguousarray(w.transpose(0, 2, 1) @ w)
-
-
 def _weightwatcher(ww: Any, model: Any) -> Any:
     return ww.WeightWatcher(model=model).analyze()
 
@@ -59,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     import torchvision
 
     from fed_unlearn.models import build_model
-    from fed_unlearn.spectral import analyze, fit_power_law, one_torch_thread
+    from fed_unlearn.spectral import analyze, fit_power_law, gram_matrices, one_torch_thread
 
     try:
         import weightwatcher as ww
@@ -95,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     name, model = list(models.items())[-1]
     state = model.state_dict()
     mats = [w.numpy() for k, w in state.items() if k.endswith("weight") and w.ndim in (2, 4)]
-    grams = [torch.from_numpy(_gram(w)) for w in mats]
+    grams = [gram_matrices(w, "single") for w in mats]
     with one_torch_thread():
         t_ours1, _ = _median_time(partial(analyze, state, None, 1), args.repeats)
         t_eig, evs = _median_time(lambda: [torch.linalg.eigvalsh(g).numpy() for g in grams], args.repeats)

@@ -19,19 +19,16 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from .. import protocol as P
 from ..deletion import DeletionRequest
+from .records import number
 
 
 def as_int(value: Any) -> int:
-    """An integer a node sent (a number, or a string of one); anything else is refused."""
+    """An integer a node sent (a whole number, or a string of one); anything else is refused."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise TypeError(f"expected a number, got {type(value).__name__}")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"expected a whole number, got {value!r}")
     return int(value)
-
-
-def _float(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"expected a number, got {type(value).__name__}")
-    return float(value)
 
 
 # -- query.identify -------------------------------------------------------------------------
@@ -134,7 +131,7 @@ def read_forget_request(config: Mapping[str, Any]) -> tuple[DeletionRequest, int
     request = DeletionRequest(
         scenario=str(config.get(P.SCENARIO, "client")),
         selection=str(config.get(P.SELECTION, "random")),
-        fraction=_float(config.get(P.FRACTION, 0.1)),
+        fraction=number(config, P.FRACTION) if P.FRACTION in config else 0.1,
         forget_class=as_int(config.get(P.FORGET_CLASS, 0)),
     )
     seed = config.get(P.SEED)
@@ -171,7 +168,7 @@ def relearn_request(target_accuracy: float, max_steps: int) -> ConfigRecord:
 
 def read_relearn_request(config: Mapping[str, Any]) -> tuple[float, int]:
     """The relearn probe's target accuracy and step limit."""
-    return _float(config[P.TARGET_ACCURACY]), as_int(config[P.MAX_STEPS])
+    return number(config, P.TARGET_ACCURACY), as_int(config[P.MAX_STEPS])
 
 
 def relearn_reply(steps: int, reached: bool, start_accuracy: float, final_accuracy: float) -> RecordDict:
@@ -193,7 +190,7 @@ def relearn_reply(steps: int, reached: bool, start_accuracy: float, final_accura
 def read_relearn_reply(content: RecordDict) -> tuple[float, bool]:
     """A node's relearn steps and whether it reached the target."""
     m = content.metric_records[P.METRICS_RECORD]
-    return _float(m[P.RELEARN_STEPS]), bool(as_int(m[P.RELEARN_REACHED]))
+    return number(m, P.RELEARN_STEPS), bool(as_int(m[P.RELEARN_REACHED]))
 
 
 __all__ = [
