@@ -85,7 +85,8 @@ def test_a_method_added_as_one_file_of_the_package_runs_every_scenario_it_declar
         (res_file,) = (tmp_path / "results" / "toy" / cells[scenario] / "toy-shrink" / "seed0").glob("*/results.json")
         res = json.loads(res_file.read_text())
         assert res["method"]["name"] == "toy-shrink" and res["deletion"]["scenario"] == scenario
-        assert res["unlearning"]["departing-clients"], scenario  # the routine ran on the departing side
+        (client,) = res["unlearning"]["departing-clients"].values()  # the toy's routine ran, its default steps
+        assert client["train-steps"] == 3 and client["forget-loss-end"] > client["forget-loss-start"], scenario
     after = digests()
     assert set(after) - set(before) == {"fed_unlearn/unlearning/toy_shrink.py"}
     assert {k: v for k, v in after.items() if k in before} == before  # nothing else of the tree changed
