@@ -123,11 +123,6 @@ class DeletionRequest:
         """Whether one request spans every client (a class leaves everyone's data at once)."""
         return self.scenario == "class"
 
-    @property
-    def calibration_target(self) -> str:
-        """What "forgotten" means: the class predicted no more (``accuracy-floor``), else ``loss-match``."""
-        return CALIBRATION_TARGETS[self.scenario]
-
     def describe(self, clients: Sequence[int] = ()) -> str:
         """One line naming what is forgotten (``clients``: the requesting clients' ids)."""
         if self.scenario == "client":
