@@ -145,8 +145,11 @@ def weighted_sum(arrays: Sequence[Weights], coefs: Sequence[float], template: We
     out: OrderedDict[str, np.ndarray] = OrderedDict()
     for name, ref in template.items():
         acc = np.zeros(np.shape(ref), dtype=np.float64)
+        term = np.empty_like(acc)
         for a, c in zip(arrays, coefs, strict=False):
-            acc += c * np.asarray(a[name], dtype=np.float64)
+            # the product computed in float64 into one reused buffer: the same sum, no temporaries
+            np.multiply(a[name], c, out=term, dtype=np.float64)
+            acc += term
         out[name] = acc.astype(np.asarray(ref).dtype)
     return out
 

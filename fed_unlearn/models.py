@@ -259,4 +259,10 @@ def set_weights(model: nn.Module, weights: OrderedDict[str, np.ndarray] | dict[s
     for k, v in weights.items():
         if tuple(v.shape) != tuple(state[k].shape):
             raise ValueError(f"weights '{k}' has shape {tuple(v.shape)}, model expects {tuple(state[k].shape)}")
-    model.load_state_dict(OrderedDict((k, torch.as_tensor(np.asarray(v))) for k, v in weights.items()))
+    model.load_state_dict(OrderedDict((k, _tensor(v)) for k, v in weights.items()))
+
+
+def _tensor(value: np.ndarray) -> torch.Tensor:
+    """A tensor of ``value`` for ``load_state_dict`` (which copies): shared when writable, else copied once."""
+    arr = np.asarray(value)
+    return torch.as_tensor(arr if arr.flags.writeable else arr.copy())

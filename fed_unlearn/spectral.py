@@ -194,7 +194,8 @@ def gram_matrices(weight: np.ndarray, precision: str = "double") -> torch.Tensor
     """
     if precision not in ("double", "single"):
         raise ValueError(f"precision must be 'double' or 'single', got {precision!r}")
-    w = torch.as_tensor(np.asarray(weight)).to(torch.float64 if precision == "double" else torch.float32)
+    # a copy in the working precision (the weights may be a read-only view of a record's bytes)
+    w = torch.from_numpy(np.array(weight, dtype=np.float64 if precision == "double" else np.float32))
     if w.ndim == 4:  # (out, in, kh, kw) -> kh*kw matrices (out, in)
         w = w.permute(2, 3, 0, 1).reshape(-1, w.shape[0], w.shape[1])
     elif w.ndim == 2:

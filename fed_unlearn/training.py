@@ -118,10 +118,12 @@ def local_steps(
     if (optimizer is None) == (update is None):
         raise ValueError("local_steps needs exactly one of optimizer and update")
     params: list[torch.Tensor] = list(trainable(model))
+    model.train()
     done, seen, loss_sum = 0, 0, 0.0
     for t in range(1, steps + 1):
         idx = batches.next()
-        model.train()
+        if not model.training:  # an objective or after_step that predicted switched it to eval
+            model.train()
         loss = objective(idx, t)
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)

@@ -111,6 +111,20 @@ class RecoveryRule:
         return False
 
 
+class Laps:
+    """Wall seconds of the experiment's phases, in the order they ran (``timings.phases`` of results.json)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        """Close ``phase``: the time since the previous lap is its."""
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
+
+
 def _settings(method: UnlearningMethod) -> dict[str, Any]:
     """A method's settings as a plain dict (its config dataclass)."""
     config = method.config
@@ -122,6 +136,7 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run the original rounds, the deletion request, gold, unlearning + recovery and the report."""
     t_start = time.perf_counter()
+    lap = Laps()
     task = load_task(cfg.data.task)
     if cfg.request.deletion.scenario not in method.scenarios:
         raise ValueError(
@@ -133,6 +148,7 @@ def run_experiment(
     clients = discover_clients(
         grid, cfg.federation.node_wait_seconds, cfg.federation.round_timeout, check=check, handlers=handlers
     )
+    lap("discovery")
     unknown = sorted(set(cfg.request.departing) - set(clients))
     if unknown:
         raise ValueError(f"unknown departing client id(s) {unknown}; the federation has clients {sorted(clients)}")
@@ -181,6 +197,7 @@ def run_experiment(
     original = run.arrays
     if original is None:
         raise RuntimeError("the original federation produced no model")
+    lap("original")
     # the deletion request, made with the original model; then the gold without exactly those samples
     request = request_deletion(grid, node_of, involved, original, cfg, cfg.federation.round_timeout)
     forgetting = sorted(c for c in involved if request[c]["forget-n"] > 0)
@@ -193,7 +210,9 @@ def run_experiment(
         joint=cfg.request.deletion.joint,
         send_request=False,
     )
+    lap("deletion request")
     gold_arrays, gold_meta = gold_federation(grid, cfg, clients, initial, request, architecture)
+    lap("gold")
     gold_history = {int(r): h for r, h in gold_meta["history"].items()}
     gold_final = gold_history[max(gold_history)]
     target = gold_final.get("test-acc", float("nan")) - cfg.request.recovery_tolerance
@@ -220,6 +239,7 @@ def run_experiment(
         train_config=train_config(cfg),
     )
     unlearn_wall = time.perf_counter() - t_unlearn
+    lap("unlearning + recovery")
     if not strategy.unlearning_done or not finished or run.arrays is None:
         raise RuntimeError(f"{method.name} did not finish unlearning by round {cfg.federation.num_server_rounds}")
     end_unlearning = finished[0]
@@ -231,6 +251,7 @@ def run_experiment(
         for name, arrays in models.items()
     }
     report = {name: summarise(evals) for name, evals in per_client.items()}
+    lap("measurements")
     if cfg.output.relearn_max_steps > 0:
         # target of each client: the original model's accuracy on its forget set
         targets = {
@@ -243,6 +264,7 @@ def run_experiment(
         gold_steps = report["gold"]["relearn-steps"]
         for name in models:
             report[name]["relearn-vs-gold"] = report[name]["relearn-steps"] / gold_steps if gold_steps else float("nan")
+        lap("relearn time")
     leakage: dict[str, Any] = {}
     if cfg.audit.references:
         references, ref_cost = reference_federations(grid, cfg, clients, initial, architecture)
@@ -254,6 +276,7 @@ def run_experiment(
         for name, row in figures.items():
             report[name].update({k: v for k, v in row.items() if k in LEAKAGE_REPORT_KEYS})
         leakage = {"figures": figures, "roc": {a: roc_on_grid(scores, a) for a in ATTACKS}, "references": ref_cost}
+        lap("strong audit")
     weights = {name: to_weights(arrays) for name, arrays in models.items()}
     for name, metrics in report.items():
         metrics["average-gap"] = average_gap(metrics, report["gold"])
@@ -265,6 +288,13 @@ def run_experiment(
     if further:
         log(WARNING, "%s ended further from the gold than the original on: %s", method.name, ", ".join(further))
 
+    timings: dict[str, Any] = {
+        "federation-wall-seconds": run.wall_seconds,
+        "gold-wall-seconds": gold_meta.get("wall-seconds"),
+        "unlearning+recovery-wall-seconds": unlearn_wall,
+        "gold-cached": gold_meta["cached"],
+        "original-cached": original_cached,
+    }
     unlearn_cost = run.compute(first_round=cfg.request.round)
     gold_cost = gold_meta["compute"]
     results = {
@@ -303,20 +333,12 @@ def run_experiment(
             else None,
         },
         "server-history-bytes": method.history_bytes(),
-        "timings": {
-            "federation-wall-seconds": run.wall_seconds,
-            "gold-wall-seconds": gold_meta.get("wall-seconds"),
-            "unlearning+recovery-wall-seconds": unlearn_wall,
-            "gold-cached": gold_meta["cached"],
-            "original-cached": original_cached,
-            "total-seconds": time.perf_counter() - t_start,
-        },
+        "timings": timings,
         "gold-key": gold_meta.get("key"),
         "code": code_fingerprint(),
         "table-markdown": table,
     }
     out_dir = Path(cfg.output.results_dir) / experiment_name(cfg, method)
-    write_json(out_dir / "results.json", results)
     plot_accuracy(
         out_dir / "accuracy.png",
         run.history,
@@ -333,6 +355,10 @@ def run_experiment(
             f"{int(leakage['figures']['gold']['nonmembers'])} non-members)",
         )
     (out_dir / "table.md").write_text(table + "\n")
+    lap("report")
+    # written last, so that its time is the experiment's end
+    timings.update({"phases": lap.seconds, "total-seconds": time.perf_counter() - t_start})
+    write_json(out_dir / "results.json", results)
     log(INFO, "results written to %s", out_dir.resolve())
     return results
 

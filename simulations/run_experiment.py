@@ -326,10 +326,17 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + args.timeout
         status = run_status(env, run_id)
         while not status.startswith("finished") and time.monotonic() < deadline:
-            time.sleep(2.0)
+            # the log stream ends with the run; the status is asked (a flwr process each time) only
+            # every 10 s while it streams, every 0.5 s once it has ended
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                stream.wait(timeout=10.0)
+            if stream.poll() is not None and not status.startswith("finished"):
+                time.sleep(0.5)
             status = run_status(env, run_id)
-        time.sleep(1.0)  # let the log stream print the last lines
-        stop_process(stream, grace=3.0) if stream.poll() is None else None
+        if stream.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                stream.wait(timeout=1.0)  # let the log stream print the last lines
+            stop_process(stream, grace=3.0)
         reader.join(timeout=5.0)
         print(f"run {run_id}: {status}", flush=True)
         if status != "finished:completed":

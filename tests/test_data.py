@@ -147,6 +147,21 @@ def test_iid_shuffles_sorted_labels():
         assert len(np.unique(labels()[p])) == 10
 
 
+@pytest.mark.parametrize(("n", "k", "seed"), [(1000, 5, 0), (1003, 7, 3), (11, 11, 1), (4999, 10, 2)])
+def test_iid_partitions_are_flwr_datasets_iid_partitioner_s(n, k, seed):
+    """The same shards as flwr-datasets' IidPartitioner on the shuffled examples, without importing it."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import IidPartitioner
+
+    y = np.arange(n) % 10
+    perm = np.random.default_rng(seed).permutation(n)
+    part = IidPartitioner(num_partitions=k)
+    part.dataset = Dataset.from_dict({"label": y[perm].tolist(), "idx": perm.tolist()})
+    theirs = [np.sort(np.asarray(part.load_partition(i)["idx"])) for i in range(k)]
+    ours = partition_indices(y, k, "iid", seed=seed)
+    assert all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
 def label_skew(y, parts):
     """Mean total-variation distance between client label distributions and the global one."""
     glob = np.bincount(y, minlength=10) / len(y)

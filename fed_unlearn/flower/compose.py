@@ -26,14 +26,14 @@ from ..spectral import analyze, motion_share
 from ..unlearning import UnlearningMethod
 from . import inner as I
 from .intake import CheckedReply, ReplyIntake
-from .records import to_record, to_weights, with_content
+from .records import array_view, read_weights, to_record, with_content
 from .replies import Checked, weighted_means
 from .stepping import StepControl
 
 
 def finite(arrays: ArrayRecord) -> bool:
     """Whether every floating-point value of ``arrays`` is finite."""
-    values = [np.asarray(a) for a in to_weights(arrays).values()]
+    values = read_weights(arrays).values()
     return all(bool(np.isfinite(a).all()) for a in values if np.issubdtype(a.dtype, np.inexact))
 
 
@@ -97,7 +97,7 @@ class Composition(ReplyIntake, StepControl):
 
     def _add(self, arrays: ArrayRecord, correction: Mapping[str, np.ndarray]) -> ArrayRecord:
         """The wrapped strategy's aggregate plus the unlearning correction, in the aggregate's dtypes."""
-        got = to_weights(arrays)
+        got = read_weights(arrays)
         return to_record(
             {
                 k: (np.asarray(v, np.float64) + np.asarray(correction[k], np.float64)).astype(v.dtype)
@@ -117,7 +117,7 @@ class Composition(ReplyIntake, StepControl):
         if not bf16:
             return arrays
         out = dict(arrays.items())
-        recoded = to_record({k: to_weights(ArrayRecord({k: arrays[k]}))[k] for k in bf16}, self._wire)
+        recoded = to_record({k: array_view(arrays[k]) for k in bf16}, self._wire)
         out.update(recoded.items())
         return ArrayRecord(array_dict=out)
 

@@ -210,6 +210,8 @@ class PromptGrid(ActiveNodesGrid):
 
 def prompt(grid: Grid, interval: float = 0.1) -> Grid:
     """``grid`` wrapped in :class:`PromptGrid` if it is Flower's deployment Grid (3 s pulls), else ``grid``."""
+    if "HttpGrid" not in {c.__name__ for c in type(grid).__mro__}:
+        return grid  # not a deployment Grid: spares importing Flower's SuperLink modules (~1 s)
     try:
         from flwr.superlink.grid.http_grid import HttpGrid
     except ImportError:  # another Flower version: leave it as it is

@@ -18,6 +18,7 @@ from flwr.common import log
 
 from .. import protocol as P
 from ..aggregation import InvalidUpdateError
+from .records import array_records, metric_records
 from .replies import (
     Checked,
     StructureError,
@@ -30,7 +31,7 @@ from .replies import (
     weighted_means,
 )
 from .requests import client_failure
-from .stepping import clip_update, update_norm
+from .stepping import clip_update, update_norm, update_norms
 
 
 class CheckedReply:
@@ -86,6 +87,7 @@ class ReplyIntake:
         sent = self._sent.get(node)
         out = CheckedReply(node, own=sent is not None and sent.metadata.message_type == self._own_type)
         content = reply.content
+        arrays, metrics = array_records(content), metric_records(content)
         if "*" in asked:  # a plain training reply: one ArrayRecord, one MetricRecord
             try:
                 akey, mkey = training_records(reply)
@@ -95,7 +97,7 @@ class ReplyIntake:
         else:
             metric_of = {a: m for a, m in P.ROLE_KEYS.values()}
             expected = set(asked) | {metric_of[a] for a in asked}
-            got = set(content.array_records) | set(content.metric_records)
+            got = set(arrays) | set(metrics)
             if got != expected:
                 return (
                     None,
@@ -112,7 +114,7 @@ class ReplyIntake:
             return clip_update(w, self._global, self.max_update_norm, moving)
 
         for role, (akey, mkey) in roles.items():
-            if mkey not in content.metric_records or akey not in content.array_records:
+            if mkey not in metrics or akey not in arrays:
                 return None, f"its reply lacks the records '{akey}' / '{mkey}'", True
             try:
                 checked, notes = check_role(
@@ -184,7 +186,7 @@ class ReplyIntake:
                     self._strike(p.node, problem)
                     parsed.remove(p)
             holders = [c for c in own if c.metric_keys == keys]
-            ordered = list(holders[0].message.content.metric_records[holders[0].metric_key].keys())
+            ordered = list(holders[0].update.metrics)
             means = weighted_means(holders, self._weight_key())
             for p in parsed:
                 if not p.own and p.retain is not None and p.retain.metric_keys != keys:
@@ -199,11 +201,10 @@ class ReplyIntake:
 
     def _drop_outliers(self, parsed: list[CheckedReply]) -> None:
         """Strike the replies whose update dwarfs the others' (:func:`update_outliers`); keeps the round's norms."""
-        self._norms = {
-            p.node: update_norm(p.retain.update.weights, self._global, self._moving)
-            for p in parsed
-            if p.retain is not None and self._global is not None
-        }
+        moved = [p.retain for p in parsed if p.retain is not None] if self._global is not None else []
+        norms = update_norms([c.update.weights for c in moved], self._global or {}, self._moving)
+        nodes = [p.node for p in parsed if p.retain is not None] if moved else []
+        self._norms = dict(zip(nodes, norms, strict=True))
         if self.max_update_ratio is None:
             return
         still = len(self._norms) < 3 or float(np.median(list(self._norms.values()))) == 0.0

@@ -11,6 +11,7 @@ bfloat16 tensors outright. Here a ``bfloat16`` Array reads as the float32 values
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from io import BytesIO
 from typing import Any
@@ -46,12 +47,50 @@ def float_to_bf16_bits(values: np.ndarray) -> np.ndarray:
     return rounded.reshape(shape)
 
 
-def array_numpy(arr: Array) -> np.ndarray:
-    """One Flower Array as a numpy array (bfloat16 as its float32 values)."""
-    out = arr.numpy()
+#: The header ``np.save`` writes for a plain array of a fixed-size number dtype (anything else
+#: is read by ``np.load``): little/big-endian letter + size, the order flag, the shape.
+_NPY_HEADER = re.compile(
+    rb"\{'descr': '([<>|=][biufc]\d{1,2})', 'fortran_order': (True|False), 'shape': \((\d*(?:, \d+)*),?\), \} *\n"
+)
+
+
+def _npy_view(data: bytes) -> np.ndarray | None:
+    """The array an ``.npy`` buffer holds, as a read-only view of it; ``None`` when its header is not a plain one."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 12:
+        return None
+    start = 10 if data[6] == 1 else 12
+    size = int.from_bytes(data[8:start], "little")
+    m = _NPY_HEADER.fullmatch(data, start, start + size)
+    if m is None:
+        return None
+    shape = tuple(int(x) for x in m[3].split(b",") if x.strip())
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    # frombuffer raises when the buffer holds fewer values than the shape says
+    out = np.frombuffer(data, np.dtype(m[1].decode()), count, start + size)
+    return out.reshape(shape, order="F" if m[2] == b"True" else "C")
+
+
+def array_view(arr: Array) -> np.ndarray:
+    """One Flower Array as a **read-only** numpy view of its bytes (bfloat16 as its float32 values).
+
+    A plain ``.npy`` buffer (every array Flower's ``Array(ndarray)`` writes) is read without
+    copying, an order of magnitude faster than ``Array.numpy()``; anything else goes through
+    ``np.load`` (never with pickles).
+    """
+    if arr.stype != _NUMPY_STYPE:
+        return arr.numpy()  # Flower's own error for other serialisations
+    out = _npy_view(arr.data)
+    if out is None:
+        out = arr.numpy()
     if is_bfloat16(arr) and out.dtype.itemsize == 2 and out.dtype.kind in ("V", "u", "i"):
         return bf16_bits_to_float32(out)
     return out
+
+
+def array_numpy(arr: Array) -> np.ndarray:
+    """One Flower Array as a fresh, writable numpy array (bfloat16 as its float32 values)."""
+    out = array_view(arr)
+    return out.copy() if not out.flags.writeable else out
 
 
 def bf16_array(values: np.ndarray) -> Array:
@@ -63,12 +102,17 @@ def bf16_array(values: np.ndarray) -> Array:
 
 
 def to_weights(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """ArrayRecord -> ``{name: ndarray}`` (bfloat16 arrays as float32).
-
-    ``Array.numpy()`` deserialises into a fresh array every call, so the result never
-    aliases the record (no second copy needed).
-    """
+    """ArrayRecord -> ``{name: ndarray}`` (bfloat16 arrays as float32), fresh writable arrays."""
     return {name: array_numpy(arr) for name, arr in record.items()}
+
+
+def read_weights(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """ArrayRecord -> ``{name: ndarray}`` as read-only views of its bytes (:func:`array_view`).
+
+    For reading (validation, norms, averages): writing into one raises instead of changing
+    the record.
+    """
+    return {name: array_view(arr) for name, arr in record.items()}
 
 
 def wire_dtypes(record: ArrayRecord) -> dict[str, str]:
@@ -127,6 +171,16 @@ def torch_state(record: ArrayRecord) -> dict[str, Any]:
 def metric_dict(record: MetricRecord) -> dict[str, float]:
     """MetricRecord -> plain dict (scalars only)."""
     return {k: v for k, v in record.items() if not isinstance(v, list)}
+
+
+def metric_records(content: RecordDict) -> dict[str, MetricRecord]:
+    """The MetricRecords of ``content``, a plain dict (``RecordDict.metric_records`` builds a checked copy per call)."""
+    return {k: v for k, v in content.items() if isinstance(v, MetricRecord)}
+
+
+def array_records(content: RecordDict) -> dict[str, ArrayRecord]:
+    """The ArrayRecords of ``content`` as a plain dict (see :func:`metric_records`)."""
+    return {k: v for k, v in content.items() if isinstance(v, ArrayRecord)}
 
 
 def with_content(msg: Message, content: RecordDict) -> Message:

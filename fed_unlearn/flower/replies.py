@@ -28,7 +28,7 @@ import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
 
 from ..aggregation import ClientUpdate, InvalidUpdateError, conform_update
-from .records import to_record, to_weights, with_content
+from .records import array_records, metric_records, read_weights, to_record, with_content
 
 
 class StructureError(ValueError):
@@ -122,7 +122,7 @@ def check_role(
         If the arrays or the weight are not acceptable (names the problem).
     """
     content = reply.content
-    metrics = content.metric_records[metric_key]
+    metrics = metric_records(content)[metric_key]
     n = weight_of(metrics, weight_key)
     notes: list[str] = []
     modified = False
@@ -131,9 +131,9 @@ def check_role(
         n = cap
         metrics = MetricRecord({**dict(metrics), weight_key: n})
         modified = True
-    record = content.array_records[array_key]
+    record = array_records(content)[array_key]
     try:
-        weights = to_weights(record)
+        weights = read_weights(record)
     except Exception as exc:  # noqa: BLE001  (undecodable arrays are the client's fault, not the round's)
         raise InvalidUpdateError(f"its arrays cannot be read: {type(exc).__name__}: {exc}") from None
     weights, cast = conform_update(weights, reference, "its update")
@@ -163,13 +163,13 @@ def training_records(reply: Message) -> tuple[str, str]:
     StructureError
         If the reply has another number of either.
     """
-    content = reply.content
-    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+    arrays, metrics = array_records(reply.content), metric_records(reply.content)
+    if len(arrays) != 1 or len(metrics) != 1:
         raise StructureError(
             f"a training reply needs exactly one ArrayRecord and one MetricRecord, got "
-            f"{sorted(content.array_records)} and {sorted(content.metric_records)}"
+            f"{sorted(arrays)} and {sorted(metrics)}"
         )
-    return next(iter(content.array_records)), next(iter(content.metric_records))
+    return next(iter(arrays)), next(iter(metrics))
 
 
 def majority_keys(keysets: Sequence[frozenset[str]]) -> frozenset[str] | None:
@@ -187,7 +187,7 @@ def harmonise(checked: Checked, keys: Sequence[str], means: Mapping[str, float])
     where the helpers name metrics their own way): keys the others lack are dropped, keys it
     lacks take the others' weighted mean (which leaves every weighted mean unchanged).
     """
-    metrics = dict(checked.message.content.metric_records[checked.metric_key])
+    metrics = dict(metric_records(checked.message.content)[checked.metric_key])
     values = {k: metrics[k] if k in metrics else means[k] for k in keys if k in metrics or k in means}
     record = MetricRecord(values)
     records = dict(checked.message.content.items())
@@ -201,7 +201,7 @@ def weighted_means(checked: Sequence[Checked], weight_key: str) -> dict[str, flo
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     for c in checked:
-        rec = c.message.content.metric_records[c.metric_key]
+        rec = metric_records(c.message.content)[c.metric_key]
         n = float(rec[weight_key])  # type: ignore[arg-type]
         for k, v in rec.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):

@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 from ..aggregation import ClientUpdate, fedavg
-from .records import to_record, to_weights, wire_dtypes
+from .records import array_records, metric_records, read_weights, to_record, wire_dtypes
 
 
 class ReproducibleFedAvg(FedAvg):
@@ -29,8 +29,8 @@ class ReproducibleFedAvg(FedAvg):
             return None, None
         updates = []
         for i, msg in enumerate(valid):
-            n = next(iter(msg.content.metric_records.values()))[self.weighted_by_key]
-            updates.append(ClientUpdate(i, to_weights(next(iter(msg.content.array_records.values()))), n))  # type: ignore[arg-type]
-        first = next(iter(valid[0].content.array_records.values()))
+            n = next(iter(metric_records(msg.content).values()))[self.weighted_by_key]
+            updates.append(ClientUpdate(i, read_weights(next(iter(array_records(msg.content).values()))), n))  # type: ignore[arg-type]
+        first = next(iter(array_records(valid[0].content).values()))
         arrays = to_record(fedavg(updates), wire_dtypes(first))
         return arrays, self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)

@@ -34,7 +34,7 @@ from flwr.serverapp import Grid
 from .. import protocol as P
 from ..aggregation import ClientUpdate, fedavg
 from ..calibration import Calibration, choose_scale, memorisation, pooled, target_for, utility_scale
-from .records import metric_dict, to_record
+from .records import metric_dict, metric_records, to_record
 from .requests import UnlearningRequest, client_failure
 from .wire import handlers_of
 
@@ -44,14 +44,22 @@ UTILITY_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 def update_norm(weights: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray], names: Sequence[str]) -> float:
     """L2 norm of ``weights - start`` over ``names``, in float64."""
-    return float(
-        np.sqrt(
-            sum(
-                float(np.sum((np.asarray(weights[k], np.float64) - np.asarray(start[k], np.float64)) ** 2))
-                for k in names
-            )
-        )
-    )
+    return update_norms([weights], start, names)[0]
+
+
+def update_norms(
+    many: Sequence[Mapping[str, np.ndarray]], start: Mapping[str, np.ndarray], names: Sequence[str]
+) -> list[float]:
+    """:func:`update_norm` of each of ``many`` against the same ``start``."""
+    totals = [0.0] * len(many)
+    for k in names:
+        # one float64 buffer per array, squared in place: the same sums as ((w - s) ** 2).sum(), several times faster
+        buf = np.empty(np.shape(start[k]), dtype=np.float64)
+        for i, weights in enumerate(many):
+            np.subtract(weights[k], start[k], out=buf, dtype=np.float64)
+            np.multiply(buf, buf, out=buf)
+            totals[i] += float(np.sum(buf))
+    return [float(np.sqrt(t)) for t in totals]
 
 
 def mean_update_norm(
@@ -355,9 +363,12 @@ def evaluation_means(replies: Sequence[Message], weight_key: str, skip: Callable
     sums: dict[str, float] = {}
     total: dict[str, float] = {}
     for r in replies:
-        if r.has_error() or skip(r.metadata.src_node_id) or len(r.content.metric_records) != 1:
+        if r.has_error() or skip(r.metadata.src_node_id):
             continue
-        rec = metric_dict(next(iter(r.content.metric_records.values())))
+        recs = metric_records(r.content)
+        if len(recs) != 1:
+            continue
+        rec = metric_dict(next(iter(recs.values())))
         n = rec.get(weight_key)
         if isinstance(n, bool) or not isinstance(n, (int, float)) or not (np.isfinite(n) and n > 0):
             continue

@@ -60,7 +60,7 @@ from . import inner as I
 from .compose import Composition, finite
 from .grid import ActiveNodesGrid
 from .outbox import MessageBuilder
-from .records import metric_dict, to_record, to_weights, wire_dtypes, with_content
+from .records import metric_dict, metric_records, read_weights, to_record, wire_dtypes, with_content
 from .replies import (
     majority_keys,
 )
@@ -483,9 +483,9 @@ class Unlearning(RequestBook, MessageBuilder, Composition, Strategy):
         if back:
             # the strategy averaged a bfloat16 model in float32 (numpy has no bfloat16): it travels as bfloat16
             wire.update({k: "bfloat16" for k in back})
-            arrays = to_record(to_weights(arrays), wire)
+            arrays = to_record(read_weights(arrays), wire)
         self._wire = wire
-        self._global = self._round_start = to_weights(arrays)
+        self._global = self._round_start = read_weights(arrays)
         self._moving = sorted(set(self._global) - self._carried())
         self._asked, self._sent = {}, {}
         self.failed = ()
@@ -600,14 +600,10 @@ class Unlearning(RequestBook, MessageBuilder, Composition, Strategy):
                 )
             else:
                 ok.append(r)
-        usable = [
-            r
-            for r in ok
-            if len(r.content.metric_records) == 1
-            and isinstance(next(iter(r.content.metric_records.values())).get(weight_key), (int, float))
-        ]
+        only = {id(r): next(iter(recs.values())) for r in ok if len(recs := metric_records(r.content)) == 1}
+        usable = [r for r in ok if id(r) in only and isinstance(only[id(r)].get(weight_key), (int, float))]
         active = [r for r in usable if r.metadata.src_node_id not in self.departed]
-        keysets = [frozenset(next(iter(r.content.metric_records.values())).keys()) for r in active]
+        keysets = [frozenset(only[id(r)].keys()) for r in active]
         keys = majority_keys(keysets)
         if keys is not None:
             odd = [r for r, ks in zip(active, keysets, strict=True) if ks != keys]
@@ -622,10 +618,7 @@ class Unlearning(RequestBook, MessageBuilder, Composition, Strategy):
         if self.reproducible:
             active.sort(key=lambda r: (self.client_id(r.metadata.src_node_id), r.metadata.src_node_id))
         metrics: MetricRecord | None = self.strategy.aggregate_evaluate(server_round, active) if active else None
-        evals = {
-            self.client_id(r.metadata.src_node_id): metric_dict(next(iter(r.content.metric_records.values())))
-            for r in usable
-        }
+        evals = {self.client_id(r.metadata.src_node_id): metric_dict(only[id(r)]) for r in usable}
         parts = {c: e for c, e in evals.items() if "forget-n" in e}
         if not parts:
             return metrics
