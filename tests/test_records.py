@@ -1,0 +1,89 @@
+"""Reading Flower Arrays without copying: the same values as ``Array.numpy()``, hostile bytes refused."""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from fed_unlearn.flower.records import (
+    array_records,
+    array_view,
+    bf16_array,
+    metric_records,
+    read_weights,
+    to_record,
+    to_weights,
+)
+
+TIER = "integration"  # see tests/conftest.py (Flower's records only)
+
+VALUES = [
+    np.arange(12, dtype=np.float32).reshape(3, 4),
+    np.array(3.5, dtype=np.float32),  # 0-dim
+    np.arange(5, dtype=np.int64),  # a BatchNorm counter
+    np.linspace(-1, 1, 6, dtype=np.float16).reshape(2, 3),
+    np.zeros((0, 4), dtype=np.float64),
+    np.asfortranarray(np.arange(6, dtype=np.float64).reshape(2, 3)),
+    np.arange(4, dtype=">f4"),  # big-endian
+    np.array([True, False]),
+    np.arange(4, dtype=np.uint8),
+]
+
+
+@pytest.mark.parametrize("value", VALUES, ids=lambda v: f"{v.dtype.str}{v.shape}")
+def test_a_view_holds_what_array_numpy_gives_and_cannot_be_written(value):
+    arr = Array(value)
+    view, loaded = array_view(arr), arr.numpy()
+    assert view.dtype == loaded.dtype and view.shape == loaded.shape
+    assert np.array_equal(view, loaded)
+    assert not view.flags.writeable
+    with pytest.raises(ValueError):
+        view[...] = 0
+
+
+def test_to_weights_copies_and_read_weights_views():
+    rec = to_record({"w": np.ones((2, 2), np.float32), "c": np.array(7, np.int64)})
+    fresh, views = to_weights(rec), read_weights(rec)
+    fresh["w"] += 1  # a fresh array may be changed; the record is not
+    assert np.array_equal(read_weights(rec)["w"], np.ones((2, 2)))
+    assert not views["w"].flags.writeable and views["c"].shape == ()
+
+
+def test_bfloat16_reads_as_its_float32_values():
+    values = np.array([1.0, -2.5, 3.140625], np.float32)  # exact in bfloat16
+    assert np.array_equal(array_view(bf16_array(values)), values)
+
+
+def _npy(header: bytes, body: bytes) -> Array:
+    head = header + b" " * ((64 - (10 + len(header) + 1) % 64) % 64) + b"\n"
+    data = b"\x93NUMPY\x01\x00" + len(head).to_bytes(2, "little") + head + body
+    return Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=data)
+
+
+def test_a_buffer_shorter_than_its_header_claims_is_refused():
+    arr = _npy(b"{'descr': '<f4', 'fortran_order': False, 'shape': (1000,), }", np.zeros(3, np.float32).tobytes())
+    with pytest.raises(ValueError):
+        array_view(arr)
+
+
+def test_an_object_array_is_never_unpickled():
+    buf = BytesIO()
+    np.save(buf, np.array([1, "a"], dtype=object), allow_pickle=True)
+    arr = Array(dtype="object", shape=(2,), stype="numpy.ndarray", data=buf.getvalue())
+    with pytest.raises(ValueError, match="pickle"):
+        array_view(arr)  # not our fast path; np.load with allow_pickle=False refuses it
+
+
+def test_an_unusual_header_goes_to_numpys_reader():
+    # a valid .npy header with the keys in another order: numpy reads it, so do we
+    arr = _npy(b"{'shape': (3,), 'fortran_order': False, 'descr': '<f4', }", np.arange(3, dtype=np.float32).tobytes())
+    assert np.array_equal(array_view(arr), np.arange(3, dtype=np.float32))
+
+
+def test_record_lookups_are_plain_dicts_of_the_records():
+    content = RecordDict({"a": ArrayRecord(), "m": MetricRecord({"n": 1}), "b": ArrayRecord()})
+    assert list(array_records(content)) == ["a", "b"] and list(metric_records(content)) == ["m"]
+    assert metric_records(content)["m"] is content["m"]
