@@ -106,7 +106,7 @@ def gold_federation(
     )
 
     def leave_out(strategy: Unlearning) -> None:
-        strategy.exclude(*(clients[c].node_id for c in cfg.leaving))
+        strategy.leave_out(*(clients[c].node_id for c in cfg.leaving))
         strategy.restrict_to_retained(*(clients[c].node_id for c in retain_only))
 
     run = retrain(grid, cfg, clients, initial, "gold", leave_out)

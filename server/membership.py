@@ -204,7 +204,7 @@ class Membership:
         self.declared[name] = int(registered) if registered else self.declared.get(name, info.train_n)
         self.strategy.declare_examples(node, self.declared[name])
         if name in self.gone:
-            self.strategy.exclude(node)
+            self.strategy.leave_out(node)
         self.strategy.restore(
             strikes={node: self.strikes[name]} if self.strikes.get(name) else {},
             excluded=[node] if name in self.excluded else [],

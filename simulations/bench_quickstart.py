@@ -72,7 +72,7 @@ def federation(app: Any, nodes: int, initial: Any, kind: str, seed: int, rounds:
     if kind == "gold":
         strategy = Unlearning(strategy, None)
         strategy.identify(grid, grid.get_node_ids())
-        strategy.exclude(*(n for n, i in strategy.identities.items() if int(i["partition-id"]) == 0))
+        strategy.leave_out(*(n for n, i in strategy.identities.items() if int(i["partition-id"]) == 0))
     elif kind in ("reference", "default", "stopped"):
         method = "fine-tune" if kind == "stopped" else "puf"  # stopped: the client simply stops contributing
         strategy = Unlearning(strategy, method=method, calibrate=kind == "default")

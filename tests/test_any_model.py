@@ -131,7 +131,7 @@ def test_attributes_are_the_wrapped_strategys():
     w.fraction_train = 0.25  # set on the wrapped strategy, and it takes effect
     assert inner.fraction_train == 0.25
     w.min_available_nodes = 3  # raised after wrapping: kept when the wrapper adjusts the minimums
-    w.exclude(12345)
+    w.leave_out(12345)
     w._adjust_minimums()
     assert inner.min_available_nodes == 2  # one node gone
     w.min_available_nodes = 5
@@ -140,6 +140,8 @@ def test_attributes_are_the_wrapped_strategys():
     with pytest.raises(AttributeError):
         _ = w.no_such_setting
     assert isinstance(w, FedAvg)  # around FedAvg's own rule, the wrapper is a FedAvg (Flower's DP accepts it)
+    w.exclude(777)  # the former name of leave_out
+    assert {12345, 777} <= w.departed and not w.excluded
 
 
 def test_replies_reach_the_users_metric_aggregation_with_their_extra_records():

@@ -202,9 +202,16 @@ class RequestBook:
         if last_update_norm is not None:
             self.last_update_norm = float(last_update_norm)
 
-    def exclude(self, *node_ids: int) -> None:
-        """Leave these nodes out of training from now on (a gold federation's left-out clients)."""
+    def leave_out(self, *node_ids: int) -> None:
+        """Leave these nodes out of training from now on, as departed ones (a gold federation's left-out clients).
+
+        Not the same as :attr:`excluded`, the nodes struck out for invalid replies.
+        """
         self.departed |= set(node_ids)
+
+    def exclude(self, *node_ids: int) -> None:
+        """The former name of :meth:`leave_out` (kept for existing apps)."""
+        self.leave_out(*node_ids)
 
     def restrict_to_retained(self, *node_ids: int) -> None:
         """Have these nodes train on their retained samples only (they answer ``train.retain``)."""

@@ -96,7 +96,7 @@ def main(grid: Grid, context: Context) -> None:
     # the gold: the same rounds, from the same model, without the departing partition
     gold_strategy = Unlearning(wrapped(str(rc["strategy"]), num), None)
     gold_strategy.identify(grid, grid.get_node_ids())
-    gold_strategy.exclude(
+    gold_strategy.leave_out(
         *(n for n, ident in gold_strategy.identities.items() if int(ident["partition-id"]) == departing)
     )
     gold_strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, evaluate_fn=keep("gold"))
