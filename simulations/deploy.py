@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .run_experiment import PROJECT_ROOT, executable, free_port, quiet_env
+from .run_experiment import PROJECT_ROOT, executable, free_port, quiet_env, stage_app
 
 FEDERATION = "deploy"
 
@@ -460,8 +460,9 @@ class Deployment:
         self.save()
 
     def submit(self, run_config: str) -> int:
-        """``flwr run . deploy --run-config ...``; returns the run id."""
-        cmd = ["run", self.app or str(PROJECT_ROOT), FEDERATION, "--format", "json", "--run-config", run_config]
+        """``flwr run . deploy --run-config ...`` (from a staged copy of the app); returns the run id."""
+        app = stage_app(Path(self.app or PROJECT_ROOT), self.root / "app")
+        cmd = ["run", str(app), FEDERATION, "--format", "json", "--run-config", run_config]
         print("$ flwr", " ".join(shlex.quote(c) for c in cmd), flush=True)
         out = self.flwr(*cmd)
         try:

@@ -1,0 +1,27 @@
+"""The launcher's staging of a Flower app: what ``flwr run`` is given builds the app's own FAB."""
+
+from __future__ import annotations
+
+from flwr.cli.build import build_fab_from_disk
+
+from simulations.run_experiment import PROJECT_ROOT, stage_app
+
+TIER = "integration"  # see tests/conftest.py (Flower's FAB builder)
+
+
+def test_a_staged_app_builds_the_same_fab_without_its_ignored_files(tmp_path):
+    app = tmp_path / "app"
+    (app / "pkg").mkdir(parents=True)
+    (app / "pyproject.toml").write_text((PROJECT_ROOT / "pyproject.toml").read_text())
+    (app / ".gitignore").write_text(".venv/\n/results/\n*.log\n")
+    (app / "pkg" / "__init__.py").write_text("X = 1\n")
+    (app / "pkg" / "notes.md").write_text("kept\n")
+    (app / "run.log").write_text("ignored\n")
+    for ignored in (".venv/lib/site", "results/run-1"):
+        (app / ignored).mkdir(parents=True)
+        (app / ignored / "big.py").write_text("ignored = True\n")
+    (app / "pkg" / "link.py").symlink_to(app / "pkg" / "__init__.py")  # Flower skips symlinks
+    staged = stage_app(app, tmp_path / "staged")
+    assert build_fab_from_disk(staged) == build_fab_from_disk(app)
+    assert not (staged / ".venv").exists() and not (staged / "results").exists() and not (staged / "run.log").exists()
+    assert (staged / "pkg" / "notes.md").read_text() == "kept\n" and not (staged / "pkg" / "link.py").exists()
