@@ -247,6 +247,53 @@ def mann_whitney_z(aucs: Sequence[float], forget_n: Sequence[float], heldout_n: 
     return float(np.sum((a - 0.5) * pairs) / np.sqrt(var)), float(np.sum(a * pairs) / np.sum(pairs))
 
 
+@dataclass(frozen=True)
+class Measurement:
+    """One model measured by a forgetting client: per-sample losses and correct counts of its forget set and of
+    its held-out samples like it (the raw material of :func:`client_stats`)."""
+
+    forget_loss: np.ndarray
+    forget_correct: float
+    heldout_loss: np.ndarray
+    heldout_correct: float
+
+
+def client_stats(
+    per_scale: Sequence[Measurement], pre_request: Measurement | None, forget_n: int, heldout_n: int
+) -> dict[str, list[float]]:
+    """What a forgetting client reports of the candidates ``base + c * direction`` (and of the pre-request model).
+
+    Sums and counts only — no sample leaves the client — in the form :func:`pooled` reads:
+    per scale the forget and held-out loss sums and correct counts and the loss-threshold
+    attack's AUC (forget vs held-out); for the pre-request model the same with the sums of
+    squared losses (for the standard error of the memorisation test).
+    """
+    from .metrics import loss_mia_auc
+
+    out: dict[str, list[float]] = {
+        "forget-loss-sum": [float(np.sum(m.forget_loss)) for m in per_scale],
+        "forget-correct": [float(m.forget_correct) for m in per_scale],
+        "heldout-loss-sum": [float(np.sum(m.heldout_loss)) for m in per_scale],
+        "heldout-correct": [float(m.heldout_correct) for m in per_scale],
+        # the loss-threshold attack's AUC, forget vs held-out: the whole distributions
+        "forget-auc": [loss_mia_auc(m.forget_loss, m.heldout_loss) for m in per_scale],
+    }
+    if pre_request is not None:
+        f, h = pre_request.forget_loss, pre_request.heldout_loss
+        out.update(
+            {
+                "pre-forget-loss-sum": [float(np.sum(f))],
+                "pre-forget-loss-sq": [float(np.sum(f * f))],
+                "pre-forget-correct": [float(pre_request.forget_correct)],
+                "pre-heldout-correct": [float(pre_request.heldout_correct)],
+                "pre-heldout-loss-sum": [float(np.sum(h))],
+                "pre-heldout-loss-sq": [float(np.sum(h * h))],
+                "pre-auc": [loss_mia_auc(f, h)],
+            }
+        )
+    return {**out, "forget-n": [float(forget_n)], "heldout-n": [float(heldout_n)]}
+
+
 def pooled(stats: Sequence[dict[str, Sequence[float]]]) -> dict[str, Any]:
     """Pool several clients' per-scale sums into means: ``forget-loss``, ``heldout-loss``, ``forget-acc``.
 

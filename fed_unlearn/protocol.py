@@ -89,11 +89,13 @@ Messages
     ``direction`` and ``pre-request`` (the model before the request); config ``scales``
     (list of float) and :data:`FORGET_ALL`. The client measures ``base + c * direction``
     for every ``c`` on its forget set and on held-out samples like them; reply MetricRecord
-    ``calibration``: per-scale lists ``forget-loss-sum``, ``forget-correct``,
-    ``heldout-loss-sum``, the counts ``forget-n``, ``heldout-n``, and for the pre-request
-    model one-element lists ``pre-forget-loss-sum``, ``pre-forget-loss-sq``,
-    ``pre-forget-correct``, ``pre-heldout-loss-sum``, ``pre-heldout-loss-sq``, ``pre-auc``
-    (without them the memorisation test is skipped). Without the handler, the remaining
+    ``calibration``: what :func:`fed_unlearn.calibration.client_stats` builds — per-scale
+    lists ``forget-loss-sum``, ``forget-correct``, ``heldout-loss-sum``, ``heldout-correct``,
+    ``forget-auc``, the counts ``forget-n``, ``heldout-n``, and for the pre-request model
+    one-element lists ``pre-forget-loss-sum``, ``pre-forget-loss-sq``, ``pre-forget-correct``,
+    ``pre-heldout-correct``, ``pre-heldout-loss-sum``, ``pre-heldout-loss-sq``, ``pre-auc``
+    (without them the memorisation test is skipped). Built and read by
+    :mod:`fed_unlearn.flower.wire` (``calibrate_request`` / ``calibrate_reply``). Without the handler, the remaining
     clients evaluate the candidate models with their ordinary ``evaluate`` handler instead
     (:mod:`fed_unlearn.flower.stepping`).
 ``train.reference`` (:data:`TRAIN_REFERENCE`)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fed_unlearn.calibration import choose_scale, pooled, target_for
+from fed_unlearn.calibration import Measurement, choose_scale, client_stats, pooled, target_for
 
 TIER = "unit"  # see tests/conftest.py
 
@@ -214,3 +214,19 @@ def test_pooled_auc_per_scale_is_the_stratified_mann_whitney_and_memorisation_ne
     adult = pooled([client([0.508, 0.508], 4800.0, 1200.0, 0.508, 0.850, 0.838)])["pre"]
     assert 0.5 < adult["auc-z"] < 2.0 and 0.5 < adult["acc-z"] < 2.0
     assert not memorisation(adult, z=2.0).memorised
+
+
+def test_client_stats_pool_into_the_means_and_the_memorisation_figures():
+    """Two clients' reports (sums and counts only) pool into the means over all their samples."""
+    a = Measurement(np.array([0.1, 0.3]), 2, np.array([1.0, 2.0, 3.0]), 1)
+    b = Measurement(np.array([0.2, 0.4]), 1, np.array([0.5, 0.5, 1.0]), 3)
+    one = client_stats([a, b], pre_request=a, forget_n=2, heldout_n=3)
+    two = client_stats([b, b], pre_request=b, forget_n=2, heldout_n=3)
+    assert one["forget-auc"] == [1.0, 1.0]  # every forget loss below every held-out loss: fully member-like
+    out = pooled([one, two])
+    assert out["forget-loss"] == pytest.approx([(0.4 + 0.6) / 4, (0.6 + 0.6) / 4])
+    assert out["heldout-loss"] == pytest.approx([(6.0 + 2.0) / 6, (2.0 + 2.0) / 6])
+    assert out["forget-acc"] == pytest.approx([3 / 4, 2 / 4]) and out["heldout-acc"] == pytest.approx([4 / 6, 6 / 6])
+    pre = out["pre"]
+    assert pre["forget-loss"] == pytest.approx(1.0 / 4) and pre["heldout-loss"] == pytest.approx(8.0 / 6)
+    assert pre["auc"] == pytest.approx(1.0) and pre["auc-z"] > 0

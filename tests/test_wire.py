@@ -66,3 +66,20 @@ def test_identify_reply_without_identity_and_handlers_said_wrongly():
 def test_relearn_round_trip():
     assert wire.read_relearn_request(wire.relearn_request(0.9, 50)) == (0.9, 50)
     assert wire.read_relearn_reply(wire.relearn_reply(17, True, 0.1, 0.95)) == (17.0, True)
+
+
+def test_calibrate_request_and_reply_round_trip():
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    base = ArrayRecord({"w": Array(np.ones(3, np.float32))})
+    direction = ArrayRecord({"w": Array(np.full(3, -0.5))})
+    sent = wire.calibrate_request(wire.CalibrateRequest(base, direction, (0.0, 0.5, 1.0)), {P.FORGET_ALL: True})
+    got = wire.read_calibrate_request(sent)
+    assert got.scales == (0.0, 0.5, 1.0) and got.pre_request is None
+    assert np.array_equal(got.direction["w"].numpy(), np.full(3, -0.5))
+    assert sent.config_records[P.CONFIG_RECORD][P.FORGET_ALL] is True
+    stats = {"forget-loss-sum": [1.0, 2.0], "forget-n": [4.0]}
+    assert wire.read_calibrate_reply(wire.calibrate_reply(stats)) == stats
+    with pytest.raises(KeyError):
+        wire.read_calibrate_reply(RecordDict({"other": MetricRecord({"x": 1})}))

@@ -48,20 +48,23 @@ from flwr.clientapp import ClientApp
 
 from .. import protocol as P
 from ..attacks import client_reference_masks
+from ..calibration import Measurement, client_stats
 from ..data import ArrayDataset
 from ..deletion import MODEL_SELECTIONS, forget_mask, mask_digest, selection_scores
 from ..evaluation import attack_scores_client, measure_client
-from ..metrics import cross_entropy, loss_mia_auc
+from ..metrics import cross_entropy
 from ..training import TrainSettings, client_seed, predict_logits, relearn_steps, train_local
 from ..unlearning import METHODS, RoutineInput, client_routine, config_from_run_config
 from .backends import ArrayBackend, FitFn, PredictFn, TorchBackend
 from .records import number, to_weights
 from .wire import (
     NodeData,
+    calibrate_reply,
     forget_reply,
     forget_request,
     identify_reply,
     info_reply,
+    read_calibrate_request,
     read_forget_request,
     read_identify_request,
     read_relearn_request,
@@ -499,57 +502,36 @@ class _Helper:
 
     def calibrate(self, msg: Message, context: Context) -> Message:
         cfg = self.config(msg)
+        request = read_calibrate_request(msg.content)
         train, heldout = self.data(context)
         forget = self.part(context, train, "forget", cfg)
-        recs = msg.content.array_records
-        direction = {k: v.astype(np.float64) for k, v in to_weights(recs[P.DIRECTION_RECORD]).items()}
-        model = self.model(recs[P.BASE_RECORD], context)
+        direction = {k: v.astype(np.float64) for k, v in to_weights(request.direction).items()}
+        model = self.model(request.base, context)
         state, wire = self.backend.arrays(model)  # copies (bfloat16 as float32), safe to build candidates from
         like = self._heldout_like(model, context, forget, heldout)
 
-        def losses() -> tuple[np.ndarray, float, np.ndarray, float]:
+        def measured() -> Measurement:
             fl, hl = predict_logits(model, forget.x), predict_logits(model, like.x)
-            return (
+            return Measurement(
                 cross_entropy(fl, forget.y),
                 float(np.sum(np.argmax(fl, axis=1) == forget.y)),
                 cross_entropy(hl, like.y),
                 float(np.sum(np.argmax(hl, axis=1) == like.y)),
             )
 
-        out: dict[str, list[float]] = {
-            "forget-loss-sum": [],
-            "forget-correct": [],
-            "heldout-loss-sum": [],
-            "heldout-correct": [],
-            "forget-auc": [],  # the loss-threshold attack's AUC, forget vs held-out: the whole distributions
-        }
-        for c in [float(v) for v in cfg.get(P.SCALES, [])]:
+        per_scale = []
+        for c in request.scales:
             self.backend.set_arrays(
                 model, {k: (v.astype(np.float64) + c * direction[k]).astype(v.dtype) for k, v in state.items()}, wire
             )
-            f, correct, h, h_correct = losses()
-            out["forget-loss-sum"].append(float(np.sum(f)))
-            out["forget-correct"].append(correct)
-            out["heldout-loss-sum"].append(float(np.sum(h)))
-            out["heldout-correct"].append(h_correct)
-            out["forget-auc"].append(loss_mia_auc(f, h))
-        if P.PRE_REQUEST_RECORD in recs:  # the memorisation test: the pre-request model on the same samples
-            pre, pre_wire = self.backend.arrays(self.model(recs[P.PRE_REQUEST_RECORD], context))
+            per_scale.append(measured())
+        pre_request = None
+        if request.pre_request is not None:  # the memorisation test: the pre-request model on the same samples
+            pre, pre_wire = self.backend.arrays(self.model(request.pre_request, context))
             self.backend.set_arrays(model, pre, pre_wire)
-            f, correct, h, h_correct = losses()
-            out.update(
-                {
-                    "pre-forget-loss-sum": [float(np.sum(f))],
-                    "pre-forget-loss-sq": [float(np.sum(f * f))],
-                    "pre-forget-correct": [correct],
-                    "pre-heldout-correct": [h_correct],
-                    "pre-heldout-loss-sum": [float(np.sum(h))],
-                    "pre-heldout-loss-sq": [float(np.sum(h * h))],
-                    "pre-auc": [loss_mia_auc(f, h)],
-                }
-            )
-        rec = MetricRecord({**out, "forget-n": [float(len(forget))], "heldout-n": [float(len(like))]})
-        return Message(RecordDict({P.CALIBRATION_RECORD: rec}), reply_to=msg)
+            pre_request = measured()
+        stats = client_stats(per_scale, pre_request, len(forget), len(like))
+        return Message(calibrate_reply(stats), reply_to=msg)
 
     def _heldout_like(self, model: Any, context: Context, forget: ArrayDataset, heldout: ArrayDataset) -> ArrayDataset:
         """Held-out samples like the forget set: its classes; for hard samples, those the same rule ranks highest."""

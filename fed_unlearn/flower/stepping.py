@@ -27,7 +27,7 @@ from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Message
 from flwr.common import log
 from flwr.serverapp import Grid
 
@@ -36,7 +36,7 @@ from ..aggregation import ClientUpdate, fedavg
 from ..calibration import Calibration, choose_scale, memorisation, pooled, target_for, utility_scale
 from .records import metric_dict, metric_records, to_record
 from .requests import UnlearningRequest, client_failure
-from .wire import handlers_of
+from .wire import CalibrateRequest, calibrate_request, handlers_of, read_calibrate_reply
 
 #: The scales the utility bound evaluates on the remaining clients (fractions of the step).
 UTILITY_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -187,27 +187,25 @@ class StepControl:
 
         def ask(scales: Sequence[float], pre_request: bool) -> dict[str, Any]:
             """The forgetting clients' pooled measurements of ``base + c * direction`` for each scale ``c``."""
-            cfg = ConfigRecord({P.SCALES: list(scales), P.FORGET_ALL: batch.leave, P.SERVER_ROUND: self.current_round})
-            content: dict[str, ArrayRecord | ConfigRecord] = {
-                P.BASE_RECORD: to_record(base, self._wire),
-                P.DIRECTION_RECORD: to_record(direction),
-                P.CONFIG_RECORD: cfg,
-            }
-            if pre_request:
-                content[P.PRE_REQUEST_RECORD] = to_record(start, self._wire)
-            msgs = [Message(RecordDict(dict(content)), n, P.CALIBRATE) for n in nodes]
+            request = CalibrateRequest(
+                to_record(base, self._wire),
+                to_record(direction),
+                tuple(scales),
+                to_record(start, self._wire) if pre_request else None,
+            )
+            config = {P.FORGET_ALL: batch.leave, P.SERVER_ROUND: self.current_round}
+            msgs = [Message(calibrate_request(request, config), n, P.CALIBRATE) for n in nodes]
             stats, why = [], []
             for reply in grid.send_and_receive(msgs, timeout=self.query_timeout):
-                if reply.has_error() or P.CALIBRATION_RECORD not in reply.content.metric_records:
-                    why.append(
-                        f"node {reply.metadata.src_node_id}: "
-                        + (client_failure(reply.error.reason or "") if reply.has_error() else "no calibration record")
-                    )
-                    continue
-                stats.append(dict(reply.content.metric_records[P.CALIBRATION_RECORD]))
+                try:
+                    if reply.has_error():
+                        raise ValueError(client_failure(reply.error.reason or ""))
+                    stats.append(read_calibrate_reply(reply.content))
+                except (KeyError, ValueError) as exc:
+                    why.append(f"node {reply.metadata.src_node_id}: {exc}")
             if why or len(stats) != len(nodes):
                 raise ValueError("; ".join(why) or "some clients did not answer")
-            return pooled(stats)  # type: ignore[arg-type]  # malformed lists raise and are caught below
+            return pooled(stats)  # malformed lists raise and are caught below
 
         scales = list(self.calibration_scales)
         m: dict[str, Any] = {}

@@ -1,8 +1,8 @@
 """Encoders and decoders of the query messages: one of each, shared by the client helpers and the server.
 
 :mod:`fed_unlearn.protocol` names every record and key; this module is the only place that
-builds or reads the records of ``query.identify``, ``query.info``, ``query.forget`` and
-``query.relearn``, so the client side (:mod:`fed_unlearn.flower.client`) and the server side
+builds or reads the records of ``query.identify``, ``query.info``, ``query.forget``,
+``query.relearn`` and ``query.calibrate``, so the client side (:mod:`fed_unlearn.flower.client`) and the server side
 (the strategy's identification and deletion request, the project's ServerApp) cannot drift
 apart. A decoder reads a reply
 from a node as hostile: a missing record or key raises ``KeyError``, a value of the wrong
@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from .. import protocol as P
 from ..deletion import DeletionRequest
@@ -210,3 +210,53 @@ __all__ = [
     "read_relearn_request",
     "relearn_reply",
 ]
+
+
+# -- query.calibrate ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CalibrateRequest:
+    """What a forgetting client is asked to measure: ``base + c * direction`` for each scale ``c``."""
+
+    base: ArrayRecord
+    direction: ArrayRecord
+    scales: tuple[float, ...]
+    #: The pre-request model, for the memorisation test (absent when it was already decided).
+    pre_request: ArrayRecord | None = None
+
+
+def calibrate_request(request: CalibrateRequest, config: Mapping[str, Any]) -> RecordDict:
+    """``query.calibrate``: the candidates' base and direction, the scales, and the config the client reads."""
+    records: dict[str, Any] = {
+        P.BASE_RECORD: request.base,
+        P.DIRECTION_RECORD: request.direction,
+        P.CONFIG_RECORD: ConfigRecord({**dict(config), P.SCALES: [float(c) for c in request.scales]}),
+    }
+    if request.pre_request is not None:
+        records[P.PRE_REQUEST_RECORD] = request.pre_request
+    return RecordDict(records)
+
+
+def read_calibrate_request(content: RecordDict) -> CalibrateRequest:
+    """The candidates a ``query.calibrate`` asks about (``KeyError`` without base or direction)."""
+    arrays = content.array_records
+    config = content.config_records.get(P.CONFIG_RECORD, ConfigRecord())
+    scales = config.get(P.SCALES, [])
+    return CalibrateRequest(
+        arrays[P.BASE_RECORD],
+        arrays[P.DIRECTION_RECORD],
+        tuple(float(c) for c in scales) if isinstance(scales, list) else (),
+        arrays.get(P.PRE_REQUEST_RECORD),
+    )
+
+
+def calibrate_reply(stats: Mapping[str, Sequence[float]]) -> RecordDict:
+    """The ``query.calibrate`` reply: :func:`fed_unlearn.calibration.client_stats` (sums and counts)."""
+    return RecordDict({P.CALIBRATION_RECORD: MetricRecord({k: [float(v) for v in vs] for k, vs in stats.items()})})
+
+
+def read_calibrate_reply(content: RecordDict) -> dict[str, Any]:
+    """A forgetting client's measurements (``KeyError`` without the record; the values are checked when pooled)."""
+    records = content.metric_records
+    if P.CALIBRATION_RECORD not in records:
+        raise KeyError(f"its {P.CALIBRATE} reply has no '{P.CALIBRATION_RECORD}' MetricRecord")
+    return dict(records[P.CALIBRATION_RECORD])
