@@ -317,6 +317,10 @@ def pooled(stats: Sequence[dict[str, Sequence[float]]]) -> dict[str, Any]:
         out["forget-acc"].append(sum(float(st["forget-correct"][j]) for st in stats) / fn)
     if all("heldout-correct" in st for st in stats):
         out["heldout-acc"] = [sum(float(st["heldout-correct"][j]) for st in stats) / hn for j in range(k)]
+        # per scale: how many standard errors the forget accuracy is above the held-out one
+        out["acc-z"] = [
+            accuracy_z(fa, ha, fn, hn) for fa, ha in zip(out["forget-acc"], out["heldout-acc"], strict=True)
+        ]
     if all("forget-auc" in st for st in stats):
         zs, aucs = [], []
         for j in range(k):
@@ -352,9 +356,14 @@ def pooled(stats: Sequence[dict[str, Sequence[float]]]) -> dict[str, Any]:
         }
         if all("pre-heldout-correct" in st for st in stats):
             ha = total("pre-heldout-correct") / hn
-            p = (fa * fn + ha * hn) / (fn + hn)
-            se_acc = float(np.sqrt(p * (1 - p) * (1 / fn + 1 / hn)))
-            diff = fa - ha
             out["pre"]["heldout-acc"] = ha
-            out["pre"]["acc-z"] = diff / se_acc if se_acc > 0 else (float("inf") if diff > 0 else 0.0)
+            out["pre"]["acc-z"] = accuracy_z(fa, ha, fn, hn)
     return out
+
+
+def accuracy_z(forget_acc: float, heldout_acc: float, forget_n: float, heldout_n: float) -> float:
+    """Two-proportion z statistic of the forget accuracy above the held-out one (pooled standard error)."""
+    p = (forget_acc * forget_n + heldout_acc * heldout_n) / (forget_n + heldout_n)
+    se = float(np.sqrt(p * (1 - p) * (1 / forget_n + 1 / heldout_n)))
+    diff = forget_acc - heldout_acc
+    return diff / se if se > 0 else (float("inf") if diff > 0 else 0.0)

@@ -561,3 +561,49 @@ def test_a_step_too_short_to_reach_the_target_is_extended_up_to_the_departing_st
     assert "pre-request" in first.content and "pre-request" not in second.content
     for k in GLOBAL:
         np.testing.assert_allclose(to_weights(out)[k], base[k] + 2.0 * (full[k] - base[k]), atol=1e-6)
+
+
+class AccuracyEvidenceGrid(CalibratingGrid):
+    """A forgetting client whose loss attack sees nothing (AUC 0.5 at every scale) while its forget accuracy,
+    1 - 0.1 c on 100 samples, stays far above its held-out accuracy 0.6 (50 samples) until c = 4."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for m in messages:
+            self.asked.append(m)
+            scales = list(m.content["config"]["scales"])
+            stats = {
+                "forget-loss-sum": [100 * 0.5 for _ in scales],
+                "forget-correct": [100 * (1 - 0.1 * c) for c in scales],
+                "heldout-loss-sum": [50 * 0.5 for _ in scales],
+                "heldout-correct": [50 * 0.6 for _ in scales],
+                "forget-auc": [0.5 for _ in scales],
+                "forget-n": [100.0],
+                "heldout-n": [50.0],
+            }
+            out.append(Message(RecordDict({"calibration": MetricRecord(stats)}), reply_to=m))
+        return out
+
+
+def test_a_step_is_extended_while_the_forget_accuracy_says_the_set_is_still_remembered():
+    """Accuracy evidence (z > 2 after the full step) extends the step even when the loss attack is at chance."""
+    grid = AccuracyEvidenceGrid(NODES.values(), 0.0, 0.0, 0.0)
+    s = strategy(make_method("puf", {"puf.scale": 2.0}), calibrate=True)
+    rem = [ClientUpdate(0, weights([2, 2], 0.5), 1), ClientUpdate(1, weights([1, 2], 0.5), 1)]
+    full = puf_update(GLOBAL, rem, [ClientUpdate(2, weights([1, 4], 1.5), 2)], eta=2.0)
+    base = {"w": np.array([1.5, 2.0]), "b": np.array([0.5])}
+    norm = float(np.sqrt(sum(np.sum((full[k] - base[k]) ** 2) for k in GLOBAL)))
+    s.restore(last_update_norm=0.5 * norm)  # the bound: 5 x the step
+    s.request_unlearning(2, round=1)
+    start_round(s, 1, grid)
+    s.aggregate_train(
+        1, [reply(0, weights([2, 2], 0.5), 1), reply(1, weights([1, 2], 0.5), 1), reply(2, weights([1, 4], 1.5), 2)]
+    )
+    cal = s.unlearning_report["calibration"]
+    assert len(grid.asked) == 2 and list(grid.asked[1].content["config"]["scales"]) == pytest.approx([2.0, 4.0, 5.0])
+    assert cal["reached"] and cal["scale"] == pytest.approx(4.0)  # forget accuracy down to the held-out 0.6
+    assert cal["acc-z"][scales_index(cal, 1.0)] > 2 and cal["auc-z"][scales_index(cal, 1.0)] == pytest.approx(0.0)
+
+
+def scales_index(cal, scale):
+    return [round(c, 6) for c in cal["scales"]].index(scale)
