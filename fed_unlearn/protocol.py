@@ -9,15 +9,15 @@ What a client needs, by use
 
 * **Nothing beyond an ordinary Flower ClientApp** (a ``train`` handler that replies one
   ArrayRecord and one MetricRecord with ``num-examples``, as for FedAvg) for the methods
-  whose forgetting happens on the server: ``puf``, ``spectral-puf``, ``fine-tune``,
-  ``not`` (NoT), ``mpru``, ``retrain`` and ``federaser`` (which may send
-  :data:`LOCAL_EPOCHS_RATIO`; a client that ignores it trains full rounds), when the
-  departing clients are named by node id. A departing client's PUF round is an
-  ordinary ``train`` message.
+  whose forgetting happens on the server — those whose ``departing_task`` is ``train``
+  (e.g. ``puf`` and its variants, ``fine-tune``, ``not``, ``mpru``, ``retrain``, and
+  ``federaser``, which may send :data:`LOCAL_EPOCHS_RATIO`; a client that ignores it trains
+  full rounds) — when the departing clients are named by node id. A departing client's
+  PUF round is an ordinary ``train`` message.
 * **:data:`IDENTIFY`** to name clients by a node-config key (``partition-id``, ``site``,
   ...) instead of node id. Six lines, or ``fed_unlearn.flower.add_identity(app)``.
 * **:data:`TRAIN_UNLEARN`** for the methods whose forgetting clients run a local routine
-  (``sragu``, ``gradient-ascent``, ``pga``, ``ieu``, ``amun``, ``trw``), and
+  (``departing_task`` ``unlearn``: e.g. ``sragu``, ``agu``, ``gradient-ascent``, ``amun``), and
   :data:`FORGET` + :data:`TRAIN_RETAIN` + :data:`TRAIN_UNLEARN` for deletions where the
   client stays (some samples, a class). ``fed_unlearn.flower.add_unlearning(app, ...)``
   registers all of them from a model factory and a data loader.
