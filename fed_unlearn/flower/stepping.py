@@ -218,9 +218,9 @@ class StepControl:
             m = ask(scales, pre_request=True)
             pre = memorisation(m["pre"], target, self.class_floor, self.memorisation_z) if "pre" in m else None
             cal = decide()
-            # the forget set still clearly member-like after the full step, by the loss attack or by accuracy
-            evidence = [m[k][-1] for k in ("auc-z", "acc-z") if k in m]
-            still = target != "loss-match" or not evidence or max(evidence) > self.memorisation_z
+            # the forget set still clearly member-like after the full step by the loss attack (accuracy
+            # evidence alone drove ascent steps to their bound and broke the model: not used here)
+            still = target != "loss-match" or "auc-z" not in m or m["auc-z"][-1] > self.memorisation_z
             stop = cal.reached or not still or (pre is not None and not pre.memorised)
             longer = [] if stop else self._longer_scales(direction)
             better = 1.0 if target == "loss-match" else -1.0  # the sign in which a gap moves toward the target
