@@ -561,4 +561,3 @@ def test_a_step_too_short_to_reach_the_target_is_extended_up_to_the_departing_st
     assert "pre-request" in first.content and "pre-request" not in second.content
     for k in GLOBAL:
         np.testing.assert_allclose(to_weights(out)[k], base[k] + 2.0 * (full[k] - base[k]), atol=1e-6)
-
