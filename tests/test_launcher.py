@@ -25,3 +25,10 @@ def test_a_staged_app_builds_the_same_fab_without_its_ignored_files(tmp_path):
     assert build_fab_from_disk(staged) == build_fab_from_disk(app)
     assert not (staged / ".venv").exists() and not (staged / "results").exists() and not (staged / "run.log").exists()
     assert (staged / "pkg" / "notes.md").read_text() == "kept\n" and not (staged / "pkg" / "link.py").exists()
+
+
+def test_the_plain_apps_round_times_run_from_one_rounds_start_to_the_next():
+    from simulations.stock_app import round_seconds
+
+    assert round_seconds({1: 10.0, 2: 12.5, 3: 16.0}, end=21.0) == {1: 2.5, 2: 3.5, 3: 5.0}
+    assert round_seconds({}, end=1.0) == {}
