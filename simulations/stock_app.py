@@ -45,6 +45,8 @@ class TimedFedAvg(FedAvg):
 def round_seconds(starts: dict[int, float], end: float) -> dict[int, float]:
     """Round r's wall time: from its training's start to the next round's (the last one: to ``end``)."""
     rounds = sorted(starts)
+    if not rounds:
+        return {}
     bounds = [starts[r] for r in rounds[1:]] + [end]
     return {r: b - starts[r] for r, b in zip(rounds, bounds, strict=True)}
 
