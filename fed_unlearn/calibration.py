@@ -317,10 +317,6 @@ def pooled(stats: Sequence[dict[str, Sequence[float]]]) -> dict[str, Any]:
         out["forget-acc"].append(sum(float(st["forget-correct"][j]) for st in stats) / fn)
     if all("heldout-correct" in st for st in stats):
         out["heldout-acc"] = [sum(float(st["heldout-correct"][j]) for st in stats) / hn for j in range(k)]
-        # per scale: how many standard errors the forget accuracy is above the held-out one
-        out["acc-z"] = [
-            accuracy_z(fa, ha, fn, hn) for fa, ha in zip(out["forget-acc"], out["heldout-acc"], strict=True)
-        ]
     if all("forget-auc" in st for st in stats):
         zs, aucs = [], []
         for j in range(k):

@@ -31,7 +31,7 @@ from .replies import (
     weighted_means,
 )
 from .requests import client_failure
-from .stepping import clip_update, update_norm, update_norms
+from .stepping import clip_update, update_norm
 
 
 class CheckedReply:
@@ -201,10 +201,11 @@ class ReplyIntake:
 
     def _drop_outliers(self, parsed: list[CheckedReply]) -> None:
         """Strike the replies whose update dwarfs the others' (:func:`update_outliers`); keeps the round's norms."""
-        moved = [p.retain for p in parsed if p.retain is not None] if self._global is not None else []
-        norms = update_norms([c.update.weights for c in moved], self._global or {}, self._moving)
-        nodes = [p.node for p in parsed if p.retain is not None] if moved else []
-        self._norms = dict(zip(nodes, norms, strict=True))
+        self._norms = {
+            p.node: update_norm(p.retain.update.weights, self._global, self._moving)
+            for p in parsed
+            if p.retain is not None and self._global is not None
+        }
         if self.max_update_ratio is None:
             return
         still = len(self._norms) < 3 or float(np.median(list(self._norms.values()))) == 0.0

@@ -44,22 +44,14 @@ UTILITY_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 def update_norm(weights: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray], names: Sequence[str]) -> float:
     """L2 norm of ``weights - start`` over ``names``, in float64."""
-    return update_norms([weights], start, names)[0]
-
-
-def update_norms(
-    many: Sequence[Mapping[str, np.ndarray]], start: Mapping[str, np.ndarray], names: Sequence[str]
-) -> list[float]:
-    """:func:`update_norm` of each of ``many`` against the same ``start``."""
-    totals = [0.0] * len(many)
+    total = 0.0
     for k in names:
-        # one float64 buffer per array, squared in place: the same sums as ((w - s) ** 2).sum(), several times faster
-        buf = np.empty(np.shape(start[k]), dtype=np.float64)
-        for i, weights in enumerate(many):
-            np.subtract(weights[k], start[k], out=buf, dtype=np.float64)
-            np.multiply(buf, buf, out=buf)
-            totals[i] += float(np.sum(buf))
-    return [float(np.sqrt(t)) for t in totals]
+        # one float64 temporary squared in place: the same sum as ((w - s) ** 2).sum(), several times faster
+        d = np.array(weights[k], dtype=np.float64)  # an array even for 0-dim weights (in-place ops below)
+        d -= np.asarray(start[k], dtype=np.float64)
+        np.multiply(d, d, out=d)
+        total += float(np.sum(d))
+    return float(np.sqrt(total))
 
 
 def mean_update_norm(
@@ -218,8 +210,7 @@ class StepControl:
             m = ask(scales, pre_request=True)
             pre = memorisation(m["pre"], target, self.class_floor, self.memorisation_z) if "pre" in m else None
             cal = decide()
-            # the forget set still clearly member-like after the full step by the loss attack (accuracy
-            # evidence alone drove ascent steps to their bound and broke the model: not used here)
+            # the forget set still clearly member-like after the full step, by the loss attack
             still = target != "loss-match" or "auc-z" not in m or m["auc-z"][-1] > self.memorisation_z
             stop = cal.reached or not still or (pre is not None and not pre.memorised)
             longer = [] if stop else self._longer_scales(direction)
@@ -229,7 +220,7 @@ class StepControl:
                 # from the target (an ascent step that barely starts): candidates beyond it, up to the bound
                 more = ask(longer, pre_request=False)
                 scales += longer
-                for key in ("forget-loss", "heldout-loss", "forget-acc", "heldout-acc", "auc", "auc-z", "acc-z"):
+                for key in ("forget-loss", "heldout-loss", "forget-acc", "heldout-acc", "auc", "auc-z"):
                     if key in m:
                         m[key] = list(m[key]) + list(more[key])
                 cal = decide()
