@@ -232,6 +232,33 @@ def utility_scale(
     return float(s[-1])
 
 
+def extension_limit(scales: Sequence[float], guards: Sequence[Sequence[float]], tolerance: float) -> float:
+    """How far beyond the method's own step (scale 1) a calibration may go: the guards' utility bound.
+
+    ``scales`` start ``0, 1`` and go on with the longer candidates; each guard holds, per
+    scale (possibly for a prefix of them: a walk stopped where the cost is already too
+    high), a loss on data the federation keeps — the remaining clients' evaluation loss, the
+    forgetting clients' other held-out samples. A candidate beyond 1 is admissible while
+    every guard stays within ``tolerance`` (relative) of its value at scale 0
+    (:func:`utility_scale`): an ascent step driven further to make the forget set look
+    unseen must not get there by breaking the model for everything else. Without any guard,
+    1: no evidence that a longer step is harmless, so none is taken.
+
+    Raises
+    ------
+    ValueError
+        On scales that do not start ``0, 1``, or as :func:`utility_scale`.
+    """
+    s = [float(c) for c in scales]
+    if len(s) < 2 or s[0] != 0.0 or s[1] != 1.0:
+        raise ValueError(f"extension scales must start 0, 1, got {s}")
+    if not guards:
+        return 1.0
+    if any(len(g) < 2 or len(g) > len(s) for g in guards):
+        raise ValueError("each guard needs a value at scales 0 and 1, and at most one per scale")
+    return max(1.0, min(utility_scale(s[: len(g)], g, tolerance) for g in guards))
+
+
 def mann_whitney_z(aucs: Sequence[float], forget_n: Sequence[float], heldout_n: Sequence[float]) -> tuple[float, float]:
     """Stratified Mann-Whitney z (van Elteren) of per-client AUCs, and the pooled AUC.
 
@@ -249,13 +276,16 @@ def mann_whitney_z(aucs: Sequence[float], forget_n: Sequence[float], heldout_n: 
 
 @dataclass(frozen=True)
 class Measurement:
-    """One model measured by a forgetting client: per-sample losses and correct counts of its forget set and of
-    its held-out samples like it (the raw material of :func:`client_stats`)."""
+    """One model measured by a forgetting client: per-sample losses and correct counts of its forget set, of
+    its held-out samples like it and of its other held-out samples (the raw material of :func:`client_stats`)."""
 
     forget_loss: np.ndarray
     forget_correct: float
     heldout_loss: np.ndarray
     heldout_correct: float
+    #: the client's other held-out samples (what it keeps being served on), when it has any
+    rest_loss: np.ndarray | None = None
+    rest_correct: float = 0.0
 
 
 def client_stats(
@@ -278,6 +308,12 @@ def client_stats(
         # the loss-threshold attack's AUC, forget vs held-out: the whole distributions
         "forget-auc": [loss_mia_auc(m.forget_loss, m.heldout_loss) for m in per_scale],
     }
+    rest = [m.rest_loss for m in per_scale]
+    if per_scale and all(r is not None and len(r) for r in rest):
+        # the guard of steps beyond the method's own: what the client keeps must not pay for it
+        out["rest-loss-sum"] = [float(np.sum(r)) for r in rest if r is not None]
+        out["rest-correct"] = [float(m.rest_correct) for m in per_scale]
+        out["rest-n"] = [float(len(rest[0]))]  # type: ignore[arg-type]
     if pre_request is not None:
         f, h = pre_request.forget_loss, pre_request.heldout_loss
         out.update(
@@ -303,7 +339,9 @@ def pooled(stats: Sequence[dict[str, Sequence[float]]]) -> dict[str, Any]:
     ``pre-forget-correct``, ``pre-heldout-loss-sum``, ``pre-heldout-loss-sq`` and ``pre-auc``,
     the loss-threshold attack's AUC on its forget vs held-out samples), ``pre`` holds its
     pooled means, the standard error ``se`` of the difference of the mean losses, the pooled
-    AUC and its stratified Mann-Whitney ``auc-z``.
+    AUC and its stratified Mann-Whitney ``auc-z``. With other held-out samples (``rest-loss-sum``,
+    ``rest-correct``, ``rest-n``) on any client: their pooled ``rest-loss`` and ``rest-acc`` per
+    scale.
     """
     fn = sum(float(st["forget-n"][0]) for st in stats)
     hn = sum(float(st["heldout-n"][0]) for st in stats)
@@ -317,6 +355,12 @@ def pooled(stats: Sequence[dict[str, Sequence[float]]]) -> dict[str, Any]:
         out["forget-acc"].append(sum(float(st["forget-correct"][j]) for st in stats) / fn)
     if all("heldout-correct" in st for st in stats):
         out["heldout-acc"] = [sum(float(st["heldout-correct"][j]) for st in stats) / hn for j in range(k)]
+    rn = sum(float(st["rest-n"][0]) for st in stats if "rest-n" in st)
+    if rn > 0:
+        # clients without other held-out samples add nothing to the rest's means
+        has = [st for st in stats if "rest-n" in st]
+        out["rest-loss"] = [sum(float(st["rest-loss-sum"][j]) for st in has) / rn for j in range(k)]
+        out["rest-acc"] = [sum(float(st["rest-correct"][j]) for st in has) / rn for j in range(k)]
     if all("forget-auc" in st for st in stats):
         zs, aucs = [], []
         for j in range(k):

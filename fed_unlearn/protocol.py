@@ -91,7 +91,9 @@ Messages
     for every ``c`` on its forget set and on held-out samples like them; reply MetricRecord
     ``calibration``: what :func:`fed_unlearn.calibration.client_stats` builds — per-scale
     lists ``forget-loss-sum``, ``forget-correct``, ``heldout-loss-sum``, ``heldout-correct``,
-    ``forget-auc``, the counts ``forget-n``, ``heldout-n``, and for the pre-request model
+    ``forget-auc``, the counts ``forget-n``, ``heldout-n``; when the client has other held-out
+    samples (the classes that stay, the samples a hard selection does not rank highest)
+    ``rest-loss-sum``, ``rest-correct`` per scale and ``rest-n``; and for the pre-request model
     one-element lists ``pre-forget-loss-sum``, ``pre-forget-loss-sq``, ``pre-forget-correct``,
     ``pre-heldout-correct``, ``pre-heldout-loss-sum``, ``pre-heldout-loss-sq``, ``pre-auc``
     (without them the memorisation test is skipped). Built and read by

@@ -13,10 +13,17 @@ A module declares ``TIER = "unit"`` or ``TIER = "integration"``; a test marked
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import tomllib
+
+# Two xdist workers on two cores: one OpenMP/BLAS thread each. With the libraries' default
+# (a thread per core in every worker) the workers' threads spin against each other and the
+# fast tiers take three times as long. Set before torch or numpy is imported by any test.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 

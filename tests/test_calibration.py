@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fed_unlearn.calibration import Measurement, choose_scale, client_stats, pooled, target_for
+from fed_unlearn.calibration import Measurement, choose_scale, client_stats, extension_limit, pooled, target_for
 
 TIER = "unit"  # see tests/conftest.py
 
@@ -230,3 +230,32 @@ def test_client_stats_pool_into_the_means_and_the_memorisation_figures():
     pre = out["pre"]
     assert pre["forget-loss"] == pytest.approx(1.0 / 4) and pre["heldout-loss"] == pytest.approx(8.0 / 6)
     assert pre["auc"] == pytest.approx(1.0) and pre["auc-z"] > 0
+
+
+def test_other_held_out_samples_pool_over_the_clients_that_have_them():
+    """Client one has 2 other held-out samples, client two none: the rest's means are client one's alone."""
+    a = Measurement(np.array([0.1]), 1, np.array([1.0]), 1, rest_loss=np.array([0.2, 0.4]), rest_correct=2)
+    b = Measurement(np.array([0.1]), 1, np.array([1.0]), 1, rest_loss=np.array([0.6, 0.8]), rest_correct=1)
+    one = client_stats([a, b], None, forget_n=1, heldout_n=1)
+    assert one["rest-loss-sum"] == pytest.approx([0.6, 1.4]) and one["rest-n"] == [2.0]
+    two = client_stats([Measurement(np.array([0.1]), 1, np.array([1.0]), 1)] * 2, None, forget_n=1, heldout_n=1)
+    assert "rest-n" not in two
+    out = pooled([one, two])
+    assert out["rest-loss"] == pytest.approx([0.3, 0.7]) and out["rest-acc"] == pytest.approx([1.0, 0.5])
+    assert "rest-loss" not in pooled([two, two])
+
+
+def test_a_step_beyond_the_method_own_goes_only_as_far_as_what_stays_allows():
+    """Scales 0, 1, 2, 4, 8; tolerance 10 %: each guard's bound, the tightest wins, never below 1."""
+    scales = [0.0, 1.0, 2.0, 4.0, 8.0]
+    flat = [1.0, 1.0, 1.0, 1.0, 1.0]
+    rising = [1.0, 1.02, 1.05, 1.15, 2.0]  # crosses 1.1 halfway between 2 and 4
+    assert extension_limit(scales, [flat], 0.1) == 8.0
+    assert extension_limit(scales, [flat, rising], 0.1) == pytest.approx(3.0)
+    assert extension_limit(scales, [[1.0, 1.2]], 0.1) == 1.0  # the full step already costs 20 %: nothing longer
+    assert extension_limit(scales, [[1.0, 1.0, 1.2]], 0.1) == pytest.approx(1.5)  # a walk stopped at 2
+    assert extension_limit(scales, [], 0.1) == 1.0  # no evidence: no longer step
+    with pytest.raises(ValueError, match="start 0, 1"):
+        extension_limit([0.0, 0.5, 2.0], [flat[:3]], 0.1)
+    with pytest.raises(ValueError, match="scales 0 and 1"):
+        extension_limit(scales, [[1.0]], 0.1)

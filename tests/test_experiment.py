@@ -393,6 +393,16 @@ def test_the_calibration_handler_measures_every_scale_from_the_same_base(default
     for key in ("forget-loss-sum", "forget-correct", "heldout-loss-sum", "heldout-correct"):
         assert together[key][2] == pytest.approx(alone[key][0]), key
     assert together["forget-loss-sum"][0] != pytest.approx(together["forget-loss-sum"][2])
+    assert "rest-n" not in together  # random samples span every class: no other held-out samples
+    # a class: the held-out samples of the other classes are what the client keeps, measured beside
+    spec = ConfigRecord({"scenario": "class", "class": 3, "seed": 0})
+    (got,) = grid.send_and_receive([Message(RecordDict({"arrays": ArrayRecord(base), "config": spec}), node, P.FORGET)])
+    assert not got.has_error()
+    (info,) = grid.send_and_receive([Message(RecordDict(), node, P.INFO)])
+    held = int(info.content["info"]["heldout-n"])
+    one = calibrate([1.0])
+    assert 0 < one["rest-n"][0] < held and one["heldout-n"][0] + one["rest-n"][0] == held
+    assert 0 <= one["rest-correct"][0] <= one["rest-n"][0]
 
 
 @pytest.mark.parametrize(

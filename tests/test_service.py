@@ -199,7 +199,7 @@ def test_the_site_registry_binds_sites_to_node_ids(tmp_path):
         assert any("claims to be 'h0'" in r["reason"] for r in j.refusals())
     bad = SiteRegistry({"h0": {"node-id": 1, "partition-id": 0}}).write(tmp_path / "bad.json")
     with pytest.raises(RuntimeError, match="not in the site registry"):
-        start(tmp_path / "b", 2, extra=f"service.sites-file='{bad}'")
+        start(tmp_path / "b", 2, extra=f"service.sites-file='{bad}' node-wait-seconds=2.0")
 
 
 def test_methods_that_store_history_cannot_serve(tmp_path):

@@ -398,14 +398,16 @@ def test_unlearning_fedavg_takes_every_fedavg_argument_and_aggregates_user_metri
 class CalibratingGrid(StaticGrid):
     """Answers query.calibrate like a client whose forget loss is ``a + b c`` and held-out loss is ``h`` at scale c.
 
-    Evaluation messages (the remaining clients' utility) get ``eval_loss`` = ``utility`` (no loss when ``None``).
+    Evaluation messages (the remaining clients' utility) get ``eval_loss`` = ``utility`` (a number, or a function
+    of the evaluated weights; no loss when ``None``). With ``rest`` (a function of c) the client also reports the
+    loss of 4 other held-out samples.
     """
 
     def __init__(
-        self, nodes, a: float, b: float, h: float, pre: tuple[float, float] | None = None, utility=None
+        self, nodes, a: float, b: float, h: float, pre: tuple[float, float] | None = None, utility=None, rest=None
     ) -> None:
         super().__init__(nodes)
-        self.a, self.b, self.h, self.pre, self.utility = a, b, h, pre, utility
+        self.a, self.b, self.h, self.pre, self.utility, self.rest = a, b, h, pre, utility, rest
         self.asked: list[Message] = []
         self.evaluated: list[Message] = []
 
@@ -414,7 +416,8 @@ class CalibratingGrid(StaticGrid):
         for m in messages:
             if m.metadata.message_type == "evaluate":
                 self.evaluated.append(m)
-                loss = {} if self.utility is None else {"eval_loss": float(self.utility)}
+                u = self.utility(to_weights(m.content["arrays"])) if callable(self.utility) else self.utility
+                loss = {} if u is None else {"eval_loss": float(u)}
                 rec = MetricRecord({**loss, "num-examples": 4})
                 out.append(Message(RecordDict({"metrics": rec}), reply_to=m))
                 continue
@@ -429,6 +432,11 @@ class CalibratingGrid(StaticGrid):
                     "heldout-n": [5.0],
                 }
             )
+            if self.rest is not None:
+                rec.update(
+                    {"rest-loss-sum": [4 * self.rest(c) for c in scales], "rest-correct": [4.0] * len(scales)}
+                    | {"rest-n": [4.0]}
+                )
             if self.pre is not None:  # pre-request mean losses (forget, held-out), every sample alike: se 0
                 f, h = self.pre
                 rec.update(
@@ -540,9 +548,8 @@ def test_a_client_without_the_helpers_gets_the_step_the_remaining_clients_evalua
     assert {m.metadata.message_type for m in grid.asked} == {"evaluate"} and len(grid.asked) == 2 * 5
 
 
-def test_a_step_too_short_to_reach_the_target_is_extended_up_to_the_departing_step_bound():
-    """Forget loss 0.1 + 0.2 c reaches the held-out 0.5 only at c = 2: beyond the full step, within the bound."""
-    grid = CalibratingGrid(NODES.values(), 0.1, 0.2, 0.5)
+def _extension_case(grid):
+    """A request served by PUF whose full step is too short; returns the strategy, its output, base and step."""
     s = strategy(make_method("puf", {"puf.scale": 2.0}), calibrate=True)
     rem = [ClientUpdate(0, weights([2, 2], 0.5), 1), ClientUpdate(1, weights([1, 2], 0.5), 1)]
     full = puf_update(GLOBAL, rem, [ClientUpdate(2, weights([1, 4], 1.5), 2)], eta=2.0)
@@ -554,10 +561,65 @@ def test_a_step_too_short_to_reach_the_target_is_extended_up_to_the_departing_st
     out, _ = s.aggregate_train(
         1, [reply(0, weights([2, 2], 0.5), 1), reply(1, weights([1, 2], 0.5), 1), reply(2, weights([1, 4], 1.5), 2)]
     )
+    return s, to_weights(out), base, {k: full[k] - base[k] for k in GLOBAL}
+
+
+def _scale_of(w, base, step):
+    """The c of base + c * step (read from the second weight, which the step moves)."""
+    return float((w["w"][1] - base["w"][1]) / step["w"][1])
+
+
+def test_a_step_too_short_to_reach_the_target_is_extended_up_to_the_departing_step_bound():
+    """Forget loss 0.1 + 0.2 c reaches the held-out 0.5 only at c = 2: beyond the full step, within the bound,
+    as the remaining clients' evaluation does not change."""
+    grid = CalibratingGrid(NODES.values(), 0.1, 0.2, 0.5, utility=0.7)
+    s, out, base, step = _extension_case(grid)
     cal = s.unlearning_report["calibration"]
     assert cal["reached"] and cal["scale"] == pytest.approx(2.0)
     first, second = grid.asked  # a second query with the longer candidates only
     assert list(second.content["config"]["scales"]) == pytest.approx([2.0, 4.0, 5.0])
     assert "pre-request" in first.content and "pre-request" not in second.content
+    # the remaining clients evaluated base, the full step and every longer candidate
+    assert cal["extension"]["admitted"] == 3 and len(grid.evaluated) == 2 * 5
     for k in GLOBAL:
-        np.testing.assert_allclose(to_weights(out)[k], base[k] + 2.0 * (full[k] - base[k]), atol=1e-6)
+        np.testing.assert_allclose(out[k], base[k] + 2.0 * step[k], atol=1e-6)
+
+
+def test_a_longer_step_is_not_taken_when_the_remaining_clients_pay_for_the_full_one():
+    """Their loss 1 + 0.1 c: 10 % worse at the full step (tolerance 5 %): nothing beyond it, the walk stops there."""
+    grid = CalibratingGrid(NODES.values(), 0.1, 0.2, 0.5)
+    grid.utility = lambda w: 1.0 + 0.1 * _scale_of(w, base, step)
+    base = {"w": np.array([1.5, 2.0]), "b": np.array([0.5])}
+    step = {"w": np.array([-0.25, -2.0])}  # PUF's full step minus base (as above)
+    s, out, base_seen, step_seen = _extension_case(grid)
+    np.testing.assert_allclose(step_seen["w"], step["w"])
+    base, step = base_seen, step_seen
+    cal = s.unlearning_report["calibration"]
+    assert cal["extension"]["admitted"] == 0 and cal["extension"]["limit"] == 1.0
+    assert not cal["reached"] and cal["scale"] == pytest.approx(1.0) and cal["scales"][-1] == 1.0
+    assert len(grid.evaluated) == 2 * 2  # base and the full step: the walk ends where the bound is crossed
+    for k in GLOBAL:
+        np.testing.assert_allclose(out[k], base[k] + step[k], atol=1e-6)
+
+
+def test_a_longer_step_stops_where_the_forgetting_clients_other_held_out_samples_pay():
+    """No remaining-client loss; their other held-out loss 0.3 + 0.002 c^2 stays within 5 % up to c = 2.58: of the
+    longer candidates 2, 4, 5 only 2 is admitted, and the target (c = 3) is not reached."""
+    grid = CalibratingGrid(NODES.values(), 0.1, 0.2, 0.7, rest=lambda c: 0.3 + 0.002 * c * c)
+    s, out, base, step = _extension_case(grid)
+    cal = s.unlearning_report["calibration"]
+    ext = cal["extension"]
+    assert ext["limit"] == pytest.approx(2 + 2 * (0.315 - 0.308) / (0.332 - 0.308))
+    assert ext["admitted"] == 1 and list(ext["guards"]) == ["forgetting clients' other held-out loss"]
+    assert cal["scales"][-1] == 2.0 and not cal["reached"] and cal["scale"] == pytest.approx(2.0)
+    for k in GLOBAL:
+        np.testing.assert_allclose(out[k], base[k] + 2.0 * step[k], atol=1e-6)
+
+
+def test_without_any_measurement_of_what_stays_no_step_beyond_the_method_own_is_taken():
+    """Neither a remaining-client loss nor other held-out samples: no evidence a longer step is harmless."""
+    grid = CalibratingGrid(NODES.values(), 0.1, 0.2, 0.5)
+    s, out, base, step = _extension_case(grid)
+    cal = s.unlearning_report["calibration"]
+    assert cal["extension"]["guards"] == {} and cal["extension"]["admitted"] == 0
+    assert cal["scale"] == pytest.approx(1.0) and not cal["reached"]

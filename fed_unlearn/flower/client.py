@@ -418,7 +418,7 @@ class _Helper:
         retain = train.subset(np.flatnonzero(~mask)) if mask is not None and (~mask).any() else None
         # the routines' reference for "unseen": held-out samples like the forget set (as calibration's)
         try:
-            heldout = self._heldout_like(model, context, forget, heldout_all)
+            heldout = heldout_all.subset(self._heldout_like(model, context, forget, heldout_all))
         except ValueError:  # no held-out sample of the forgotten classes: the routines go without
             heldout = heldout_all.subset(np.flatnonzero(np.zeros(len(heldout_all), bool)))
         last = None
@@ -508,15 +508,21 @@ class _Helper:
         direction = {k: v.astype(np.float64) for k, v in to_weights(request.direction).items()}
         model = self.model(request.base, context)
         state, wire = self.backend.arrays(model)  # copies (bfloat16 as float32), safe to build candidates from
-        like = self._heldout_like(model, context, forget, heldout)
+        chosen = self._heldout_like(model, context, forget, heldout)
+        like = heldout.subset(chosen)
+        others = np.setdiff1d(np.arange(len(heldout)), chosen)
+        rest = heldout.subset(others) if len(others) else None
 
         def measured() -> Measurement:
             fl, hl = predict_logits(model, forget.x), predict_logits(model, like.x)
+            rl = predict_logits(model, rest.x) if rest is not None else None
             return Measurement(
                 cross_entropy(fl, forget.y),
                 float(np.sum(np.argmax(fl, axis=1) == forget.y)),
                 cross_entropy(hl, like.y),
                 float(np.sum(np.argmax(hl, axis=1) == like.y)),
+                None if rl is None or rest is None else cross_entropy(rl, rest.y),
+                0.0 if rl is None or rest is None else float(np.sum(np.argmax(rl, axis=1) == rest.y)),
             )
 
         per_scale = []
@@ -533,18 +539,20 @@ class _Helper:
         stats = client_stats(per_scale, pre_request, len(forget), len(like))
         return Message(calibrate_reply(stats), reply_to=msg)
 
-    def _heldout_like(self, model: Any, context: Context, forget: ArrayDataset, heldout: ArrayDataset) -> ArrayDataset:
-        """Held-out samples like the forget set: its classes; for hard samples, those the same rule ranks highest."""
-        same = heldout.subset(np.flatnonzero(np.isin(heldout.y, np.unique(forget.y))))
-        if len(same) == 0:
+    def _heldout_like(self, model: Any, context: Context, forget: ArrayDataset, heldout: ArrayDataset) -> np.ndarray:
+        """Indices of the held-out samples like the forget set: its classes; for hard samples, those the same rule
+        ranks highest."""
+        idx = np.flatnonzero(np.isin(heldout.y, np.unique(forget.y)))
+        if len(idx) == 0:
             raise ValueError("no held-out sample of the forgotten classes: calibration needs some")
         req: Mapping[str, Any] = context.state.config_records.get(REQUEST_KEY, {})
         selection = str(req.get("selection", "random"))
         if req.get("scenario") != "samples" or selection not in MODEL_SELECTIONS:
-            return same
+            return idx
+        same = heldout.subset(idx)
         scores = selection_scores(selection, model, same.x, same.y, (same.x, same.y))
         k = max(1, int(round(float(req.get("fraction", 0.1)) * len(same))))
-        return same.subset(np.argsort(-scores, kind="stable")[:k])
+        return idx[np.argsort(-scores, kind="stable")[:k]]
 
     def erasure(self, msg: Message, context: Context) -> Message:
         from ..erasure import erasure_poll

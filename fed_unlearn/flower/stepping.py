@@ -10,7 +10,8 @@ step. Three rules act on ``d``, in this order:
 * **calibration on the forgetting clients' own data** (``query.calibrate``): the smallest
   scale at which their forget set looks like data the model never saw
   (:mod:`fed_unlearn.calibration`), after a memorisation test that keeps the model when
-  nothing was memorised;
+  nothing was memorised; beyond the method's own step only as far as the remaining
+  clients' evaluation and the forgetting clients' other held-out samples do not pay for it;
 * **the utility bound, when no forgetting client can calibrate**: the remaining clients
   evaluate ``base + c d`` for a few ``c`` with their ordinary ``evaluate`` handler (every
   Flower app has one) and the largest ``c`` whose loss stays within ``utility_tolerance``
@@ -33,13 +34,23 @@ from flwr.serverapp import Grid
 
 from .. import protocol as P
 from ..aggregation import ClientUpdate, fedavg
-from ..calibration import Calibration, choose_scale, memorisation, pooled, target_for, utility_scale
+from ..calibration import (
+    Calibration,
+    choose_scale,
+    extension_limit,
+    memorisation,
+    pooled,
+    target_for,
+    utility_scale,
+)
 from .records import metric_dict, metric_records, to_record
 from .requests import UnlearningRequest, client_failure
 from .wire import CalibrateRequest, calibrate_request, handlers_of, read_calibrate_reply
 
 #: The scales the utility bound evaluates on the remaining clients (fractions of the step).
 UTILITY_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: The pooled calibration figures measured per candidate scale.
+_PER_SCALE = ("forget-loss", "heldout-loss", "forget-acc", "heldout-acc", "auc", "auc-z", "rest-loss", "rest-acc")
 
 
 def update_norm(weights: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray], names: Sequence[str]) -> float:
@@ -201,6 +212,7 @@ class StepControl:
 
         scales = list(self.calibration_scales)
         m: dict[str, Any] = {}
+        extension: dict[str, Any] = {}
 
         def decide() -> Calibration:
             f, h, a = m["forget-loss"], m["heldout-loss"], m["forget-acc"]
@@ -219,10 +231,21 @@ class StepControl:
                 # the full step falls short, the forget set still clearly member-like, without moving away
                 # from the target (an ascent step that barely starts): candidates beyond it, up to the bound
                 more = ask(longer, pre_request=False)
-                scales += longer
-                for key in ("forget-loss", "heldout-loss", "forget-acc", "heldout-acc", "auc", "auc-z"):
-                    if key in m:
-                        m[key] = list(m[key]) + list(more[key])
+                extension = self._extension(m, more, scales, longer, base, direction)
+                n = extension["admitted"]
+                if n < len(longer):
+                    log(
+                        WARNING,
+                        "calibration: the step is not taken beyond %g x its length: %s",
+                        extension["limit"],
+                        "no measurement of what the federation keeps shows a longer step harmless"
+                        if not extension["guards"]
+                        else f"further, what the federation keeps pays more than {100 * self.utility_tolerance:.0f} %",
+                    )
+                scales += longer[:n]
+                for key in _PER_SCALE:
+                    if key in m and key in more:
+                        m[key] = list(m[key]) + list(more[key])[:n]
                 cal = decide()
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             return self._utility_bound(new, base, direction, f"calibration failed ({exc})")
@@ -239,6 +262,7 @@ class StepControl:
             "target": cal.target,
             "scales": scales,
             "gaps": list(cal.gaps),
+            **({"extension": extension} if extension else {}),
             **figures,
             **test,
         }
@@ -263,30 +287,77 @@ class StepControl:
         )
         return step_from(base, direction, scale, start), info
 
-    def _utility_scale(self, base: dict[str, np.ndarray], direction: dict[str, np.ndarray]) -> dict[str, Any] | None:
-        """The remaining clients' evaluation of ``base + c d`` for the utility scales; ``None`` without a loss to read.
+    def _remaining_losses(
+        self, base: dict[str, np.ndarray], direction: dict[str, np.ndarray], scales: Sequence[float], tolerance: float
+    ) -> dict[str, Any] | None:
+        """The remaining clients' evaluation of ``base + c d`` for ``c`` in ``scales``; ``None`` without a grid.
 
-        Returns the scale (:func:`fed_unlearn.calibration.utility_scale`), the metric, the
-        values and a line for the log.
+        Returns the metric's key and its values (as losses: an accuracy negated), the walk
+        stopping at the first candidate outside ``tolerance`` of the first; ``values`` is
+        ``None`` when the replies hold no loss to read (``metrics`` names what they hold).
         """
         grid, start = self._grid, self._global
         if grid is None or start is None:
             return None
-        losses: list[float] = []
+        values: list[float] = []
         key = ""
         # one node set for every candidate (a strategy evaluating a fraction samples anew at each call)
         template = self._evaluate_template(grid, to_record(base, self._wire))
-        for c in UTILITY_SCALES:
+        for c in scales:
             msgs = self._with_arrays(template, to_record(step_from(base, direction, c, start), self._wire))
             replies = list(grid.send_and_receive(msgs, timeout=self.query_timeout)) if msgs else []
             metrics = self._aggregate_evaluation(self.current_round, replies)
             key = self.utility_key or _loss_key(metrics)
             if not key or key not in metrics or not np.isfinite(metrics[key]):
-                return {"scale": None, "key": key, "metrics": sorted(metrics)}
-            losses.append(float(metrics[key]))
+                return {"values": None, "key": key, "metrics": sorted(metrics)}
+            values.append(-float(metrics[key]) if _higher_is_better(key) else float(metrics[key]))
+            if values[-1] > values[0] + tolerance * abs(values[0]):
+                break  # the candidates beyond cost the remaining clients more still: not evaluated
+        return {"values": values, "key": key}
+
+    def _utility_scale(self, base: dict[str, np.ndarray], direction: dict[str, np.ndarray]) -> dict[str, Any] | None:
+        """The remaining clients' evaluation of ``base + c d`` for the utility scales; ``None`` without a grid.
+
+        Returns the scale (:func:`fed_unlearn.calibration.utility_scale`; ``None`` without a
+        loss to read), the metric, the values and a line for the log.
+        """
+        seen = self._remaining_losses(base, direction, UTILITY_SCALES, float("inf"))
+        if seen is None or seen["values"] is None:
+            return None if seen is None else {"scale": None, "key": seen["key"], "metrics": seen["metrics"]}
+        key, losses = seen["key"], seen["values"]
+        if _higher_is_better(key):
+            losses = [-v for v in losses]
         scale = utility_scale(UTILITY_SCALES, losses, self.utility_tolerance, higher_is_better=_higher_is_better(key))
         line = ", ".join(f"{c:g}: {v:.4g}" for c, v in zip(UTILITY_SCALES, losses, strict=True))
         return {"scale": scale, "key": key, "values": losses, "tolerance": self.utility_tolerance, "line": line}
+
+    def _extension(
+        self,
+        measured: Mapping[str, Any],
+        more: Mapping[str, Any],
+        scales: Sequence[float],
+        longer: Sequence[float],
+        base: dict[str, np.ndarray],
+        direction: dict[str, np.ndarray],
+    ) -> dict[str, Any]:
+        """How many of the ``longer`` candidates (beyond the full step) calibration may choose among.
+
+        The guards (:func:`fed_unlearn.calibration.extension_limit`): the forgetting clients'
+        other held-out samples (``rest-loss``, measured with the candidates) and the remaining
+        clients' ordinary evaluation of ``base``, the full step and the longer candidates.
+        """
+        candidates = [0.0, 1.0, *longer]
+        guards: dict[str, list[float]] = {}
+        one = [i for i, c in enumerate(scales) if c == 1.0]
+        if one and "rest-loss" in measured and "rest-loss" in more:
+            rest = measured["rest-loss"]
+            guards["forgetting clients' other held-out loss"] = [rest[0], rest[one[0]], *more["rest-loss"]]
+        seen = self._remaining_losses(base, direction, candidates, self.utility_tolerance)
+        if seen is not None and seen["values"] is not None and len(seen["values"]) >= 2:
+            guards[f"remaining clients' '{seen['key']}'"] = list(seen["values"])
+        limit = extension_limit(candidates, list(guards.values()), self.utility_tolerance)
+        admitted = sum(1 for c in longer if c <= limit)
+        return {"candidates": list(longer), "limit": limit, "admitted": admitted, "guards": guards}
 
     # -- the utility bound: the remaining clients' own evaluation -------------------------------
     def _utility_bound(

@@ -142,7 +142,8 @@ class Unlearning(RequestBook, MessageBuilder, Composition, Strategy):
         and the pre-request model is kept.
     utility_tolerance : float
         The utility bound's tolerance: the remaining clients' evaluation loss may rise by
-        this fraction of its value without the step.
+        this fraction of its value without the step. It also bounds a calibrated step
+        beyond the method's own (the forgetting clients' other held-out samples likewise).
     utility_key : str, optional
         The evaluation metric the utility bound reads (default: the app's loss metric,
         e.g. ``eval_loss``).
