@@ -69,3 +69,23 @@ def test_streamed_delta_sum_equals_the_sum_of_pseudo_gradients():
         got["w"][0, 0],
         sum(c * (float(loc["w"][0, 0]) - float(g["w"][0, 0])) for loc, c in zip(locs, coefs, strict=True)),
     )
+
+
+def test_update_norms_float32_fast_and_every_other_dtype_in_float64():
+    """||w - s|| over the named arrays: 3-4-12 gives 13; float32 agrees with float64 to 1e-6, 0-dim counts."""
+    from fed_unlearn.aggregation import clip_update, mean_update_norm, update_norm
+
+    s = {"a": np.zeros(2, np.float32), "b": np.float64(1.0), "c": np.zeros(3, np.float16), "skip": np.zeros(1)}
+    w = {"a": np.array([3, 4], np.float32), "b": np.float64(13.0), "c": np.zeros(3, np.float16), "skip": np.ones(1)}
+    assert update_norm(w, s, ["a", "b", "c"]) == pytest.approx(13.0, rel=1e-12)
+    rng = np.random.default_rng(0)
+    big = {"x": rng.standard_normal((300, 200)).astype(np.float32)}
+    zero = {"x": np.zeros((300, 200), np.float32)}
+    exact = float(np.sqrt(np.sum(big["x"].astype(np.float64) ** 2)))
+    assert update_norm(big, zero, ["x"]) == pytest.approx(exact, rel=1e-6)
+    u = ClientUpdate(0, w, 1.0)
+    assert mean_update_norm([u, u], s, ["a"]) == pytest.approx(5.0) and mean_update_norm([], s, ["a"]) is None
+    clipped = clip_update(w, s, 2.5, ["a"])
+    assert clipped is not None and update_norm(clipped, s, ["a"]) == pytest.approx(2.5, rel=1e-6)
+    assert clipped["a"].dtype == np.float32 and clipped["skip"] is w["skip"]  # only the named arrays move
+    assert clip_update(w, s, 6.0, ["a"]) is None  # within the bound: untouched

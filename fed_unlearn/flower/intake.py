@@ -17,7 +17,7 @@ from flwr.app import Message, MetricRecord
 from flwr.common import log
 
 from .. import protocol as P
-from ..aggregation import InvalidUpdateError
+from ..aggregation import InvalidUpdateError, clip_update, update_norm
 from .records import array_records, metric_records
 from .replies import (
     Checked,
@@ -31,7 +31,6 @@ from .replies import (
     weighted_means,
 )
 from .requests import client_failure
-from .stepping import clip_update, update_norm
 
 
 class CheckedReply:

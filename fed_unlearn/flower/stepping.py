@@ -33,7 +33,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from .. import protocol as P
-from ..aggregation import ClientUpdate, fedavg
+from ..aggregation import ClientUpdate, fedavg, mean_update_norm, step_from, update_norm
 from ..calibration import (
     Calibration,
     choose_scale,
@@ -51,59 +51,6 @@ from .wire import CalibrateRequest, calibrate_request, handlers_of, read_calibra
 UTILITY_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: The pooled calibration figures measured per candidate scale.
 _PER_SCALE = ("forget-loss", "heldout-loss", "forget-acc", "heldout-acc", "auc", "auc-z", "rest-loss", "rest-acc")
-
-
-def update_norm(weights: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray], names: Sequence[str]) -> float:
-    """L2 norm of ``weights - start`` over ``names``, in float64."""
-    total = 0.0
-    for k in names:
-        # one float64 temporary squared in place: the same sum as ((w - s) ** 2).sum(), several times faster
-        d = np.array(weights[k], dtype=np.float64)  # an array even for 0-dim weights (in-place ops below)
-        d -= np.asarray(start[k], dtype=np.float64)
-        np.multiply(d, d, out=d)
-        total += float(np.sum(d))
-    return float(np.sqrt(total))
-
-
-def mean_update_norm(
-    updates: Sequence[ClientUpdate], start: Mapping[str, np.ndarray], names: Sequence[str]
-) -> float | None:
-    """Mean L2 norm of the updates' pseudo-gradients against ``start`` over ``names`` (``None`` without updates)."""
-    if not updates:
-        return None
-    return float(np.mean([update_norm(u.weights, start, names) for u in updates]))
-
-
-def clip_update(
-    weights: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray], bound: float, names: Sequence[str]
-) -> dict[str, np.ndarray] | None:
-    """``start + (w - start) * min(1, bound / ||w - start||)`` on ``names``, or ``None`` when already within."""
-    norm = update_norm(weights, start, names)
-    if norm <= bound:
-        return None
-    scale = bound / norm
-    moving = set(names)
-    return {
-        k: (
-            (
-                np.asarray(start[k], np.float64)
-                + (np.asarray(w, np.float64) - np.asarray(start[k], np.float64)) * scale
-            ).astype(np.asarray(w).dtype)
-            if k in moving
-            else w
-        )
-        for k, w in weights.items()
-    }
-
-
-def step_from(
-    base: Mapping[str, np.ndarray], direction: Mapping[str, np.ndarray], scale: float, like: Mapping[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """``base + scale * direction`` in float64, cast to the dtypes of ``like``."""
-    return {
-        k: (np.asarray(base[k], np.float64) + scale * np.asarray(direction[k], np.float64)).astype(np.asarray(g).dtype)
-        for k, g in like.items()
-    }
 
 
 class StepControl:
