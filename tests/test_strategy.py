@@ -623,3 +623,21 @@ def test_without_any_measurement_of_what_stays_no_step_beyond_the_method_own_is_
     cal = s.unlearning_report["calibration"]
     assert cal["extension"]["guards"] == {} and cal["extension"]["admitted"] == 0
     assert cal["scale"] == pytest.approx(1.0) and not cal["reached"]
+
+
+def test_when_every_node_is_forgetting_nobody_is_asked_to_evaluate_and_nothing_waits(monkeypatch):
+    """A class removed from every client: no node remains to evaluate a candidate (the utility bound's and the longer
+    step's guard); the wrapped strategy's sampling would wait for one forever."""
+    import flwr.serverapp.strategy.strategy_utils as su
+
+    def no_wait(_):
+        raise AssertionError("the strategy waited for a node to connect")
+
+    monkeypatch.setattr(su, "sleep", no_wait)
+    s = strategy()
+    s.request_unlearning(
+        0, 1, 2, round=1, leave=False, deletion=DeletionRequest("class", forget_class=0), send_request=False
+    )
+    start_round(s, 1)
+    assert set(s.pending) == set(NODES.values())
+    assert s._evaluate_template(GRID, to_record(GLOBAL)) == []

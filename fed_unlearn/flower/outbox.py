@@ -169,6 +169,8 @@ class MessageBuilder:
         """The wrapped strategy's evaluation messages to the remaining clients (the utility bound's)."""
         hidden = self._hidden() | set(self.pending)
         active = ActiveNodesGrid(grid, lambda: hidden)
+        if not list(active.get_node_ids()):
+            return []  # every node is forgetting (a class): nobody remains to evaluate, and sampling would wait forever
         self._adjust_minimums(also_hidden=len(set(self.pending) - self._hidden()))
         try:
             return list(self.strategy.configure_evaluate(self.current_round, arrays, ConfigRecord(), active))
