@@ -237,9 +237,9 @@ def extension_limit(scales: Sequence[float], guards: Sequence[Sequence[float]], 
 
     ``scales`` start ``0, 1`` and go on with the longer candidates; each guard holds, per
     scale (possibly for a prefix of them: a walk stopped where the cost is already too
-    high), a loss on data the federation keeps — the remaining clients' evaluation loss, the
-    forgetting clients' other held-out samples. A candidate beyond 1 is admissible while
-    every guard stays within ``tolerance`` (relative) of its value at scale 0
+    high), a cost on data the federation keeps (a loss, or an accuracy negated) — the
+    remaining clients' evaluation, the forgetting clients' other held-out samples. A
+    candidate beyond 1 is admissible while every guard stays within ``tolerance`` (relative) of its value at scale 0
     (:func:`utility_scale`): an ascent step driven further to make the forget set look
     unseen must not get there by breaking the model for everything else. Without any guard,
     1: no evidence that a longer step is harmless, so none is taken.

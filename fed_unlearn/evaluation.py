@@ -94,6 +94,8 @@ def measure_client(
     out: dict[str, float] = {}
     # the ordinary evaluation loss, over all held-out data (what the server's utility bound reads)
     out["eval-loss"] = float(np.mean(cross_entropy(logits["heldout"], heldout.y))) if len(heldout.y) else 0.0
+    # and its accuracy (what guards a calibrated step longer than the method's own)
+    out["eval-acc"] = float(np.mean(np.argmax(logits["heldout"], axis=1) == heldout.y)) if len(heldout.y) else 0.0
     parts = split_parts(train, heldout, forget, removed_classes)
     for part, (src, idx) in parts.items():
         lg, y = logits[src][idx], labels[src][idx]

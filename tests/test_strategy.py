@@ -400,7 +400,7 @@ class CalibratingGrid(StaticGrid):
 
     Evaluation messages (the remaining clients' utility) get ``eval_loss`` = ``utility`` (a number, or a function
     of the evaluated weights; no loss when ``None``). With ``rest`` (a function of c) the client also reports the
-    loss of 4 other held-out samples.
+    accuracy of 100 other held-out samples.
     """
 
     def __init__(
@@ -417,7 +417,7 @@ class CalibratingGrid(StaticGrid):
             if m.metadata.message_type == "evaluate":
                 self.evaluated.append(m)
                 u = self.utility(to_weights(m.content["arrays"])) if callable(self.utility) else self.utility
-                loss = {} if u is None else {"eval_loss": float(u)}
+                loss = {} if u is None else u if isinstance(u, dict) else {"eval_loss": float(u)}
                 rec = MetricRecord({**loss, "num-examples": 4})
                 out.append(Message(RecordDict({"metrics": rec}), reply_to=m))
                 continue
@@ -434,8 +434,8 @@ class CalibratingGrid(StaticGrid):
             )
             if self.rest is not None:
                 rec.update(
-                    {"rest-loss-sum": [4 * self.rest(c) for c in scales], "rest-correct": [4.0] * len(scales)}
-                    | {"rest-n": [4.0]}
+                    {"rest-loss-sum": [30.0] * len(scales), "rest-correct": [100 * self.rest(c) for c in scales]}
+                    | {"rest-n": [100.0]}
                 )
             if self.pre is not None:  # pre-request mean losses (forget, held-out), every sample alike: se 0
                 f, h = self.pre
@@ -571,10 +571,14 @@ def _scale_of(w, base, step):
 
 def test_a_step_too_short_to_reach_the_target_is_extended_up_to_the_departing_step_bound():
     """Forget loss 0.1 + 0.2 c reaches the held-out 0.5 only at c = 2: beyond the full step, within the bound,
-    as the remaining clients' evaluation does not change."""
-    grid = CalibratingGrid(NODES.values(), 0.1, 0.2, 0.5, utility=0.7)
+    as the remaining clients' accuracy does not change (their loss grows: the accuracy is what the guard reads)."""
+    grid = CalibratingGrid(NODES.values(), 0.1, 0.2, 0.5)
+    grid.utility = lambda w: {"eval_loss": 1.0 + _scale_of(w, base, step), "eval_acc": 0.9}
+    base = {"w": np.array([1.5, 2.0]), "b": np.array([0.5])}
+    step = {"w": np.array([-0.25, -2.0])}
     s, out, base, step = _extension_case(grid)
     cal = s.unlearning_report["calibration"]
+    assert list(cal["extension"]["guards"]) == ["remaining clients' 'eval_acc' (negated)"]
     assert cal["reached"] and cal["scale"] == pytest.approx(2.0)
     first, second = grid.asked  # a second query with the longer candidates only
     assert list(second.content["config"]["scales"]) == pytest.approx([2.0, 4.0, 5.0])
@@ -603,14 +607,14 @@ def test_a_longer_step_is_not_taken_when_the_remaining_clients_pay_for_the_full_
 
 
 def test_a_longer_step_stops_where_the_forgetting_clients_other_held_out_samples_pay():
-    """No remaining-client loss; their other held-out loss 0.3 + 0.002 c^2 stays within 5 % up to c = 2.58: of the
-    longer candidates 2, 4, 5 only 2 is admitted, and the target (c = 3) is not reached."""
-    grid = CalibratingGrid(NODES.values(), 0.1, 0.2, 0.7, rest=lambda c: 0.3 + 0.002 * c * c)
+    """No remaining-client metric; their other held-out accuracy 1 - 0.01 c^2 stays within 5 % of 1 up to
+    c = 2 + 1/6 (linear between the candidates 2 and 4): of 2, 4, 5 only 2 is admitted, the target (c = 3) unreached."""
+    grid = CalibratingGrid(NODES.values(), 0.1, 0.2, 0.7, rest=lambda c: 1 - 0.01 * c * c)
     s, out, base, step = _extension_case(grid)
     cal = s.unlearning_report["calibration"]
     ext = cal["extension"]
-    assert ext["limit"] == pytest.approx(2 + 2 * (0.315 - 0.308) / (0.332 - 0.308))
-    assert ext["admitted"] == 1 and list(ext["guards"]) == ["forgetting clients' other held-out loss"]
+    assert ext["limit"] == pytest.approx(2 + 2 / 12)
+    assert ext["admitted"] == 1 and list(ext["guards"]) == ["forgetting clients' other held-out accuracy (negated)"]
     assert cal["scales"][-1] == 2.0 and not cal["reached"] and cal["scale"] == pytest.approx(2.0)
     for k in GLOBAL:
         np.testing.assert_allclose(out[k], base[k] + 2.0 * step[k], atol=1e-6)

@@ -235,13 +235,20 @@ class StepControl:
         return step_from(base, direction, scale, start), info
 
     def _remaining_losses(
-        self, base: dict[str, np.ndarray], direction: dict[str, np.ndarray], scales: Sequence[float], tolerance: float
+        self,
+        base: dict[str, np.ndarray],
+        direction: dict[str, np.ndarray],
+        scales: Sequence[float],
+        tolerance: float,
+        accuracy: bool = False,
     ) -> dict[str, Any] | None:
         """The remaining clients' evaluation of ``base + c d`` for ``c`` in ``scales``; ``None`` without a grid.
 
-        Returns the metric's key and its values (as losses: an accuracy negated), the walk
-        stopping at the first candidate outside ``tolerance`` of the first; ``values`` is
-        ``None`` when the replies hold no loss to read (``metrics`` names what they hold).
+        Returns the metric's key (``utility_key``, else with ``accuracy`` the app's accuracy
+        metric if it reports one, else its loss) and its values as costs (an accuracy
+        negated), the walk stopping at the first candidate outside ``tolerance`` of the
+        first; ``values`` is ``None`` when the replies hold no such metric (``metrics`` names
+        what they hold).
         """
         grid, start = self._grid, self._global
         if grid is None or start is None:
@@ -254,7 +261,7 @@ class StepControl:
             msgs = self._with_arrays(template, to_record(step_from(base, direction, c, start), self._wire))
             replies = list(grid.send_and_receive(msgs, timeout=self.query_timeout)) if msgs else []
             metrics = self._aggregate_evaluation(self.current_round, replies)
-            key = self.utility_key or _loss_key(metrics)
+            key = self.utility_key or (accuracy and _accuracy_key(metrics)) or _loss_key(metrics)
             if not key or key not in metrics or not np.isfinite(metrics[key]):
                 return {"values": None, "key": key, "metrics": sorted(metrics)}
             values.append(-float(metrics[key]) if _higher_is_better(key) else float(metrics[key]))
@@ -289,19 +296,23 @@ class StepControl:
     ) -> dict[str, Any]:
         """How many of the ``longer`` candidates (beyond the full step) calibration may choose among.
 
-        The guards (:func:`fed_unlearn.calibration.extension_limit`): the forgetting clients'
-        other held-out samples (``rest-loss``, measured with the candidates) and the remaining
-        clients' ordinary evaluation of ``base``, the full step and the longer candidates.
+        The guards (:func:`fed_unlearn.calibration.extension_limit`), accuracies where there
+        are any: the forgetting clients' other held-out samples (``rest-acc``, measured with
+        the candidates) and the remaining clients' ordinary evaluation of ``base``, the full
+        step and the longer candidates. Accuracy, not loss: an ascent step inflates the
+        logits, and with them the loss of samples it still classifies right, long before it
+        costs any accuracy (and the recovery rounds rescale them).
         """
         candidates = [0.0, 1.0, *longer]
         guards: dict[str, list[float]] = {}
         one = [i for i, c in enumerate(scales) if c == 1.0]
-        if one and "rest-loss" in measured and "rest-loss" in more:
-            rest = measured["rest-loss"]
-            guards["forgetting clients' other held-out loss"] = [rest[0], rest[one[0]], *more["rest-loss"]]
-        seen = self._remaining_losses(base, direction, candidates, self.utility_tolerance)
+        if one and "rest-acc" in measured and "rest-acc" in more:
+            rest = [-float(v) for v in (measured["rest-acc"][0], measured["rest-acc"][one[0]], *more["rest-acc"])]
+            guards["forgetting clients' other held-out accuracy (negated)"] = rest
+        seen = self._remaining_losses(base, direction, candidates, self.utility_tolerance, accuracy=True)
         if seen is not None and seen["values"] is not None and len(seen["values"]) >= 2:
-            guards[f"remaining clients' '{seen['key']}'"] = list(seen["values"])
+            sign = " (negated)" if _higher_is_better(seen["key"]) else ""
+            guards[f"remaining clients' '{seen['key']}'{sign}"] = list(seen["values"])
         limit = extension_limit(candidates, list(guards.values()), self.utility_tolerance)
         admitted = sum(1 for c in longer if c <= limit)
         return {"candidates": list(longer), "limit": limit, "admitted": admitted, "guards": guards}
@@ -358,6 +369,16 @@ def _loss_key(metrics: Mapping[str, float]) -> str:
     """The evaluation loss among an app's metric names (``eval_loss``, ``loss``, ``test-loss``, ...), else ``""``."""
     keys = sorted(k for k in metrics if "loss" in k.lower() and isinstance(metrics[k], (int, float)))
     names = ("loss", "eval_loss", "eval-loss", "val_loss", "test_loss", "test-loss", "test_logloss")
+    exact = [k for k in keys if k.lower() in names]
+    return (exact or keys or [""])[0]
+
+
+def _accuracy_key(metrics: Mapping[str, float]) -> str:
+    """The evaluation accuracy among an app's metric names (``accuracy``, ``eval_acc``, ...), else ``""``."""
+    keys = sorted(
+        k for k in metrics if _higher_is_better(k) and "acc" in k.lower() and isinstance(metrics[k], (int, float))
+    )
+    names = ("accuracy", "acc", "eval_acc", "eval-acc", "eval_accuracy", "val_acc", "val_accuracy", "test_acc")
     exact = [k for k in keys if k.lower() in names]
     return (exact or keys or [""])[0]
 
