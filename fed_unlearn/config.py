@@ -188,6 +188,12 @@ class RequestConfig:
         "calibration keeps the model unless the forget set is this many standard errors more member-like "
         "than held-out data (loss-attack AUC or accuracy)",
     )
+    utility_tolerance: float = setting(
+        0.05,
+        "unlearn.utility-tolerance",
+        "how much (relative) the data that stays may lose to a step the remaining clients' evaluation sizes, "
+        "or to a calibrated step longer than the method's own",
+    )
     recovery: str = setting("validation", "unlearn.recovery", "when recovery stops: " + ", ".join(RECOVERY_MODES))
     recovery_tolerance: float = setting(0.01, "unlearn.recovery-tolerance", "accuracy gap counted as recovered")
     recovery_patience: int = setting(
@@ -205,6 +211,7 @@ class RequestConfig:
         _check("unlearn.recovery-tolerance", self.recovery_tolerance, 0 <= self.recovery_tolerance < 1, "in [0, 1)")
         _check("unlearn.recovery-patience", self.recovery_patience, self.recovery_patience >= 1, ">= 1")
         _check("unlearn.memorisation-z", self.memorisation_z, self.memorisation_z >= 0, ">= 0")
+        _check("unlearn.utility-tolerance", self.utility_tolerance, self.utility_tolerance >= 0, ">= 0")
 
 
 @dataclass(frozen=True)

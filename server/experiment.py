@@ -183,6 +183,7 @@ def run_experiment(
         evaluate_departed=True,
         calibrate=cfg.request.calibrate,
         memorisation_z=cfg.request.memorisation_z,
+        utility_tolerance=cfg.request.utility_tolerance,
     )
     for c, i in clients.items():
         strategy.set_identity(i.node_id, **{"partition-id": c})

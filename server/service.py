@@ -131,6 +131,7 @@ class ErasureService:
             on_missing="skip",
             calibrate=cfg.request.calibrate,
             memorisation_z=cfg.request.memorisation_z,
+            utility_tolerance=cfg.request.utility_tolerance,
             max_strikes=svc.max_strikes,
         )
         self.members = Membership(
