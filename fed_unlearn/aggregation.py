@@ -206,9 +206,13 @@ def update_norm(weights: Mapping[str, np.ndarray], start: Mapping[str, np.ndarra
     for k in names:
         w, s = np.asarray(weights[k]), np.asarray(start[k])
         if w.dtype == np.float32 and s.dtype == np.float32:
-            d = np.subtract(w, s).ravel()
-            total += float(np.dot(d, d))
-            continue
+            with np.errstate(over="ignore", invalid="ignore"):
+                d = np.subtract(w, s).ravel()
+                sq = float(np.dot(d, d))
+            if np.isfinite(sq):
+                total += sq
+                continue
+            # beyond float32's range (a hostile 1e38) or not finite: float64 tells which
         # one float64 temporary squared in place (an array even for 0-dim weights)
         e = np.array(w, dtype=np.float64)
         e -= np.asarray(s, dtype=np.float64)

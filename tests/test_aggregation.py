@@ -83,6 +83,8 @@ def test_update_norms_float32_fast_and_every_other_dtype_in_float64():
     zero = {"x": np.zeros((300, 200), np.float32)}
     exact = float(np.sqrt(np.sum(big["x"].astype(np.float64) ** 2)))
     assert update_norm(big, zero, ["x"]) == pytest.approx(exact, rel=1e-6)
+    huge = {"x": np.full(4, 1e38, np.float32)}  # its square overflows float32: the norm comes from float64
+    assert update_norm(huge, {"x": np.zeros(4, np.float32)}, ["x"]) == pytest.approx(2e38)
     u = ClientUpdate(0, w, 1.0)
     assert mean_update_norm([u, u], s, ["a"]) == pytest.approx(5.0) and mean_update_norm([], s, ["a"]) is None
     clipped = clip_update(w, s, 2.5, ["a"])
