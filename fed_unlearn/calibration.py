@@ -308,12 +308,12 @@ def client_stats(
         # the loss-threshold attack's AUC, forget vs held-out: the whole distributions
         "forget-auc": [loss_mia_auc(m.forget_loss, m.heldout_loss) for m in per_scale],
     }
-    rest = [m.rest_loss for m in per_scale]
-    if per_scale and all(r is not None and len(r) for r in rest):
+    rest = [m.rest_loss for m in per_scale if m.rest_loss is not None and len(m.rest_loss)]
+    if per_scale and len(rest) == len(per_scale):
         # the guard of steps beyond the method's own: what the client keeps must not pay for it
-        out["rest-loss-sum"] = [float(np.sum(r)) for r in rest if r is not None]
+        out["rest-loss-sum"] = [float(np.sum(r)) for r in rest]
         out["rest-correct"] = [float(m.rest_correct) for m in per_scale]
-        out["rest-n"] = [float(len(rest[0]))]  # type: ignore[arg-type]
+        out["rest-n"] = [float(len(rest[0]))]
     if pre_request is not None:
         f, h = pre_request.forget_loss, pre_request.heldout_loss
         out.update(

@@ -645,3 +645,32 @@ def test_when_every_node_is_forgetting_nobody_is_asked_to_evaluate_and_nothing_w
     start_round(s, 1)
     assert set(s.pending) == set(NODES.values())
     assert s._evaluate_template(GRID, to_record(GLOBAL)) == []
+
+
+def test_the_utility_bound_reads_an_accuracy_as_higher_is_better():
+    """utility_key='eval_acc', accuracy 0.9 - 0.2 c on the remaining clients: 5 % below 0.9 is reached at c = 0.225."""
+    base = {"w": np.array([1.5, 2.0]), "b": np.array([0.5])}
+    step = {"w": np.array([-0.25, -2.0])}
+
+    class AccuracyGrid(EvaluatingGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            out = []
+            for m in messages:
+                self.asked.append(m)
+                acc = 0.9 - 0.2 * _scale_of(to_weights(m.content["arrays"]), base, step)
+                rec = MetricRecord({"eval_loss": 1.0, "eval_acc": acc, "num-examples": 4})
+                out.append(Message(RecordDict({"metrics": rec}), reply_to=m))
+            return out
+
+    grid = AccuracyGrid(NODES.values(), lambda w: 0.0)
+    s = strategy(make_method("puf", {"puf.scale": 2.0}), calibrate=True, utility_key="eval_acc")
+    s.capabilities[NODES[2]] = {}  # a plain client: no query.calibrate
+    s.request_unlearning(2, round=1)
+    start_round(s, 1, grid)
+    s.aggregate_train(
+        1, [reply(0, weights([2, 2], 0.5), 1), reply(1, weights([1, 2], 0.5), 1), reply(2, weights([1, 4], 1.5), 2)]
+    )
+    cal = s.unlearning_report["calibration"]
+    assert cal["rule"] == "remaining-utility" and cal["utility-key"] == "eval_acc"
+    assert cal["scale"] == pytest.approx(0.225)
+    assert cal["utility"] == pytest.approx([0.9, 0.85, 0.8, 0.75, 0.7])  # as the clients reported them

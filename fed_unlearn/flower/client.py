@@ -515,14 +515,17 @@ class _Helper:
 
         def measured() -> Measurement:
             fl, hl = predict_logits(model, forget.x), predict_logits(model, like.x)
-            rl = predict_logits(model, rest.x) if rest is not None else None
+            rest_loss, rest_correct = None, 0.0
+            if rest is not None:
+                rl = predict_logits(model, rest.x)
+                rest_loss, rest_correct = cross_entropy(rl, rest.y), float(np.sum(np.argmax(rl, axis=1) == rest.y))
             return Measurement(
                 cross_entropy(fl, forget.y),
                 float(np.sum(np.argmax(fl, axis=1) == forget.y)),
                 cross_entropy(hl, like.y),
                 float(np.sum(np.argmax(hl, axis=1) == like.y)),
-                None if rl is None or rest is None else cross_entropy(rl, rest.y),
-                0.0 if rl is None or rest is None else float(np.sum(np.argmax(rl, axis=1) == rest.y)),
+                rest_loss,
+                rest_correct,
             )
 
         per_scale = []

@@ -234,7 +234,7 @@ class StepControl:
         )
         return step_from(base, direction, scale, start), info
 
-    def _remaining_losses(
+    def _remaining_costs(
         self,
         base: dict[str, np.ndarray],
         direction: dict[str, np.ndarray],
@@ -275,15 +275,14 @@ class StepControl:
         Returns the scale (:func:`fed_unlearn.calibration.utility_scale`; ``None`` without a
         loss to read), the metric, the values and a line for the log.
         """
-        seen = self._remaining_losses(base, direction, UTILITY_SCALES, float("inf"))
+        seen = self._remaining_costs(base, direction, UTILITY_SCALES, float("inf"))
         if seen is None or seen["values"] is None:
             return None if seen is None else {"scale": None, "key": seen["key"], "metrics": seen["metrics"]}
-        key, losses = seen["key"], seen["values"]
-        if _higher_is_better(key):
-            losses = [-v for v in losses]
-        scale = utility_scale(UTILITY_SCALES, losses, self.utility_tolerance, higher_is_better=_higher_is_better(key))
-        line = ", ".join(f"{c:g}: {v:.4g}" for c, v in zip(UTILITY_SCALES, losses, strict=True))
-        return {"scale": scale, "key": key, "values": losses, "tolerance": self.utility_tolerance, "line": line}
+        key, costs = seen["key"], seen["values"]
+        scale = utility_scale(UTILITY_SCALES, costs, self.utility_tolerance)  # costs: lower is better
+        values = [-v for v in costs] if _higher_is_better(key) else costs  # as the app reported them
+        line = ", ".join(f"{c:g}: {v:.4g}" for c, v in zip(UTILITY_SCALES, values, strict=True))
+        return {"scale": scale, "key": key, "values": values, "tolerance": self.utility_tolerance, "line": line}
 
     def _extension(
         self,
@@ -309,7 +308,7 @@ class StepControl:
         if one and "rest-acc" in measured and "rest-acc" in more:
             rest = [-float(v) for v in (measured["rest-acc"][0], measured["rest-acc"][one[0]], *more["rest-acc"])]
             guards["forgetting clients' other held-out accuracy (negated)"] = rest
-        seen = self._remaining_losses(base, direction, candidates, self.utility_tolerance, accuracy=True)
+        seen = self._remaining_costs(base, direction, candidates, self.utility_tolerance, accuracy=True)
         if seen is not None and seen["values"] is not None and len(seen["values"]) >= 2:
             sign = " (negated)" if _higher_is_better(seen["key"]) else ""
             guards[f"remaining clients' '{seen['key']}'{sign}"] = list(seen["values"])
