@@ -65,8 +65,11 @@ def compatible_dtype(got: np.dtype, want: np.dtype) -> bool:
     return np.dtype(got).kind in NUMERIC_KINDS and np.dtype(want).kind in NUMERIC_KINDS
 
 
-def validate_update(update: Weights, reference: Weights, source: str) -> None:
+def validate_update(update: Weights, reference: Weights, source: str, finite: bool = True) -> None:
     """Check that ``update`` has exactly the reference's names and shapes, compatible dtypes and finite values.
+
+    With ``finite=False`` the values are not looked at (a caller that proves them finite
+    another way, e.g. by a finite norm).
 
     Raises
     ------
@@ -88,7 +91,8 @@ def validate_update(update: Weights, reference: Weights, source: str) -> None:
                 f"{source}: array '{name}' has dtype {arr.dtype}, which is not a real number "
                 f"(the model's is {np.asarray(ref).dtype})"
             )
-        _check_finite(arr, name, source)
+        if finite:
+            _check_finite(arr, name, source)
 
 
 def _check_finite(arr: np.ndarray, name: str, source: str) -> None:
@@ -97,8 +101,14 @@ def _check_finite(arr: np.ndarray, name: str, source: str) -> None:
         raise InvalidUpdateError(f"{source}: array '{name}' contains {bad} NaN/inf values")
 
 
-def conform_update(update: Weights, reference: Weights, source: str) -> tuple[dict[str, np.ndarray], bool]:
-    """:func:`validate_update`, then floats wider than the reference's float cast down to it; whether any was.
+def conform_update(
+    update: Weights,
+    reference: Weights,
+    source: str,
+    measured: Sequence[str] = (),
+    scratch: dict[str, np.ndarray] | None = None,
+) -> tuple[dict[str, np.ndarray], bool, float | None]:
+    """:func:`validate_update`, floats wider than the reference's cast down to it; whether any was, and the norm.
 
     A reply never widens the global model's dtype (a float64 reply to a float32 model is
     cast to float32). Values are checked again after the cast: a finite float64 of 1e300 is
@@ -106,23 +116,40 @@ def conform_update(update: Weights, reference: Weights, source: str) -> tuple[di
     model a server optimizer sends) and integer arrays (an int64 counter for the float64
     average FedAvg sent) are left as they are, as the strategy would get them.
 
+    With ``measured`` names, the update's :func:`update_norm` against ``reference`` over them
+    is returned too (else ``None``), and it doubles as their finiteness check: a finite sum of
+    squared differences to a finite reference has only finite terms, so those arrays are
+    scanned for NaN/inf only when the norm is not finite (to name the culprit). The norm can
+    still be infinite for finite values whose squares overflow float64.
+
     Raises
     ------
     InvalidUpdateError
         As :func:`validate_update`, or when a value does not fit the model's dtype.
     """
-    validate_update(update, reference, source)
+    validate_update(update, reference, source, finite=not measured)
     out: dict[str, np.ndarray] = {}
     changed = False
+    unscanned = set(measured)
     for name, ref in reference.items():
         arr, want = np.asarray(update[name]), np.asarray(ref).dtype
+        if measured and name not in unscanned:
+            _check_finite(arr, name, source)
         if arr.dtype.kind == "f" and want.kind == "f" and arr.dtype.itemsize > want.itemsize:
+            if name in unscanned:
+                _check_finite(arr, name, source)  # before the cast: NaN in the reply is named as such
             with np.errstate(over="ignore"):
                 arr = arr.astype(want)
             _check_finite(arr, name, f"{source} (as {want})")
             changed = True
         out[name] = arr
-    return out, changed
+    if not measured:
+        return out, changed, None
+    norm = update_norm(out, reference, measured, scratch)
+    if not np.isfinite(norm):
+        for name in measured:
+            _check_finite(np.asarray(update[name]), name, source)
+    return out, changed, norm
 
 
 def validate_updates(updates: Sequence[ClientUpdate], reference: Weights) -> None:
@@ -195,19 +222,32 @@ def weighted_delta_sum(
     return out
 
 
-def update_norm(weights: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray], names: Sequence[str]) -> float:
+def update_norm(
+    weights: Mapping[str, np.ndarray],
+    start: Mapping[str, np.ndarray],
+    names: Sequence[str],
+    scratch: dict[str, np.ndarray] | None = None,
+) -> float:
     """L2 norm of ``weights - start`` over ``names``.
 
-    Float32 pairs are differenced and dotted in float32 (one temporary, a BLAS dot: what a
-    bound or an outlier test needs, to about 1e-6 relative, at a twentieth of the cost of
-    float64); any other pair in float64.
+    Float32 pairs are differenced and dotted in float32 (a BLAS dot: what a bound or an
+    outlier test needs, to about 1e-6 relative, at a twentieth of the cost of float64); any
+    other pair in float64. ``scratch`` (name -> buffer, filled on first use) holds the float32
+    differences between calls: one allocation per array for a whole round of replies, the
+    same values and the same result.
     """
     total = 0.0
     for k in names:
         w, s = np.asarray(weights[k]), np.asarray(start[k])
         if w.dtype == np.float32 and s.dtype == np.float32:
+            buf = scratch.get(k) if scratch is not None else None
+            if buf is None or buf.shape != w.shape:
+                buf = np.empty(w.shape, np.float32)
+                if scratch is not None:
+                    scratch[k] = buf
             with np.errstate(over="ignore", invalid="ignore"):
-                d = np.subtract(w, s).ravel()
+                np.subtract(w, s, out=buf)
+                d = buf.reshape(-1)
                 sq = float(np.dot(d, d))
             if np.isfinite(sq):
                 total += sq
@@ -231,10 +271,18 @@ def mean_update_norm(
 
 
 def clip_update(
-    weights: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray], bound: float, names: Sequence[str]
+    weights: Mapping[str, np.ndarray],
+    start: Mapping[str, np.ndarray],
+    bound: float,
+    names: Sequence[str],
+    norm: float | None = None,
 ) -> dict[str, np.ndarray] | None:
-    """``start + (w - start) * min(1, bound / ||w - start||)`` on ``names``, or ``None`` when already within."""
-    norm = update_norm(weights, start, names)
+    """``start + (w - start) * min(1, bound / ||w - start||)`` on ``names``, or ``None`` when already within.
+
+    ``norm`` is that norm when the caller has it already.
+    """
+    if norm is None:
+        norm = update_norm(weights, start, names)
     if norm <= bound:
         return None
     scale = bound / norm

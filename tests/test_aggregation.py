@@ -91,3 +91,28 @@ def test_update_norms_float32_fast_and_every_other_dtype_in_float64():
     assert clipped is not None and update_norm(clipped, s, ["a"]) == pytest.approx(2.5, rel=1e-6)
     assert clipped["a"].dtype == np.float32 and clipped["skip"] is w["skip"]  # only the named arrays move
     assert clip_update(w, s, 6.0, ["a"]) is None  # within the bound: untouched
+
+
+def test_conform_update_norm_doubles_as_the_finiteness_check():
+    """The norm over the measured arrays equals update_norm; NaN/inf there or elsewhere is still refused by name."""
+    from fed_unlearn.aggregation import InvalidUpdateError, conform_update, update_norm
+
+    ref = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32), "n": np.array(4, np.int64)}
+    upd = {"w": np.full((2, 3), 2.0, np.float32), "b": np.array([1.0, 2.0, 2.0]), "n": np.array(5, np.int64)}
+    scratch: dict[str, np.ndarray] = {}
+    out, cast, norm = conform_update(upd, ref, "c1", ["w", "b"], scratch)
+    assert cast and out["b"].dtype == np.float32  # float64 cast down to the model's float32
+    assert norm == pytest.approx(update_norm(out, ref, ["w", "b"]), rel=1e-12) and norm == pytest.approx(np.sqrt(33))
+    assert scratch["w"].shape == (2, 3)  # the buffer is kept for the next reply
+    assert conform_update(upd, ref, "c1")[2] is None  # nothing measured: no norm
+    for name, bad in (("w", np.float32("nan")), ("w", np.float32("inf")), ("b", np.nan)):
+        hostile = {k: np.array(v, copy=True) for k, v in upd.items()}
+        hostile[name].flat[1] = bad
+        with pytest.raises(InvalidUpdateError, match=f"array '{name}' contains 1 NaN/inf"):
+            conform_update(hostile, ref, "c1", ["w", "b"], scratch)
+    # an array outside the measured names is scanned on its own
+    with pytest.raises(InvalidUpdateError, match="array 'w' contains"):
+        conform_update({**upd, "w": np.full((2, 3), np.nan, np.float32)}, ref, "c1", ["b"])
+    # finite float64 that does not fit float32 is refused after the cast
+    with pytest.raises(InvalidUpdateError, match=r"as float32\): array 'b'"):
+        conform_update({**upd, "b": np.array([1e300, 0.0, 0.0])}, ref, "c1", ["w", "b"])

@@ -14,6 +14,7 @@ from fed_unlearn.flower.records import (
     bf16_array,
     metric_records,
     read_weights,
+    remember_values,
     to_record,
     to_weights,
 )
@@ -87,3 +88,28 @@ def test_record_lookups_are_plain_dicts_of_the_records():
     content = RecordDict({"a": ArrayRecord(), "m": MetricRecord({"n": 1}), "b": ArrayRecord()})
     assert list(array_records(content)) == ["a", "b"] and list(metric_records(content)) == ["m"]
     assert metric_records(content)["m"] is content["m"]
+
+
+@pytest.mark.parametrize("value", VALUES, ids=lambda v: f"{v.dtype.str}{v.shape}")
+def test_a_remembered_array_gives_what_numpy_gives_fresh_each_time(value):
+    rec = ArrayRecord({"x": Array(value)})
+    plain = rec["x"]
+    remember_values(rec, read_weights(rec))
+    got, want = rec["x"].numpy(), plain.numpy()
+    assert type(rec["x"]) is not Array and rec["x"] == plain and plain == rec["x"]  # same fields, equal
+    assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+    assert got.flags.writeable and got.flags.f_contiguous == want.flags.f_contiguous
+    if got.size:
+        got.flat[0] = 1
+        assert np.array_equal(rec["x"].numpy(), want)  # a fresh copy: the record is not changed
+    rec["x"].data = Array(np.ones(2, np.float32)).data  # new bytes: the remembered values are forgotten
+    rec["x"].dtype, rec["x"].shape = "float32", (2,)
+    assert rec["x"].numpy().tolist() == [1.0, 1.0]
+
+
+def test_only_views_of_the_arrays_own_values_are_remembered():
+    rec = to_record({"w": np.ones(3, np.float32), "b": np.zeros(2, np.float32)})
+    rec_bf = ArrayRecord({"h": bf16_array(np.ones(2, np.float32))})
+    remember_values(rec, {"w": np.ones(3, np.float32), "b": read_weights(rec)["b"].astype(np.float64)})
+    remember_values(rec_bf, read_weights(rec_bf))  # bfloat16 reads as float32: not what numpy() gives
+    assert type(rec["w"]) is Array and type(rec["b"]) is Array and type(rec_bf["h"]) is Array

@@ -61,6 +61,7 @@ class ReplyIntake:
     declared: dict[int, float]
     claimed: dict[int, float]
     _norms: dict[int, float]
+    _scratch: dict[str, np.ndarray]  # float32 buffers the round's update norms reuse
     _global: dict[str, np.ndarray] | None
     _moving: list[str]
     _asked: dict[int, dict[str, str]]
@@ -107,10 +108,10 @@ class ReplyIntake:
         weight_key = self._weight_key()
         moving = self._moving
 
-        def clip(w: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        def clip(w: Mapping[str, np.ndarray], norm: float | None) -> dict[str, np.ndarray] | None:
             if self.max_update_norm is None or self._global is None:
                 return None
-            return clip_update(w, self._global, self.max_update_norm, moving)
+            return clip_update(w, self._global, self.max_update_norm, moving, norm)
 
         for role, (akey, mkey) in roles.items():
             if mkey not in metrics or akey not in arrays:
@@ -119,7 +120,7 @@ class ReplyIntake:
                 checked, notes = check_role(
                     reply, akey, mkey, self._global, weight_key, self.client_id(node),
                     examples_cap(self.declared.get(node), self.claimed.get(node), self.examples_growth),
-                    clip, keep_others="*" in asked,
+                    clip, keep_others="*" in asked, measured=moving, scratch=self._scratch,
                 )  # fmt: skip
             except InvalidUpdateError as exc:
                 return None, str(exc), False
@@ -184,12 +185,14 @@ class ReplyIntake:
                     self.last_round_problems[p.node] = problem
                     self._strike(p.node, problem)
                     parsed.remove(p)
-            holders = [c for c in own if c.metric_keys == keys]
-            ordered = list(holders[0].update.metrics)
-            means = weighted_means(holders, self._weight_key())
-            for p in parsed:
-                if not p.own and p.retain is not None and p.retain.metric_keys != keys:
-                    p.retain = harmonise(p.retain, ordered, means)
+            odd = [p for p in parsed if not p.own and p.retain is not None and p.retain.metric_keys != keys]
+            if odd:
+                holders = [c for c in own if c.metric_keys == keys]
+                ordered = list(holders[0].update.metrics)
+                means = weighted_means(holders, self._weight_key())
+                for p in odd:
+                    if p.retain is not None:
+                        p.retain = harmonise(p.retain, ordered, means)
         self._drop_outliers(parsed)
         for p in parsed:
             if p.retain is not None:
@@ -200,15 +203,15 @@ class ReplyIntake:
 
     def _drop_outliers(self, parsed: list[CheckedReply]) -> None:
         """Strike the replies whose update dwarfs the others' (:func:`update_outliers`); keeps the round's norms."""
+        g = self._global
         self._norms = {
-            p.node: update_norm(p.retain.update.weights, self._global, self._moving)
+            p.node: update_norm(p.retain.update.weights, g, self._moving) if p.retain.norm is None else p.retain.norm
             for p in parsed
-            if p.retain is not None and self._global is not None
+            if p.retain is not None and g is not None
         }
         if self.max_update_ratio is None:
             return
         still = len(self._norms) < 3 or float(np.median(list(self._norms.values()))) == 0.0
-        g = self._global
         size = update_norm(g, {k: np.zeros_like(v) for k, v in g.items()}, self._moving) if g and still else None
         for node, problem in update_outliers(self._norms, self.max_update_ratio, self.last_update_norm, size).items():
             self.last_round_problems[node] = problem

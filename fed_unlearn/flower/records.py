@@ -77,6 +77,9 @@ def array_view(arr: Array) -> np.ndarray:
     copying, an order of magnitude faster than ``Array.numpy()``; anything else goes through
     ``np.load`` (never with pickles).
     """
+    remembered = arr.__dict__.get("_values") if isinstance(arr, DecodedArray) else None
+    if remembered is not None:
+        return remembered
     if arr.stype != _NUMPY_STYPE:
         return arr.numpy()  # Flower's own error for other serialisations
     out = _npy_view(arr.data)
@@ -99,6 +102,60 @@ def bf16_array(values: np.ndarray) -> Array:
     buf = BytesIO()
     np.save(buf, bits.view(np.dtype("V2")), allow_pickle=False)
     return Array(dtype=BFLOAT16, shape=tuple(int(s) for s in bits.shape), stype=_NUMPY_STYPE, data=buf.getvalue())
+
+
+class DecodedArray(Array):
+    """A Flower Array that remembers its decoded values: ``numpy()`` copies them instead of parsing.
+
+    The same fields (and bytes) as the Array it stands for, equal to it, and ``numpy()``
+    returns what ``Array.numpy()`` would (a fresh, writable array of the same dtype, shape,
+    memory order and values) without ``np.load``: the strategy a checked reply goes to reads
+    the values the check already decoded. Setting a field forgets them.
+    """
+
+    def __init__(self, arr: Array, values: np.ndarray) -> None:
+        super().__init__(dtype=arr.dtype, shape=tuple(arr.shape), stype=arr.stype, data=arr.data)
+        self.__dict__["_values"] = values
+
+    def numpy(self) -> np.ndarray:  # noqa: D102
+        values = self.__dict__.get("_values")
+        return Array.numpy(self) if values is None else np.array(values, copy=True, order="K")
+
+    def __setattr__(self, name: str, value: Any) -> None:  # noqa: D105
+        if name in ("dtype", "shape", "stype", "data"):
+            self.__dict__.pop("_values", None)
+        super().__setattr__(name, value)
+
+    def __eq__(self, other: object) -> bool:  # noqa: D105  (an Array of the same fields is the same array)
+        if not isinstance(other, Array):
+            return NotImplemented
+        return (self.dtype, tuple(self.shape), self.stype, self.data) == (
+            other.dtype,
+            tuple(other.shape),
+            other.stype,
+            other.data,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like Array
+
+
+def remember_values(record: ArrayRecord, views: Mapping[str, np.ndarray]) -> None:
+    """Swap each Array of ``record`` for a :class:`DecodedArray` of its view in ``views``.
+
+    Only read-only views whose dtype and shape are the Array's own (what ``numpy()`` returns
+    for it: a bfloat16 Array reads as float32 and is left as it is).
+    """
+    for name, arr in list(record.items()):
+        view = views.get(name)
+        if (
+            view is None
+            or isinstance(arr, DecodedArray)
+            or view.flags.writeable
+            or str(view.dtype) != str(arr.dtype)
+            or tuple(view.shape) != tuple(arr.shape)
+        ):
+            continue
+        record[name] = DecodedArray(arr, view)
 
 
 def to_weights(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
 
-from ..aggregation import ClientUpdate, InvalidUpdateError, conform_update
-from .records import array_records, metric_records, read_weights, to_record, with_content
+from ..aggregation import ClientUpdate, InvalidUpdateError, conform_update, update_norm
+from .records import array_records, metric_records, read_weights, remember_values, to_record, with_content
 
 
 class StructureError(ValueError):
@@ -97,6 +97,7 @@ class Checked:
     metric_key: str
     modified: bool = False
     metric_keys: frozenset[str] = field(default_factory=frozenset)
+    norm: float | None = None  # of the update against the reference, over the ``measured`` names
 
 
 def check_role(
@@ -109,10 +110,15 @@ def check_role(
     cap: float | None = None,
     clip: Any = None,
     keep_others: bool = True,
+    measured: Sequence[str] = (),
+    scratch: dict[str, np.ndarray] | None = None,
 ) -> tuple[Checked, list[str]]:
     """Check one (array record, metric record) pair of ``reply``; returns it and any notes (a capped weight).
 
-    ``clip(weights) -> weights or None`` bounds the update (``max_update_norm``). With
+    ``clip(weights, norm) -> weights or None`` bounds the update (``max_update_norm``). With
+    ``measured`` names the update's norm against ``reference`` over them is computed once
+    (it is also their finiteness check, :func:`~fed_unlearn.aggregation.conform_update`) and
+    kept on the result. With
     ``keep_others`` the returned message keeps every other record of the reply. bfloat16
     arrays reach the strategy as float32 (numpy cannot average bfloat16).
 
@@ -136,15 +142,19 @@ def check_role(
         weights = read_weights(record)
     except Exception as exc:  # noqa: BLE001  (undecodable arrays are the client's fault, not the round's)
         raise InvalidUpdateError(f"its arrays cannot be read: {type(exc).__name__}: {exc}") from None
-    weights, cast = conform_update(weights, reference, "its update")
+    weights, cast, norm = conform_update(weights, reference, "its update", measured, scratch)
     if clip is not None:
-        clipped = clip(weights)
+        clipped = clip(weights, norm)
         if clipped is not None:
             weights, cast = clipped, True
+            norm = update_norm(weights, reference, measured) if measured else None
     bf16 = any(str(a.dtype) == "bfloat16" for a in record.values())
     if cast or bf16:
         record = to_record(weights)
+        weights = read_weights(record)  # read-only views of the bytes the strategy gets
         modified = True
+    # the strategy reads the values checked here instead of decoding the bytes again
+    remember_values(record, weights)
     if modified or not keep_others:
         records: dict[str, Any] = dict(content.items()) if keep_others else {}
         records[array_key], records[metric_key] = record, metrics
@@ -152,7 +162,7 @@ def check_role(
     else:
         message = reply
     update = ClientUpdate(client_id, weights, n, dict(metrics))
-    return Checked(message, update, array_key, metric_key, modified, frozenset(metrics.keys())), notes
+    return Checked(message, update, array_key, metric_key, modified, frozenset(metrics.keys()), norm), notes
 
 
 def training_records(reply: Message) -> tuple[str, str]:
@@ -193,7 +203,7 @@ def harmonise(checked: Checked, keys: Sequence[str], means: Mapping[str, float])
     records = dict(checked.message.content.items())
     records[checked.metric_key] = record
     msg = with_content(checked.message, RecordDict(records))
-    return Checked(msg, checked.update, checked.array_key, checked.metric_key, True, frozenset(values))
+    return Checked(msg, checked.update, checked.array_key, checked.metric_key, True, frozenset(values), checked.norm)
 
 
 def weighted_means(checked: Sequence[Checked], weight_key: str) -> dict[str, float]:

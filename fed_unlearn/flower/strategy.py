@@ -254,6 +254,7 @@ class Unlearning(RequestBook, MessageBuilder, Composition, Strategy):
         #: Node -> the largest ``num-examples`` it was accepted with (bounds the next claim).
         self.claimed: dict[int, float] = {}
         self._norms: dict[int, float] = {}
+        self._scratch: dict[str, np.ndarray] = {}
         self.departing_step_bound = departing_step_bound
         self.calibrate = calibrate
         self.calibration_scales = tuple(scales)
