@@ -58,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.linalg import blas
 
 EIGEN_FLOOR = 1e-5
 MIN_EIGENVALUES = 10
@@ -190,21 +191,28 @@ def gram_matrices(weight: np.ndarray, precision: str = "double") -> torch.Tensor
     """The Gram matrices ``W^T W`` (``W`` with rows >= cols) a layer's eigenvalues come from, batched.
 
     A Linear weight is one matrix; a conv weight ``(out, in, kh, kw)`` is ``kh * kw``
-    matrices ``(out, in)``, one per kernel position.
+    matrices ``(out, in)``, one per kernel position. Only the **lower triangle** of each is
+    filled (a BLAS ``syrk``: half the multiply-adds of a full product), which is all that
+    ``torch.linalg.eigvalsh`` reads.
     """
     if precision not in ("double", "single"):
         raise ValueError(f"precision must be 'double' or 'single', got {precision!r}")
-    # a copy in the working precision (the weights may be a read-only view of a record's bytes)
-    w = torch.from_numpy(np.array(weight, dtype=np.float64 if precision == "double" else np.float32))
+    dtype = np.float64 if precision == "double" else np.float32
+    w = np.asarray(weight)
     if w.ndim == 4:  # (out, in, kh, kw) -> kh*kw matrices (out, in)
-        w = w.permute(2, 3, 0, 1).reshape(-1, w.shape[0], w.shape[1])
+        mats = np.ascontiguousarray(w.transpose(2, 3, 0, 1), dtype=dtype).reshape(-1, w.shape[0], w.shape[1])
     elif w.ndim == 2:
-        w = w[None]
+        mats = np.ascontiguousarray(w, dtype=dtype)[None]
     else:
         raise ValueError(f"expected a 2-D or 4-D weight, got shape {tuple(w.shape)}")
-    if w.shape[1] < w.shape[2]:
-        w = w.transpose(1, 2)  # rows >= cols: the M eigenvalues of W^T W
-    return w.transpose(1, 2) @ w
+    rows, cols = mats.shape[1:]
+    syrk = blas.dsyrk if precision == "double" else blas.ssyrk
+    out = np.empty((len(mats), min(rows, cols), min(rows, cols)), dtype)
+    for k, m in enumerate(mats):
+        # m.T is m's Fortran view (no copy): syrk(a) = a a^T is m^T m; with trans=1, a^T a = m m^T.
+        # The upper triangle of its (Fortran) result is the lower one of out[k] (C order).
+        out[k] = syrk(1.0, m.T, trans=0 if rows >= cols else 1).T
+    return torch.from_numpy(out)
 
 
 @dataclass(frozen=True)
@@ -274,12 +282,22 @@ def layer_of(param_name: str) -> str:
 
 
 @contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run the block with one torch intra-op thread, restoring the count afterwards."""
+def one_torch_thread(blas: bool = True) -> Iterator[None]:
+    """Run the block with one torch intra-op thread (and, with ``blas``, one in scipy's BLAS), restoring them.
+
+    Limiting scipy's BLAS costs a few milliseconds (a scan of the loaded libraries), so the
+    analysis does it only where layers are analysed concurrently.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        if blas:
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(limits=1, user_api="blas"):
+                yield
+        else:
+            yield
     finally:
         torch.set_num_threads(threads)
 
@@ -345,9 +363,10 @@ def analyze(
     workers = max(1, min(workers or torch.get_num_threads(), len(layers)))
     # one BLAS thread per layer: the same arithmetic (and numbers) for any number of workers,
     # and a batch of small eigenproblems scales better across layers than inside LAPACK
-    with one_torch_thread():
-        if workers == 1 or sum(_cost(arr) for _, arr in layers) < PARALLEL_MIN_COST:
+    if workers == 1 or sum(_cost(arr) for _, arr in layers) < PARALLEL_MIN_COST:
+        with one_torch_thread(blas=False):
             return [_layer_spectrum(name, arr, gate) for name, arr in layers]
+    with one_torch_thread():
         # largest layers first so that no worker is left with a big one at the end
         order = sorted(range(len(layers)), key=lambda k: -_cost(layers[k][1]))
         with ThreadPoolExecutor(workers) as pool:

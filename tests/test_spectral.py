@@ -196,3 +196,24 @@ def test_cli_prints_the_layer_table(tmp_path, capsys):
     torch.save(build_model("cnn", (1, 28, 28), 10, seed=1).state_dict(), path)
     assert main([str(path)]) == 0
     assert "classifier.1" in capsys.readouterr().out
+
+
+def test_gram_matrices_hold_wtw_of_the_smaller_side_in_their_lower_triangle():
+    """syrk products: the lower triangle is W^T W (rows >= cols) or W W^T, per kernel position of a conv."""
+    import torch
+
+    from fed_unlearn.spectral import gram_matrices
+
+    rng = np.random.default_rng(3)
+    tall, wide = rng.standard_normal((7, 4)), rng.standard_normal((3, 5))
+    conv = rng.standard_normal((6, 2, 3, 3)).astype(np.float32)
+    for w, want in ((tall, [tall.T @ tall]), (wide, [wide @ wide.T])):
+        got = gram_matrices(w, "double").numpy()
+        assert got.dtype == np.float64 and got.shape == (1, *want[0].shape)
+        np.testing.assert_allclose(np.tril(got[0]), np.tril(want[0]), rtol=1e-12)
+    got = gram_matrices(conv, "single").numpy()
+    assert got.dtype == np.float32 and got.shape == (9, 2, 2)
+    m = conv[:, :, 1, 2].astype(np.float64)
+    np.testing.assert_allclose(np.tril(got[5]), np.tril(m.T @ m), rtol=1e-5)
+    ev = np.sort(np.linalg.eigvalsh(m.T @ m))
+    np.testing.assert_allclose(np.sort(torch.linalg.eigvalsh(gram_matrices(conv, "double")[5]).numpy()), ev)
