@@ -9,6 +9,9 @@ own ArrayRecord cannot hold bfloat16 tensors, so in bfloat16 the app converts wi
 
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import Any
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -17,6 +20,12 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@lru_cache(maxsize=1)
+def _digits() -> Any:
+    """scikit-learn's digits, read once per process (as Flower's quickstarts keep their dataset)."""
+    return load_digits()
 
 
 class BNNet(nn.Module):
@@ -40,7 +49,7 @@ def make_model(dtype: str, seed: int = 0) -> BNNet:
 
 
 def partition(pid: int, num: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    d = load_digits()
+    d = _digits()
     x = (d.images / 16.0).astype(np.float32)[:, None]
     y = d.target.astype(np.int64)
     idx = np.array_split(np.random.default_rng(7).permutation(len(y))[:720], num)[pid]  # small: tests run fast

@@ -168,8 +168,15 @@ def test_a_plain_client_is_refused_a_method_that_needs_a_client_routine_before_i
 TASK = """
 import numpy as np
 import torch
+from functools import lru_cache
+
 from sklearn.datasets import load_digits
 from torch import nn
+
+
+@lru_cache(maxsize=1)
+def _digits():
+    return load_digits()
 
 
 class Net(nn.Module):
@@ -183,7 +190,7 @@ class Net(nn.Module):
 
 
 def load_data(partition_id, num_partitions):
-    d = load_digits()
+    d = _digits()
     x, y = (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
     idx = np.array_split(np.arange(len(y)), num_partitions)[partition_id]
     cut = int(0.75 * len(idx))

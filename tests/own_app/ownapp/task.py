@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import Any
+
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+
+@lru_cache(maxsize=1)
+def _digits() -> Any:
+    """scikit-learn's digits, read once per process (as Flower's quickstarts keep their dataset)."""
+    return load_digits()
 
 
 class Net(nn.Module):
@@ -37,7 +46,7 @@ class Digits(Dataset):
 
 def load_data(partition_id: int, num_partitions: int) -> tuple[DataLoader, DataLoader]:
     """This partition's train and test loaders (a fixed shuffle, contiguous shards, 80/20)."""
-    d = load_digits()
+    d = _digits()
     x = (d.images / 16.0).astype(np.float32)[:, None]
     y = d.target.astype(np.int64)
     idx = np.array_split(np.random.default_rng(42).permutation(len(y)), num_partitions)[partition_id]
