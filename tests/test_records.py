@@ -102,6 +102,9 @@ def test_a_remembered_array_gives_what_numpy_gives_fresh_each_time(value):
     if got.size:
         got.flat[0] = 1
         assert np.array_equal(rec["x"].numpy(), want)  # a fresh copy: the record is not changed
+    # on the wire it is the plain Array: the same deflated bytes and object id, inflated as an Array
+    assert rec["x"].deflate() == plain.deflate() and rec["x"].object_id == plain.object_id
+    assert rec.object_id == ArrayRecord({"x": plain}).object_id  # so is a record holding it
     rec["x"].data = Array(np.ones(2, np.float32)).data  # new bytes: the remembered values are forgotten
     rec["x"].dtype, rec["x"].shape = "float32", (2,)
     assert rec["x"].numpy().tolist() == [1.0, 1.0]

@@ -121,6 +121,14 @@ class DecodedArray(Array):
         values = self.__dict__.get("_values")
         return Array.numpy(self) if values is None else np.array(values, copy=True, order="K")
 
+    def deflate(self) -> bytes:
+        """Deflate as the plain Array it stands for (the same bytes and object id on the wire)."""
+        return self.plain().deflate()
+
+    def plain(self) -> Array:
+        """The plain Flower Array of the same fields (the bytes are shared, not copied)."""
+        return Array(dtype=self.dtype, shape=tuple(self.shape), stype=self.stype, data=self.data)
+
     def __setattr__(self, name: str, value: Any) -> None:  # noqa: D105
         if name in ("dtype", "shape", "stype", "data"):
             self.__dict__.pop("_values", None)
