@@ -127,17 +127,16 @@ def conform_update(
     InvalidUpdateError
         As :func:`validate_update`, or when a value does not fit the model's dtype.
     """
-    validate_update(update, reference, source, finite=not measured)
+    validate_update(update, reference, source, finite=False)
     out: dict[str, np.ndarray] = {}
     changed = False
-    unscanned = set(measured)
+    by_norm = set(measured)
     for name, ref in reference.items():
         arr, want = np.asarray(update[name]), np.asarray(ref).dtype
-        if measured and name not in unscanned:
+        narrower = arr.dtype.kind == "f" and want.kind == "f" and arr.dtype.itemsize > want.itemsize
+        if name not in by_norm or narrower:  # before any cast: NaN in the reply is named as such
             _check_finite(arr, name, source)
-        if arr.dtype.kind == "f" and want.kind == "f" and arr.dtype.itemsize > want.itemsize:
-            if name in unscanned:
-                _check_finite(arr, name, source)  # before the cast: NaN in the reply is named as such
+        if narrower:
             with np.errstate(over="ignore"):
                 arr = arr.astype(want)
             _check_finite(arr, name, f"{source} (as {want})")

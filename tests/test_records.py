@@ -116,3 +116,30 @@ def test_only_views_of_the_arrays_own_values_are_remembered():
     remember_values(rec, {"w": np.ones(3, np.float32), "b": read_weights(rec)["b"].astype(np.float64)})
     remember_values(rec_bf, read_weights(rec_bf))  # bfloat16 reads as float32: not what numpy() gives
     assert type(rec["w"]) is Array and type(rec["b"]) is Array and type(rec_bf["h"]) is Array
+
+
+def test_a_checked_reply_reaches_the_strategy_holding_the_values_the_check_read():
+    """Plain and cast replies alike: their arrays remember the checked values, so FedAvg never parses them again."""
+    from flwr.app import Message
+
+    from fed_unlearn.flower.records import DecodedArray
+    from fed_unlearn.flower.replies import check_role
+
+    ref = {"w": np.zeros((2, 3), np.float32), "n": np.array(1, np.int64)}
+    for wire in (np.float32, np.float64):  # float64 is cast to the model's float32 and written again
+        content = RecordDict(
+            {
+                "arrays": to_record({"w": np.ones((2, 3), wire), "n": np.array(2, np.int64)}),
+                "metrics": MetricRecord({"num-examples": 5}),
+            }
+        )
+        reply = Message(content, reply_to=Message(RecordDict(), 1, "train"))
+        checked, _ = check_role(reply, "arrays", "metrics", ref, "num-examples", 0, measured=["w"])
+        record = checked.message.content.array_records["arrays"]
+        assert all(type(a) is DecodedArray for a in record.values())
+        assert record["w"].dtype == "float32" and checked.norm == pytest.approx(np.sqrt(6))
+        for name, arr in record.items():  # what FedAvg reads is what was checked
+            assert arr.values() is checked.update.weights[name]
+            np.testing.assert_array_equal(
+                arr.numpy(), Array(dtype=arr.dtype, shape=arr.shape, stype=arr.stype, data=arr.data).numpy()
+            )

@@ -77,7 +77,7 @@ def array_view(arr: Array) -> np.ndarray:
     copying, an order of magnitude faster than ``Array.numpy()``; anything else goes through
     ``np.load`` (never with pickles).
     """
-    remembered = arr.__dict__.get("_values") if isinstance(arr, DecodedArray) else None
+    remembered = arr.values() if isinstance(arr, DecodedArray) else None
     if remembered is not None:
         return remembered
     if arr.stype != _NUMPY_STYPE:
@@ -117,17 +117,18 @@ class DecodedArray(Array):
         super().__init__(dtype=arr.dtype, shape=tuple(arr.shape), stype=arr.stype, data=arr.data)
         self.__dict__["_values"] = values
 
+    def values(self) -> np.ndarray | None:
+        """The remembered read-only values (``None`` once a field was set)."""
+        values: np.ndarray | None = self.__dict__.get("_values")
+        return values
+
     def numpy(self) -> np.ndarray:  # noqa: D102
-        values = self.__dict__.get("_values")
+        values = self.values()
         return Array.numpy(self) if values is None else np.array(values, copy=True, order="K")
 
     def deflate(self) -> bytes:
         """Deflate as the plain Array it stands for (the same bytes and object id on the wire)."""
-        return self.plain().deflate()
-
-    def plain(self) -> Array:
-        """The plain Flower Array of the same fields (the bytes are shared, not copied)."""
-        return Array(dtype=self.dtype, shape=tuple(self.shape), stype=self.stype, data=self.data)
+        return Array(dtype=self.dtype, shape=tuple(self.shape), stype=self.stype, data=self.data).deflate()
 
     def __setattr__(self, name: str, value: Any) -> None:  # noqa: D105
         if name in ("dtype", "shape", "stype", "data"):
