@@ -11,7 +11,7 @@ the same questions through these functions.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,6 +209,15 @@ def measure(
     instead of raising (a deployed site may be gone).
     """
 
+    msgs = audit_messages(node_of, arrays, reference, forget_all)
+    return read_measurements(grid.send_and_receive(msgs, timeout=timeout), node_of, allow_missing)
+
+
+def audit_messages(
+    node_of: dict[int, int], arrays: ArrayRecord, reference: ArrayRecord | None, forget_all: Sequence[int] = ()
+) -> list[Message]:
+    """The ``evaluate.audit`` messages of :func:`measure`, one per client in ``node_of``."""
+
     def content(cid: int) -> RecordDict:
         c: dict[str, Any] = {
             "arrays": arrays,
@@ -218,10 +227,16 @@ def measure(
             c[P.REFERENCE_RECORD] = reference
         return RecordDict(c)
 
-    msgs = [Message(content(cid), nid, P.AUDIT) for cid, nid in sorted(node_of.items())]
+    return [Message(content(cid), nid, P.AUDIT) for cid, nid in sorted(node_of.items())]
+
+
+def read_measurements(
+    replies: Iterable[Message], node_of: dict[int, int], allow_missing: bool = False
+) -> dict[int, dict[str, float]]:
+    """The clients' measurements in the replies to :func:`audit_messages` (see :func:`measure`)."""
     out: dict[int, dict[str, float]] = {}
     client_of = {nid: cid for cid, nid in node_of.items()}
-    for reply in grid.send_and_receive(msgs, timeout=timeout):
+    for reply in replies:
         if reply.has_error():
             if allow_missing:
                 continue

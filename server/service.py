@@ -52,6 +52,7 @@ from fed_unlearn.config import ExperimentConfig, ServiceConfig
 from fed_unlearn.erasure import RequestError, SiteRegistry, parse_request
 from fed_unlearn.evaluation import summarise
 from fed_unlearn.flower import ActiveNodesGrid, FederationRun, run_rounds, to_record, to_weights
+from fed_unlearn.flower.grid import collect, one_message_at_a_time
 from fed_unlearn.gold_cache import code_fingerprint
 from fed_unlearn.journal import Journal, StateDirLock, check_state_dir, weights_digest
 from fed_unlearn.metrics import average_gap
@@ -62,7 +63,7 @@ from fed_unlearn.unlearning import make_method, method_class, online_methods
 
 from .federations import gold_federation, initial_model, new_strategy, reference_federations
 from .membership import Membership
-from .queries import last_line, measure, strong_audit_scores
+from .queries import audit_messages, last_line, measure, read_measurements, strong_audit_scores
 
 #: Requests taken from one site's poll per round (the rest wait for the next poll).
 MAX_REQUESTS_PER_POLL = 50
@@ -170,6 +171,11 @@ class ErasureService:
         self.weights = ck.weights if ck else dict(self.initial)
         self.stale = self.journal.reconcile()
         self.in_flight: list[str] = []
+        # the serving round's measurements of the model before unlearning: (message ids, client -> node,
+        # the staying clients, site -> request ids), pushed ahead of its training; then per request
+        self.audit_ahead: tuple[list[str], dict[int, int], set[int], dict[str, list[str]]] | None = None
+        self.ahead_ok = one_message_at_a_time(grid)  # queries ride ahead of a round only where that is safe
+        self.before_details: dict[str, dict[str, Any]] = {}
         self.verdicts: dict[int, dict[str, list[str]]] = {}  # node -> {"acks": [...], "refused": [...]}
         # the next round's poll, pushed ahead: (message ids, the verdicts each node's message carries)
         self.ahead: tuple[list[str], dict[int, dict[str, list[str]]]] | None = None
@@ -199,7 +205,9 @@ class ErasureService:
 
         The next round's poll is pushed without waiting (the sites answer it while they train
         and evaluate) and its replies are read at the start of that round, so only a run's
-        first round spends a message exchange on the poll. A request a site files during a
+        first round spends a message exchange on the poll (where nodes take their messages one at a
+        time, :func:`~fed_unlearn.flower.grid.one_message_at_a_time`; in Flower's simulation every
+        round asks and waits). A request a site files during a
         round is therefore served one round later than a synchronous poll would; a reply that
         has not arrived by then is dropped (the site resends unacknowledged requests, and its
         verdicts are sent again).
@@ -212,7 +220,7 @@ class ErasureService:
             msgs, owed = self._poll_messages(rnd)
             replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout)) if msgs else []
         self._take_poll(rnd, replies, owed)
-        if rnd < self.cfg.federation.num_server_rounds:
+        if rnd < self.cfg.federation.num_server_rounds and self.ahead_ok:
             msgs, owed = self._poll_messages(rnd + 1)
             self.ahead = (list(self.grid.push_messages(msgs)) if msgs else [], owed)
 
@@ -334,30 +342,16 @@ class ErasureService:
         if not by_site:
             return
         cids = [self.sites[s] for s in by_site]
-        # the erased sites' data and the others' utility, both with the model before unlearning
+        # the erased sites' data and the others' utility, both with the model before unlearning: pushed
+        # ahead of the round's training (a site takes both messages back to back), read after the round
         staying = {c: self.node_of[c] for c in self.active if c not in cids and self.node_of[c] in connected}
-        before = measure(
-            self.grid,
-            {**{c: self.node_of[c] for c in cids}, **staying},
-            arrays,
-            None,
-            self.cfg.federation.round_timeout,
-            forget_all=cids,
-            allow_missing=True,
-        )
-        others = {c: before[c] for c in staying if c in before}
-        test_before = summarise(others).get("test-acc") if others else None
+        measured = {**{c: self.node_of[c] for c in cids}, **staying}
+        msgs = audit_messages(measured, arrays, None, forget_all=cids)
+        self.audit_ahead = (list(self.grid.push_messages(msgs)), measured, set(staying), dict(by_site))
+        if not self.ahead_ok:
+            self._take_audit_ahead()  # nodes that may take two messages at once: read before the round
         digest = weights_digest(to_weights(arrays))
-        details = {}
-        for site, ids in by_site.items():
-            b = before.get(self.sites[site])
-            for rid in ids:
-                details[rid] = {
-                    "model-before": digest,
-                    "fallback": bool(late),
-                    "test-acc-before": test_before,
-                    "before": {k: v for k, v in summarise({0: b}).items() if k in AUDIT_KEYS} if b else None,
-                }
+        details = {rid: {"model-before": digest, "fallback": bool(late)} for ids in by_site.values() for rid in ids}
         self.in_flight = [rid for ids in by_site.values() for rid in ids]
         self.journal.start_unlearning(self.in_flight, rnd, name, details)
         self.strategy.request_unlearning(
@@ -553,6 +547,24 @@ class ErasureService:
         return rep, gold
 
     # -- the loop ---------------------------------------------------------------------------
+    def _take_audit_ahead(self) -> None:
+        """Read the measurements of the model before unlearning pushed with the serving round (``maybe_serve``)."""
+        if self.audit_ahead is None:
+            return
+        ids, measured, staying, by_site = self.audit_ahead
+        self.audit_ahead = None
+        replies = collect(self.grid, ids, self.cfg.federation.round_timeout)
+        before = read_measurements(replies, measured, allow_missing=True)
+        others = {c: before[c] for c in staying if c in before}
+        test_before = summarise(others).get("test-acc") if others else None
+        for site, rids in by_site.items():
+            b = before.get(self.sites[site])
+            for rid in rids:
+                self.before_details[rid] = {
+                    "test-acc-before": test_before,
+                    "before": {k: v for k, v in summarise({0: b}).items() if k in AUDIT_KEYS} if b else None,
+                }
+
     def run(self) -> dict[str, Any]:
         """Rounds ``resumed_from + 1 .. num-server-rounds``; returns the service summary."""
         start = self.resumed_from + 1
@@ -583,9 +595,12 @@ class ErasureService:
 
         def after(rnd: int, arrays: ArrayRecord, summary: dict[str, float]) -> None:
             self._journal_problems(rnd)
+            self._take_audit_ahead()
             served: list[str] = []
             if serving and self.strategy.failed:
                 self.journal.back_to_pending(serving, rnd, "a site to forget did not reply")
+                for rid in serving:
+                    self.before_details.pop(rid, None)
                 self.in_flight = []
             elif serving and not self.strategy.pending and not self.strategy.queue:
                 served, self.in_flight = list(serving), []
@@ -620,7 +635,7 @@ class ErasureService:
                 state,
                 served=served,
                 recovered=recovered,
-                details={rid: {"model-after-unlearning": digest} for rid in served},
+                details={rid: {**self.before_details.pop(rid, {}), "model-after-unlearning": digest} for rid in served},
             )
             log(
                 INFO,

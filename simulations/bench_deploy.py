@@ -141,6 +141,7 @@ def run_config(name: str, folder: Path, rounds: int, run_config: str, stock_app:
         "stock-rounds": stock,
         "service-round": statistics.median(_later_rounds(ordinary)),
         "serving-round": float(served["history"][str(serving_round)]["round-seconds"]),
+        "serving-phases": {k: float(served["history"][str(serving_round)].get(k, float("nan"))) for k in PHASES},
     }
     for key in PHASES:
         values = [h[key] for h in list(ordinary_history.values())[1:] if key in h]
@@ -180,6 +181,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['before-round-seconds']:.1f} | {r['train-wall-seconds']:.1f} | {r['evaluate-wall-seconds']:.1f} |"
         )
     print("(the service's phases: median of its ordinary rounds; every run's first round left out)")
+    for name, r in rows.items():
+        ph = r["serving-phases"]
+        print(
+            f"{name}: the serving round's phases: poll {ph['before-round-seconds']:.1f} s, train (with the "
+            f"unlearning step and its calibration) {ph['train-wall-seconds']:.1f} s, "
+            f"evaluate {ph['evaluate-wall-seconds']:.1f} s"
+        )
     return 0
 
 

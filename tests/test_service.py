@@ -93,6 +93,65 @@ def test_a_site_asks_to_be_forgotten_is_served_once_left_out_and_audited(tmp_pat
     )
 
 
+class ExchangeGrid(CrashingGrid):
+    """Records the message types of every exchange (``send_and_receive``) and of every message pushed ahead."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.exchanges: list[tuple[str, ...]] = []
+        self.ahead: list[tuple[str, ...]] = []
+        self.in_exchange = False
+
+    def push_messages(self, messages):
+        msgs = list(messages)
+        if not self.in_exchange:
+            self.ahead.append(tuple(sorted({m.metadata.message_type for m in msgs})))
+        return super().push_messages(msgs)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        msgs = list(messages)
+        self.exchanges.append(tuple(sorted({m.metadata.message_type for m in msgs})))
+        self.in_exchange = True
+        try:
+            return super().send_and_receive(msgs, timeout=timeout)
+        finally:
+            self.in_exchange = False
+
+
+def test_the_serving_round_is_one_exchange_longer_than_an_ordinary_round(tmp_path):
+    """The erasure poll and the measurement of the model before unlearning ride ahead of the round's training
+    (a site takes queued messages back to back); what the round adds is the calibration query."""
+    start(tmp_path, 2)
+    submit_to_inbox(tmp_path / "h1", new_request("h1", "withdrawal"))
+    out, grid = start(tmp_path, 4, grid_cls=ExchangeGrid)  # serves in round 3, recovers in 4
+    serving = grid.exchanges[grid.exchanges.index(("train",)) :]
+    assert serving[:3] == [("train",), ("query.calibrate",), ("evaluate",)]
+    assert serving[3:5] == [("train",), ("evaluate",)]  # the recovery round: an ordinary round
+    assert ("evaluate.audit",) in grid.ahead and ("query.erasure",) in grid.ahead
+    with journal(tmp_path) as j:
+        (r,) = j.requests()
+        assert r.state == "verified" and r.served_round == 3
+    report = json.loads(Path(r.report).read_text())
+    before = report["leakage-audit"]["before"]  # what rode ahead reached the audit
+    assert 0.5 < before["forget-acc"] <= 1 and 0.5 < report["utility"]["test-acc-before"] <= 1
+    assert report["leakage-audit"]["after"]["forget-acc"] != before["forget-acc"]
+
+
+def test_queries_ride_ahead_only_where_each_node_takes_one_message_at_a_time():
+    """Flower's simulation may run two messages of one node at once and keep the state of the last to finish."""
+    from flwr.superlink.grid.http_grid import HttpGrid
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    from fed_unlearn.flower import ActiveNodesGrid, PromptGrid
+    from fed_unlearn.flower.grid import one_message_at_a_time
+
+    local = InProcessGrid(client_app, 2, {})
+    deployed, simulated = HttpGrid.__new__(HttpGrid), InMemoryGrid.__new__(InMemoryGrid)
+    assert one_message_at_a_time(local) and one_message_at_a_time(ActiveNodesGrid(local, lambda: ()))
+    assert one_message_at_a_time(deployed) and one_message_at_a_time(PromptGrid(deployed))
+    assert not one_message_at_a_time(simulated) and not one_message_at_a_time(ActiveNodesGrid(simulated, lambda: ()))
+
+
 def test_a_crash_in_the_unlearning_round_is_resumed_and_the_request_served_exactly_once(tmp_path):
     def scenario(tmp: Path, crash: bool) -> str:
         start(tmp, 2)

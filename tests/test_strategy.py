@@ -29,6 +29,17 @@ class StaticGrid(Grid):
 
     def __init__(self, nodes: Iterable[int]) -> None:
         self.nodes = list(nodes)
+        self.sent = 0
+        self.exchanges = 0
+
+    def number(self, messages) -> list[Message]:
+        """``messages`` given distinct ids, as Flower's grids do when they push them."""
+        out = list(messages)
+        self.exchanges += 1
+        for m in out:
+            self.sent += 1
+            m.metadata.__dict__["_message_id"] = f"m{self.sent}"
+        return out
 
     def set_run(self, run):  # noqa: D102
         pass
@@ -413,7 +424,7 @@ class CalibratingGrid(StaticGrid):
 
     def send_and_receive(self, messages, *, timeout=None):
         out = []
-        for m in messages:
+        for m in self.number(messages):
             if m.metadata.message_type == "evaluate":
                 self.evaluated.append(m)
                 u = self.utility(to_weights(m.content["arrays"])) if callable(self.utility) else self.utility
@@ -508,7 +519,7 @@ class EvaluatingGrid(StaticGrid):
 
     def send_and_receive(self, messages, *, timeout=None):
         out = []
-        for m in messages:
+        for m in self.number(messages):
             self.asked.append(m)
             loss = self.loss_of(to_weights(m.content["arrays"]))
             rec = MetricRecord({"eval_loss": loss, "eval_acc": 0.9, "num-examples": 4})
@@ -546,6 +557,7 @@ def test_a_client_without_the_helpers_gets_the_step_the_remaining_clients_evalua
     # only the remaining nodes evaluated the candidates (0, 0.25, ..., 1), with their ordinary evaluate message
     assert {m.metadata.dst_node_id for m in grid.asked} == {NODES[0], NODES[1]}
     assert {m.metadata.message_type for m in grid.asked} == {"evaluate"} and len(grid.asked) == 2 * 5
+    assert grid.exchanges == 1  # all five candidates at once: a SuperNode takes them back to back
 
 
 def _extension_case(grid):
@@ -580,11 +592,12 @@ def test_a_step_too_short_to_reach_the_target_is_extended_up_to_the_departing_st
     cal = s.unlearning_report["calibration"]
     assert list(cal["extension"]["guards"]) == ["remaining clients' 'eval_acc' (negated)"]
     assert cal["reached"] and cal["scale"] == pytest.approx(2.0)
-    first, second = grid.asked  # a second query with the longer candidates only
-    assert list(second.content["config"]["scales"]) == pytest.approx([2.0, 4.0, 5.0])
-    assert "pre-request" in first.content and "pre-request" not in second.content
-    # the remaining clients evaluated base, the full step and every longer candidate
+    (asked,) = grid.asked  # one query: the longer candidates measured with the method's own scales
+    assert list(asked.content["config"]["scales"]) == pytest.approx([*s.calibration_scales, 2.0, 4.0, 5.0])
+    assert "pre-request" in asked.content
+    # the remaining clients evaluated base, the full step and every longer candidate, in one exchange
     assert cal["extension"]["admitted"] == 3 and len(grid.evaluated) == 2 * 5
+    assert grid.exchanges == 2  # the forgetting client's query, then the remaining clients' evaluation
     for k in GLOBAL:
         np.testing.assert_allclose(out[k], base[k] + 2.0 * step[k], atol=1e-6)
 
@@ -601,7 +614,8 @@ def test_a_longer_step_is_not_taken_when_the_remaining_clients_pay_for_the_full_
     cal = s.unlearning_report["calibration"]
     assert cal["extension"]["admitted"] == 0 and cal["extension"]["limit"] == 1.0
     assert not cal["reached"] and cal["scale"] == pytest.approx(1.0) and cal["scales"][-1] == 1.0
-    assert len(grid.evaluated) == 2 * 2  # base and the full step: the walk ends where the bound is crossed
+    # every candidate evaluated in one exchange; the walk reads them up to where the bound is crossed
+    assert len(grid.evaluated) == 2 * 5 and grid.exchanges == 2
     for k in GLOBAL:
         np.testing.assert_allclose(out[k], base[k] + step[k], atol=1e-6)
 
@@ -655,7 +669,7 @@ def test_the_utility_bound_reads_an_accuracy_as_higher_is_better():
     class AccuracyGrid(EvaluatingGrid):
         def send_and_receive(self, messages, *, timeout=None):
             out = []
-            for m in messages:
+            for m in self.number(messages):
                 self.asked.append(m)
                 acc = 0.9 - 0.2 * _scale_of(to_weights(m.content["arrays"]), base, step)
                 rec = MetricRecord({"eval_loss": 1.0, "eval_acc": acc, "num-examples": 4})

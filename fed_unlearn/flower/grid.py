@@ -195,17 +195,50 @@ class PromptGrid(ActiveNodesGrid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``; pull replies every ``interval`` s until all are in or ``timeout`` s have passed."""
-        pending = set(self.grid.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while pending:
-            got = list(self.grid.pull_messages(pending))
-            replies += got
-            pending -= {m.metadata.reply_to_message_id for m in got}
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
-                break
-            time.sleep(self.interval)
-        return replies
+        return collect(self.grid, self.grid.push_messages(messages), timeout, self.interval)
+
+
+def collect(grid: Grid, message_ids: Iterable[str], timeout: float | None, interval: float = 0.1) -> list[Message]:
+    """The replies to messages pushed earlier: pulled every ``interval`` s until all are in or ``timeout`` s pass.
+
+    With :meth:`Grid.push_messages`, a query can ride ahead of an exchange: pushed first, its
+    replies read after the exchange, by which time a SuperNode has taken both messages back to
+    back (no idle poll between them).
+    """
+    pending = set(message_ids)
+    if isinstance(_innermost(grid), InProcessGrid):
+        return list(grid.pull_messages(pending))  # it answers as messages are pushed: what is not in never comes
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if not pending or (deadline is not None and time.monotonic() >= deadline):
+            break
+        time.sleep(interval)
+    return replies
+
+
+def one_message_at_a_time(grid: Grid) -> bool:
+    """Whether each node of ``grid`` takes its messages one after the other (so one may ride ahead of another).
+
+    A deployed SuperNode pulls its next message only after replying to the last, and the
+    :class:`InProcessGrid` answers each message as it is pushed. Flower's simulation runs a
+    node's messages on whichever worker is free, two at once if two are queued, and keeps the
+    node state of whichever finishes last: a query pushed ahead of a round could undo what
+    the round's training kept in the node's state. Grids seen through :class:`ActiveNodesGrid`
+    views are looked at underneath.
+    """
+    grid = _innermost(grid)
+    return isinstance(grid, InProcessGrid) or "HttpGrid" in {c.__name__ for c in type(grid).__mro__}
+
+
+def _innermost(grid: Grid) -> Grid:
+    """The grid underneath :class:`ActiveNodesGrid` views."""
+    while isinstance(grid, ActiveNodesGrid):
+        grid = grid.grid
+    return grid
 
 
 def prompt(grid: Grid, interval: float = 0.1) -> Grid:
