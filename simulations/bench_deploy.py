@@ -6,12 +6,13 @@
 Each configuration brings up a real SuperLink and three SuperNodes (TLS, registered keys)
 and runs, alternated on that one deployment: a plain Flower app (:mod:`simulations.stock_app`:
 stock ``FedAvg`` and Flower's own round loop driving this repository's ClientApp, same model
-and data), the erasure service's ordinary rounds, the plain app again, then a site's erasure
-request and the service run that serves, recovers and audits it (the runbook's demo).
-Printed per configuration: the median ordinary round of the plain app and of the service
-(three sites each; every run's first round, which loads the app, left out), the serving round,
-their ratios to the plain app's round, and the service round's phases — the erasure poll
-answered before the round (``query.erasure``, pushed ahead), training, evaluation. It also
+and data), the erasure service's ordinary rounds, the plain app again, then a service run
+during which a site files an erasure request (after the run's first round), which it serves,
+recovers and audits. Printed per configuration: the median ordinary round of the plain app and
+of the service (three sites each; every run's first round, which loads the app, left out), the
+serving round, their ratios to the plain app's round, and the phases of the service's rounds
+— the erasure poll answered before the round (``query.erasure``, pushed ahead), training (with,
+in the serving round, the unlearning step and its calibration query), evaluation. It also
 measures what a fresh ``flwr-clientapp`` process pays before it can run a task (importing
 torch and the ClientApp's libraries) against a ``fork()`` of a parent that imported them once.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -92,6 +94,21 @@ def _finished(dep: Deployment, run_id: int, what: str) -> None:
         raise RuntimeError(f"{what}: run {run_id} {status}; logs in {dep.root / 'logs'}")
 
 
+def _committed(journal: Path, server_round: int, timeout: float = 900.0) -> None:
+    """Wait until the service has committed ``server_round`` (read-only, beside the running service)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=5.0) as db:
+                row = db.execute("SELECT server_round FROM checkpoint WHERE id = 1").fetchone()
+        except sqlite3.Error:  # not there yet, or busy: look again
+            row = None
+        if row is not None and int(row[0]) >= server_round:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"the service did not commit round {server_round} within {timeout:.0f} s")
+
+
 def _later_rounds(times: dict[str, float]) -> list[float]:
     """A run's round times without its first round (which loads the app in every process)."""
     ordered = [times[r] for r in sorted(times, key=int)]
@@ -125,14 +142,20 @@ def run_config(name: str, folder: Path, rounds: int, run_config: str, stock_app:
         _finished(dep, dep.submit(dep.checked(dep.service_config(first, run_config))), "the service's ordinary rounds")
         ordinary_history = json.loads((dep.state_dir / "service.json").read_text())["history"]
         plain("after")
-        request(["--inbox", str(dep.inbox(dep.sites[1])), "--site", dep.sites[1], "--reason", "benchmark"])
         t_serve = time.perf_counter()
-        _finished(dep, dep.submit(dep.service_config(rounds, run_config)), "the service run that serves")
+        # the request arrives while the service runs (as it would in production): served mid-run,
+        # not in a run's first round (which loads the app everywhere and polls synchronously)
+        run_id = dep.submit(dep.service_config(first + rounds, run_config))
+        _committed(dep.state_dir / "journal.sqlite", first + 1)
+        request(["--inbox", str(dep.inbox(dep.sites[1])), "--site", dep.sites[1], "--reason", "benchmark"])
+        _finished(dep, run_id, "the service run that serves")
         t_end = time.perf_counter()
     finally:
         dep.down()
     served = json.loads((dep.state_dir / "service.json").read_text())
     serving_round = next(int(r["served_round"]) for r in served["requests"] if r.get("served_round") is not None)
+    if serving_round <= first + 1:
+        raise RuntimeError(f"the request was served in round {serving_round}, not mid-run")
     ordinary = {r: h["round-seconds"] for r, h in ordinary_history.items()}
     out: dict[str, Any] = {
         "up-seconds": t_up - t0,
