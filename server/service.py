@@ -5,7 +5,8 @@ Round ``r`` of the service:
 1. **Poll** every site still in the federation (``query.erasure``), handing back the
    verdicts on what it sent last time (``acks`` / ``refused``). The poll for round ``r + 1``
    is pushed at the start of round ``r`` and answered while the sites train; only a run's
-   first round waits for its poll. Each request it sends is
+   first round waits for its poll (in Flower's simulation, where a node may run two messages
+   at once, every round waits for it). Each request it sends is
    validated (:func:`fed_unlearn.erasure.parse_request`) and checked against the sender's
    identity: a node may only ask for the erasure of the site it is (the site registry
    binds site names to authenticated node ids). Valid requests are written to the
@@ -14,9 +15,10 @@ Round ``r`` of the service:
    the run config (``service.erase-sites``).
 2. **Serve** the pending requests: the journal marks them ``unlearning`` (committed before
    any message is sent), the site's data is measured with the current model (the
-   "before" of the audit), and the strategy runs the configured method in this round's
-   training. A site that is not connected or does not answer leaves its request pending
-   (one attempt counted); after ``service.fallback-after`` attempts the data-free fallback
+   "before" of the audit; pushed ahead of the round's training like the poll, read after the
+   round), and the strategy runs the configured method in this round's training. A site
+   that is not connected or does not answer leaves its request pending (one attempt
+   counted); after ``service.fallback-after`` attempts the data-free fallback
    applies (or, with ``wait``, the request stays open and is reported).
 3. **Train** (FedAvg, or the unlearning round) and **evaluate** the sites that stay.
 4. **Commit** the model, the round and who left, together with the round's request

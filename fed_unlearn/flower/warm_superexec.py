@@ -31,9 +31,9 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-#: Libraries imported once in the parent (the slow part of a ClientApp's start). ``torch.optim``
-#: pulls in ``torch._dynamo`` (~2 s here), which ``import torch`` alone leaves to the first optimizer.
-DEFAULT_PRELOAD = ("torch", "torch.optim", "numpy", "scipy.special", "scipy.stats", "sklearn.metrics")
+#: Libraries imported once in the parent (the slow part of a ClientApp's start). ``torch._dynamo``
+#: (~2 s here) is what ``import torch`` leaves to the first optimizer a task builds.
+DEFAULT_PRELOAD = ("torch", "torch._dynamo", "numpy", "scipy.special", "scipy.stats", "sklearn.metrics")
 #: Seconds between task polls (Flower's ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` overrides it).
 DEFAULT_POLL_INTERVAL = 0.1
 
