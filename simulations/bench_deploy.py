@@ -1,7 +1,7 @@
 """Deployed service rounds against stock Flower on the same deployment, with Flower's SuperExec and the warm one.
 
-    python -m simulations.bench_deploy                 # 3 sites, TLS + node auth, on loopback (~12 min here)
-    python -m simulations.bench_deploy --configs warm  # one configuration only
+    python -m simulations.bench_deploy                 # 3 sites, TLS + node auth, on loopback (~45 min here)
+    python -m simulations.bench_deploy --configs warm  # one configuration only (~8 min)
 
 Each configuration brings up a real SuperLink and three SuperNodes (TLS, registered keys)
 and runs, alternated on that one deployment: a plain Flower app (:mod:`simulations.stock_app`:
