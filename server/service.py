@@ -347,7 +347,8 @@ class ErasureService:
         # the erased sites' data and the others' utility, both with the model before unlearning: pushed
         # ahead of the round's training (a site takes both messages back to back), read after the round
         staying = {c: self.node_of[c] for c in self.active if c not in cids and self.node_of[c] in connected}
-        measured = {**{c: self.node_of[c] for c in cids}, **staying}
+        # a site that is not connected (served by a data-free method) is not waited for
+        measured = {**{c: self.node_of[c] for c in cids if self.node_of.get(c) in connected}, **staying}
         msgs = audit_messages(measured, arrays, None, forget_all=cids)
         self.audit_ahead = (list(self.grid.push_messages(msgs)), measured, set(staying), dict(by_site))
         if not self.ahead_ok:

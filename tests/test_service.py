@@ -100,10 +100,12 @@ class ExchangeGrid(CrashingGrid):
         super().__init__(*args, **kwargs)
         self.exchanges: list[tuple[str, ...]] = []
         self.ahead: list[tuple[str, ...]] = []
+        self.pushed: list[tuple[str, int]] = []  # (message type, node) of every message sent
         self.in_exchange = False
 
     def push_messages(self, messages):
         msgs = list(messages)
+        self.pushed += [(m.metadata.message_type, m.metadata.dst_node_id) for m in msgs]
         if not self.in_exchange:
             self.ahead.append(tuple(sorted({m.metadata.message_type for m in msgs})))
         return super().push_messages(msgs)
@@ -198,7 +200,10 @@ def test_an_absent_site_leaves_its_request_pending_until_the_fallback(tmp_path, 
     r = new_request("h2")
     with journal(tmp_path) as j:  # journaled while h2 was up; then h2 drops out
         j.add(r.id, "h2", "site:h2", 1)
-    out, _ = start(tmp_path, 5, extra=f"service.fallback='{fallback}' service.fallback-after=2", offline=[2])
+    extra = f"service.fallback='{fallback}' service.fallback-after=2"
+    out, grid = start(tmp_path, 5, extra=extra, offline=[2], grid_cls=ExchangeGrid)
+    gone = list(grid.contexts)[2]
+    assert ("evaluate.audit", gone) not in grid.pushed  # a site known to be down is not waited for
     with journal(tmp_path) as j:
         got = j.get(r.id)
         if fallback == "wait":  # tried every round (2..5), still open and reported
