@@ -592,12 +592,12 @@ def test_a_step_too_short_to_reach_the_target_is_extended_up_to_the_departing_st
     cal = s.unlearning_report["calibration"]
     assert list(cal["extension"]["guards"]) == ["remaining clients' 'eval_acc' (negated)"]
     assert cal["reached"] and cal["scale"] == pytest.approx(2.0)
-    (asked,) = grid.asked  # one query: the longer candidates measured with the method's own scales
-    assert list(asked.content["config"]["scales"]) == pytest.approx([*s.calibration_scales, 2.0, 4.0, 5.0])
-    assert "pre-request" in asked.content
+    first, second = grid.asked  # a second query with the longer candidates only
+    assert list(second.content["config"]["scales"]) == pytest.approx([2.0, 4.0, 5.0])
+    assert "pre-request" in first.content and "pre-request" not in second.content
     # the remaining clients evaluated base, the full step and every longer candidate, in one exchange
     assert cal["extension"]["admitted"] == 3 and len(grid.evaluated) == 2 * 5
-    assert grid.exchanges == 2  # the forgetting client's query, then the remaining clients' evaluation
+    assert grid.exchanges == 3  # the forgetting client's two queries, then the remaining clients' evaluation
     for k in GLOBAL:
         np.testing.assert_allclose(out[k], base[k] + 2.0 * step[k], atol=1e-6)
 
@@ -615,7 +615,7 @@ def test_a_longer_step_is_not_taken_when_the_remaining_clients_pay_for_the_full_
     assert cal["extension"]["admitted"] == 0 and cal["extension"]["limit"] == 1.0
     assert not cal["reached"] and cal["scale"] == pytest.approx(1.0) and cal["scales"][-1] == 1.0
     # every candidate evaluated in one exchange; the walk reads them up to where the bound is crossed
-    assert len(grid.evaluated) == 2 * 5 and grid.exchanges == 2
+    assert len(grid.evaluated) == 2 * 5 and grid.exchanges == 3
     for k in GLOBAL:
         np.testing.assert_allclose(out[k], base[k] + step[k], atol=1e-6)
 

@@ -160,28 +160,26 @@ class StepControl:
         scales = list(self.calibration_scales)
         m: dict[str, Any] = {}
         extension: dict[str, Any] = {}
-        # the candidates beyond the full step are measured in the same exchange (a few more
-        # evaluations of the forget set cost the clients far less than another exchange); they
-        # are read only if the full step falls short
-        longer = self._longer_scales(direction)
 
         def decide() -> Calibration:
             f, h, a = m["forget-loss"], m["heldout-loss"], m["forget-acc"]
             return choose_scale(scales, f, h, a, target, self.class_floor, m.get("heldout-acc"), m.get("auc"))
 
         try:
-            measured = ask([*scales, *longer], pre_request=True)
-            m = {k: (v[: len(scales)] if k in _PER_SCALE else v) for k, v in measured.items()}
-            more = {k: v[len(scales) :] for k, v in measured.items() if k in _PER_SCALE}
+            m = ask(scales, pre_request=True)
             pre = memorisation(m["pre"], target, self.class_floor, self.memorisation_z) if "pre" in m else None
             cal = decide()
             # the forget set still clearly member-like after the full step, by the loss attack
             still = target != "loss-match" or "auc-z" not in m or m["auc-z"][-1] > self.memorisation_z
             stop = cal.reached or not still or (pre is not None and not pre.memorised)
+            longer = [] if stop else self._longer_scales(direction)
             better = 1.0 if target == "loss-match" else -1.0  # the sign in which a gap moves toward the target
-            if longer and not stop and better * cal.gaps[-1] >= better * cal.gaps[0]:
+            if longer and better * cal.gaps[-1] >= better * cal.gaps[0]:
                 # the full step falls short, the forget set still clearly member-like, without moving away
-                # from the target (an ascent step that barely starts): candidates beyond it, up to the bound
+                # from the target (an ascent step that barely starts): candidates beyond it, up to the bound.
+                # Asked only now: each candidate costs the clients a pass over their forget set, which
+                # for a large one outweighs the exchange
+                more = ask(longer, pre_request=False)
                 extension = self._extension(m, more, scales, longer, base, direction)
                 n = extension["admitted"]
                 if n < len(longer):
