@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .bench_faults import journal
 from .deploy import Deployment
 from .run_experiment import PROJECT_ROOT
 
@@ -94,19 +94,13 @@ def _finished(dep: Deployment, run_id: int, what: str) -> None:
         raise RuntimeError(f"{what}: run {run_id} {status}; logs in {dep.root / 'logs'}")
 
 
-def _committed(journal: Path, server_round: int, timeout: float = 900.0) -> None:
-    """Wait until the service has committed ``server_round`` (read-only, beside the running service)."""
+def _committed(dep: Deployment, server_round: int, timeout: float = 900.0) -> None:
+    """Wait until the service has committed ``server_round`` (its journal read beside the running service)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=5.0) as db:
-                row = db.execute("SELECT server_round FROM checkpoint WHERE id = 1").fetchone()
-        except sqlite3.Error:  # not there yet, or busy: look again
-            row = None
-        if row is not None and int(row[0]) >= server_round:
-            return
+    while journal(dep)["round"] < server_round:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the service did not commit round {server_round} within {timeout:.0f} s")
         time.sleep(0.5)
-    raise RuntimeError(f"the service did not commit round {server_round} within {timeout:.0f} s")
 
 
 def _later_rounds(times: dict[str, float]) -> list[float]:
@@ -146,7 +140,7 @@ def run_config(name: str, folder: Path, rounds: int, run_config: str, stock_app:
         # the request arrives while the service runs (as it would in production): served mid-run,
         # not in a run's first round (which loads the app everywhere and polls synchronously)
         run_id = dep.submit(dep.service_config(first + rounds, run_config))
-        _committed(dep.state_dir / "journal.sqlite", first + 1)
+        _committed(dep, first + 1)
         request(["--inbox", str(dep.inbox(dep.sites[1])), "--site", dep.sites[1], "--reason", "benchmark"])
         _finished(dep, run_id, "the service run that serves")
         t_end = time.perf_counter()
