@@ -28,6 +28,14 @@ What "looks like unseen data" means depends on what is deleted (:func:`target_fo
 * ``accuracy-floor`` (a class): the model no longer predicts the class on its samples —
   accuracy on the forget set at or below ``floor`` (a retrained model never saw the class
   and never predicts it).
+
+A departing client's own held-out data stands for "unseen" only where the federation that
+stays would know its distribution anyway. A class that the clients who stay (almost) never
+hold (:func:`unsupported_classes`, from their label counts) is knowledge only the departing
+clients brought: a model retrained without them does not predict it, whatever the departing
+client's held-out samples of it say. Whole-client departures therefore add the class target
+on those classes' forget samples (their accuracy at or below ``floor``), both to the
+memorisation test and to the scale (:func:`choose_scale`'s ``unsupported_acc``).
 """
 
 from __future__ import annotations
@@ -85,6 +93,7 @@ def choose_scale(
     floor: float = 0.02,
     heldout_acc: Sequence[float] | None = None,
     auc: Sequence[float] | None = None,
+    unsupported_acc: Sequence[float] | None = None,
 ) -> Calibration:
     """The smallest scale reaching the target, linearly interpolated between candidates.
 
@@ -94,6 +103,9 @@ def choose_scale(
     few confidently wrong held-out samples pull up (the mean is then met while most forget
     samples still have far lower losses than unseen ones). Without ``auc``, the mean losses.
     With ``heldout_acc`` the forget set's accuracy must also be at most the held-out one.
+    With ``unsupported_acc`` (``loss-match`` only: per candidate, the accuracy on the forget
+    samples of classes the clients who stay do not hold) that accuracy must also be at most
+    ``floor``.
     Stopping at the first candidate that looks unseen never takes the forget set past the
     point where it looks *less* member-like than unseen data (itself a membership signal).
 
@@ -132,6 +144,11 @@ def choose_scale(
                 raise ValueError("calibration needs one held-out accuracy per scale")
             acc_gap = held - fa
             gap = np.minimum(gap, acc_gap)
+        if unsupported_acc is not None:
+            ua = np.asarray(unsupported_acc, np.float64)
+            if ua.shape != gap.shape:
+                raise ValueError("calibration needs one accuracy of the unsupported classes per scale")
+            gap = np.minimum(gap, floor - ua)
     else:
         gap = floor - np.asarray(forget_acc, np.float64)  # target: accuracy <= floor, i.e. gap >= 0
     if gap.shape != s.shape or not np.all(np.isfinite(gap)):
@@ -158,8 +175,9 @@ class Memorisation:
         ``loss-match``: the forget set is more member-like than held-out data by more than
         ``z`` standard errors — the loss-threshold attack's AUC above chance (stratified
         Mann-Whitney), or the forget accuracy above the held-out accuracy; without the
-        attack's figures, the forget mean loss below the held-out one. ``accuracy-floor``:
-        the forget accuracy is above the floor.
+        attack's figures, the forget mean loss below the held-out one; or (with
+        ``unsupported-acc``) the model still predicts, above the floor, classes only the
+        departing clients hold. ``accuracy-floor``: the forget accuracy is above the floor.
     statistic : float
         The larger of the two z scores (resp. the mean-loss z, or the forget accuracy minus
         the floor).
@@ -189,13 +207,17 @@ def memorisation(
         raise ValueError("the memorisation test needs finite figures")
     if target == "accuracy-floor":
         return Memorisation(acc > floor, acc - floor, auc)
+    ua = float(pre.get("unsupported-acc", 0.0))
+    if not np.isfinite(ua):
+        raise ValueError("the memorisation test needs finite figures")
+    unsupported = "unsupported-acc" in pre and ua > floor
     if "auc-z" in pre and "acc-z" in pre:
         stat = max(float(pre["auc-z"]), float(pre["acc-z"]))
         if not np.isfinite(stat):
             raise ValueError("the memorisation test needs finite figures")
-        return Memorisation(stat > z, stat, auc)
+        return Memorisation(stat > z or unsupported, stat, auc)
     stat = (h - f) / se if se > 0 else (float("inf") if h > f else 0.0)
-    return Memorisation(stat > z, stat, auc)
+    return Memorisation(stat > z or unsupported, stat, auc)
 
 
 def utility_scale(
@@ -286,17 +308,26 @@ class Measurement:
     #: the client's other held-out samples (what it keeps being served on), when it has any
     rest_loss: np.ndarray | None = None
     rest_correct: float = 0.0
+    #: per class (the model's output classes), the forget samples it gets right
+    forget_class_correct: np.ndarray | None = None
 
 
 def client_stats(
-    per_scale: Sequence[Measurement], pre_request: Measurement | None, forget_n: int, heldout_n: int
+    per_scale: Sequence[Measurement],
+    pre_request: Measurement | None,
+    forget_n: int,
+    heldout_n: int,
+    forget_class_n: Sequence[int] | None = None,
 ) -> dict[str, list[float]]:
     """What a forgetting client reports of the candidates ``base + c * direction`` (and of the pre-request model).
 
     Sums and counts only — no sample leaves the client — in the form :func:`pooled` reads:
     per scale the forget and held-out loss sums and correct counts and the loss-threshold
     attack's AUC (forget vs held-out); for the pre-request model the same with the sums of
-    squared losses (for the standard error of the memorisation test).
+    squared losses (for the standard error of the memorisation test). With ``forget_class_n``
+    (the forget set's size per class) and every measurement's ``forget_class_correct``: the
+    per-class correct counts too (``forget-class-correct``, scale-major), for the class target
+    of classes the clients who stay do not hold.
     """
     from .metrics import loss_mia_auc
 
@@ -314,6 +345,17 @@ def client_stats(
         out["rest-loss-sum"] = [float(np.sum(r)) for r in rest]
         out["rest-correct"] = [float(m.rest_correct) for m in per_scale]
         out["rest-n"] = [float(len(rest[0]))]
+    per_class = [m.forget_class_correct for m in per_scale]
+    if (
+        forget_class_n is not None
+        and per_scale
+        and all(c is not None and len(c) == len(forget_class_n) for c in per_class)
+    ):
+        out["forget-class-n"] = [float(n) for n in forget_class_n]
+        out["forget-class-correct"] = [float(v) for c in per_class for v in np.asarray(c)]
+        pre_class = None if pre_request is None else pre_request.forget_class_correct
+        if pre_class is not None and len(pre_class) == len(forget_class_n):
+            out["pre-forget-class-correct"] = [float(v) for v in np.asarray(pre_class)]
     if pre_request is not None:
         f, h = pre_request.forget_loss, pre_request.heldout_loss
         out.update(
@@ -361,6 +403,19 @@ def pooled(stats: Sequence[dict[str, Sequence[float]]]) -> dict[str, Any]:
         has = [st for st in stats if "rest-n" in st]
         out["rest-loss"] = [sum(float(st["rest-loss-sum"][j]) for st in has) / rn for j in range(k)]
         out["rest-acc"] = [sum(float(st["rest-correct"][j]) for st in has) / rn for j in range(k)]
+    widths = {len(st["forget-class-n"]) for st in stats if "forget-class-n" in st}
+    if len(widths) == 1 and all("forget-class-n" in st for st in stats):
+        width = widths.pop()
+        out["class-n"] = [sum(float(st["forget-class-n"][c]) for st in stats) for c in range(width)]
+        rows = [np.asarray(st["forget-class-correct"], np.float64) for st in stats]
+        if any(r.shape != (k * width,) for r in rows):
+            raise ValueError("the per-class counts need one row per scale")
+        out["class-correct"] = np.sum([r.reshape(k, width) for r in rows], axis=0).tolist()
+        if all("pre-forget-class-correct" in st for st in stats):
+            pre_rows = [np.asarray(st["pre-forget-class-correct"], np.float64) for st in stats]
+            if any(r.shape != (width,) for r in pre_rows):
+                raise ValueError("the per-class counts of the pre-request model need one per class")
+            out["pre-class-correct"] = np.sum(pre_rows, axis=0).tolist()
     if all("forget-auc" in st for st in stats):
         zs, aucs = [], []
         for j in range(k):
@@ -399,6 +454,43 @@ def pooled(stats: Sequence[dict[str, Sequence[float]]]) -> dict[str, Any]:
             out["pre"]["heldout-acc"] = ha
             out["pre"]["acc-z"] = accuracy_z(fa, ha, fn, hn)
     return out
+
+
+def unsupported_classes(
+    remaining: Sequence[float], forget_class_n: Sequence[float], support_floor: float
+) -> tuple[int, ...]:
+    """The classes of the forget set the clients who stay (almost) do not hold.
+
+    Class ``c`` is unsupported when the clients who stay hold fewer than ``support_floor``
+    of the federation's samples of it: ``R_c < support_floor * (R_c + F_c)`` with ``R_c``
+    their label count and ``F_c`` the forget set's. A model retrained without the departing
+    clients has (almost) never seen such a class and does not predict it.
+    ``support_floor = 0`` turns the rule off.
+
+    Raises
+    ------
+    ValueError
+        On counts that are negative or not finite, or a floor outside ``[0, 1)``.
+    """
+    if not (np.isfinite(support_floor) and 0 <= support_floor < 1):
+        raise ValueError(f"the support floor must be in [0, 1), got {support_floor}")
+    f = np.asarray(forget_class_n, np.float64)
+    r = np.zeros_like(f)
+    held = np.asarray(remaining, np.float64)[: len(f)]
+    r[: len(held)] = held
+    if not (np.all(np.isfinite(r)) and np.all(np.isfinite(f)) and np.all(r >= 0) and np.all(f >= 0)):
+        raise ValueError("label counts must be finite and >= 0")
+    return tuple(int(c) for c in np.flatnonzero((f > 0) & (r < support_floor * (r + f))))
+
+
+def unsupported_accuracy(
+    class_correct: Sequence[Sequence[float]], class_n: Sequence[float], classes: Sequence[int]
+) -> list[float]:
+    """Per scale, the accuracy on the forget samples of ``classes`` (the pooled per-class counts of :func:`pooled`)."""
+    n = float(sum(float(class_n[c]) for c in classes))
+    if n <= 0:
+        raise ValueError("no forget sample of the unsupported classes")
+    return [float(sum(float(row[c]) for c in classes)) / n for row in class_correct]
 
 
 def accuracy_z(forget_acc: float, heldout_acc: float, forget_n: float, heldout_n: float) -> float:

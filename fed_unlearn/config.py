@@ -188,6 +188,12 @@ class RequestConfig:
         "calibration keeps the model unless the forget set is this many standard errors more member-like "
         "than held-out data (loss-attack AUC or accuracy)",
     )
+    support_floor: float = setting(
+        0.01,
+        "unlearn.support-floor",
+        "a departing client's class of which the clients who stay hold less than this fraction is forgotten "
+        "too (0 = off)",
+    )
     utility_tolerance: float = setting(
         0.05,
         "unlearn.utility-tolerance",
@@ -212,6 +218,7 @@ class RequestConfig:
         _check("unlearn.recovery-patience", self.recovery_patience, self.recovery_patience >= 1, ">= 1")
         _check("unlearn.memorisation-z", self.memorisation_z, self.memorisation_z >= 0, ">= 0")
         _check("unlearn.utility-tolerance", self.utility_tolerance, self.utility_tolerance >= 0, ">= 0")
+        _check("unlearn.support-floor", self.support_floor, 0 <= self.support_floor < 1, "in [0, 1)")
 
 
 @dataclass(frozen=True)

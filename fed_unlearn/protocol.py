@@ -24,7 +24,8 @@ What a client needs, by use
 * **:data:`CALIBRATE`** for the calibrated unlearning step (how far to go, measured on
   the departing client's own forget and held-out data; the helpers answer it for torch
   models and, through ``predict_fn``, for any other); without it the remaining clients'
-  ordinary ``evaluate`` replies bound the step.
+  ordinary ``evaluate`` replies bound the step. With :data:`SUPPORT` on the clients who
+  stay, a whole client's departure also forgets the classes only it held.
 * **:data:`INFO`, :data:`AUDIT`, :data:`RELEARN`** for the experiment and the audit
   (what the gold comparison and the leakage audit measure on the client's own data).
 * **:data:`ERASURE`** for a deployed site that files its own erasure requests.
@@ -100,6 +101,13 @@ Messages
     :mod:`fed_unlearn.flower.wire` (``calibrate_request`` / ``calibrate_reply``). Without the handler, the remaining
     clients evaluate the candidate models with their ordinary ``evaluate`` handler instead
     (:mod:`fed_unlearn.flower.stepping`).
+``query.support`` (:data:`SUPPORT`)
+    Sent to the clients who stay while a whole client's departure is calibrated. No content
+    beyond the config. Reply: MetricRecord ``support`` with ``label-counts`` (list: how many
+    of the samples the client trains on have label ``0, 1, ...``) — counts only. The server
+    adds them up: a class of the departing client that the clients who stay (almost) do not
+    hold must stop being predicted (:func:`fed_unlearn.calibration.unsupported_classes`).
+    Without it on every client who stays, the class rule is skipped.
 ``train.reference`` (:data:`TRAIN_REFERENCE`)
     A round of a reference federation of the strong leakage audit: like ``train``, on the
     half of the node's training samples that reference model :data:`REFERENCE_INDEX` of
@@ -132,6 +140,7 @@ RELEARN = "query.relearn"
 AUDIT = "evaluate.audit"
 ERASURE = "query.erasure"
 CALIBRATE = "query.calibrate"
+SUPPORT = "query.support"
 TRAIN_REFERENCE = "train.reference"
 #: Every message type of the protocol.
 MESSAGE_TYPES = (
@@ -146,6 +155,7 @@ MESSAGE_TYPES = (
     AUDIT,
     ERASURE,
     CALIBRATE,
+    SUPPORT,
     TRAIN_REFERENCE,
 )
 
@@ -220,6 +230,7 @@ def reference_model_record(index: int) -> str:
 BASE_RECORD, DIRECTION_RECORD, PRE_REQUEST_RECORD = "base", "direction", "pre-request"
 SCALES = "scales"
 CALIBRATION_RECORD = "calibration"
+SUPPORT_RECORD, LABEL_COUNTS = "support", "label-counts"
 #: ``query.erasure``: the server's verdicts in the poll's config, the reply record.
 ACKS, REFUSED = "acks", "refused"
 ERASURE_RECORD = "erasure"
@@ -230,7 +241,11 @@ NEEDS = {
     "a method with a client routine": (TRAIN_UNLEARN,),
     "a deletion where the client stays (samples, a class)": (FORGET, TRAIN_RETAIN, TRAIN_UNLEARN),
     "a calibrated unlearning step": (CALIBRATE,),
-    "the experiment and its report": (IDENTIFY, INFO, FORGET, TRAIN_RETAIN, TRAIN_UNLEARN, RELEARN, AUDIT, CALIBRATE),
+    "the class rule of a calibrated departure (the clients who stay)": (SUPPORT,),
+    # every helper but a deployed site's inbox and the strong audit's reference models
+    "the experiment and its report": tuple(
+        m for m in MESSAGE_TYPES if m not in (TRAIN, EVALUATE, ERASURE, TRAIN_REFERENCE)
+    ),
     "a deployed site filing its own requests": (ERASURE,),
     "the strong leakage audit (reference models)": (TRAIN_REFERENCE, AUDIT),
 }

@@ -183,6 +183,7 @@ def run_experiment(
         evaluate_departed=True,
         calibrate=cfg.request.calibrate,
         memorisation_z=cfg.request.memorisation_z,
+        support_floor=cfg.request.support_floor,
         utility_tolerance=cfg.request.utility_tolerance,
     )
     for c, i in clients.items():

@@ -134,6 +134,7 @@ class ErasureService:
             on_missing="skip",
             calibrate=cfg.request.calibrate,
             memorisation_z=cfg.request.memorisation_z,
+            support_floor=cfg.request.support_floor,
             utility_tolerance=cfg.request.utility_tolerance,
             max_strikes=svc.max_strikes,
         )

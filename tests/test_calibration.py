@@ -259,3 +259,77 @@ def test_a_step_beyond_the_method_own_goes_only_as_far_as_what_stays_allows():
         extension_limit([0.0, 0.5, 2.0], [flat[:3]], 0.1)
     with pytest.raises(ValueError, match="scales 0 and 1"):
         extension_limit(scales, [[1.0]], 0.1)
+
+
+def test_a_class_the_clients_who_stay_do_not_hold_is_unsupported():
+    from fed_unlearn.calibration import unsupported_classes
+
+    # the clients who stay: 500 of class 0, 3 of class 1, none of class 2 (and no count at all of class 3);
+    # the forget set: 100, 400, 50, 10. Floor 1 %: 3 / 403 < 0.01, 0 / 50, 0 / 10 are unsupported
+    assert unsupported_classes([500, 3, 0], [100, 400, 50, 10], 0.01) == (1, 2, 3)
+    assert unsupported_classes([500, 3, 0], [100, 400, 50, 10], 0.005) == (2, 3)  # 3 / 403 = 0.0074
+    assert unsupported_classes([500, 3, 0], [100, 0, 50, 0], 0.01) == (2,)  # a class not forgotten is not asked
+    assert unsupported_classes([500, 3, 0, 9], [100, 400, 50], 0.01) == (1, 2)  # longer counts: extra ignored
+    assert unsupported_classes([500, 3, 0], [100, 400, 50], 0.0) == ()  # floor 0: the rule is off
+    with pytest.raises(ValueError, match="support floor"):
+        unsupported_classes([1], [1], 1.0)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        unsupported_classes([-1.0], [1], 0.01)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        unsupported_classes([float("nan")], [1], 0.01)
+
+
+def test_the_accuracy_on_unsupported_classes_joins_the_target_and_the_memorisation_test():
+    from fed_unlearn.calibration import memorisation, unsupported_accuracy
+
+    # per scale, correct counts of classes 0, 1, 2 (class sizes 10, 20, 30); classes 1 and 2 unsupported
+    correct = [[10, 20, 30], [10, 10, 15], [10, 0, 0]]
+    assert unsupported_accuracy(correct, [10, 20, 30], [1, 2]) == pytest.approx([1.0, 0.5, 0.0])
+    with pytest.raises(ValueError, match="no forget sample"):
+        unsupported_accuracy(correct, [10, 0, 0], [1, 2])
+    scales = (0.0, 0.5, 1.0)
+    # the losses look unseen from c = 0.5 on; the unsupported classes reach the 0.02 floor only at
+    # 0.5 + 0.5 * (0.5 - 0.02) / 0.5 = 0.98
+    loss = choose_scale(scales, [0.1, 0.5, 0.9], [0.5] * 3, [1.0] * 3)
+    assert loss.scale == pytest.approx(0.5)
+    both = choose_scale(scales, [0.1, 0.5, 0.9], [0.5] * 3, [1.0] * 3, unsupported_acc=[1.0, 0.5, 0.0])
+    assert both.scale == pytest.approx(0.98) and both.reached
+    with pytest.raises(ValueError, match="unsupported classes per scale"):
+        choose_scale(scales, [0.1, 0.5, 0.9], [0.5] * 3, [1.0] * 3, unsupported_acc=[1.0, 0.5])
+    # no evidence of memorisation by the losses, but the model predicts a class only the departing hold
+    quiet = {
+        "forget-loss": 0.5,
+        "heldout-loss": 0.5,
+        "forget-acc": 0.9,
+        "se": 0.1,
+        "auc": 0.5,
+        "auc-z": 0.0,
+        "acc-z": 0.0,
+    }
+    assert not memorisation(quiet, z=2.0).memorised
+    assert memorisation({**quiet, "unsupported-acc": 0.9}, z=2.0).memorised
+    assert not memorisation({**quiet, "unsupported-acc": 0.01}, z=2.0).memorised  # at the floor: forgotten
+    with pytest.raises(ValueError, match="finite"):
+        memorisation({**quiet, "unsupported-acc": float("nan")}, z=2.0)
+
+
+def test_per_class_counts_pool_scale_major_over_clients():
+    """Two clients, two scales, three classes: the pooled per-class correct counts add up per scale."""
+
+    def m(correct: list[float]) -> Measurement:
+        return Measurement(
+            np.array([0.1, 0.2]), sum(correct), np.array([1.0]), 1, forget_class_correct=np.array(correct)
+        )
+
+    one = client_stats([m([2, 0, 0]), m([1, 0, 0])], m([2, 0, 0]), forget_n=2, heldout_n=1, forget_class_n=[2, 0, 0])
+    two = client_stats([m([0, 1, 1]), m([0, 0, 1])], m([0, 1, 1]), forget_n=2, heldout_n=1, forget_class_n=[0, 1, 1])
+    assert one["forget-class-correct"] == [2.0, 0.0, 0.0, 1.0, 0.0, 0.0]  # scale-major
+    out = pooled([one, two])
+    assert out["class-n"] == [2.0, 1.0, 1.0]
+    assert out["class-correct"] == [[2.0, 1.0, 1.0], [1.0, 0.0, 1.0]]
+    assert out["pre-class-correct"] == [2.0, 1.0, 1.0]
+    # a client without per-class counts: no per-class figures at all (a class is judged on every client's counts)
+    bare = client_stats([m([0, 1, 1]), m([0, 0, 1])], None, forget_n=2, heldout_n=1)
+    assert "forget-class-n" not in bare and "class-n" not in pooled([one, bare])
+    with pytest.raises(ValueError, match="one row per scale"):
+        pooled([one, {**two, "forget-class-correct": [0.0, 1.0]}])

@@ -122,12 +122,13 @@ class ExchangeGrid(CrashingGrid):
 
 def test_the_serving_round_is_one_exchange_longer_than_an_ordinary_round(tmp_path):
     """The erasure poll and the measurement of the model before unlearning ride ahead of the round's training
-    (a site takes queued messages back to back); what the round adds is the calibration query."""
+    (a site takes queued messages back to back); what the round adds is the calibration query (the sites who stay
+    count their labels in the same exchange)."""
     start(tmp_path, 2)
     submit_to_inbox(tmp_path / "h1", new_request("h1", "withdrawal"))
     out, grid = start(tmp_path, 4, grid_cls=ExchangeGrid)  # serves in round 3, recovers in 4
     serving = grid.exchanges[grid.exchanges.index(("train",)) :]
-    assert serving[:3] == [("train",), ("query.calibrate",), ("evaluate",)]
+    assert serving[:3] == [("train",), ("query.calibrate", "query.support"), ("evaluate",)]
     assert serving[3:5] == [("train",), ("evaluate",)]  # the recovery round: an ordinary round
     assert ("evaluate.audit",) in grid.ahead and ("query.erasure",) in grid.ahead
     with journal(tmp_path) as j:

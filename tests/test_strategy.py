@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
@@ -413,20 +413,41 @@ class CalibratingGrid(StaticGrid):
 
     Evaluation messages (the remaining clients' utility) get ``eval_loss`` = ``utility`` (a number, or a function
     of the evaluated weights; no loss when ``None``). With ``rest`` (a function of c) the client also reports the
-    accuracy of 100 other held-out samples.
+    accuracy of 100 other held-out samples. Its 10 forget samples are 5 of class 0 and 5 of class 1, each class
+    right at a rate ``1 - c``. Asked ``query.support``, a node answers ``labels[node]`` (label counts; a node
+    missing from ``labels`` has no such handler and replies with an error).
     """
 
     def __init__(
-        self, nodes, a: float, b: float, h: float, pre: tuple[float, float] | None = None, utility=None, rest=None
+        self,
+        nodes,
+        a: float,
+        b: float,
+        h: float,
+        pre: tuple[float, float] | None = None,
+        utility=None,
+        rest=None,
+        labels: dict[int, list[int]] | None = None,
     ) -> None:
         super().__init__(nodes)
         self.a, self.b, self.h, self.pre, self.utility, self.rest = a, b, h, pre, utility, rest
+        self.labels = {n: [100, 100] for n in self.nodes} if labels is None else labels
         self.asked: list[Message] = []
         self.evaluated: list[Message] = []
+        self.support: list[Message] = []
 
     def send_and_receive(self, messages, *, timeout=None):
         out = []
         for m in self.number(messages):
+            if m.metadata.message_type == "query.support":
+                self.support.append(m)
+                node = m.metadata.dst_node_id
+                if node not in self.labels:
+                    out.append(Message(Error(0, "no handler for query.support"), reply_to=m))
+                else:
+                    counts = MetricRecord({"label-counts": list(self.labels[node])})
+                    out.append(Message(RecordDict({"support": counts}), reply_to=m))
+                continue
             if m.metadata.message_type == "evaluate":
                 self.evaluated.append(m)
                 u = self.utility(to_weights(m.content["arrays"])) if callable(self.utility) else self.utility
@@ -443,6 +464,8 @@ class CalibratingGrid(StaticGrid):
                     "heldout-loss-sum": [5 * self.h for _ in scales],
                     "forget-n": [10.0],
                     "heldout-n": [5.0],
+                    "forget-class-n": [5.0, 5.0],
+                    "forget-class-correct": [v for c in scales for v in (5.0 * (1 - c), 5.0 * (1 - c))],
                 }
             )
             if self.rest is not None:
@@ -460,6 +483,7 @@ class CalibratingGrid(StaticGrid):
                         "pre-heldout-loss-sum": [5 * h],
                         "pre-heldout-loss-sq": [5 * h * h],
                         "pre-auc": [0.5],
+                        "pre-forget-class-correct": [5.0, 5.0],
                     }
                 )
             out.append(Message(RecordDict({"calibration": rec}), reply_to=m))
@@ -509,6 +533,44 @@ def test_a_model_that_does_not_remember_the_forget_set_is_kept(pre, kept):
     else:
         assert cal["scale"] == pytest.approx(0.5)
     assert s.pending == ()  # served either way
+
+
+def departure_calibrated(grid: Grid) -> dict:
+    """Node 2 departs in round 1 under calibrated PUF; the calibration's report."""
+    s = strategy(make_method("puf", {"puf.scale": 2.0}), calibrate=True)
+    s.request_unlearning(2, round=1)
+    start_round(s, 1, grid)
+    rem = [reply(0, weights([2, 2], 0.5), 1), reply(1, weights([1, 2], 0.5), 1)]
+    s.aggregate_train(1, [*rem, reply(2, weights([1, 4], 1.5), 2)])
+    return s.unlearning_report["calibration"]
+
+
+def test_a_class_only_the_departing_client_holds_must_stop_being_predicted_too():
+    """The losses look unseen at c = 0.5; class 1 is held by the departing client alone, right at 1 - c: the
+    step goes on to where it is at the 0.02 floor (c = 0.98). The clients who stay are asked in the same exchange."""
+    labels = {NODES[0]: [100, 0], NODES[1]: [50, 0]}
+    grid = CalibratingGrid(NODES.values(), 0.1, 0.8, 0.5, pre=(0.5, 0.5), labels=labels)
+    cal = departure_calibrated(grid)
+    # the losses alone say nothing was memorised (pre-request 0.5 vs 0.5); the class says otherwise
+    assert cal["memorised"] and not cal["kept"] and cal["scale"] == pytest.approx(0.98)
+    assert cal["support"]["classes"] == [1] and cal["support"]["label-counts"] == [150.0, 0.0]
+    assert cal["unsupported-acc"] == pytest.approx([1 - c for c in cal["scales"]])
+    assert {m.metadata.dst_node_id for m in grid.support} == {NODES[0], NODES[1]}  # never the departing node
+    assert grid.exchanges == 1  # the label counts rode with the calibration
+
+
+@pytest.mark.parametrize("labels", [{NODES[0]: [100, 0]}, {NODES[0]: [100, 90], NODES[1]: [50, 0]}])
+def test_the_class_rule_needs_every_client_who_stays_and_a_class_they_hold_is_no_target(labels):
+    """Node 2 of the clients who stay has no handler (its labels could be the class's support), or the clients
+    who stay hold class 1 (90 of 95): the step stops where the losses look unseen."""
+    grid = CalibratingGrid(NODES.values(), 0.1, 0.8, 0.5, labels=labels)
+    cal = departure_calibrated(grid)
+    assert cal["used"] and cal["scale"] == pytest.approx(0.5)
+    assert "unsupported-acc" not in cal
+    if NODES[1] in labels:
+        assert cal["support"]["classes"] == []
+    else:
+        assert "9002" in cal["support"]["skipped"]
 
 
 class EvaluatingGrid(StaticGrid):

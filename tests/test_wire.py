@@ -83,3 +83,24 @@ def test_calibrate_request_and_reply_round_trip():
     assert wire.read_calibrate_reply(wire.calibrate_reply(stats)) == stats
     with pytest.raises(KeyError):
         wire.read_calibrate_reply(RecordDict({"other": MetricRecord({"x": 1})}))
+
+
+def test_support_round_trip_counts_labels_and_refuses_what_is_no_count():
+    assert wire.read_support_reply(wire.support_reply([0, 2, 2, 5])) == [1.0, 0.0, 2.0, 0.0, 0.0, 1.0]
+    assert wire.read_support_reply(wire.support_reply([1], num_classes=4)) == [0.0, 1.0, 0.0, 0.0]
+    assert wire.read_support_reply(wire.support_reply([])) == []
+    assert P.SERVER_ROUND in wire.support_request({P.SERVER_ROUND: 3}).config_records[P.CONFIG_RECORD]
+
+    def reply(counts):
+        return RecordDict({P.SUPPORT_RECORD: MetricRecord({P.LABEL_COUNTS: counts})})
+
+    with pytest.raises(ValueError):
+        wire.read_support_reply(reply([1.0, -2.0]))
+    with pytest.raises(ValueError):
+        wire.read_support_reply(reply([0.5]))
+    with pytest.raises(ValueError):
+        wire.read_support_reply(reply(3))  # one number is not a list of counts
+    with pytest.raises(ValueError, match="at most"):
+        wire.read_support_reply(reply([0] * (wire.MAX_CLASSES + 1)))
+    with pytest.raises(KeyError):
+        wire.read_support_reply(RecordDict({"other": MetricRecord({"x": 1})}))

@@ -22,7 +22,8 @@
 deletion request: which samples to forget, chosen on the node), ``train.retain``
 (training without the deleted samples), ``train.unlearn`` (the methods' local routines:
 SRAGU, gradient ascent, PGA, IEU, AMUN, TRW), ``query.calibrate`` (the step's scale, on the
-node's own data), ``query.relearn``, ``evaluate.audit`` (the leakage measurements),
+node's own data), ``query.support`` (its label counts, when another client departs),
+``query.relearn``, ``evaluate.audit`` (the leakage measurements),
 ``train.reference`` (the strong audit's reference models) and ``query.erasure`` (a deployed
 site's inbox). The data never leaves the node: replies carry models, counts, digests and,
 for the strong audit, one attack score per forget or held-out sample.
@@ -69,6 +70,7 @@ from .wire import (
     read_identify_request,
     read_relearn_request,
     relearn_reply,
+    support_reply,
 )
 
 #: Node-state keys the helpers use (the node's own state, persisted by Flower between messages).
@@ -513,19 +515,23 @@ class _Helper:
         others = np.setdiff1d(np.arange(len(heldout)), chosen)
         rest = heldout.subset(others) if len(others) else None
 
+        forget_y = np.asarray(forget.y).astype(np.int64)
+
         def measured() -> Measurement:
             fl, hl = predict_logits(model, forget.x), predict_logits(model, like.x)
+            hits = np.argmax(fl, axis=1) == forget.y
             rest_loss, rest_correct = None, 0.0
             if rest is not None:
                 rl = predict_logits(model, rest.x)
                 rest_loss, rest_correct = cross_entropy(rl, rest.y), float(np.sum(np.argmax(rl, axis=1) == rest.y))
             return Measurement(
                 cross_entropy(fl, forget.y),
-                float(np.sum(np.argmax(fl, axis=1) == forget.y)),
+                float(np.sum(hits)),
                 cross_entropy(hl, like.y),
                 float(np.sum(np.argmax(hl, axis=1) == like.y)),
                 rest_loss,
                 rest_correct,
+                np.bincount(forget_y[hits], minlength=fl.shape[1]).astype(np.float64)[: fl.shape[1]],
             )
 
         per_scale = []
@@ -539,8 +545,23 @@ class _Helper:
             pre, pre_wire = self.backend.arrays(self.model(request.pre_request, context))
             self.backend.set_arrays(model, pre, pre_wire)
             pre_request = measured()
-        stats = client_stats(per_scale, pre_request, len(forget), len(like))
+        width = (
+            len(per_scale[0].forget_class_correct) if per_scale and per_scale[0].forget_class_correct is not None else 0
+        )
+        class_n = np.bincount(forget_y, minlength=width)[:width] if width and forget_y.min() >= 0 else None
+        stats = client_stats(
+            per_scale, pre_request, len(forget), len(like), None if class_n is None else class_n.tolist()
+        )
         return Message(calibrate_reply(stats), reply_to=msg)
+
+    def support(self, msg: Message, context: Context) -> Message:
+        """The labels this client trains on, counted (a class only departing clients hold is forgotten with them)."""
+        train, _ = self.data(context)
+        mask = self.mask(context, train, {})
+        labels = np.asarray(train.y if mask is None else train.y[~mask])
+        if labels.size and (labels.dtype.kind not in "iub" and not np.all(np.mod(labels, 1) == 0)):
+            raise ValueError("query.support counts class labels; these labels are not whole numbers")
+        return Message(support_reply([int(v) for v in labels.ravel()]), reply_to=msg)
 
     def _heldout_like(self, model: Any, context: Context, forget: ArrayDataset, heldout: ArrayDataset) -> np.ndarray:
         """Indices of the held-out samples like the forget set: its classes; for hard samples, those the same rule
@@ -665,6 +686,7 @@ def add_unlearning(
     _register(app, "evaluate", "audit", helper.audit, handlers)
     _register(app, "query", "erasure", helper.erasure, handlers)
     _register(app, "query", "calibrate", helper.calibrate, handlers)
+    _register(app, "query", "support", helper.support, handlers)
     if backend.can_fit:
         _register(app, "train", "retain", helper.train_retain, handlers)
         _register(app, "train", "unlearn", helper.unlearn, handlers)

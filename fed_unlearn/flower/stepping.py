@@ -11,7 +11,9 @@ step. Three rules act on ``d``, in this order:
   scale at which their forget set looks like data the model never saw
   (:mod:`fed_unlearn.calibration`), after a memorisation test that keeps the model when
   nothing was memorised; beyond the method's own step only as far as the remaining
-  clients' evaluation and the forgetting clients' other held-out samples do not pay for it;
+  clients' evaluation and the forgetting clients' other held-out samples do not pay for it.
+  When whole clients depart, the clients who stay count their labels (``query.support``,
+  in the same exchange): classes they (almost) do not hold must stop being predicted too;
 * **the utility bound, when no forgetting client can calibrate**: the remaining clients
   evaluate ``base + c d`` for a few ``c`` with their ordinary ``evaluate`` handler (every
   Flower app has one) and the largest ``c`` whose loss stays within ``utility_tolerance``
@@ -41,16 +43,35 @@ from ..calibration import (
     memorisation,
     pooled,
     target_for,
+    unsupported_accuracy,
+    unsupported_classes,
     utility_scale,
 )
 from .records import metric_dict, metric_records, to_record
 from .requests import UnlearningRequest, client_failure
-from .wire import CalibrateRequest, calibrate_request, handlers_of, read_calibrate_reply
+from .wire import (
+    CalibrateRequest,
+    calibrate_request,
+    handlers_of,
+    read_calibrate_reply,
+    read_support_reply,
+    support_request,
+)
 
 #: The scales the utility bound evaluates on the remaining clients (fractions of the step).
 UTILITY_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: The pooled calibration figures measured per candidate scale.
-_PER_SCALE = ("forget-loss", "heldout-loss", "forget-acc", "heldout-acc", "auc", "auc-z", "rest-loss", "rest-acc")
+_PER_SCALE = (
+    "forget-loss",
+    "heldout-loss",
+    "forget-acc",
+    "heldout-acc",
+    "auc",
+    "auc-z",
+    "rest-loss",
+    "rest-acc",
+    "unsupported-acc",
+)
 
 
 class StepControl:
@@ -60,6 +81,8 @@ class StepControl:
     last_update_norm: float | None
     calibration_scales: tuple[float, ...]
     class_floor: float
+    support_floor: float
+    departed: set[int]
     memorisation_z: float
     utility_tolerance: float
     utility_key: str | None
@@ -135,8 +158,14 @@ class StepControl:
         scenario = batch.deletion.scenario if batch.deletion is not None else ("client" if batch.leave else "samples")
         target = target_for(scenario)
 
-        def ask(scales: Sequence[float], pre_request: bool) -> dict[str, Any]:
-            """The forgetting clients' pooled measurements of ``base + c * direction`` for each scale ``c``."""
+        support_nodes, support_why = self._support_nodes(nodes) if batch.leave and target == "loss-match" else ([], "")
+        support: dict[str, Any] = {"asked": support_nodes} if support_nodes else {}
+        if support_why:
+            support["skipped"] = support_why
+
+        def ask(scales: Sequence[float], pre_request: bool, counts: Sequence[int] = ()) -> dict[str, Any]:
+            """The forgetting clients' pooled measurements of ``base + c * direction`` for each scale ``c``;
+            with ``counts``, those nodes' label counts are asked in the same exchange."""
             request = CalibrateRequest(
                 to_record(base, self._wire),
                 to_record(direction),
@@ -145,17 +174,39 @@ class StepControl:
             )
             config = {P.FORGET_ALL: batch.leave, P.SERVER_ROUND: self.current_round}
             msgs = [Message(calibrate_request(request, config), n, P.CALIBRATE) for n in nodes]
-            stats, why = [], []
+            msgs += [Message(support_request({P.SERVER_ROUND: self.current_round}), n, P.SUPPORT) for n in counts]
+            stats: list[dict[str, Any]] = []
+            labels: list[list[float]] = []
+            why: list[str] = []
+            lacking: list[str] = []
             for reply in grid.send_and_receive(msgs, timeout=self.query_timeout):
+                src = reply.metadata.src_node_id
                 try:
                     if reply.has_error():
                         raise ValueError(client_failure(reply.error.reason or ""))
-                    stats.append(read_calibrate_reply(reply.content))
-                except (KeyError, ValueError) as exc:
-                    why.append(f"node {reply.metadata.src_node_id}: {exc}")
+                    if src in counts:
+                        labels.append(read_support_reply(reply.content))
+                    else:
+                        stats.append(read_calibrate_reply(reply.content))
+                except (KeyError, ValueError, TypeError) as exc:
+                    (lacking if src in counts else why).append(f"node {src}: {exc}")
             if why or len(stats) != len(nodes):
                 raise ValueError("; ".join(why) or "some clients did not answer")
-            return pooled(stats)  # malformed lists raise and are caught below
+            out = pooled(stats)  # malformed lists raise and are caught below
+            if counts:
+                if lacking or len(labels) != len(counts):
+                    support["skipped"] = "; ".join(lacking) or "some clients who stay did not answer"
+                else:
+                    width = max((len(c) for c in labels), default=0)
+                    support["label-counts"] = [sum(c[i] for c in labels if i < len(c)) for i in range(width)]
+            return out
+
+        def unsupported(measured: dict[str, Any]) -> None:
+            """The accuracy on the forget samples of the classes the clients who stay do not hold, per scale."""
+            if support.get("classes") and "class-correct" in measured:
+                measured["unsupported-acc"] = unsupported_accuracy(
+                    measured["class-correct"], support["class-n"], support["classes"]
+                )
 
         scales = list(self.calibration_scales)
         m: dict[str, Any] = {}
@@ -163,14 +214,39 @@ class StepControl:
 
         def decide() -> Calibration:
             f, h, a = m["forget-loss"], m["heldout-loss"], m["forget-acc"]
-            return choose_scale(scales, f, h, a, target, self.class_floor, m.get("heldout-acc"), m.get("auc"))
+            held, auc, ua = m.get("heldout-acc"), m.get("auc"), m.get("unsupported-acc")
+            return choose_scale(scales, f, h, a, target, self.class_floor, held, auc, ua)
 
         try:
-            m = ask(scales, pre_request=True)
+            m = ask(scales, pre_request=True, counts=support_nodes)
+            if "label-counts" in support and "class-n" in m:
+                support["class-n"] = m["class-n"]
+                support["classes"] = list(
+                    unsupported_classes(support["label-counts"], m["class-n"], self.support_floor)
+                )
+                unsupported(m)
+                if support["classes"] and "pre-class-correct" in m and "pre" in m:
+                    pre_correct = [m["pre-class-correct"]]
+                    m["pre"]["unsupported-acc"] = unsupported_accuracy(pre_correct, m["class-n"], support["classes"])[0]
+                    log(
+                        INFO,
+                        "calibration: class(es) %s of the departing clients are (almost) absent from the clients "
+                        "who stay (fewer than %g of the federation's samples): a model without them does not "
+                        "predict them, so they are forgotten too",
+                        support["classes"],
+                        self.support_floor,
+                    )
             pre = memorisation(m["pre"], target, self.class_floor, self.memorisation_z) if "pre" in m else None
             cal = decide()
-            # the forget set still clearly member-like after the full step, by the loss attack
-            still = target != "loss-match" or "auc-z" not in m or m["auc-z"][-1] > self.memorisation_z
+            # the forget set still clearly member-like after the full step: by the loss attack, or
+            # classes only the departing clients held still predicted
+            ua = m.get("unsupported-acc")
+            still = (
+                target != "loss-match"
+                or "auc-z" not in m
+                or m["auc-z"][-1] > self.memorisation_z
+                or (ua is not None and ua[-1] > self.class_floor)
+            )
             stop = cal.reached or not still or (pre is not None and not pre.memorised)
             longer = [] if stop else self._longer_scales(direction)
             better = 1.0 if target == "loss-match" else -1.0  # the sign in which a gap moves toward the target
@@ -180,6 +256,7 @@ class StepControl:
                 # Asked only now: each candidate costs the clients a pass over their forget set, which
                 # for a large one outweighs the exchange
                 more = ask(longer, pre_request=False)
+                unsupported(more)
                 extension = self._extension(m, more, scales, longer, base, direction)
                 n = extension["admitted"]
                 if n < len(longer):
@@ -198,7 +275,7 @@ class StepControl:
                 cal = decide()
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             return self._utility_bound(new, base, direction, f"calibration failed ({exc})")
-        figures = {k: v for k, v in m.items() if k != "pre"}
+        figures = {k: v for k, v in m.items() if k not in ("pre", "class-correct", "pre-class-correct")}
         test = {} if pre is None else {"pre-request": m["pre"], "memorised": pre.memorised}
         memorised = pre is None or pre.memorised
         scale = cal.scale if memorised else 0.0
@@ -212,6 +289,7 @@ class StepControl:
             "scales": scales,
             "gaps": list(cal.gaps),
             **({"extension": extension} if extension else {}),
+            **({"support": support} if support else {}),
             **figures,
             **test,
         }
@@ -235,6 +313,31 @@ class StepControl:
             "" if cal.reached else f" (the target is not reached even by {scales[-1]:g} x the step)",
         )
         return step_from(base, direction, scale, start), info
+
+    def _support_nodes(self, departing: Sequence[int]) -> tuple[list[int], str]:
+        """The clients who stay, to be asked their label counts; ``([], why)`` when the class rule cannot apply.
+
+        Every node the strategy knows of that neither departs now nor has departed must be
+        connected and answer ``query.support``: the labels of one it cannot ask could be the
+        support of a class, and a class is only called unsupported on the whole federation's
+        counts.
+        """
+        grid = self._grid
+        if self.support_floor <= 0 or grid is None:
+            return [], ""
+        gone = set(departing) | set(self.departed)
+        connected = {int(n) for n in grid.get_node_ids()} - gone
+        known = set(self.capabilities) - gone
+        if known - connected:
+            return [], f"node(s) {sorted(known - connected)} who stay are not connected: their labels are unknown"
+        lacking = sorted(
+            n for n in connected if n in self.capabilities and P.SUPPORT not in handlers_of(self.capabilities[n])
+        )
+        if lacking:
+            return [], f"node(s) {lacking} who stay have no {P.SUPPORT} handler"
+        if not connected:
+            return [], "no client who stays is connected"
+        return sorted(connected), ""
 
     def _remaining_costs(
         self,

@@ -134,7 +134,11 @@ class Unlearning(RequestBook, MessageBuilder, Composition, Strategy):
     calibration_scales : sequence of float
         The candidate fractions of the step, increasing from 0 to at most 1.
     class_floor : float
-        The forget accuracy that counts as "the class is gone" when a class is deleted.
+        The forget accuracy that counts as "the class is gone" when a class is deleted (and
+        for a class only departing clients held).
+    support_floor : float
+        When whole clients depart, a class of theirs of which the clients who stay hold less
+        than this fraction (their ``query.support`` label counts) is forgotten too; 0 = off.
     memorisation_z : float
         Unless the forgetting clients' forget set is more member-like than their held-out
         data by more than this many standard errors (the loss-threshold attack's AUC, or the
@@ -194,6 +198,7 @@ class Unlearning(RequestBook, MessageBuilder, Composition, Strategy):
         calibrate: bool = True,
         calibration_scales: Sequence[float] = DEFAULT_SCALES,
         class_floor: float = 0.02,
+        support_floor: float = 0.01,
         memorisation_z: float = 2.0,
         utility_tolerance: float = 0.05,
         utility_key: str | None = None,
@@ -232,6 +237,8 @@ class Unlearning(RequestBook, MessageBuilder, Composition, Strategy):
             raise ValueError(f"calibration_scales must increase from 0 to at most 1, got {scales}")
         if not 0 <= class_floor < 1:
             raise ValueError(f"class_floor must be in [0, 1), got {class_floor}")
+        if not (np.isfinite(support_floor) and 0 <= support_floor < 1):
+            raise ValueError(f"support_floor must be in [0, 1), got {support_floor!r}")
         if not (np.isfinite(memorisation_z) and memorisation_z >= 0):
             raise ValueError(f"memorisation_z must be a finite number >= 0, got {memorisation_z!r}")
         if not (np.isfinite(utility_tolerance) and utility_tolerance >= 0):
@@ -259,6 +266,7 @@ class Unlearning(RequestBook, MessageBuilder, Composition, Strategy):
         self.calibrate = calibrate
         self.calibration_scales = tuple(scales)
         self.class_floor = class_floor
+        self.support_floor = float(support_floor)
         self.memorisation_z = memorisation_z
         self.utility_tolerance = float(utility_tolerance)
         self.utility_key = utility_key

@@ -2,9 +2,9 @@
 
 :mod:`fed_unlearn.protocol` names every record and key; this module is the only place that
 builds or reads the records of ``query.identify``, ``query.info``, ``query.forget``,
-``query.relearn`` and ``query.calibrate``, so the client side (:mod:`fed_unlearn.flower.client`) and the server side
-(the strategy's identification and deletion request, the project's ServerApp) cannot drift
-apart. A decoder reads a reply
+``query.relearn``, ``query.calibrate`` and ``query.support``, so the client side
+(:mod:`fed_unlearn.flower.client`) and the server side (the strategy's identification and
+deletion request, the project's ServerApp) cannot drift apart. A decoder reads a reply
 from a node as hostile: a missing record or key raises ``KeyError``, a value of the wrong
 kind ``TypeError`` or ``ValueError``; the caller turns that into one line about the node.
 """
@@ -209,6 +209,9 @@ __all__ = [
     "read_relearn_reply",
     "read_relearn_request",
     "relearn_reply",
+    "read_support_reply",
+    "support_reply",
+    "support_request",
 ]
 
 
@@ -260,3 +263,36 @@ def read_calibrate_reply(content: RecordDict) -> dict[str, Any]:
     if P.CALIBRATION_RECORD not in records:
         raise KeyError(f"its {P.CALIBRATE} reply has no '{P.CALIBRATION_RECORD}' MetricRecord")
     return dict(records[P.CALIBRATION_RECORD])
+
+
+# -- query.support --------------------------------------------------------------------------
+#: The most classes a ``query.support`` reply may count (a longer list is refused as hostile).
+MAX_CLASSES = 100_000
+
+
+def support_request(config: Mapping[str, Any]) -> RecordDict:
+    """``query.support``: nothing but the config (the server round)."""
+    return RecordDict({P.CONFIG_RECORD: ConfigRecord(dict(config))})
+
+
+def support_reply(labels: Sequence[int], num_classes: int = 0) -> RecordDict:
+    """The ``query.support`` reply: how many of the client's training samples have each label (counts only)."""
+    counts: list[int] = [0] * max(int(num_classes), (max((int(v) for v in labels), default=-1) + 1))
+    for v in labels:
+        counts[int(v)] += 1
+    return RecordDict({P.SUPPORT_RECORD: MetricRecord({P.LABEL_COUNTS: counts})})
+
+
+def read_support_reply(content: RecordDict) -> list[float]:
+    """A client's label counts (``KeyError`` without them; ``ValueError`` unless whole numbers >= 0, at most
+    :data:`MAX_CLASSES` of them)."""
+    records = content.metric_records
+    if P.SUPPORT_RECORD not in records:
+        raise KeyError(f"its {P.SUPPORT} reply has no '{P.SUPPORT_RECORD}' MetricRecord")
+    counts = records[P.SUPPORT_RECORD][P.LABEL_COUNTS]
+    if not isinstance(counts, list) or len(counts) > MAX_CLASSES:
+        raise ValueError(f"'{P.LABEL_COUNTS}' must be a list of at most {MAX_CLASSES} counts")
+    out = [float(as_int(c)) for c in counts]
+    if any(c < 0 for c in out):
+        raise ValueError(f"'{P.LABEL_COUNTS}' must be counts >= 0")
+    return out
