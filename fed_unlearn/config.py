@@ -240,6 +240,11 @@ class AuditConfig:
     references: int = setting(
         0, "audit.references", "reference federations on random halves of the data (even; 0 = off; 4-8 is typical)"
     )
+    gold_twin: bool = setting(
+        False,
+        "audit.gold-twin",
+        "a second gold with other seeds: how far retraining itself lands from the gold (KL, disagreement)",
+    )
 
     def __post_init__(self) -> None:
         if self.references < 0 or self.references % 2:

@@ -51,6 +51,11 @@ GAP_METRICS = (
     "lira-auc",
     "lira-tpr@1%",
 )
+#: The columns that are references, not methods: the gold and its twin (a retraining with other seeds).
+REFERENCES = ("gold", "gold-twin")
+#: The distances to the gold whose spread the twin measures (function space; in weight space two
+#: retrainings from different initial models are far apart whatever they compute).
+TWIN_METRICS = ("kl-forget", "tv-forget", "disagree-forget", "kl-test", "disagree-test")
 #: Metrics that already are distances to the gold (0 = the gold).
 DISTANCE_METRICS = (
     "kl-forget",
@@ -116,7 +121,8 @@ def markdown_table(
             lines.append(f"| {label} | " + " | ".join(_fmt(models[c].get(key)) for c in cols) + " |")
     if "original" in models and "gold" in models:
         cells = [
-            ", ".join(further_than_original(models, c)) or "–" if c not in ("original", "gold") else "" for c in cols
+            ", ".join(further_than_original(models, c)) or "–" if c not in ("original", *REFERENCES) else ""
+            for c in cols
         ]
         lines.append("| **further from gold than the original on** | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -357,8 +363,9 @@ def seed_statistics(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str
     -------
     dict
         ``{column: {metric: (mean, std, n)}}`` with columns ``original``, each method, ``gold``
-        (original and gold taken from the first method's runs: they do not depend on the method).
-        Extra metrics per method: :data:`EXTRA_ROWS`.
+        and, when every run measured it, ``gold-twin`` (original, gold and twin taken from the
+        first method's runs: they do not depend on the method). Extra metrics per method:
+        :data:`EXTRA_ROWS`.
     """
     import numpy as np
 
@@ -370,8 +377,9 @@ def seed_statistics(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str
 
     out: dict[str, dict[str, tuple[float, float, int]]] = {}
     first = next(iter(runs.values()))
-    for column, source in (("original", first), *((m, r) for m, r in runs.items()), ("gold", first)):
-        model = "unlearned" if column not in ("original", "gold") else column
+    twin = (("gold-twin", first),) if first and all("gold-twin" in r["report"] for r in first) else ()
+    for column, source in (("original", first), *((m, r) for m, r in runs.items()), ("gold", first), *twin):
+        model = "unlearned" if column not in ("original", *REFERENCES) else column
         out[column] = {k: stats([r["report"][model].get(k) for r in source]) for k in HARNESS_METRICS}
         if model == "unlearned":
             for key, _, get in EXTRA_ROWS:
@@ -403,8 +411,8 @@ def overview_table(stats: Mapping[str, Stats], key: str = "average-gap") -> str:
     scenarios = list(stats)
     cols: list[str] = []
     for st in stats.values():
-        cols += [c for c in st if c not in cols and c != "gold"]
-    cols.append("gold")
+        cols += [c for c in st if c not in cols and c not in REFERENCES]
+    cols += [c for c in ("gold-twin", "gold") if any(c in st for st in stats.values())]
     lines = ["| model | " + " | ".join(scenarios) + " |", "|---|" + "---:|" * len(scenarios)]
     for c in cols:
         lines.append(
@@ -502,7 +510,7 @@ def plot_harness_scenario(
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0, 1].legend(fontsize=7, loc="best", ncol=2)
-    methods = [c for c in stats if c not in ("original", "gold")]
+    methods = [c for c in stats if c not in ("original", *REFERENCES)]
     _bars(axes[1, 0], stats, ["original", *methods], "average-gap", "Average Gap to gold (lower is better)", False)
     mia = "mia-nn-auc" if stats["gold"].get("mia-nn-auc", (0, 0, 0))[2] else "mia-auc"
     _bars(axes[1, 1], stats, ["original", *methods], mia, f"{mia} (target: the gold's)", True)
@@ -521,7 +529,7 @@ def plot_harness_overview(path: str | Path, stats: Mapping[str, Stats], title: s
     scenarios = list(stats)
     cols: list[str] = []
     for st in stats.values():
-        cols += [c for c in st if c not in cols and c != "gold"]
+        cols += [c for c in st if c not in cols and c not in REFERENCES]
     fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(cols) * len(scenarios) / 3), 4.5))
     width = 0.8 / len(scenarios)
     x = np.arange(len(cols))
@@ -579,16 +587,25 @@ def inside_gold_spread(stats: Stats, column: str, keys: Sequence[str] = SPREAD_M
     """Per metric (of ``keys`` measured for both), whether ``column``'s mean over seeds is within one std of the gold's.
 
     ``|mean(column) - mean(gold)| <= std(gold)``: the method cannot be told from a retrained
-    model by this metric at the seed-to-seed variation of retraining itself.
+    model by this metric at the seed-to-seed variation of retraining itself. With a
+    ``gold-twin`` column, also the distances of :data:`TWIN_METRICS` (0 for the gold by
+    definition): inside when ``mean(column) <= mean(twin) + std(twin)``, no further from the
+    gold than a retraining with other seeds.
     """
     out: dict[str, bool] = {}
-    gold, model = stats.get("gold", {}), stats.get(column, {})
+    gold, model, twin = stats.get("gold", {}), stats.get(column, {}), stats.get("gold-twin", {})
     for key in keys:
         if key not in gold or key not in model or not gold[key][2] or not model[key][2]:
             continue
         (gm, gs, _), (mm, _, _) = gold[key], model[key]
         if math.isfinite(gm) and math.isfinite(mm):
             out[key] = abs(mm - gm) <= max(gs, 1e-12)
+    for key in TWIN_METRICS if twin else ():
+        if key not in model or key not in twin or not model[key][2] or not twin[key][2]:
+            continue
+        (tm, ts, _), (mm, _, _) = twin[key], model[key]
+        if math.isfinite(tm) and math.isfinite(mm):
+            out[key] = mm <= tm + ts
     return out
 
 
@@ -597,7 +614,7 @@ def spread_table(stats: Mapping[str, Stats]) -> str:
     scenarios = list(stats)
     cols: list[str] = []
     for st in stats.values():
-        cols += [c for c in st if c not in cols and c != "gold"]
+        cols += [c for c in st if c not in cols and c not in REFERENCES]
     lines = ["| model | " + " | ".join(scenarios) + " |", "|---|" + "---|" * len(scenarios)]
     inside_all = inside_core = cells = 0
     for c in cols:
@@ -624,7 +641,13 @@ def spread_table(stats: Mapping[str, Stats]) -> str:
         f"Method cells inside the gold's seed spread on every metric: **{inside_all} of {cells}**; on the core "
         f"metrics ({', '.join(CORE_METRICS)}): **{inside_core} of {cells}**. A cell lists the metrics where the "
         "method's mean over seeds is further from the gold's mean than the gold's own standard deviation (core "
-        "metrics in bold)."
+        "metrics in bold)"
+        + (
+            f"; and those of {', '.join(TWIN_METRICS)} (distances to the gold) on which it is further from the "
+            "gold than the gold twin, a retraining with other seeds, plus one standard deviation."
+            if any("gold-twin" in st for st in stats.values())
+            else "."
+        )
     )
     return "\n".join(lines)
 
@@ -643,7 +666,7 @@ def ranking_table(stats: Mapping[str, Stats], keys: Sequence[str] = RANKING_KEYS
 
     ranks: dict[str, list[float]] = {}
     for st in stats.values():
-        cols = [c for c in st if c != "gold"]
+        cols = [c for c in st if c not in REFERENCES]
         for key in keys:
             vals = {c: st[c][key][0] for c in cols if key in st[c] and np.isfinite(st[c][key][0])}
             for i, c in enumerate(sorted(vals, key=lambda c: vals[c])):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.app import ArrayRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 
@@ -61,6 +62,7 @@ from .federations import (
     original_federation,
     reference_federations,
     train_config,
+    twin_initial,
 )
 from .queries import (
     EXPERIMENT_HANDLERS,
@@ -217,6 +219,11 @@ def run_experiment(
     lap("gold")
     gold_history = {int(r): h for r, h in gold_meta["history"].items()}
     gold_final = gold_history[max(gold_history)]
+    twins: dict[str, ArrayRecord] = {}
+    if cfg.audit.gold_twin:
+        twin_start = twin_initial(task, run_config, first)
+        twins["gold-twin"], _ = gold_federation(grid, cfg, clients, twin_start, request, architecture, twin=True)
+        lap("gold twin")
     target = gold_final.get("test-acc", float("nan")) - cfg.request.recovery_tolerance
     before = run.history.get(cfg.request.round - 1, {}).get("test-acc", float("nan"))
     finished: list[int] = []
@@ -248,9 +255,10 @@ def run_experiment(
     reached = [r for r in sorted(run.history) if r >= end_unlearning and run.history[r].get("test-acc", -1.0) >= target]
 
     models = {"original": original, "unlearned": run.arrays, "gold": gold_arrays}
+    # the twin is measured against the gold like the models, but neither probed for relearning nor audited
     per_client = {
         name: measure(grid, node_of, arrays, gold_arrays, cfg.federation.round_timeout)
-        for name, arrays in models.items()
+        for name, arrays in {**models, **twins}.items()
     }
     report = {name: summarise(evals) for name, evals in per_client.items()}
     lap("measurements")
@@ -279,12 +287,12 @@ def run_experiment(
             report[name].update({k: v for k, v in row.items() if k in LEAKAGE_REPORT_KEYS})
         leakage = {"figures": figures, "roc": {a: roc_on_grid(scores, a) for a in ATTACKS}, "references": ref_cost}
         lap("strong audit")
-    weights = {name: to_weights(arrays) for name, arrays in models.items()}
+    weights = {name: to_weights(arrays) for name, arrays in {**models, **twins}.items()}
     for name, metrics in report.items():
         metrics["average-gap"] = average_gap(metrics, report["gold"])
         metrics["l2-to-gold"] = weight_distance(weights[name], weights["gold"])
         metrics["l2-to-original"] = weight_distance(weights[name], weights["original"])
-    table = markdown_table(report)
+    table = markdown_table(report, ("original", "unlearned", "gold", *twins))
     log(INFO, "\n%s", table)
     further = further_than_original(report)
     if further:

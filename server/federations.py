@@ -2,7 +2,8 @@
 
 The *original* runs rounds ``1..d-1`` with everyone; the *gold* retrains those rounds from
 the same initial model and seeds without exactly the deleted data; the strong audit's
-*reference* federations train like the gold with every client on half of its samples.
+*reference* federations train like the gold with every client on half of its samples; the
+*gold twin* retrains like the gold with other seeds (the spread of retraining itself).
 Each is cached on disk (:mod:`fed_unlearn.gold_cache`) under a key that covers what it
 depends on, and trained through the project's one round loop with the same strategy.
 """
@@ -28,6 +29,9 @@ from fed_unlearn.task import Task
 from fed_unlearn.unlearning import UnlearningMethod
 
 from .queries import ClientInfo
+
+#: How far the gold twin's seeds are from the gold's (its initial model and every round's minibatch order).
+TWIN_SEED_OFFSET = 1_000_003
 
 
 def _no_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
@@ -58,6 +62,11 @@ def initial_model(task: Task, run_config: Mapping[str, Any], first: ClientInfo |
     return to_record(get_weights(model))
 
 
+def twin_initial(task: Task, run_config: Mapping[str, Any], first: ClientInfo | None) -> ArrayRecord:
+    """The gold twin's initial model: the task's model initialised from ``seed + TWIN_SEED_OFFSET``."""
+    return initial_model(task, {**run_config, "seed": int(run_config.get("seed", 0)) + TWIN_SEED_OFFSET}, first)
+
+
 def retrain(
     grid: Grid,
     cfg: ExperimentConfig,
@@ -65,6 +74,7 @@ def retrain(
     initial: ArrayRecord,
     label: str,
     setup: Callable[[Unlearning], None],
+    train_config: Callable[[int], dict[str, Any]] | None = None,
 ) -> FederationRun:
     """The original's ``d-1`` rounds from ``initial`` with a fresh strategy that ``setup`` adjusts (who, on what)."""
     strategy = new_strategy(None, len(clients), evaluate_departed=True)
@@ -72,7 +82,20 @@ def retrain(
         strategy.set_identity(i.node_id, **{"partition-id": c})
     setup(strategy)
     rounds = range(1, cfg.gold_rounds + 1)
-    return run_rounds(grid, strategy, FederationRun(arrays=initial), rounds, cfg.federation.round_timeout, label)
+    return run_rounds(
+        grid,
+        strategy,
+        FederationRun(arrays=initial),
+        rounds,
+        cfg.federation.round_timeout,
+        label,
+        train_config=train_config,
+    )
+
+
+def _twin_seed_round(server_round: int) -> dict[str, Any]:
+    """The twin's minibatch order: another round's (the project's local training honours ``seed-round``)."""
+    return {P.SEED_ROUND: TWIN_SEED_OFFSET + server_round}
 
 
 def gold_federation(
@@ -82,24 +105,31 @@ def gold_federation(
     initial: ArrayRecord,
     request: Mapping[int, Mapping[str, Any]],
     architecture: str = "",
+    twin: bool = False,
 ) -> tuple[ArrayRecord, dict[str, Any]]:
     """The gold federation (load it from the cache or train it and cache it).
 
     The original's ``d-1`` rounds from the same initial model and seeds, without exactly
     the deleted data: the departing clients left out, or the requesting clients
-    training on their retained samples only.
+    training on their retained samples only. With ``twin``, the *gold twin*: the same
+    rounds on the same data from ``initial`` (:func:`twin_initial`) with every round's
+    minibatch order taken from another round — a retraining that differs from the gold
+    only by its seeds, so its distance to the gold (KL, disagreement) is the spread of
+    retraining itself.
     """
     digests = {c: str(r["digest"]) for c, r in request.items()} if not cfg.request.deletion.clients_leave else None
-    key = cfg.gold_key(len(clients), digests, architecture)
+    key = cfg.gold_key(len(clients), digests, architecture) + ("-twin" if twin else "")
+    name = "gold twin" if twin else "gold"
     cached = load_federation(cfg.output.gold_cache_dir, key)
     if cached is not None:
         weights, meta = cached
-        log(INFO, "gold federation loaded from cache %s", Path(cfg.output.gold_cache_dir) / key)
+        log(INFO, "%s federation loaded from cache %s", name, Path(cfg.output.gold_cache_dir) / key)
         return to_record(weights), {**meta, "cached": True}
     retain_only = [] if cfg.request.deletion.clients_leave else sorted(request)
     log(
         INFO,
-        "gold federation: %d rounds without clients %s, clients %s on their retained data",
+        "%s federation: %d rounds without clients %s, clients %s on their retained data",
+        name,
         cfg.gold_rounds,
         list(cfg.leaving),
         retain_only,
@@ -109,7 +139,7 @@ def gold_federation(
         strategy.leave_out(*(clients[c].node_id for c in cfg.leaving))
         strategy.restrict_to_retained(*(clients[c].node_id for c in retain_only))
 
-    run = retrain(grid, cfg, clients, initial, "gold", leave_out)
+    run = retrain(grid, cfg, clients, initial, name, leave_out, _twin_seed_round if twin else None)
     meta = {
         "key": key,
         "config": cfg.to_dict(),

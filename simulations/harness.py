@@ -17,7 +17,9 @@ trained once and shared by every method through the cache.
 Outputs in ``<results-dir>/harness/``:
 
 * ``harness.md``: the overview (Average Gap to gold per method and scenario) and, per
-  scenario, mean ± std over seeds of every metric for the original, each method and the gold;
+  scenario, mean ± std over seeds of every metric for the original, each method, the gold
+  and the gold twin (a retraining with other seeds: how far from the gold retraining itself
+  lands on KL and disagreement, the spread those distances are judged by);
 * ``harness.csv`` / ``harness.json``: the same numbers, machine-readable;
 * ``harness.png``: Average Gap per method, grouped by scenario;
 * ``harness_<scenario>.png``: per-round forget and test accuracy (seed 0, unlearning round
@@ -211,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         default=8,
         help="reference federations of the strong leakage audit per (data, seed) (even; 0 = off; default 8)",
     )
+    ap.add_argument(
+        "--gold-twin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a second gold per (scenario, seed) with other seeds: the spread of KL and disagreement to the gold",
+    )
     ap.add_argument("--results-dir", default=str(PROJECT_ROOT / "results"))
     ap.add_argument("--name", default="harness", help="output folder under results-dir (the gold cache is shared)")
     args = ap.parse_args(argv)
@@ -222,10 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown scenario(s) {bad}; valid: {', '.join(SCENARIOS)}")
     if args.audit_references < 0 or args.audit_references % 2:
         ap.error(f"--audit-references must be 0 or even, got {args.audit_references}")
-    if any(k in args.run_config for k in (*OWNED_KEYS, "audit.references=")):
+    if any(k in args.run_config for k in (*OWNED_KEYS, "audit.references=", "audit.gold-twin=")):
         ap.error(
-            "seed, unlearn.method, unlearn.scenario and audit.references are set by the harness; use --seeds, "
-            "--methods, --scenarios, --audit-references"
+            "seed, unlearn.method, unlearn.scenario, audit.references and audit.gold-twin are set by the harness; "
+            "use --seeds, --methods, --scenarios, --audit-references, --gold-twin"
         )
     root = Path(args.results_dir).resolve()
     dest = root / args.name
@@ -242,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             progress(i, len(cells), f"running {scenario} / {method} / seed {seed}", started)
             rc = (
                 f"seed={seed} unlearn.method='{method}' gold-cache-dir='{root / 'gold-cache'}' "
-                f"audit.references={args.audit_references} "
+                f"audit.references={args.audit_references} audit.gold-twin={str(args.gold_twin).lower()} "
                 f"{SCENARIOS[scenario]} {args.run_config}"
             ).strip()
             code = run_cell(args.engine, out, SCENARIO_CLIENTS.get(scenario, args.num_clients), rc, args.ray_address)

@@ -432,3 +432,25 @@ def test_seed_methods_move_toward_gold(default_run_config, tmp_path, method, ext
     else:
         assert res["config"]["fastclip.bound"] == 2.0
         assert unl["average-gap"] < orig["average-gap"]
+
+
+def test_the_gold_twin_is_a_retraining_with_other_seeds_measured_against_the_gold(default_run_config, tmp_path):
+    rc = {
+        **default_run_config,
+        "dataset": "digits",
+        "unlearn.round": 3,
+        "num-server-rounds": 5,
+        "audit.gold-twin": True,
+    }
+    first, grid1 = run(rc, 3, tmp_path, cache=tmp_path / "gold")
+    twin, gold = first["report"]["gold-twin"], first["report"]["gold"]
+    # other seeds, the same data: another model, as useful as the gold, that disagrees with it on some samples
+    assert twin["l2-to-gold"] > 0 and twin["kl-forget"] > 0 and twin["kl-test"] > 0
+    assert abs(twin["test-acc"] - gold["test-acc"]) < 0.1
+    assert "relearn-steps" not in twin  # measured, not probed
+    assert "gold-twin" in first["table-markdown"].splitlines()[0]
+    for f in (tmp_path / "results").glob("*/results.json"):
+        f.unlink()
+    second, grid2 = run(rc, 3, tmp_path, cache=tmp_path / "gold")
+    assert second["report"] == first["report"]  # cached, and the same numbers
+    assert grid2.sent.count("train") < grid1.sent.count("train")

@@ -229,3 +229,33 @@ def test_inside_the_gold_seed_spread_is_within_one_gold_standard_deviation():
     assert inside_gold_spread(stats, "puf") == {"test-acc": True, "forget-acc": True, "mia-auc": False}
     table = spread_table({"client": stats})
     assert "**mia-auc**" in table and "0 of 1" in table  # one method cell, outside on a core metric
+
+
+def test_a_distance_to_the_gold_is_inside_when_no_further_than_the_gold_twin():
+    from fed_unlearn.report import inside_gold_spread, overview_table, ranking_table, seed_statistics, spread_table
+
+    def res(kl_puf, kl_twin):
+        rep = {"test-acc": 0.9, "average-gap": 0.01}
+        return {
+            "report": {
+                "original": {**rep, "kl-forget": 1.0},
+                "unlearned": {**rep, "kl-forget": kl_puf},
+                "gold": {**rep, "kl-forget": 0.0},
+                "gold-twin": {**rep, "kl-forget": kl_twin},
+            },
+            "recovery": {"rounds-to-gold": 1},
+            "client-compute": {"fraction-of-gold-steps": 0.5},
+        }
+
+    # the twin lands at KL 0.10 ± 0.02 from the gold: 0.11 is inside, 0.13 outside
+    inside = seed_statistics({"puf": [res(0.11, 0.08), res(0.11, 0.12)]})
+    assert list(inside) == ["original", "puf", "gold", "gold-twin"]
+    assert inside_gold_spread(inside, "puf") == {"test-acc": True, "kl-forget": True}
+    outside = seed_statistics({"puf": [res(0.13, 0.08), res(0.13, 0.12)]})
+    assert inside_gold_spread(outside, "puf")["kl-forget"] is False
+    table = spread_table({"client": outside})
+    assert "kl-forget" in table and "0 of 1" in table and "gold twin" in table  # the twin is no method cell
+    assert "gold-twin" not in ranking_table({"client": outside})
+    assert overview_table({"client": outside}).splitlines()[-2].startswith("| gold-twin |")
+    # without a twin the distances are not judged (the gold's own are 0 by definition)
+    assert "kl-forget" not in inside_gold_spread({k: v for k, v in outside.items() if k != "gold-twin"}, "puf")
