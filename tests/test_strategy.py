@@ -535,9 +535,12 @@ def test_a_model_that_does_not_remember_the_forget_set_is_kept(pre, kept):
     assert s.pending == ()  # served either way
 
 
-def departure_calibrated(grid: Grid) -> dict:
-    """Node 2 departs in round 1 under calibrated PUF; the calibration's report."""
+def departure_calibrated(grid: Grid, declared: dict[int, float] | None = None) -> dict:
+    """Node 2 departs in round 1 under calibrated PUF (nodes declaring ``declared`` examples); the calibration's
+    report."""
     s = strategy(make_method("puf", {"puf.scale": 2.0}), calibrate=True)
+    for node, n in (declared or {}).items():
+        s.declare_examples(node, n)
     s.request_unlearning(2, round=1)
     start_round(s, 1, grid)
     rem = [reply(0, weights([2, 2], 0.5), 1), reply(1, weights([1, 2], 0.5), 1)]
@@ -571,6 +574,15 @@ def test_the_class_rule_needs_every_client_who_stays_and_a_class_they_hold_is_no
         assert cal["support"]["classes"] == []
     else:
         assert "9002" in cal["support"]["skipped"]
+
+
+def test_label_counts_beyond_what_a_client_declared_are_refused_and_the_class_rule_skipped():
+    """A client who stays claims 10^6 samples of class 0 against the 150 it declared (it could hide that it holds
+    class 1, or claim to hold it): its counts are not believed, and without them no class is called unsupported."""
+    labels = {NODES[0]: [100, 0], NODES[1]: [1_000_000, 0]}
+    cal = departure_calibrated(CalibratingGrid(NODES.values(), 0.1, 0.8, 0.5, labels=labels), {NODES[1]: 150})
+    assert cal["scale"] == pytest.approx(0.5) and "unsupported-acc" not in cal
+    assert "node 9002" in cal["support"]["skipped"] and "more than the 150" in cal["support"]["skipped"]
 
 
 class EvaluatingGrid(StaticGrid):

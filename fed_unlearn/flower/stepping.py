@@ -88,6 +88,7 @@ class StepControl:
     utility_key: str | None
     query_timeout: float
     capabilities: dict[int, dict[str, Any]]
+    declared: dict[int, float]
     current_round: int
     _batch: UnlearningRequest | None
     _grid: Grid | None
@@ -185,7 +186,11 @@ class StepControl:
                     if reply.has_error():
                         raise ValueError(client_failure(reply.error.reason or ""))
                     if src in counts:
-                        labels.append(read_support_reply(reply.content))
+                        got = read_support_reply(reply.content)
+                        cap = self.declared.get(src)
+                        if cap is not None and sum(got) > cap:  # labels it cannot hold: hostile
+                            raise ValueError(f"counts {sum(got):g} labels, more than the {cap:g} examples it declared")
+                        labels.append(got)
                     else:
                         stats.append(read_calibrate_reply(reply.content))
                 except (KeyError, ValueError, TypeError) as exc:
