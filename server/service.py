@@ -15,11 +15,12 @@ Round ``r`` of the service:
    the run config (``service.erase-sites``).
 2. **Serve** the pending requests: the journal marks them ``unlearning`` (committed before
    any message is sent), the site's data is measured with the current model (the
-   "before" of the audit; pushed ahead of the round's training like the poll, read after the
-   round), and the strategy runs the configured method in this round's training. A site
-   that is not connected or does not answer leaves its request pending (one attempt
-   counted); after ``service.fallback-after`` attempts the data-free fallback
-   applies (or, with ``wait``, the request stays open and is reported).
+   "before" of the audit; pushed right behind the round's training messages, so a site
+   measures as soon as it has replied, read after the round), and the strategy runs the
+   configured method in this round's training. A site that is not connected or does not
+   answer leaves its request pending (one attempt counted); after
+   ``service.fallback-after`` attempts the data-free fallback applies (or, with ``wait``,
+   the request stays open and is reported).
 3. **Train** (FedAvg, or the unlearning round) and **evaluate** the sites that stay.
 4. **Commit** the model, the round and who left, together with the round's request
    transitions, in one journal transaction (the checkpoint a restart resumes from).
@@ -43,7 +44,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
@@ -53,8 +54,8 @@ from fed_unlearn.certificate import load_or_create_key, render_html, sign
 from fed_unlearn.config import ExperimentConfig, ServiceConfig
 from fed_unlearn.erasure import RequestError, SiteRegistry, parse_request
 from fed_unlearn.evaluation import summarise
-from fed_unlearn.flower import ActiveNodesGrid, FederationRun, run_rounds, to_record, to_weights
-from fed_unlearn.flower.grid import collect, one_message_at_a_time
+from fed_unlearn.flower import FederationRun, PromptGrid, run_rounds, to_record, to_weights
+from fed_unlearn.flower.grid import RidingGrid, collect, one_message_at_a_time
 from fed_unlearn.gold_cache import code_fingerprint
 from fed_unlearn.journal import Journal, StateDirLock, check_state_dir, weights_digest
 from fed_unlearn.metrics import average_gap
@@ -177,6 +178,7 @@ class ErasureService:
         # the serving round's measurements of the model before unlearning: (message ids, client -> node,
         # the staying clients, site -> request ids), pushed ahead of its training; then per request
         self.audit_ahead: tuple[list[str], dict[int, int], set[int], dict[str, list[str]]] | None = None
+        self.round_grid: RidingGrid | None = None  # the rounds' view of the grid (while they run)
         self.ahead_ok = one_message_at_a_time(grid)  # queries ride ahead of a round only where that is safe
         self.before_details: dict[str, dict[str, Any]] = {}
         self.verdicts: dict[int, dict[str, list[str]]] = {}  # node -> {"acks": [...], "refused": [...]}
@@ -346,12 +348,19 @@ class ErasureService:
             return
         cids = [self.sites[s] for s in by_site]
         # the erased sites' data and the others' utility, both with the model before unlearning: pushed
-        # ahead of the round's training (a site takes both messages back to back), read after the round
+        # with the round's training (a site takes both messages back to back), read after the round
         staying = {c: self.node_of[c] for c in self.active if c not in cids and self.node_of[c] in connected}
         # a site that is not connected (served by a data-free method) is not waited for
         measured = {**{c: self.node_of[c] for c in cids if self.node_of.get(c) in connected}, **staying}
         msgs = audit_messages(measured, arrays, None, forget_all=cids)
-        self.audit_ahead = (list(self.grid.push_messages(msgs)), measured, set(staying), dict(by_site))
+        audit_ids: list[str] = []
+        if self.ahead_ok and self.round_grid is not None:
+            # right behind the round's training: a site measures as soon as it has replied, while the
+            # server waits for the slowest site and aggregates (and it is awake for the calibration)
+            self.round_grid.ride_behind(MessageType.TRAIN, msgs, audit_ids.extend)
+        else:
+            audit_ids.extend(self.grid.push_messages(msgs))
+        self.audit_ahead = (audit_ids, measured, set(staying), dict(by_site))
         if not self.ahead_ok:
             self._take_audit_ahead()  # nodes that may take two messages at once: read before the round
         digest = weights_digest(to_weights(arrays))
@@ -557,7 +566,11 @@ class ErasureService:
             return
         ids, measured, staying, by_site = self.audit_ahead
         self.audit_ahead = None
-        replies = collect(self.grid, ids, self.cfg.federation.round_timeout)
+        late = self.round_grid.cancel_riders() if self.round_grid is not None and not ids else []
+        if late:  # no training exchange carried them (no site trained in the round): asked now
+            replies = list(self.grid.send_and_receive(late, timeout=self.cfg.federation.round_timeout))
+        else:
+            replies = collect(self.grid, ids, self.cfg.federation.round_timeout)
         before = read_measurements(replies, measured, allow_missing=True)
         others = {c: before[c] for c in staying if c in before}
         test_before = summarise(others).get("test-acc") if others else None
@@ -656,8 +669,11 @@ class ErasureService:
         if unaudited:
             log(WARNING, "restart: requests %s were recovered but not audited; auditing them now", unaudited)
             self.audit(self.resumed_from, to_record(self.weights), unaudited)
+        interval = self.grid.interval if isinstance(self.grid, PromptGrid) else 0.1
+        # nodes that are no checked site get nothing
+        self.round_grid = RidingGrid(self.grid, self.members.hidden, interval)
         run_rounds(
-            ActiveNodesGrid(self.grid, self.members.hidden),  # nodes that are no checked site get nothing
+            self.round_grid,
             self.strategy,
             FederationRun(arrays=to_record(self.weights)),
             range(start, self.cfg.federation.num_server_rounds + 1),

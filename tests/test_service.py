@@ -32,7 +32,7 @@ class CrashingGrid(InProcessGrid):
     crash_round = -1
     drop: frozenset = frozenset()  # replaced per instance by start()
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):  # every exchange pushes (a message riding behind one too)
         msgs = list(messages)
         if msgs and msgs[0].metadata.message_type not in ("query.info", "query.identify"):  # discovery is over
             self.offline |= self.drop
@@ -42,7 +42,7 @@ class CrashingGrid(InProcessGrid):
             and msgs[0].content["config"]["server-round"] == self.crash_round
         ):
             raise Crash()
-        return super().send_and_receive(msgs, timeout=timeout)
+        return super().push_messages(msgs)
 
 
 def start(tmp: Path, rounds: int, extra: str = "", grid_cls=None, crash_round: int = -1, offline=()):
@@ -121,16 +121,21 @@ class ExchangeGrid(CrashingGrid):
 
 
 def test_the_serving_round_is_one_exchange_longer_than_an_ordinary_round(tmp_path):
-    """The erasure poll and the measurement of the model before unlearning ride ahead of the round's training
-    (a site takes queued messages back to back); what the round adds is the calibration query (the sites who stay
-    count their labels in the same exchange)."""
+    """The erasure poll rides ahead of the round's training and the measurement of the model before unlearning
+    right behind it (a site takes queued messages back to back); what the round adds is the calibration query
+    (the sites who stay count their labels in the same exchange)."""
     start(tmp_path, 2)
     submit_to_inbox(tmp_path / "h1", new_request("h1", "withdrawal"))
     out, grid = start(tmp_path, 4, grid_cls=ExchangeGrid)  # serves in round 3, recovers in 4
-    serving = grid.exchanges[grid.exchanges.index(("train",)) :]
-    assert serving[:3] == [("train",), ("query.calibrate", "query.support"), ("evaluate",)]
-    assert serving[3:5] == [("train",), ("evaluate",)]  # the recovery round: an ordinary round
-    assert ("evaluate.audit",) in grid.ahead and ("query.erasure",) in grid.ahead
+    calibration = ("query.calibrate", "query.support")
+    serving = grid.exchanges[grid.exchanges.index(calibration) :]
+    assert serving[:2] == [calibration, ("evaluate",)]
+    assert serving[2:4] == [("train",), ("evaluate",)]  # the recovery round: an ordinary round
+    assert ("query.erasure",) in grid.ahead
+    sent = [t for t, _ in grid.pushed]
+    audit = sent.index("evaluate.audit")
+    # the serving round's training, then the measurements of the model before, then the calibration
+    assert sent[audit - 1] == "train" and set(sent[audit : sent.index("query.calibrate")]) == {"evaluate.audit"}
     with journal(tmp_path) as j:
         (r,) = j.requests()
         assert r.state == "verified" and r.served_round == 3
@@ -153,6 +158,37 @@ def test_queries_ride_ahead_only_where_each_node_takes_one_message_at_a_time():
     assert one_message_at_a_time(local) and one_message_at_a_time(ActiveNodesGrid(local, lambda: ()))
     assert one_message_at_a_time(deployed) and one_message_at_a_time(PromptGrid(deployed))
     assert not one_message_at_a_time(simulated) and not one_message_at_a_time(ActiveNodesGrid(simulated, lambda: ()))
+
+
+def test_riders_are_pushed_right_behind_the_next_exchange_of_their_type_and_only_that_one():
+    from flwr.app import Message
+
+    from fed_unlearn.flower.grid import RidingGrid
+
+    class Recording(InProcessGrid):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            self.pushes: list[list[str]] = []
+
+        def push_messages(self, messages):
+            msgs = list(messages)
+            self.pushes.append([m.metadata.message_type for m in msgs])
+            return super().push_messages(msgs)
+
+    inner = Recording(client_app, 2, {})
+    nodes = list(inner.get_node_ids())
+    grid = RidingGrid(inner, lambda: ())
+    got: list[list[str]] = []
+    grid.ride_behind("train", [Message(RecordDict(), n, "evaluate.audit") for n in nodes], got.append)
+    grid.send_and_receive([Message(RecordDict(), n, "query.info") for n in nodes])  # not their exchange
+    assert inner.pushes == [["query.info"] * 2] and got == []
+    replies = list(grid.send_and_receive([Message(RecordDict(), n, "train") for n in nodes]))
+    assert inner.pushes[1:] == [["train"] * 2, ["evaluate.audit"] * 2] and len(got[0]) == 2
+    assert {r.metadata.message_type for r in replies} == {"train"}  # the exchange's replies only
+    grid.ride_behind("train", [Message(RecordDict(), nodes[0], "evaluate.audit")], got.append)
+    assert [m.metadata.message_type for m in grid.cancel_riders()] == ["evaluate.audit"]
+    grid.send_and_receive([Message(RecordDict(), n, "train") for n in nodes])
+    assert inner.pushes[-1] == ["train"] * 2 and len(got) == 1  # a cancelled rider is not pushed
 
 
 def test_a_crash_in_the_unlearning_round_is_resumed_and_the_request_served_exactly_once(tmp_path):

@@ -171,6 +171,46 @@ class ActiveNodesGrid(Grid):
         return self.grid.send_and_receive(messages, timeout=timeout)
 
 
+class RidingGrid(ActiveNodesGrid):
+    """A view of ``grid`` that pushes queued messages right behind the next exchange that sends a given type.
+
+    A deployed SuperNode replies to its message of an exchange, then pulls its next one. A
+    message pushed right behind the exchange's runs on each node as soon as it has replied,
+    while the server still waits for the slowest node and aggregates — not ahead of the
+    exchange (where it delays the node's reply) nor after it (when the node may already be in
+    its idle sleep). Only where each node takes one message at a time
+    (:func:`one_message_at_a_time`).
+    """
+
+    def __init__(self, grid: Grid, hidden: Callable[[], Iterable[int]], interval: float = 0.1) -> None:
+        super().__init__(grid, hidden)
+        self.interval = float(interval)
+        self._riders: list[tuple[str, list[Message], Callable[[list[str]], None]]] = []
+
+    def ride_behind(self, message_type: str, messages: Sequence[Message], pushed: Callable[[list[str]], None]) -> None:
+        """Push ``messages`` right behind the next exchange with a ``message_type`` message; ``pushed(ids)`` then."""
+        self._riders.append((message_type, list(messages), pushed))
+
+    def cancel_riders(self) -> list[Message]:
+        """The messages still waiting for their exchange, taken off the queue."""
+        out = [m for _, msgs, _ in self._riders for m in msgs]
+        self._riders = []
+        return out
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """The exchange of ``messages``; the riders waiting for one of their types pushed right behind it."""
+        msgs = list(messages)
+        types = {m.metadata.message_type for m in msgs}
+        now = [r for r in self._riders if r[0] in types]
+        if not now:
+            return self.grid.send_and_receive(msgs, timeout=timeout)
+        self._riders = [r for r in self._riders if r[0] not in types]
+        ids = list(self.grid.push_messages(msgs))
+        for _, extra, pushed in now:
+            pushed(list(self.grid.push_messages(extra)))
+        return collect(self.grid, ids, timeout, self.interval)
+
+
 class PromptGrid(ActiveNodesGrid):
     """A view of ``grid`` whose :meth:`send_and_receive` looks for replies every ``interval`` seconds.
 
