@@ -412,7 +412,9 @@ def overview_table(stats: Mapping[str, Stats], key: str = "average-gap") -> str:
     cols: list[str] = []
     for st in stats.values():
         cols += [c for c in st if c not in cols and c not in REFERENCES]
-    cols += [c for c in ("gold-twin", "gold") if any(c in st for st in stats.values())]
+    # the twin only where it was measured on ``key`` (it is never audited); the gold always
+    twin = any(st.get("gold-twin", {}).get(key, (0, 0, 0))[2] for st in stats.values())
+    cols += [c for c in ("gold-twin", "gold") if (twin or c == "gold") and any(c in st for st in stats.values())]
     lines = ["| model | " + " | ".join(scenarios) + " |", "|---|" + "---:|" * len(scenarios)]
     for c in cols:
         lines.append(

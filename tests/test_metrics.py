@@ -257,5 +257,6 @@ def test_a_distance_to_the_gold_is_inside_when_no_further_than_the_gold_twin():
     assert "kl-forget" in table and "0 of 1" in table and "gold twin" in table  # the twin is no method cell
     assert "gold-twin" not in ranking_table({"client": outside})
     assert overview_table({"client": outside}).splitlines()[-2].startswith("| gold-twin |")
+    assert "gold-twin" not in overview_table({"client": outside}, "rmia-auc")  # never audited: no empty row
     # without a twin the distances are not judged (the gold's own are 0 by definition)
     assert "kl-forget" not in inside_gold_spread({k: v for k, v in outside.items() if k != "gold-twin"}, "puf")
