@@ -493,6 +493,23 @@ def unsupported_accuracy(
     return [float(sum(float(row[c]) for c in classes)) / n for row in class_correct]
 
 
+def summed_counts(counts: Sequence[Sequence[float]]) -> list[float]:
+    """Per class, the sum of several clients' label counts (lists of any length; a missing class counts 0)."""
+    width = max((len(c) for c in counts), default=0)
+    return [float(sum(c[i] for c in counts if i < len(c))) for i in range(width)]
+
+
+def with_unsupported(measured: dict[str, Any], classes: Sequence[int], class_n: Sequence[float]) -> None:
+    """Add to pooled figures ``measured`` the accuracy on the forget samples of ``classes``: per scale
+    (``unsupported-acc``) and, where measured, the pre-request model's (``pre["unsupported-acc"]``)."""
+    if not classes:
+        return
+    if "class-correct" in measured:
+        measured["unsupported-acc"] = unsupported_accuracy(measured["class-correct"], class_n, classes)
+    if "pre-class-correct" in measured and "pre" in measured:
+        measured["pre"]["unsupported-acc"] = unsupported_accuracy([measured["pre-class-correct"]], class_n, classes)[0]
+
+
 def accuracy_z(forget_acc: float, heldout_acc: float, forget_n: float, heldout_n: float) -> float:
     """Two-proportion z statistic of the forget accuracy above the held-out one (pooled standard error)."""
     p = (forget_acc * forget_n + heldout_acc * heldout_n) / (forget_n + heldout_n)

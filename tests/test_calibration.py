@@ -313,6 +313,18 @@ def test_the_accuracy_on_unsupported_classes_joins_the_target_and_the_memorisati
         memorisation({**quiet, "unsupported-acc": float("nan")}, z=2.0)
 
 
+def test_label_counts_add_up_per_class_and_the_unsupported_accuracy_joins_the_pooled_figures():
+    from fed_unlearn.calibration import summed_counts, with_unsupported
+
+    assert summed_counts([[1, 2], [3], [0, 0, 5]]) == [4.0, 2.0, 5.0] and summed_counts([]) == []
+    measured = {"class-correct": [[4, 2], [4, 1]], "pre-class-correct": [4, 2], "pre": {}}
+    with_unsupported(measured, [1], [4, 2])
+    assert measured["unsupported-acc"] == [1.0, 0.5] and measured["pre"]["unsupported-acc"] == 1.0
+    untouched = {"class-correct": [[4, 2]], "pre": {}}
+    with_unsupported(untouched, [], [4, 2])  # no unsupported class: nothing added
+    assert "unsupported-acc" not in untouched and untouched["pre"] == {}
+
+
 def test_per_class_counts_pool_scale_major_over_clients():
     """Two clients, two scales, three classes: the pooled per-class correct counts add up per scale."""
 

@@ -104,3 +104,6 @@ def test_support_round_trip_counts_labels_and_refuses_what_is_no_count():
         wire.read_support_reply(reply([0] * (wire.MAX_CLASSES + 1)))
     with pytest.raises(KeyError):
         wire.read_support_reply(RecordDict({"other": MetricRecord({"x": 1})}))
+    assert wire.read_support_reply(reply([3, 2]), at_most=5) == [3.0, 2.0]
+    with pytest.raises(ValueError, match="more than the 4 examples it declared"):
+        wire.read_support_reply(reply([3, 2]), at_most=4)

@@ -561,7 +561,7 @@ class _Helper:
         labels = np.asarray(train.y if mask is None else train.y[~mask])
         if labels.size and (labels.dtype.kind not in "iub" and not np.all(np.mod(labels, 1) == 0)):
             raise ValueError("query.support counts class labels; these labels are not whole numbers")
-        return Message(support_reply([int(v) for v in labels.ravel()]), reply_to=msg)
+        return Message(support_reply(labels.astype(np.int64)), reply_to=msg)
 
     def _heldout_like(self, model: Any, context: Context, forget: ArrayDataset, heldout: ArrayDataset) -> np.ndarray:
         """Indices of the held-out samples like the forget set: its classes; for hard samples, those the same rule

@@ -42,10 +42,11 @@ from ..calibration import (
     extension_limit,
     memorisation,
     pooled,
+    summed_counts,
     target_for,
-    unsupported_accuracy,
     unsupported_classes,
     utility_scale,
+    with_unsupported,
 )
 from .records import metric_dict, metric_records, to_record
 from .requests import UnlearningRequest, client_failure
@@ -186,11 +187,7 @@ class StepControl:
                     if reply.has_error():
                         raise ValueError(client_failure(reply.error.reason or ""))
                     if src in counts:
-                        got = read_support_reply(reply.content)
-                        cap = self.declared.get(src)
-                        if cap is not None and sum(got) > cap:  # labels it cannot hold: hostile
-                            raise ValueError(f"counts {sum(got):g} labels, more than the {cap:g} examples it declared")
-                        labels.append(got)
+                        labels.append(read_support_reply(reply.content, self.declared.get(src)))
                     else:
                         stats.append(read_calibrate_reply(reply.content))
                 except (KeyError, ValueError, TypeError) as exc:
@@ -202,16 +199,8 @@ class StepControl:
                 if lacking or len(labels) != len(counts):
                     support["skipped"] = "; ".join(lacking) or "some clients who stay did not answer"
                 else:
-                    width = max((len(c) for c in labels), default=0)
-                    support["label-counts"] = [sum(c[i] for c in labels if i < len(c)) for i in range(width)]
+                    support["label-counts"] = summed_counts(labels)
             return out
-
-        def unsupported(measured: dict[str, Any]) -> None:
-            """The accuracy on the forget samples of the classes the clients who stay do not hold, per scale."""
-            if support.get("classes") and "class-correct" in measured:
-                measured["unsupported-acc"] = unsupported_accuracy(
-                    measured["class-correct"], support["class-n"], support["classes"]
-                )
 
         scales = list(self.calibration_scales)
         m: dict[str, Any] = {}
@@ -229,10 +218,8 @@ class StepControl:
                 support["classes"] = list(
                     unsupported_classes(support["label-counts"], m["class-n"], self.support_floor)
                 )
-                unsupported(m)
-                if support["classes"] and "pre-class-correct" in m and "pre" in m:
-                    pre_correct = [m["pre-class-correct"]]
-                    m["pre"]["unsupported-acc"] = unsupported_accuracy(pre_correct, m["class-n"], support["classes"])[0]
+                with_unsupported(m, support["classes"], m["class-n"])
+                if support["classes"]:
                     log(
                         INFO,
                         "calibration: class(es) %s of the departing clients are (almost) absent from the clients "
@@ -261,7 +248,7 @@ class StepControl:
                 # Asked only now: each candidate costs the clients a pass over their forget set, which
                 # for a large one outweighs the exchange
                 more = ask(longer, pre_request=False)
-                unsupported(more)
+                with_unsupported(more, support.get("classes", ()), support.get("class-n", ()))
                 extension = self._extension(m, more, scales, longer, base, direction)
                 n = extension["admitted"]
                 if n < len(longer):

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from .. import protocol as P
@@ -275,17 +276,15 @@ def support_request(config: Mapping[str, Any]) -> RecordDict:
     return RecordDict({P.CONFIG_RECORD: ConfigRecord(dict(config))})
 
 
-def support_reply(labels: Sequence[int], num_classes: int = 0) -> RecordDict:
+def support_reply(labels: Sequence[int] | np.ndarray, num_classes: int = 0) -> RecordDict:
     """The ``query.support`` reply: how many of the client's training samples have each label (counts only)."""
-    counts: list[int] = [0] * max(int(num_classes), (max((int(v) for v in labels), default=-1) + 1))
-    for v in labels:
-        counts[int(v)] += 1
-    return RecordDict({P.SUPPORT_RECORD: MetricRecord({P.LABEL_COUNTS: counts})})
+    counts = np.bincount(np.asarray(labels, np.int64).ravel(), minlength=int(num_classes))
+    return RecordDict({P.SUPPORT_RECORD: MetricRecord({P.LABEL_COUNTS: [int(c) for c in counts]})})
 
 
-def read_support_reply(content: RecordDict) -> list[float]:
+def read_support_reply(content: RecordDict, at_most: float | None = None) -> list[float]:
     """A client's label counts (``KeyError`` without them; ``ValueError`` unless whole numbers >= 0, at most
-    :data:`MAX_CLASSES` of them)."""
+    :data:`MAX_CLASSES` of them, adding up to no more than ``at_most`` samples — what the client declared)."""
     records = content.metric_records
     if P.SUPPORT_RECORD not in records:
         raise KeyError(f"its {P.SUPPORT} reply has no '{P.SUPPORT_RECORD}' MetricRecord")
@@ -295,4 +294,6 @@ def read_support_reply(content: RecordDict) -> list[float]:
     out = [float(as_int(c)) for c in counts]
     if any(c < 0 for c in out):
         raise ValueError(f"'{P.LABEL_COUNTS}' must be counts >= 0")
+    if at_most is not None and sum(out) > at_most:  # labels it cannot hold: hostile
+        raise ValueError(f"counts {sum(out):g} labels, more than the {at_most:g} examples it declared")
     return out
