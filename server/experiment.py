@@ -256,9 +256,10 @@ def run_experiment(
 
     models = {"original": original, "unlearned": run.arrays, "gold": gold_arrays}
     # the twin is measured against the gold like the models, but neither probed for relearning nor audited
+    measured = {**models, **twins}
     per_client = {
         name: measure(grid, node_of, arrays, gold_arrays, cfg.federation.round_timeout)
-        for name, arrays in {**models, **twins}.items()
+        for name, arrays in measured.items()
     }
     report = {name: summarise(evals) for name, evals in per_client.items()}
     lap("measurements")
@@ -287,7 +288,7 @@ def run_experiment(
             report[name].update({k: v for k, v in row.items() if k in LEAKAGE_REPORT_KEYS})
         leakage = {"figures": figures, "roc": {a: roc_on_grid(scores, a) for a in ATTACKS}, "references": ref_cost}
         lap("strong audit")
-    weights = {name: to_weights(arrays) for name, arrays in {**models, **twins}.items()}
+    weights = {name: to_weights(arrays) for name, arrays in measured.items()}
     for name, metrics in report.items():
         metrics["average-gap"] = average_gap(metrics, report["gold"])
         metrics["l2-to-gold"] = weight_distance(weights[name], weights["gold"])
