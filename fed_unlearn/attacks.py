@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import logsumexp, ndtr, softmax
 
-from .metrics import cross_entropy
+from .metrics import cross_entropy, mia_auc
 
 #: The false-positive rates the reports read the attacks at.
 LOW_FPRS = (0.01, 0.001)
@@ -222,23 +222,6 @@ def tpr_at_fpr(members: np.ndarray, nonmembers: np.ndarray, fpr: float) -> LowFP
     return LowFPR(fpr, hits / len(m), low, high, len(m), len(n), True, fpr_high)
 
 
-def roc_auc(members: np.ndarray, nonmembers: np.ndarray) -> float:
-    """ROC-AUC of scores (higher: member), ties counted half; ``nan`` if either side is empty."""
-    m, n = np.asarray(members, np.float64), np.asarray(nonmembers, np.float64)
-    if len(m) == 0 or len(n) == 0:
-        return float("nan")
-    allv = np.concatenate([m, n])
-    order = np.argsort(allv, kind="mergesort")
-    ranks = np.empty(len(allv))
-    sorted_v = allv[order]
-    # average ranks over ties
-    _, first, counts = np.unique(sorted_v, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1
-    ranks[order] = np.repeat(avg, counts)
-    u = ranks[: len(m)].sum() - len(m) * (len(m) + 1) / 2
-    return float(u / (len(m) * len(n)))
-
-
 def roc_points(members: np.ndarray, nonmembers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The ROC curve ``(fpr, tpr)`` of scores (for plots on log-log axes)."""
     from sklearn.metrics import roc_curve
@@ -252,7 +235,7 @@ def roc_points(members: np.ndarray, nonmembers: np.ndarray) -> tuple[np.ndarray,
 def summary(members: np.ndarray, nonmembers: np.ndarray, fprs: Sequence[float] = LOW_FPRS) -> dict[str, float]:
     """AUC and TPR (with its interval) at each low FPR, as flat keys (``tpr@1%``, ``tpr@1%-low`` ...)."""
     out: dict[str, float] = {
-        "auc": roc_auc(members, nonmembers),
+        "auc": mia_auc(members, nonmembers),
         "members": len(members),
         "nonmembers": len(nonmembers),
     }
@@ -348,7 +331,7 @@ def leakage_summary(
             for k, v in summary(members, nonmembers).items():
                 row[k if k in ("members", "nonmembers") else f"{a}-{k}"] = float(v)
             if target is not None and target in scores and name != target:
-                row[f"{a}-vs-{target}-auc"] = roc_auc(members, np.asarray(scores[target][f"{a}-forget"]))
+                row[f"{a}-vs-{target}-auc"] = mia_auc(members, np.asarray(scores[target][f"{a}-forget"]))
         out[name] = row
     return out
 

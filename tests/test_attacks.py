@@ -6,7 +6,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from fed_unlearn import attacks as A
-from fed_unlearn.metrics import cross_entropy
+from fed_unlearn.metrics import cross_entropy, mia_auc
 
 TIER = "unit"  # see tests/conftest.py
 
@@ -45,7 +45,12 @@ def test_roc_auc_matches_scikit_learn_with_ties():
     rng = np.random.default_rng(0)
     m, n = rng.integers(0, 5, 40).astype(float), rng.integers(0, 5, 60).astype(float)
     ref = roc_auc_score(np.r_[np.ones(40), np.zeros(60)], np.r_[m, n])
-    assert A.roc_auc(m, n) == pytest.approx(ref)
+    assert mia_auc(m, n) == pytest.approx(ref, abs=1e-12)
+    # continuous scores, unequal sizes, and the degenerate cases
+    m, n = rng.normal(0.3, 1, 257), rng.normal(0, 1, 1000)
+    assert mia_auc(m, n) == pytest.approx(roc_auc_score(np.r_[np.ones(257), np.zeros(1000)], np.r_[m, n]), abs=1e-12)
+    assert mia_auc(np.full(3, 2.0), np.full(5, 2.0)) == 0.5
+    assert np.isnan(mia_auc(np.array([]), n))
 
 
 def test_rmia_counts_population_samples_below_the_ratio():
@@ -93,7 +98,7 @@ def test_a_planted_memorisation_is_found_at_low_fpr_where_the_loss_attack_sees_n
     rmia, lira = A.tpr_at_fpr(rmia_m, rmia_n, 0.01), A.tpr_at_fpr(lira_m, lira_n, 0.01)
     assert loss.tpr == 0.0 and loss.high < 0.2  # the threshold attack finds none of the 20
     assert rmia.low > 0.5 and lira.low > loss.high / 4 and lira.tpr >= 0.2  # the calibrated ones find them
-    assert A.roc_auc(rmia_m, rmia_n) > 0.9 and A.roc_auc(lira_m, lira_n) > 0.9
+    assert mia_auc(rmia_m, rmia_n) > 0.9 and mia_auc(lira_m, lira_n) > 0.9
 
 
 def test_a_target_that_never_saw_the_samples_gives_tpr_close_to_fpr():
@@ -131,7 +136,7 @@ def test_attack_scores_bundle_the_attacks_on_a_clients_samples():
     np.testing.assert_allclose(s["loss-forget"], -cross_entropy(target(x), y))
     assert len(s["lira-forget"]) == len(x) and len(s["lira-heldout"]) == len(xh)
     # pooled over both sets, LiRA still ranks the planted samples above the held-out ones
-    assert A.roc_auc(s["lira-forget"][:planted], s["lira-heldout"]) > 0.9
+    assert mia_auc(s["lira-forget"][:planted], s["lira-heldout"]) > 0.9
 
 
 def test_leakage_summary_reads_each_attack_and_compares_with_the_gold():

@@ -260,3 +260,24 @@ def test_a_distance_to_the_gold_is_inside_when_no_further_than_the_gold_twin():
     assert "gold-twin" not in overview_table({"client": outside}, "rmia-auc")  # never audited: no empty row
     # without a twin the distances are not judged (the gold's own are 0 by definition)
     assert "kl-forget" not in inside_gold_spread({k: v for k, v in outside.items() if k != "gold-twin"}, "puf")
+
+
+def test_a_clients_measurements_import_no_scikit_learn_metrics():
+    """Every client computes these AUCs (evaluation, calibration); scikit-learn's metrics cost a process >1 s."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from fed_unlearn.data.datasets import ArrayDataset\n"
+        "from fed_unlearn.evaluation import measure_client\n"
+        "from fed_unlearn.models import build_model\n"
+        "rng = np.random.default_rng(0)\n"
+        "ds = ArrayDataset(rng.random((40, 1, 4, 4), dtype=np.float32), rng.integers(0, 3, 40), 3, 'toy')\n"
+        "out = measure_client(build_model('mlp', (1, 4, 4), 3, 0), ds, ds, rng.random(40) < 0.5, mia=True)\n"
+        "assert 0 <= out['mia-auc'] <= 1, out\n"
+        "bad = sorted(m for m in sys.modules if m.startswith('sklearn'))\n"
+        "assert not bad, bad[:5]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
