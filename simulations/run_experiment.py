@@ -113,10 +113,8 @@ def stage_app(app: Path, dest: Path) -> Path:
     return dest
 
 
-def start_superlink(env: dict[str, str], flwr_home: Path, timeout: float = 60.0) -> subprocess.Popen:
-    """Start a simulation SuperLink on the ports in ``env`` and wait for its health endpoint."""
-    import urllib.request
-
+def launch_superlink(env: dict[str, str], flwr_home: Path) -> subprocess.Popen:
+    """Start a simulation SuperLink on the ports in ``env`` (not waiting for it: see :func:`wait_healthy`)."""
     http_port = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
     control = f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}"
     log_file = flwr_home / "local-superlink" / "superlink.log"
@@ -138,7 +136,7 @@ def start_superlink(env: dict[str, str], flwr_home: Path, timeout: float = 60.0)
         "--log-file",
         str(log_file),
     ]
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         cmd,
         env=env,
         cwd=str(PROJECT_ROOT),
@@ -146,6 +144,14 @@ def start_superlink(env: dict[str, str], flwr_home: Path, timeout: float = 60.0)
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+
+
+def wait_healthy(proc: subprocess.Popen, env: dict[str, str], flwr_home: Path, timeout: float = 60.0) -> None:
+    """Wait for a launched SuperLink's health endpoint; raise if it exits or stays unhealthy (the caller stops it)."""
+    import urllib.request
+
+    http_port = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
+    log_file = flwr_home / "local-superlink" / "superlink.log"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -153,11 +159,10 @@ def start_superlink(env: dict[str, str], flwr_home: Path, timeout: float = 60.0)
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=0.5) as r:
                 if r.status == 200:
-                    return proc
+                    return
         except OSError:
             pass
-        time.sleep(0.3)
-    stop_process(proc)
+        time.sleep(0.1)
     raise RuntimeError(f"flower-superlink not healthy within {timeout:.0f}s; see {log_file}")
 
 
@@ -306,10 +311,14 @@ def main(argv: list[str] | None = None) -> int:
     app = Path(args.app).resolve()
     if not (app / "pyproject.toml").is_file():
         ap.error(f"--app {app}: no pyproject.toml there (a Flower app needs one)")
+    # the SuperLink boots (about 2 s of imports) while the run config and the data are checked
+    superlink = launch_superlink(env, flwr_home)
     if app == PROJECT_ROOT:
         try:
             preflight(args.run_config, args.num_clients)
         except Exception as exc:  # noqa: BLE001  (one line for the user; --debug shows where)
+            stop_process(superlink)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
             if args.debug:
                 raise
             print(f"error: {exc}", file=sys.stderr)
@@ -323,9 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = f"{overrides} {args.run_config.strip()}".strip()
     federation = f"num-supernodes={args.num_clients} client-resources-num-cpus={args.cpus_per_client}"
 
-    superlink = None
     try:
-        superlink = start_superlink(env, flwr_home)
+        wait_healthy(superlink, env, flwr_home)
         staged = stage_app(app, flwr_home / "app")
         cmd = [executable("flwr"), "run", str(staged), "local", "--format", "json", "--federation-config", federation]
         if overrides:
@@ -381,8 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"results in {results}")
         return 0
     finally:
-        if superlink is not None:
-            stop_process(superlink)
+        stop_process(superlink)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

@@ -70,10 +70,13 @@ def test_flwr_run_simulation_produces_the_report(tmp_path):
 
 @pytest.mark.e2e
 def test_failed_run_is_reported_as_failed(tmp_path):
-    # this repository's app: a bad setting is refused before any process starts
+    # this repository's app: a bad setting is refused before the run is submitted (the SuperLink it
+    # started meanwhile is stopped)
     proc = launch(tmp_path, SMALL + " unlearn.departing='9'")
     assert proc.returncode == 2 and not proc.stdout
     assert "'unlearn.departing' names client(s) [9], but there are 3" in proc.stderr
+    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
+    assert not left.stdout.strip(), f"a process of the refused run is still running: {left.stdout}"
     # another app, which the launcher cannot check beforehand, fails inside the run: Flower's
     # `flwr run` would exit 0; the launcher reads the run's status and exits 1
     app = ROOT / "tests" / "own_app"
