@@ -365,13 +365,13 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + args.timeout
         status = run_status(env, run_id)
         while not status.startswith("finished") and time.monotonic() < deadline:
-            # the log stream ends with the run; the status is asked (a flwr process each time) only
-            # every 10 s while it streams, every 0.5 s once it has ended
+            # the status is asked (a flwr process each time) every 10 s while the log streams; the
+            # SuperLink ends the stream once the run is finished, so the next answer is final then
             with contextlib.suppress(subprocess.TimeoutExpired):
                 stream.wait(timeout=10.0)
-            if stream.poll() is not None and not status.startswith("finished"):
-                time.sleep(0.5)
             status = run_status(env, run_id)
+            if stream.poll() is not None and not status.startswith("finished"):
+                time.sleep(0.5)  # the stream broke off early: ask again shortly
         if stream.poll() is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 stream.wait(timeout=1.0)  # let the log stream print the last lines
