@@ -6,11 +6,13 @@
 Each configuration brings up a real SuperLink and three SuperNodes (TLS, registered keys)
 and runs, alternated on that one deployment: a plain Flower app (:mod:`simulations.stock_app`:
 stock ``FedAvg`` and Flower's own round loop driving this repository's ClientApp, same model
-and data), the erasure service's ordinary rounds, the plain app again, then a service run
+and data), the floor of a round (:mod:`simulations.stock_app`'s ``floor``: rounds of the same two
+exchanges whose tasks only answer ``query.identify``: Flower's messaging, no training or
+evaluation), the erasure service's ordinary rounds, the plain app again, then a service run
 during which a site files an erasure request (after the run's first round), which it serves,
 recovers and audits. Printed per configuration: the median ordinary round of the plain app and
 of the service (three sites each; every run's first round, which loads the app, left out), the
-serving round, their ratios to the plain app's round, and the phases of the service's rounds
+serving round, their ratios to the plain app's round and to the floor's, and the phases of the service's rounds
 — the erasure poll answered before the round (``query.erasure``, pushed ahead), training (with,
 in the serving round, the unlearning step and its calibration query), evaluation. It also
 measures what a fresh ``flwr-clientapp`` process pays before it can run a task (importing
@@ -48,7 +50,8 @@ PHASES = ("before-round-seconds", "train-wall-seconds", "evaluate-wall-seconds",
 
 def process_start_seconds(repeats: int = 3) -> dict[str, float]:
     """Median seconds of a fresh interpreter importing the ClientApp's libraries, and of a fork."""
-    libs = "import torch, numpy, scipy.special, scipy.stats, sklearn.metrics, flwr.clientapp"
+    # what a task of this repository's ClientApp imports (torch._dynamo: its first optimizer)
+    libs = "import torch, torch._dynamo, numpy, scipy.special, flwr.clientapp"
     fresh = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -69,9 +72,10 @@ def process_start_seconds(repeats: int = 3) -> dict[str, float]:
     return {"fresh-process-import": statistics.median(fresh), "fork": float(forked.stdout.strip())}
 
 
-def stock_app_dir(folder: Path) -> Path:
-    """A copy of this repository whose ServerApp is :mod:`simulations.stock_app` (the plain Flower app)."""
-    out = folder / "stock-app"
+def stock_app_dir(folder: Path, serverapp: str = "app") -> Path:
+    """A copy of this repository whose ServerApp is :mod:`simulations.stock_app`'s ``serverapp`` (``app``: the
+    plain Flower app; ``floor``: rounds of tasks that do nothing)."""
+    out = folder / f"stock-{serverapp}"
     shutil.copytree(
         PROJECT_ROOT,
         out,
@@ -84,7 +88,7 @@ def stock_app_dir(folder: Path) -> Path:
     old = 'serverapp = "server.server_app:app"'
     if old not in text:
         raise RuntimeError(f"{pyproject}: no {old!r} to replace")
-    pyproject.write_text(text.replace(old, 'serverapp = "simulations.stock_app:app"'))
+    pyproject.write_text(text.replace(old, f'serverapp = "simulations.stock_app:{serverapp}"'))
     return out
 
 
@@ -109,7 +113,9 @@ def _later_rounds(times: dict[str, float]) -> list[float]:
     return ordered[1:] if len(ordered) > 1 else ordered
 
 
-def run_config(name: str, folder: Path, rounds: int, run_config: str, stock_app: Path) -> dict[str, Any]:
+def run_config(
+    name: str, folder: Path, rounds: int, run_config: str, stock_app: Path, floor_app: Path
+) -> dict[str, Any]:
     """Plain Flower vs the service on one configuration: round times and the service round's phases."""
     from clients.request_erasure import main as request
 
@@ -118,21 +124,24 @@ def run_config(name: str, folder: Path, rounds: int, run_config: str, stock_app:
     first = max(2, rounds // 2)
     stock: list[float] = []
 
-    def plain(tag: str) -> None:
-        out = folder / name / f"stock-{tag}"
-        dep.app = str(stock_app)
+    floor: list[float] = []
+
+    def plain(tag: str, app: Path = stock_app, times: list[float] = stock, kind: str = "stock") -> None:
+        out = folder / name / f"{kind}-{tag}"
+        dep.app = str(app)
         try:
             rc = f"{run_config} num-server-rounds={first} results-dir='{out}' node-wait-seconds=60.0"
-            _finished(dep, dep.submit(rc), "the plain Flower app")
+            _finished(dep, dep.submit(rc), f"the {kind} app")
         finally:
             dep.app = ""
-        stock.extend(_later_rounds(json.loads((out / "stock-rounds.json").read_text())))
+        times.extend(_later_rounds(json.loads((out / f"{kind}-rounds.json").read_text())))
 
     t0 = time.perf_counter()
     try:
         dep.up()
         t_up = time.perf_counter()
         plain("before")
+        plain("before", floor_app, floor, "floor")
         _finished(dep, dep.submit(dep.checked(dep.service_config(first, run_config))), "the service's ordinary rounds")
         ordinary_history = json.loads((dep.state_dir / "service.json").read_text())["history"]
         plain("after")
@@ -156,6 +165,7 @@ def run_config(name: str, folder: Path, rounds: int, run_config: str, stock_app:
         "serve-run-seconds": t_end - t_serve,
         "stock-round": statistics.median(stock),
         "stock-rounds": stock,
+        "floor-round": statistics.median(floor),
         "service-round": statistics.median(_later_rounds(ordinary)),
         "serving-round": float(served["history"][str(serving_round)]["round-seconds"]),
         "serving-phases": {k: float(served["history"][str(serving_round)].get(k, float("nan"))) for k in PHASES},
@@ -181,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = {}
     with tempfile.TemporaryDirectory(prefix="fu-bench-deploy-") as tmp:
-        app = stock_app_dir(Path(tmp))
+        app, floor_app = stock_app_dir(Path(tmp)), stock_app_dir(Path(tmp), "floor")
         for name in args.configs:
             print(f"--- {name} ---", flush=True)
-            rows[name] = run_config(name, Path(tmp), args.rounds, args.run_config, app)
+            rows[name] = run_config(name, Path(tmp), args.rounds, args.run_config, app, floor_app)
     print(
         "\n| configuration | plain Flower round (s) | service round (s) | ratio (target <= 1.1) | serving round (s) "
         "| ratio (target <= 1.5) | poll | train | evaluate |"
@@ -198,6 +208,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['before-round-seconds']:.1f} | {r['train-wall-seconds']:.1f} | {r['evaluate-wall-seconds']:.1f} |"
         )
     print("(the service's phases: median of its ordinary rounds; every run's first round left out)")
+    print(
+        "\n| configuration | round floor (s): two exchanges of tasks that do nothing | plain Flower round / floor "
+        "| service round / floor (target <= 1.3) | serving round / floor |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        f = r["floor-round"]
+        print(
+            f"| {name} | {f:.1f} | {r['stock-round'] / f:.2f} | {r['service-round'] / f:.2f} "
+            f"| {r['serving-round'] / f:.2f} |"
+        )
     for name, r in rows.items():
         ph = r["serving-phases"]
         print(

@@ -6,6 +6,12 @@ strategy. Replies are pulled every 0.1 s as the service pulls them
 (:func:`fed_unlearn.flower.grid.prompt`; Flower's deployment Grid pulls every 3 s), so the
 comparison is of what the service adds, not of the pull interval. Each round's wall time is
 written to ``<results-dir>/stock-rounds.json``.
+
+``floor`` is the floor of a round on the same deployment: rounds of the same two exchanges
+(every node, one message each, twice), whose tasks do nothing but answer
+``query.identify`` — what a round pays for Flower's messaging (the SuperNode's idle poll,
+the task's start, the reply check) before any training or evaluation. Its round times go to
+``<results-dir>/floor-rounds.json``.
 """
 
 from __future__ import annotations
@@ -22,9 +28,12 @@ from flwr.serverapp.strategy import FedAvg
 from fed_unlearn.data import load_dataset
 from fed_unlearn.flower import to_record
 from fed_unlearn.flower.grid import prompt
+from fed_unlearn.flower.wire import identify_request
 from fed_unlearn.models import build_model, get_weights
+from fed_unlearn.protocol import IDENTIFY
 
 app = ServerApp()
+floor = ServerApp()
 
 
 class TimedFedAvg(FedAvg):
@@ -85,3 +94,24 @@ def main(grid: Grid, context: Context) -> None:
     out.mkdir(parents=True, exist_ok=True)
     times = round_seconds(strategy.starts, time.perf_counter())
     (out / "stock-rounds.json").write_text(json.dumps({str(r): s for r, s in times.items()}, indent=2))
+
+
+@floor.main()
+def floor_main(grid: Grid, context: Context) -> None:
+    """``num-server-rounds`` rounds of two exchanges whose tasks do nothing (one ``query.identify`` per node)."""
+    rc = context.run_config
+    wanted = connected(grid, float(rc["node-wait-seconds"]))
+    grid = prompt(grid)
+    nodes = sorted(grid.get_node_ids())[:wanted]
+    starts: dict[int, float] = {}
+    for rnd in range(1, int(rc["num-server-rounds"]) + 1):
+        starts[rnd] = time.perf_counter()
+        for _ in ("train", "evaluate"):  # the places of a round's two exchanges
+            msgs = [Message(identify_request(["partition-id"]), n, IDENTIFY) for n in nodes]
+            replies = list(grid.send_and_receive(msgs, timeout=float(rc["round-timeout"])))
+            if len(replies) != len(nodes) or any(r.has_error() for r in replies):
+                raise RuntimeError(f"round {rnd}: {len(replies)} replies from {len(nodes)} nodes, or an error")
+    out = Path(str(rc["results-dir"]))
+    out.mkdir(parents=True, exist_ok=True)
+    times = round_seconds(starts, time.perf_counter())
+    (out / "floor-rounds.json").write_text(json.dumps({str(r): s for r, s in times.items()}, indent=2))
