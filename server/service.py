@@ -357,7 +357,7 @@ class ErasureService:
         if self.ahead_ok and self.round_grid is not None:
             # right behind the round's training: a site measures as soon as it has replied, while the
             # server waits for the slowest site and aggregates (and it is awake for the calibration)
-            self.round_grid.ride_behind(MessageType.TRAIN, msgs, audit_ids.extend)
+            self.round_grid.ride_behind(MessageType.TRAIN, msgs, audit_ids.extend, tag="audit")
         else:
             audit_ids.extend(self.grid.push_messages(msgs))
         self.audit_ahead = (audit_ids, measured, set(staying), dict(by_site))
@@ -566,7 +566,7 @@ class ErasureService:
             return
         ids, measured, staying, by_site = self.audit_ahead
         self.audit_ahead = None
-        late = self.round_grid.cancel_riders() if self.round_grid is not None and not ids else []
+        late = self.round_grid.cancel_riders("audit") if self.round_grid is not None and not ids else []
         if late:  # no training exchange carried them (no site trained in the round): asked now
             replies = list(self.grid.send_and_receive(late, timeout=self.cfg.federation.round_timeout))
         else:

@@ -45,7 +45,13 @@ from .deploy import Deployment
 from .run_experiment import PROJECT_ROOT
 
 CONFIGS = {"flower": ("subprocess", ""), "flower-poll": ("subprocess", "0.1"), "warm": ("warm", "0.1")}
-PHASES = ("before-round-seconds", "train-wall-seconds", "evaluate-wall-seconds", "round-seconds")
+PHASES = (
+    "before-round-seconds",
+    "train-wall-seconds",
+    "aggregate-train-seconds",
+    "evaluate-wall-seconds",
+    "round-seconds",
+)
 
 
 def process_start_seconds(repeats: int = 3) -> dict[str, float]:
@@ -223,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         ph = r["serving-phases"]
         print(
             f"{name}: the serving round's phases: poll {ph['before-round-seconds']:.1f} s, train (with the "
-            f"unlearning step and its calibration) {ph['train-wall-seconds']:.1f} s, "
+            f"unlearning step and its calibration) {ph['train-wall-seconds']:.1f} s, of which the aggregation "
+            f"(the calibration's exchanges) {ph['aggregate-train-seconds']:.1f} s; "
             f"evaluate {ph['evaluate-wall-seconds']:.1f} s"
         )
     return 0

@@ -121,21 +121,25 @@ class ExchangeGrid(CrashingGrid):
 
 
 def test_the_serving_round_is_one_exchange_longer_than_an_ordinary_round(tmp_path):
-    """The erasure poll rides ahead of the round's training and the measurement of the model before unlearning
-    right behind it (a site takes queued messages back to back); what the round adds is the calibration query
-    (the sites who stay count their labels in the same exchange)."""
+    """The erasure poll rides ahead of the round's training, the measurement of the model before unlearning and
+    the label counts of the sites who stay right behind it (a site takes queued messages back to back); what the
+    round adds is the calibration query to the departing site."""
     start(tmp_path, 2)
     submit_to_inbox(tmp_path / "h1", new_request("h1", "withdrawal"))
     out, grid = start(tmp_path, 4, grid_cls=ExchangeGrid)  # serves in round 3, recovers in 4
-    calibration = ("query.calibrate", "query.support")
+    calibration = ("query.calibrate",)
     serving = grid.exchanges[grid.exchanges.index(calibration) :]
     assert serving[:2] == [calibration, ("evaluate",)]
     assert serving[2:4] == [("train",), ("evaluate",)]  # the recovery round: an ordinary round
     assert ("query.erasure",) in grid.ahead
     sent = [t for t, _ in grid.pushed]
     audit = sent.index("evaluate.audit")
-    # the serving round's training, then the measurements of the model before, then the calibration
-    assert sent[audit - 1] == "train" and set(sent[audit : sent.index("query.calibrate")]) == {"evaluate.audit"}
+    # the serving round's training, then the measurements of the model before and the label counts of the two
+    # sites who stay, then the calibration (to the departing site alone)
+    behind = sent[audit : sent.index("query.calibrate")]
+    assert sent[audit - 1] == "train" and sorted(behind) == ["evaluate.audit"] * 3 + ["query.support"] * 2
+    h1 = next(n for n, c in grid.contexts.items() if c.node_config["site"] == "h1")
+    assert [n for t, n in grid.pushed if t == "query.calibrate"] == [h1]
     with journal(tmp_path) as j:
         (r,) = j.requests()
         assert r.state == "verified" and r.served_round == 3

@@ -771,3 +771,52 @@ def test_the_utility_bound_reads_an_accuracy_as_higher_is_better():
     assert cal["rule"] == "remaining-utility" and cal["utility-key"] == "eval_acc"
     assert cal["scale"] == pytest.approx(0.225)
     assert cal["utility"] == pytest.approx([0.9, 0.85, 0.8, 0.75, 0.7])  # as the clients reported them
+
+
+class PushingGrid(CalibratingGrid):
+    """A :class:`CalibratingGrid` that also takes pushed messages, answering them at once (training messages with
+    an empty reply) and handing the replies out by message id, as a deployment's SuperLink does."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.replies: dict[str, Message] = {}
+        self.pushes: list[list[tuple[str, int]]] = []
+
+    def push_messages(self, messages):
+        msgs = list(messages)
+        self.pushes.append([(m.metadata.message_type, m.metadata.dst_node_id) for m in msgs])
+        train = [m for m in self.number([m for m in msgs if m.metadata.message_type == "train"])]
+        for m in train:
+            self.replies[m.metadata.message_id] = Message(RecordDict(), reply_to=m)
+        for r in self.send_and_receive([m for m in msgs if m.metadata.message_type != "train"]):
+            self.replies[r.metadata.reply_to_message_id] = r
+        return [m.metadata.message_id for m in msgs]
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+@pytest.mark.parametrize("trained", [True, False])
+def test_where_queries_ride_behind_training_the_label_counts_go_right_behind_it(trained):
+    """On a grid that pushes queries behind an exchange (a deployed service's), the clients who stay are asked for
+    their label counts right behind the unlearning round's training: the calibration's exchange asks the departing
+    node alone, with the same outcome as asking everyone in that exchange. No training exchange (a loop of its
+    own): the counts ride with the calibration, and the waiting rider is dropped."""
+    from fed_unlearn.flower.grid import RidingGrid
+
+    labels = {NODES[0]: [100, 0], NODES[1]: [50, 0]}
+    inner = PushingGrid(NODES.values(), 0.1, 0.8, 0.5, pre=(0.5, 0.5), labels=labels)
+    grid = RidingGrid(inner, lambda: ())
+    s = strategy(make_method("puf", {"puf.scale": 2.0}), calibrate=True)
+    s.request_unlearning(2, round=1)
+    msgs = start_round(s, 1, grid)
+    if trained:
+        grid.send_and_receive(msgs)  # the round's training exchange
+        assert inner.pushes[1] == [("query.support", NODES[0]), ("query.support", NODES[1])]
+    rem = [reply(0, weights([2, 2], 0.5), 1), reply(1, weights([1, 2], 0.5), 1)]
+    s.aggregate_train(1, [*rem, reply(2, weights([1, 4], 1.5), 2)])
+    cal = s.unlearning_report["calibration"]
+    assert cal["scale"] == pytest.approx(0.98) and cal["support"]["classes"] == [1]
+    assert cal["support"]["label-counts"] == [150.0, 0.0] and cal["support"].get("ahead", False) is trained
+    assert [m.metadata.dst_node_id for m in inner.asked] == [NODES[2]]  # the calibration: the departing node
+    assert len(inner.support) == 2 and grid.cancel_riders("support") == []

@@ -185,16 +185,21 @@ class RidingGrid(ActiveNodesGrid):
     def __init__(self, grid: Grid, hidden: Callable[[], Iterable[int]], interval: float = 0.1) -> None:
         super().__init__(grid, hidden)
         self.interval = float(interval)
-        self._riders: list[tuple[str, list[Message], Callable[[list[str]], None]]] = []
+        self._riders: list[tuple[str, list[Message], Callable[[list[str]], None], str]] = []
 
-    def ride_behind(self, message_type: str, messages: Sequence[Message], pushed: Callable[[list[str]], None]) -> None:
-        """Push ``messages`` right behind the next exchange with a ``message_type`` message; ``pushed(ids)`` then."""
-        self._riders.append((message_type, list(messages), pushed))
+    def ride_behind(
+        self, message_type: str, messages: Sequence[Message], pushed: Callable[[list[str]], None], tag: str = ""
+    ) -> None:
+        """Push ``messages`` right behind the next exchange with a ``message_type`` message; ``pushed(ids)`` then.
 
-    def cancel_riders(self) -> list[Message]:
-        """The messages still waiting for their exchange, taken off the queue."""
-        out = [m for _, msgs, _ in self._riders for m in msgs]
-        self._riders = []
+        ``tag`` names the rider for :meth:`cancel_riders` (several parts of a ServerApp may queue riders).
+        """
+        self._riders.append((message_type, list(messages), pushed, tag))
+
+    def cancel_riders(self, tag: str = "") -> list[Message]:
+        """The messages still waiting for their exchange (of the riders tagged ``tag``), taken off the queue."""
+        out = [m for _, msgs, _, t in self._riders if t == tag for m in msgs]
+        self._riders = [r for r in self._riders if r[3] != tag]
         return out
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
@@ -206,7 +211,7 @@ class RidingGrid(ActiveNodesGrid):
             return self.grid.send_and_receive(msgs, timeout=timeout)
         self._riders = [r for r in self._riders if r[0] not in types]
         ids = list(self.grid.push_messages(msgs))
-        for _, extra, pushed in now:
+        for _, extra, pushed, _ in now:
             pushed(list(self.grid.push_messages(extra)))
         return collect(self.grid, ids, timeout, self.interval)
 

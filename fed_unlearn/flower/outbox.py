@@ -116,12 +116,9 @@ class MessageBuilder:
                 messages.append(self._message(node, content, mtype, {"*": "retain"}))
         if method.departing_clients_train:
             # a client that leaves forgets all its data: say so (it needs no deletion request of its own)
-            scenario = (
-                batch.deletion.scenario if batch.deletion is not None else ("client" if batch.leave else "samples")
-            )
             forget_extra = {
                 **({P.FORGET_ALL: True} if batch.leave else {}),
-                P.TARGET: target_for(scenario),
+                P.TARGET: target_for(batch.scenario),
                 P.FLOOR: self.class_floor,
                 **batch.extra_config,
                 **method.departing_config(self._global),

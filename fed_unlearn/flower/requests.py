@@ -81,6 +81,13 @@ class UnlearningRequest:
     extra_config: Mapping[str, Any] = field(default_factory=dict)
     send_request: bool = True
 
+    @property
+    def scenario(self) -> str:
+        """What is deleted: ``client`` (whole clients), ``samples`` or ``class``."""
+        if self.deletion is not None:
+            return self.deletion.scenario
+        return "client" if self.leave else "samples"
+
 
 def first_line(text: str) -> str:
     """The last non-empty line of a client traceback (the exception itself), or the text."""

@@ -85,6 +85,7 @@ def run_rounds(
         t_train = time.perf_counter()
         config = ConfigRecord(dict(train_config(rnd)) if train_config is not None else {})
         replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, config, grid), timeout=timeout)
+        t_aggregate = time.perf_counter()
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         t_evaluate = time.perf_counter()
         if new_arrays is not None:
@@ -105,6 +106,8 @@ def run_rounds(
                 "round-seconds": t_end - t_round,
                 "before-round-seconds": t_train - t_round,
                 "train-wall-seconds": t_evaluate - t_train,
+                # of which the aggregation: with an unlearning step, its calibration's exchanges
+                "aggregate-train-seconds": t_evaluate - t_aggregate,
                 "evaluate-wall-seconds": t_end - t_evaluate,
             }
         )

@@ -13,7 +13,8 @@ step. Three rules act on ``d``, in this order:
   nothing was memorised; beyond the method's own step only as far as the remaining
   clients' evaluation and the forgetting clients' other held-out samples do not pay for it.
   When whole clients depart, the clients who stay count their labels (``query.support``,
-  in the same exchange): classes they (almost) do not hold must stop being predicted too;
+  in the same exchange, or where the grid can push a query behind an exchange, right behind
+  the round's training): classes they (almost) do not hold must stop being predicted too;
 * **the utility bound, when no forgetting client can calibrate**: the remaining clients
   evaluate ``base + c d`` for a few ``c`` with their ordinary ``evaluate`` handler (every
   Flower app has one) and the largest ``c`` whose loss stays within ``utility_tolerance``
@@ -48,6 +49,8 @@ from ..calibration import (
     utility_scale,
     with_unsupported,
 )
+from ..unlearning import UnlearningMethod
+from .grid import RidingGrid, collect
 from .records import metric_dict, metric_records, to_record
 from .requests import UnlearningRequest, client_failure
 from .wire import (
@@ -83,6 +86,8 @@ class StepControl:
     calibration_scales: tuple[float, ...]
     class_floor: float
     support_floor: float
+    calibrate: bool
+    pending: tuple[int, ...]
     departed: set[int]
     memorisation_z: float
     utility_tolerance: float
@@ -92,6 +97,9 @@ class StepControl:
     declared: dict[int, float]
     current_round: int
     _batch: UnlearningRequest | None
+    _method: UnlearningMethod | None
+    #: the label counts asked behind the unlearning round's training: (nodes, message ids)
+    _support_ahead: tuple[list[int], list[str]] | None
     _grid: Grid | None
     _global: dict[str, np.ndarray] | None
     _wire: dict[str, str]
@@ -157,17 +165,26 @@ class StepControl:
         if lacking or not nodes:
             why = f"node(s) {lacking} have no {P.CALIBRATE} handler" if lacking else "no forgetting client replied"
             return self._utility_bound(new, base, direction, why)
-        scenario = batch.deletion.scenario if batch.deletion is not None else ("client" if batch.leave else "samples")
-        target = target_for(scenario)
+        target = target_for(batch.scenario)
 
         support_nodes, support_why = self._support_nodes(nodes) if batch.leave and target == "loss-match" else ([], "")
         support: dict[str, Any] = {"asked": support_nodes} if support_nodes else {}
         if support_why:
             support["skipped"] = support_why
+        # the label counts asked right behind the round's training (:meth:`_ride_support`), if they went to
+        # exactly the clients who stay now; else they are asked beside the calibration
+        ahead, self._support_ahead = self._support_ahead, None
+        ridden = (
+            ahead is not None and bool(ahead[1]) and bool(support_nodes) and sorted(ahead[0]) == sorted(support_nodes)
+        )
+        if ridden:
+            support["ahead"] = True
+        elif isinstance(grid, RidingGrid):
+            grid.cancel_riders("support")  # no training exchange carried them
 
         def ask(scales: Sequence[float], pre_request: bool, counts: Sequence[int] = ()) -> dict[str, Any]:
             """The forgetting clients' pooled measurements of ``base + c * direction`` for each scale ``c``;
-            with ``counts``, those nodes' label counts are asked in the same exchange."""
+            with ``counts``, those nodes' label counts, asked in the same exchange or read where they rode ahead."""
             request = CalibrateRequest(
                 to_record(base, self._wire),
                 to_record(direction),
@@ -176,12 +193,16 @@ class StepControl:
             )
             config = {P.FORGET_ALL: batch.leave, P.SERVER_ROUND: self.current_round}
             msgs = [Message(calibrate_request(request, config), n, P.CALIBRATE) for n in nodes]
-            msgs += [Message(support_request({P.SERVER_ROUND: self.current_round}), n, P.SUPPORT) for n in counts]
+            if counts and not ridden:
+                msgs += [Message(support_request({P.SERVER_ROUND: self.current_round}), n, P.SUPPORT) for n in counts]
+            replies = list(grid.send_and_receive(msgs, timeout=self.query_timeout))
+            if counts and ridden and ahead is not None:  # answered while the server waited for the training
+                replies += collect(grid, ahead[1], self.query_timeout)
             stats: list[dict[str, Any]] = []
             labels: list[list[float]] = []
             why: list[str] = []
             lacking: list[str] = []
-            for reply in grid.send_and_receive(msgs, timeout=self.query_timeout):
+            for reply in replies:
                 src = reply.metadata.src_node_id
                 try:
                     if reply.has_error():
@@ -330,6 +351,36 @@ class StepControl:
         if not connected:
             return [], "no client who stays is connected"
         return sorted(connected), ""
+
+    def _ride_support(self, grid: Grid, messages: Sequence[Message]) -> None:
+        """Ask the clients who stay for their label counts right behind the unlearning round's training.
+
+        Where the grid can push a query behind an exchange (:class:`~fed_unlearn.flower.grid.RidingGrid`,
+        a deployed service), each staying site counts its labels as soon as it has replied to its
+        training, while the server waits for the slowest site: the calibration's exchange then waits
+        for the departing sites alone, not for staying sites woken from their idle poll. Only for
+        a departure that will be calibrated (whole clients, a one-round calibratable method whose
+        departing clients train); :meth:`_calibrate` reads the replies.
+        """
+        self._support_ahead = None
+        batch, method = self._batch, self._method
+        if not isinstance(grid, RidingGrid):
+            return
+        grid.cancel_riders("support")  # of an earlier round whose training never went out
+        if not messages or batch is None or method is None or self.support_floor <= 0:
+            return
+        calibrated = self.calibrate and method.calibratable and method.num_rounds == 1
+        if not (
+            calibrated and method.departing_clients_train and batch.leave and target_for(batch.scenario) == "loss-match"
+        ):
+            return
+        nodes, _ = self._support_nodes(list(self.pending))
+        if not nodes:
+            return
+        ids: list[str] = []
+        msgs = [Message(support_request({P.SERVER_ROUND: self.current_round}), n, P.SUPPORT) for n in nodes]
+        grid.ride_behind(messages[0].metadata.message_type, msgs, ids.extend, tag="support")
+        self._support_ahead = (nodes, ids)
 
     def _remaining_costs(
         self,

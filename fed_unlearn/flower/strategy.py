@@ -292,6 +292,7 @@ class Unlearning(RequestBook, MessageBuilder, Composition, Strategy):
         self.queue: list[UnlearningRequest] = []
         #: Node ids of the requests being served, and the batch they form.
         self.pending: tuple[int, ...] = ()
+        self._support_ahead: tuple[list[int], list[str]] | None = None
         self._batch: UnlearningRequest | None = None
         self._method: UnlearningMethod | None = None
         #: Requests whose last unlearning attempt failed because a client did not reply.
@@ -525,7 +526,9 @@ class Unlearning(RequestBook, MessageBuilder, Composition, Strategy):
                 content = self._content(msg.content, arrays, config, extra) if extra else msg.content
                 out.append(self._message(node, content, mtype, {"*": "retain"}))
             return out
-        return self._configure_unlearning(server_round, arrays, config, grid, active)
+        messages = self._configure_unlearning(server_round, arrays, config, grid, active)
+        self._ride_support(grid, messages)
+        return messages
 
     # -- aggregation ---------------------------------------------------------------------------
     def aggregate_train(
