@@ -165,17 +165,17 @@ def _results(results_dir: str) -> dict[str, Any]:
     return {"timings": data["timings"], "written-at": found[0].stat().st_mtime}
 
 
-def _child(kind: str, arg: str) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, "-m", "simulations.bench_mainjob", "--child", kind, "--arg", arg],
-        cwd=str(PROJECT_ROOT),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+def _python(args: list[str], what: str) -> str:
+    """Run ``python args`` in the project; its standard output (its last 4000 characters of output on failure)."""
+    out = subprocess.run([sys.executable, *args], cwd=str(PROJECT_ROOT), capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"the {kind} run failed:\n{out.stderr[-3000:]}")
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+        raise RuntimeError(f"{what} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+    return out.stdout
+
+
+def _child(kind: str, arg: str) -> dict[str, Any]:
+    out = _python(["-m", "simulations.bench_mainjob", "--child", kind, "--arg", arg], f"the {kind} run")
+    return dict(json.loads(out.strip().splitlines()[-1]))
 
 
 def ray_job(results_dir: str) -> dict[str, Any]:
@@ -227,16 +227,12 @@ def ray_job(results_dir: str) -> dict[str, Any]:
 def floor_job(results_dir: str) -> float:
     """Wall seconds of the Ray floor app on the same launcher and federation as the main job."""
     t0 = time.time()
-    out = subprocess.run(
-        [sys.executable, "-m", "simulations.run_experiment", "--app", str(Path(__file__).parent / "ray_floor_app")]
-        + ["--num-clients", str(NUM_CLIENTS), "--results-dir", results_dir, "--run-config", f"num-nodes={NUM_CLIENTS}"],
-        cwd=str(PROJECT_ROOT),
-        capture_output=True,
-        text=True,
-        check=False,
+    app = str(Path(__file__).parent / "ray_floor_app")
+    _python(
+        ["-m", "simulations.run_experiment", "--app", app, "--num-clients", str(NUM_CLIENTS)]
+        + ["--results-dir", results_dir, "--run-config", f"num-nodes={NUM_CLIENTS}"],
+        "the Ray floor app",
     )
-    if out.returncode != 0:
-        raise RuntimeError(f"the Ray floor app failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
     return time.time() - t0
 
 
