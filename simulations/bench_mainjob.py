@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu_ratio = median_cpu(inprocs) / median_cpu(bares)
     print(
         f"in-process / bare loop: {ratio:.2f}x wall (target <= 1.3x); {cpu_ratio:.2f}x in CPU seconds "
-        f"({median_cpu(inprocs):.2f} / {median_cpu(bares):.2f}: what other tenants of the machine move less)"
+        f"({median_cpu(inprocs):.2f} / {median_cpu(bares):.2f} s)"
     )
     if ray is not None and floor is not None:
         print(f"Ray / in-process: {ray['wall-seconds'] / inproc['wall-seconds']:.2f}x (target <= 2x)")
