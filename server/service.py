@@ -176,8 +176,11 @@ class ErasureService:
         self.stale = self.journal.reconcile()
         self.in_flight: list[str] = []
         # the serving round's measurements of the model before unlearning: (message ids, client -> node,
-        # the staying clients, site -> request ids), pushed ahead of its training; then per request
-        self.audit_ahead: tuple[list[str], dict[int, int], set[int], dict[str, list[str]]] | None = None
+        # the staying clients, site -> request ids, what the last round's evaluation measured of the staying
+        # clients), pushed ahead of its training; then per request
+        self.audit_ahead: (
+            tuple[list[str], dict[int, int], set[int], dict[str, list[str]], dict[int, dict[str, float]]] | None
+        ) = None
         self.round_grid: RidingGrid | None = None  # the rounds' view of the grid (while they run)
         self.ahead_ok = one_message_at_a_time(grid)  # queries ride ahead of a round only where that is safe
         self.before_details: dict[str, dict[str, Any]] = {}
@@ -350,8 +353,14 @@ class ErasureService:
         # the erased sites' data and the others' utility, both with the model before unlearning: pushed
         # with the round's training (a site takes both messages back to back), read after the round
         staying = {c: self.node_of[c] for c in self.active if c not in cids and self.node_of[c] in connected}
+        # the sites who stay measured this model in the last round's evaluation, on the same data: what
+        # they measured stands; an audit only where it is missing (fewer tasks beside the round's training)
+        known = self._evaluated(rnd - 1, staying)
         # a site that is not connected (served by a data-free method) is not waited for
-        measured = {**{c: self.node_of[c] for c in cids if self.node_of.get(c) in connected}, **staying}
+        measured = {
+            **{c: self.node_of[c] for c in cids if self.node_of.get(c) in connected},
+            **{c: n for c, n in staying.items() if c not in known},
+        }
         msgs = audit_messages(measured, arrays, None, forget_all=cids)
         audit_ids: list[str] = []
         if self.ahead_ok and self.round_grid is not None:
@@ -360,7 +369,7 @@ class ErasureService:
             self.round_grid.ride_behind(MessageType.TRAIN, msgs, audit_ids.extend, tag="audit")
         else:
             audit_ids.extend(self.grid.push_messages(msgs))
-        self.audit_ahead = (audit_ids, measured, set(staying), dict(by_site))
+        self.audit_ahead = (audit_ids, measured, set(staying), dict(by_site), known)
         if not self.ahead_ok:
             self._take_audit_ahead()  # nodes that may take two messages at once: read before the round
         digest = weights_digest(to_weights(arrays))
@@ -560,18 +569,26 @@ class ErasureService:
         return rep, gold
 
     # -- the loop ---------------------------------------------------------------------------
+    def _evaluated(self, rnd: int, clients: dict[int, int]) -> dict[int, dict[str, float]]:
+        """What ``clients`` measured in round ``rnd``'s evaluation (of the model the next round starts from),
+        where it holds the figures of an audit (this ClientApp's evaluation does); none from another round."""
+        last = self.strategy.last_evaluation
+        if last is None or last[0] != rnd:
+            return {}
+        return {c: last[1][n] for c, n in clients.items() if n in last[1] and "test-n" in last[1][n]}
+
     def _take_audit_ahead(self) -> None:
         """Read the measurements of the model before unlearning pushed with the serving round (``maybe_serve``)."""
         if self.audit_ahead is None:
             return
-        ids, measured, staying, by_site = self.audit_ahead
+        ids, measured, staying, by_site, known = self.audit_ahead
         self.audit_ahead = None
         late = self.round_grid.cancel_riders("audit") if self.round_grid is not None and not ids else []
         if late:  # no training exchange carried them (no site trained in the round): asked now
             replies = list(self.grid.send_and_receive(late, timeout=self.cfg.federation.round_timeout))
         else:
             replies = collect(self.grid, ids, self.cfg.federation.round_timeout)
-        before = read_measurements(replies, measured, allow_missing=True)
+        before = {**known, **read_measurements(replies, measured, allow_missing=True)}
         others = {c: before[c] for c in staying if c in before}
         test_before = summarise(others).get("test-acc") if others else None
         for site, rids in by_site.items():

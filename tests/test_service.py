@@ -149,6 +149,44 @@ def test_the_serving_round_is_one_exchange_longer_than_an_ordinary_round(tmp_pat
     assert report["leakage-audit"]["after"]["forget-acc"] != before["forget-acc"]
 
 
+def test_a_request_filed_mid_run_takes_the_staying_sites_before_figures_from_the_last_evaluation(tmp_path):
+    """The model a request is served from is the one the last round's evaluation measured, on the same data: the
+    sites who stay are not asked again, and the utility before unlearning is what they measured then."""
+    from fed_unlearn.evaluation import summarise
+
+    inbox = tmp_path / "h1"
+
+    class Filing(ExchangeGrid):
+        """Files h1's request once the run's second evaluation is over, and keeps every evaluation's replies."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.evaluations: list[dict[int, dict]] = []
+
+        def send_and_receive(self, messages, *, timeout=None):
+            msgs = list(messages)
+            out = list(super().send_and_receive(msgs, timeout=timeout))
+            if msgs and msgs[0].metadata.message_type == "evaluate":
+                self.evaluations.append(
+                    {r.metadata.src_node_id: dict(next(iter(r.content.metric_records.values()))) for r in out}
+                )
+                if len(self.evaluations) == 2:
+                    submit_to_inbox(inbox, new_request("h1", "withdrawal"))
+            return out
+
+    _, grid = start(tmp_path, 5, grid_cls=Filing)  # the poll of round 4 finds it: served in 4, recovered in 5
+    with journal(tmp_path) as j:
+        (r,) = j.requests()
+        assert r.state == "verified" and r.served_round == 4
+    site = {n: c.node_config["site"] for n, c in grid.contexts.items()}
+    serving = grid.pushed[: [t for t, _ in grid.pushed].index("query.calibrate")]
+    assert [site[n] for t, n in serving if t == "evaluate.audit"] == ["h1"]  # the departing site alone
+    staying = {i: m for i, (n, m) in enumerate(grid.evaluations[2].items()) if site[n] != "h1"}  # round 3's
+    report = json.loads(Path(r.report).read_text())
+    assert report["utility"]["test-acc-before"] == summarise(staying)["test-acc"]
+    assert 0.5 < report["leakage-audit"]["before"]["forget-acc"] <= 1
+
+
 def test_queries_ride_ahead_only_where_each_node_takes_one_message_at_a_time():
     """Flower's simulation may run two messages of one node at once and keep the state of the last to finish."""
     from flwr.superlink.grid.http_grid import HttpGrid

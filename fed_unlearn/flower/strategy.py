@@ -293,6 +293,8 @@ class Unlearning(RequestBook, MessageBuilder, Composition, Strategy):
         #: Node ids of the requests being served, and the batch they form.
         self.pending: tuple[int, ...] = ()
         self._support_ahead: tuple[list[int], list[str]] | None = None
+        #: The last round's evaluation node by node: ``(round, node -> metrics)`` of the usable replies.
+        self.last_evaluation: tuple[int, dict[int, dict[str, float]]] | None = None
         self._batch: UnlearningRequest | None = None
         self._method: UnlearningMethod | None = None
         #: Requests whose last unlearning attempt failed because a client did not reply.
@@ -631,7 +633,9 @@ class Unlearning(RequestBook, MessageBuilder, Composition, Strategy):
         if self.reproducible:
             active.sort(key=lambda r: (self.client_id(r.metadata.src_node_id), r.metadata.src_node_id))
         metrics: MetricRecord | None = self.strategy.aggregate_evaluate(server_round, active) if active else None
-        evals = {self.client_id(r.metadata.src_node_id): metric_dict(only[id(r)]) for r in usable}
+        by_node = {r.metadata.src_node_id: metric_dict(only[id(r)]) for r in usable}
+        self.last_evaluation = (server_round, by_node)
+        evals = {self.client_id(n): m for n, m in by_node.items()}
         parts = {c: e for c, e in evals.items() if "forget-n" in e}
         if not parts:
             return metrics
