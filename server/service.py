@@ -351,7 +351,7 @@ class ErasureService:
             return
         cids = [self.sites[s] for s in by_site]
         # the erased sites' data and the others' utility, both with the model before unlearning: pushed
-        # with the round's training (a site takes both messages back to back), read after the round
+        # with the round's training where needed (a site takes both messages back to back), read after the round
         staying = {c: self.node_of[c] for c in self.active if c not in cids and self.node_of[c] in connected}
         # the sites who stay measured this model in the last round's evaluation, on the same data: what
         # they measured stands; an audit only where it is missing (fewer tasks beside the round's training)
