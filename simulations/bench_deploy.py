@@ -129,10 +129,12 @@ def run_config(
     dep = Deployment(str(folder / name), ["site-0", "site-1", "site-2"], executor=executor, poll_interval=poll)
     first = max(2, rounds // 2)
     stock: list[float] = []
-
     floor: list[float] = []
+    apps = {"stock": (stock_app, stock), "floor": (floor_app, floor)}  # its app, its round times
 
-    def plain(tag: str, app: Path = stock_app, times: list[float] = stock, kind: str = "stock") -> None:
+    def plain(tag: str, kind: str = "stock") -> None:
+        """A run of the plain Flower app (``stock``) or the round floor (``floor``); its later rounds' times."""
+        app, times = apps[kind]
         out = folder / name / f"{kind}-{tag}"
         dep.app = str(app)
         try:
@@ -147,7 +149,7 @@ def run_config(
         dep.up()
         t_up = time.perf_counter()
         plain("before")
-        plain("before", floor_app, floor, "floor")
+        plain("before", "floor")
         _finished(dep, dep.submit(dep.checked(dep.service_config(first, run_config))), "the service's ordinary rounds")
         ordinary_history = json.loads((dep.state_dir / "service.json").read_text())["history"]
         plain("after")
