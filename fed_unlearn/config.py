@@ -93,7 +93,9 @@ class DataConfig:
     )
     unique_class: int = setting(0, "unique-class", "the `unique-class` partitioner: the class only client 0 holds")
     label_noise: float = setting(
-        0.0, "label-noise", "share of the noisy clients' training labels changed to another class (0 = none)"
+        0.0,
+        "label-noise",
+        "share of the noisy clients' labels (train and held-out) changed to another class (0 = none)",
     )
     noisy_clients: str = setting("0", "label-noise-clients", "the clients whose labels `label-noise` changes")
 

@@ -73,7 +73,7 @@ SCENARIOS: dict[str, str] = {
     "noniid-client": "unlearn.scenario='client' unlearn.departing='0' partitioner='dirichlet' dirichlet-alpha=0.2",
     # client 0 alone holds class 0: what a model retrained without it cannot know at all
     "unique-class": "unlearn.scenario='client' unlearn.departing='0' partitioner='unique-class' unique-class=0",
-    # client 0's training labels 30 % wrong (its held-out labels right): what a model memorises, not learns
+    # 30 % of client 0's labels wrong, train and held-out alike: what a model memorises, not learns
     "noisy-client": "unlearn.scenario='client' unlearn.departing='0' label-noise=0.3 label-noise-clients='0'",
     # a strongly non-IID federation (Dirichlet 0.1): the departing client's classes are mostly its own
     "noniid-client-0.1": "unlearn.scenario='client' unlearn.departing='0' partitioner='dirichlet' dirichlet-alpha=0.1",

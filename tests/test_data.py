@@ -208,7 +208,7 @@ def test_unique_class_partition_gives_one_client_a_class_nobody_else_has():
         partition_indices(y, 4, "unique-class", unique_class=11)
 
 
-def test_label_noise_changes_that_share_of_the_noisy_clients_training_labels_only():
+def test_label_noise_changes_that_share_of_the_noisy_clients_labels_in_both_splits():
     from fed_unlearn.data.partition import flip_labels
 
     y = labels(20)
@@ -217,6 +217,8 @@ def test_label_noise_changes_that_share_of_the_noisy_clients_training_labels_onl
     np.testing.assert_array_equal(noisy, flip_labels(y, 0.3, 10, seed=1))
     clean_train, clean_held = client_datasets("digits", 0, 3, seed=4)
     train, held = client_datasets("digits", 0, 3, seed=4, label_noise=0.5, noisy_clients=(0,))
-    assert int(np.sum(train.y != clean_train.y)) == round(0.5 * len(train)) and np.array_equal(held.y, clean_held.y)
+    assert int(np.sum(train.y != clean_train.y)) == round(0.5 * len(train))
+    # the held-out split is the client's own data, labelled as badly: its exact share, other samples' positions
+    assert int(np.sum(held.y != clean_held.y)) == round(0.5 * len(held)) and np.array_equal(held.x, clean_held.x)
     other, _ = client_datasets("digits", 1, 3, seed=4, label_noise=0.5, noisy_clients=(0,))
     assert np.array_equal(other.y, client_datasets("digits", 1, 3, seed=4)[0].y)  # only the noisy clients

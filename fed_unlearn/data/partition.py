@@ -147,18 +147,22 @@ def client_datasets(
 ) -> tuple[ArrayDataset, ArrayDataset]:
     """Return the (train, held-out) data of one client.
 
-    ``label_noise``: on the clients in ``noisy_clients``, that share of the *training* labels
-    is changed to another class (mislabeled samples only that client holds: what a model
-    memorises and a model retrained without the client cannot predict); held-out data stays
-    clean. Deterministic in its arguments; partitions are computed once per process.
+    ``label_noise``: on the clients in ``noisy_clients``, that share of the labels is changed
+    to another class, in the train and the held-out split alike (the held-out split is the
+    client's own data, labelled the same way): mislabeled samples only that client holds, which
+    a model can memorise and a model retrained without the client cannot predict.
+    Deterministic in its arguments; partitions are computed once per process.
     """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
     ds = load_dataset(name, data_dir)
     parts = _cached_partitions(name, data_dir, num_partitions, partitioner, float(alpha), seed, int(unique_class))
     train_idx, hold_idx = train_holdout_split(parts[partition_id], holdout_fraction, seed * 1_000_003 + partition_id)
-    train = ds.subset(train_idx)
+    train, held = ds.subset(train_idx), ds.subset(hold_idx)
     if label_noise > 0 and partition_id in noisy_clients:
-        noisy = flip_labels(train.y, label_noise, ds.num_classes, seed * 1_000_003 + partition_id)
-        train = ArrayDataset(train.x, noisy, train.num_classes, train.name)
-    return train, ds.subset(hold_idx)
+        # each split its exact share, from seeds of its own
+        train, held = (
+            ArrayDataset(d.x, flip_labels(d.y, label_noise, ds.num_classes, s), d.num_classes, d.name)
+            for d, s in ((train, seed * 1_000_003 + partition_id), (held, seed * 1_000_003 + partition_id + 500_009))
+        )
+    return train, held
