@@ -108,7 +108,9 @@ def local_steps(
     ascent, a KL to a target, ...), then either ``optimizer`` (zero_grad, backward, optional
     gradient-norm clip at ``clip_norm``, step) or the hand-written ``update(params, grads, t)``;
     ``after_step(t, loss)`` (projections, clipping, stopping rules) ends the loop early by
-    returning ``True``.
+    returning ``True``. A hand-written update whose gradients or result are not finite (an
+    ascent that diverged) is not applied and ends the loop: the model keeps its last finite
+    iterate.
 
     Raises
     ------
@@ -133,8 +135,15 @@ def local_steps(
             optimizer.step()
         elif update is not None:
             grads = torch.autograd.grad(loss, params)
+            if not all(bool(torch.isfinite(g).all()) for g in grads):
+                break  # a diverged objective (ascent has no bound): the last finite iterate is the result
             with torch.no_grad():
+                last = [p.clone() for p in params]
                 update(params, grads, t)
+                if not all(bool(torch.isfinite(p).all()) for p in params):
+                    for p, q in zip(params, last, strict=True):
+                        p.copy_(q)
+                    break
         done, seen = t, seen + len(idx)
         value = float(loss.detach())
         loss_sum += value * len(idx)

@@ -237,3 +237,15 @@ def test_ieu_step_is_decayed_ascent_then_relative_noise():
     assert torch.equal(again.weight, big.weight)  # seeded
     with pytest.raises(ValueError, match="decay factor"):
         make_method("ieu", {"ieu.lr": 1.0, "ieu.weight-decay": 2.0})
+
+
+def test_an_ascent_that_diverges_stops_at_its_last_finite_iterate():
+    # plain ascent through ReLU layers grows the weights geometrically until the activations overflow
+    # (inf - inf: NaN gradients); the loop ends there and the model keeps its last finite iterate
+    _, x, y = small_model_and_data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    steps = gradient_ascent(model, x, y, GradientAscentConfig(lr=1.0, epochs=50, batch_size=8), seed=0)
+    assert 1 <= steps < 250
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert max(float(p.abs().max()) for p in model.parameters()) > 1e10  # it did ascend, as far as it could
