@@ -42,7 +42,7 @@ import time
 from dataclasses import replace
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
@@ -107,6 +107,16 @@ def check_service(cfg: ExperimentConfig, svc: ServiceConfig) -> SiteRegistry | N
 def operator_request_id(site: str) -> str:
     """Stable id of the run-config request for ``site`` (a rerun does not serve it twice)."""
     return hashlib.sha256(f"run-config:{site}".encode()).hexdigest()[:32]
+
+
+class AuditAhead(NamedTuple):
+    """The serving round's measurements of the model before unlearning, pushed with its training."""
+
+    ids: list[str]  # the audit messages' ids
+    measured: dict[int, int]  # client -> node of the sites asked
+    staying: set[int]  # the clients who stay
+    by_site: dict[str, list[str]]  # site -> the request ids served
+    known: dict[int, dict[str, float]]  # what the last round's evaluation measured of the staying clients
 
 
 class ErasureService:
@@ -175,12 +185,8 @@ class ErasureService:
         self.weights = ck.weights if ck else dict(self.initial)
         self.stale = self.journal.reconcile()
         self.in_flight: list[str] = []
-        # the serving round's measurements of the model before unlearning: (message ids, client -> node,
-        # the staying clients, site -> request ids, what the last round's evaluation measured of the staying
-        # clients), pushed ahead of its training; then per request
-        self.audit_ahead: (
-            tuple[list[str], dict[int, int], set[int], dict[str, list[str]], dict[int, dict[str, float]]] | None
-        ) = None
+        # the serving round's measurements of the model before unlearning, pushed with its training
+        self.audit_ahead: AuditAhead | None = None
         self.round_grid: RidingGrid | None = None  # the rounds' view of the grid (while they run)
         self.ahead_ok = one_message_at_a_time(grid)  # queries ride ahead of a round only where that is safe
         self.before_details: dict[str, dict[str, Any]] = {}
@@ -369,7 +375,7 @@ class ErasureService:
             self.round_grid.ride_behind(MessageType.TRAIN, msgs, audit_ids.extend, tag="audit")
         else:
             audit_ids.extend(self.grid.push_messages(msgs))
-        self.audit_ahead = (audit_ids, measured, set(staying), dict(by_site), known)
+        self.audit_ahead = AuditAhead(audit_ids, measured, set(staying), dict(by_site), known)
         if not self.ahead_ok:
             self._take_audit_ahead()  # nodes that may take two messages at once: read before the round
         digest = weights_digest(to_weights(arrays))
